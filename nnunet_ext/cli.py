@@ -1,0 +1,173 @@
+"""``nnunet-ext`` command line: thin argument parsing over importable functions."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXAMPLES = """examples:
+  export nnUNet_extTrainer=$(nnunet-ext trainers-path)
+  nnunet-ext phantom -d 501 --cases 20 --test-cases 6 --shape 64 64 64 --seed 0
+  nnUNetv2_plan_and_preprocess -d 501 -c 2d -np 2
+  nnUNetv2_train 501 2d 0 -tr ExtBaselineTrainer -device cpu
+  nnUNetv2_predict -i $nnUNet_raw/Dataset501_MSPhantom/imagesTs -o pred -d 501 -c 2d -f 0 \\
+      -tr ExtBaselineTrainer --save_probabilities -device cpu
+  nnunet-ext evaluate --ref $nnUNet_raw/Dataset501_MSPhantom/labelsTs --pred pred -o results.json
+  nnunet-ext operating-points --ref $nnUNet_raw/Dataset501_MSPhantom/labelsTs --prob pred -o ops.json
+  nnunet-ext demo
+"""
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connectivity", type=int, default=26, choices=(6, 18, 26),
+                   help="lesion connectivity (default 26, as the WMH 2017 challenge)")
+    p.add_argument("--min-overlap", type=float, default=0.0,
+                   help="fraction of a reference lesion that must be covered to count as detected "
+                        "(default 0: any voxel, as the WMH 2017 challenge)")
+    p.add_argument("--bins", default="3-10,11-50,51+", help="lesion size bins in voxels (default 3-10,11-50,51+)")
+    p.add_argument("--label", type=int, default=None,
+                   help="evaluate this label value of multi-label masks (default: masks must be binary)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="count a reference case without prediction as an empty prediction instead of failing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunet-ext", description="MS-lesion segmentation methods for nnU-Net v2.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("trainers-path", help="print the folder to put in nnUNet_extTrainer",
+                   epilog="example:\n  export nnUNet_extTrainer=$(nnunet-ext trainers-path)",
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = sub.add_parser("phantom", help="write a synthetic MS-lesion dataset in nnU-Net raw format",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  nnunet-ext phantom -d 501 --cases 20 --shape 64 64 64 --seed 0\n"
+                              "  nnunet-ext phantom -d 502 --cases 10 --raters 3 --soft\n"
+                              "  nnunet-ext phantom -d 503 --cases 10 --timepoints 2\n"
+                              "  nnunet-ext phantom -d 504 --cases 10 --site-spacing 1 1 1 --site-spacing 1 1 3")
+    p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+    p.add_argument("--name", default="MSPhantom", help="dataset name (folder Dataset<ID>_<NAME>)")
+    p.add_argument("--cases", type=int, default=20, help="training cases (imagesTr/labelsTr)")
+    p.add_argument("--test-cases", type=int, default=0, help="held-out cases (imagesTs/labelsTs)")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 64), metavar=("X", "Y", "Z"))
+    p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("X", "Y", "Z"),
+                   help="voxel spacing in mm")
+    p.add_argument("--difficulty", default="medium", help="easy, medium (default), hard, or a number in [0, 1]")
+    p.add_argument("--raters", type=int, default=0, help="also write this many rater masks per case")
+    p.add_argument("--soft", action="store_true", help="also write partial-volume soft labels in [0, 1]")
+    p.add_argument("--timepoints", type=int, default=1, choices=(1, 2),
+                   help="2: two FLAIR channels, label = new lesions at time point 2")
+    p.add_argument("--site-spacing", type=float, nargs=3, action="append", default=None, metavar=("X", "Y", "Z"),
+                   help="add a site with this spacing (repeat); cases are assigned to sites in turn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", default=None, help="raw folder (default: $nnUNet_raw)")
+    p.add_argument("-np", "--num-processes", type=int, default=1)
+
+    p = sub.add_parser("evaluate", help="voxel- and lesion-wise evaluation of predicted masks",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  nnunet-ext evaluate --ref labelsTs --pred predictions -o results.json")
+    p.add_argument("--ref", required=True, help="folder of reference masks (.nii.gz)")
+    p.add_argument("--pred", required=True, help="folder of predicted masks with the same file names")
+    p.add_argument("-o", "--output", required=True, help="results JSON (a CSV is written beside it)")
+    _add_eval_options(p)
+    p.add_argument("-np", "--num-processes", type=int, default=1)
+
+    p = sub.add_parser("operating-points", help="TPR/FDR per lesion size over probability thresholds, with a PNG",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  nnUNetv2_predict ... --save_probabilities -o pred\n"
+                              "  nnunet-ext operating-points --ref labelsTs --prob pred -o ops.json")
+    p.add_argument("--ref", required=True, help="folder of reference masks (.nii.gz)")
+    p.add_argument("--prob", required=True, help="folder of nnU-Net probability files (<case>.npz) or NIfTI maps")
+    p.add_argument("-o", "--output", required=True, help="results JSON; the PNG goes beside it unless --png")
+    p.add_argument("--png", default=None)
+    p.add_argument("--thresholds", type=float, nargs="+", default=None, help="default 0.01 ... 0.98")
+    p.add_argument("--class-index", type=int, default=1, help="probability channel of the lesion class")
+    p.add_argument("--title", default="")
+    _add_eval_options(p)
+
+    p = sub.add_parser("demo", help="phantom -> nnU-Net plan/preprocess -> short CPU training -> predict -> evaluate",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  nnunet-ext demo --workdir nnunet_ext_demo")
+    p.add_argument("--workdir", default="nnunet_ext_demo",
+                   help="nnUNet_raw/preprocessed/results go here unless those variables are set")
+    p.add_argument("-d", "--dataset-id", type=int, default=501)
+    p.add_argument("-c", "--configuration", default="2d")
+    p.add_argument("-tr", "--trainer", default="ExtBaselineTrainer")
+    p.add_argument("-f", "--fold", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--iterations", type=int, default=20, help="training iterations per epoch")
+    p.add_argument("--cases", type=int, default=20)
+    p.add_argument("--test-cases", type=int, default=6)
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 64))
+    p.add_argument("--difficulty", default="medium")
+    p.add_argument("-device", "--device", default="cpu")
+    p.add_argument("-np", "--num-processes", type=int, default=2)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "trainers-path":
+        from nnunet_ext.paths import trainers_path
+
+        print(trainers_path())
+    elif args.command == "phantom":
+        import os
+
+        from nnunet_ext.phantom import PhantomConfig, parse_difficulty, write_phantom_dataset
+
+        raw = args.raw or os.environ.get("nnUNet_raw")
+        if not raw:
+            raise SystemExit("error: set nnUNet_raw or pass --raw")
+        cfg = PhantomConfig(shape=args.shape, spacing=args.spacing, difficulty=parse_difficulty(args.difficulty),
+                            raters=args.raters, soft=args.soft, timepoints=args.timepoints,
+                            sites=tuple(args.site_spacing or ()), seed=args.seed)
+        root = write_phantom_dataset(raw, args.dataset_id, args.cases, cfg, n_test=args.test_cases, name=args.name,
+                                     num_workers=args.num_processes)
+        print(f"wrote {root}")
+    elif args.command == "evaluate":
+        from nnunet_ext.metrics.evaluate import evaluate_folders, format_table
+        from nnunet_ext.metrics.lesions import parse_bins
+
+        res = evaluate_folders(args.ref, args.pred, args.output, args.connectivity, args.min_overlap,
+                               parse_bins(args.bins), args.allow_missing, args.label, num_workers=args.num_processes)
+        print(format_table(res))
+        print(f"wrote {args.output} and its .csv")
+    elif args.command == "operating-points":
+        from pathlib import Path
+
+        from nnunet_ext.metrics.lesions import parse_bins
+        from nnunet_ext.metrics.operating_points import sweep, write_sweep
+
+        res = sweep(args.ref, args.prob, args.thresholds, args.connectivity, args.min_overlap, parse_bins(args.bins),
+                    args.class_index, args.label, args.allow_missing)
+        png = args.png or str(Path(args.output).with_suffix(".png"))
+        write_sweep(res, args.output, png, args.title)
+        bs, bd = res["best_segmentation"], res["best_detection"]
+        print(f"best segmentation threshold {bs['threshold']:g}: voxel F1 {bs['voxel_f1']:.3f}, "
+              f"lesion F1 {bs['lesion_f1']:.3f}")
+        print(f"best detection threshold {bd['threshold']:g}: voxel F1 {bd['voxel_f1']:.3f}, "
+              f"lesion F1 {bd['lesion_f1']:.3f}")
+        print(f"wrote {args.output} and {png}")
+    elif args.command == "demo":
+        from nnunet_ext.demo import DemoConfig, run_demo
+        from nnunet_ext.phantom import parse_difficulty
+
+        run_demo(DemoConfig(workdir=args.workdir, dataset_id=args.dataset_id, configuration=args.configuration,
+                            trainer=args.trainer, fold=args.fold, epochs=args.epochs, iterations=args.iterations,
+                            train_cases=args.cases, test_cases=args.test_cases, shape=tuple(args.shape),
+                            difficulty=parse_difficulty(args.difficulty), device=args.device,
+                            n_proc=args.num_processes))
+    return 0
+
+
+def main() -> None:
+    try:
+        sys.exit(run())
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"nnunet-ext: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

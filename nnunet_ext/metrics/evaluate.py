@@ -1,0 +1,144 @@
+"""Evaluate a folder of predicted masks against a folder of reference masks (NIfTI, matched by case name)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from nnunet_ext.io import case_name, read_image
+from nnunet_ext.metrics.lesions import DEFAULT_BINS, aggregate, as_binary, case_metrics, check_connectivity
+
+
+def list_cases(folder: str | os.PathLike, file_ending: str = ".nii.gz") -> dict[str, Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder not found: {folder}")
+    return {case_name(p, file_ending): p for p in sorted(folder.iterdir())
+            if p.name.endswith(file_ending) and not p.name.startswith(".")}
+
+
+def load_mask(path: Path, label: int | None) -> tuple[np.ndarray, tuple[float, ...]]:
+    arr, spacing = read_image(path)
+    if label is not None:
+        return arr == label, spacing
+    return as_binary(arr, str(path)), spacing
+
+
+def check_same_grid(ref_path, ref_shape, ref_spacing, other_path, shape, spacing, rtol: float = 1e-3) -> None:
+    if tuple(ref_shape) != tuple(shape):
+        raise ValueError(f"shape mismatch: {other_path} has shape {tuple(shape)} but reference {ref_path} has "
+                         f"{tuple(ref_shape)} (array order z, y, x)")
+    if not np.allclose(ref_spacing, spacing, rtol=rtol):
+        raise ValueError(f"spacing mismatch: {other_path} has spacing {tuple(spacing)} but reference {ref_path} "
+                         f"has {tuple(ref_spacing)} (mm, array order z, y, x)")
+
+
+def _evaluate_one(args) -> tuple[str, dict]:
+    case, ref_path, pred_path, label, connectivity, min_overlap, bins = args
+    ref, spacing = load_mask(ref_path, label)
+    if pred_path is None:
+        pred, p_spacing = np.zeros_like(ref), spacing
+    else:
+        pred, p_spacing = load_mask(pred_path, label)
+        check_same_grid(ref_path, ref.shape, spacing, pred_path, pred.shape, p_spacing)
+    m = case_metrics(ref, pred, spacing, connectivity, min_overlap, bins)
+    m["prediction_missing"] = pred_path is None
+    return case, m
+
+
+def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None, connectivity: int = 26,
+                     min_overlap: float = 0.0, bins: Sequence[tuple[int, int | None]] = DEFAULT_BINS,
+                     allow_missing: bool = False, label: int | None = None, file_ending: str = ".nii.gz",
+                     num_workers: int = 1, progress: bool = True) -> dict:
+    """Evaluate every reference case; return (and write to ``output`` JSON + CSV) per-case results and
+    aggregates. A reference case without prediction is an error unless ``allow_missing`` (then it counts
+    as an empty prediction)."""
+    check_connectivity(connectivity)
+    refs, preds = list_cases(ref_dir, file_ending), list_cases(pred_dir, file_ending)
+    if not refs:
+        raise ValueError(f"no reference files ending in {file_ending} in {ref_dir}")
+    missing = [c for c in refs if c not in preds]
+    if missing and not allow_missing:
+        raise FileNotFoundError(f"no prediction for {len(missing)} reference case(s), e.g. "
+                                f"{Path(pred_dir) / (missing[0] + file_ending)}; pass --allow-missing to count "
+                                f"them as empty predictions")
+    extra = sorted(set(preds) - set(refs))
+    jobs = [(c, refs[c], preds.get(c), label, connectivity, min_overlap, tuple(bins)) for c in refs]
+    per_case = {}
+    if num_workers > 1:
+        with ProcessPoolExecutor(num_workers) as ex:
+            results = ex.map(_evaluate_one, jobs)
+            for k, (c, m) in enumerate(results, 1):
+                per_case[c] = m
+                if progress:
+                    print(f"\revaluate: {k}/{len(jobs)}", end="", flush=True)
+    else:
+        for k, job in enumerate(jobs, 1):
+            c, m = _evaluate_one(job)
+            per_case[c] = m
+            if progress:
+                print(f"\revaluate: {k}/{len(jobs)}", end="", flush=True)
+    if progress:
+        print()
+    result = {
+        "settings": {"ref_dir": str(ref_dir), "pred_dir": str(pred_dir), "connectivity": connectivity,
+                     "min_overlap": min_overlap, "bins": [list(b) for b in bins], "label": label,
+                     "missing_predictions": missing, "predictions_without_reference": extra},
+        "per_case": per_case,
+        "aggregate": aggregate(per_case, bins),
+    }
+    if output is not None:
+        write_results(result, output)
+    return result
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def write_results(result: dict, output: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``output`` (JSON) and the same name with ``.csv`` (one row per case, then ``mean`` and
+    ``pooled`` rows)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(".tmp_" + output.name)
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, output)
+    rows = [{"case": c, **_flatten(m)} for c, m in result["per_case"].items()]
+    rows.append({"case": "mean", **_flatten(result["aggregate"]["mean"])})
+    rows.append({"case": "pooled", **_flatten(result["aggregate"]["pooled"])})
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    csv_path = output.with_suffix(".csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return output, csv_path
+
+
+def format_table(result: dict) -> str:
+    """A short human-readable summary of an evaluation result."""
+    mean, pooled = result["aggregate"]["mean"], result["aggregate"]["pooled"]
+    fmt = lambda v: "  n/a" if v is None else f"{v:6.3f}"  # noqa: E731
+    lines = [f"cases: {result['aggregate']['n_cases']}",
+             f"mean  dice {fmt(mean['dice'])}  ppv {fmt(mean['ppv'])}  tpr {fmt(mean['tpr'])}  "
+             f"hd95 {fmt(mean['hd95'])} mm  avd {fmt(mean['avd'])} %",
+             f"lesions (pooled): ref {pooled['ref_lesions']}  pred {pooled['pred_lesions']}  tp {pooled['lesion_tp']}"
+             f"  fn {pooled['lesion_fn']}  fp {pooled['lesion_fp']}  tpr {fmt(pooled['lesion_tpr'])}"
+             f"  fdr {fmt(pooled['lesion_fdr'])}  f1 {fmt(pooled['lesion_f1'])}",
+             "size bin   ref  tp  fn  fp    tpr    f1"]
+    for name, b in pooled["bins"].items():
+        lines.append(f"{name:>8} {b['ref_lesions']:5d} {b['lesion_tp']:3d} {b['lesion_fn']:3d} {b['lesion_fp']:3d}"
+                     f" {fmt(b['lesion_tpr'])} {fmt(b['lesion_f1'])}")
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""Operating-point sweep: voxel- and lesion-level TPR/FDR per size bin over probability thresholds.
+
+Input probability maps are nnU-Net's ``--save_probabilities`` output (``<case>.npz`` with key
+``probabilities``, classes first, in the geometry of the original image) or NIfTI probability maps. Counts
+are pooled over cases at each threshold; the *segmentation* operating point maximises voxel F1 (pooled
+Dice), the *detection* operating point maximises lesion F1.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from nnunet_ext.io import read_image
+from nnunet_ext.metrics.evaluate import check_same_grid, list_cases, load_mask
+from nnunet_ext.metrics.lesions import DEFAULT_BINS, _f1, bin_name, label_components, lesion_counts
+
+
+def default_thresholds() -> list[float]:
+    return [round(t, 3) for t in np.concatenate([[0.01, 0.02, 0.05], np.arange(0.1, 0.91, 0.05), [0.95, 0.98]])]
+
+
+def load_probabilities(path: Path, class_index: int = 1) -> np.ndarray:
+    """Foreground probability map of one case, array order (z, y, x)."""
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            if "probabilities" not in f:
+                raise ValueError(f"{path}: no 'probabilities' array (expected nnU-Net --save_probabilities output)")
+            p = f["probabilities"]
+        if p.ndim != 4 or class_index >= p.shape[0]:
+            raise ValueError(f"{path}: expected (classes, z, y, x) probabilities with class {class_index}, "
+                             f"got shape {p.shape}")
+        p = p[class_index]
+    else:
+        p = read_image(path)[0]
+    if not np.isfinite(p).all() or p.min() < -1e-6 or p.max() > 1 + 1e-6:
+        raise ValueError(f"{path}: probabilities must be finite and in [0, 1]")
+    return p.astype(np.float32, copy=False)
+
+
+def _prob_files(prob_dir: Path) -> dict[str, Path]:
+    files = {p.name[:-4]: p for p in sorted(Path(prob_dir).glob("*.npz"))}
+    if not files:
+        files = list_cases(prob_dir)
+    if not files:
+        raise ValueError(f"no probability maps (*.npz or *.nii.gz) in {prob_dir}")
+    return files
+
+
+def sweep(ref_dir, prob_dir, thresholds: Sequence[float] | None = None, connectivity: int = 26,
+          min_overlap: float = 0.0, bins=DEFAULT_BINS, class_index: int = 1, label: int | None = None,
+          allow_missing: bool = False, progress: bool = True) -> dict:
+    """Pooled voxel and lesion rates at each threshold (a voxel is foreground when p >= threshold)."""
+    thresholds = sorted(float(t) for t in (thresholds if thresholds is not None else default_thresholds()))
+    if not thresholds or thresholds[0] <= 0 or thresholds[-1] > 1:
+        raise ValueError("thresholds must be in (0, 1]")
+    refs, probs = list_cases(ref_dir), _prob_files(prob_dir)
+    missing = [c for c in refs if c not in probs]
+    if missing and not allow_missing:
+        raise FileNotFoundError(f"no probability map for reference case {missing[0]} in {prob_dir}")
+    keys = ("voxel_tp", "voxel_fp", "voxel_fn", "ref_lesions", "pred_lesions", "lesion_tp", "lesion_fn", "lesion_fp")
+    acc = [{k: 0 for k in keys} | {"bins": {bin_name(*b): {k: 0 for k in keys[3:]} for b in bins}}
+           for _ in thresholds]
+    cases = [c for c in refs if c in probs]
+    for n, c in enumerate(cases, 1):
+        ref, spacing = load_mask(refs[c], label)
+        p = load_probabilities(probs[c], class_index)
+        check_same_grid(refs[c], ref.shape, spacing, probs[c], p.shape, spacing)
+        ref_labels = label_components(ref, connectivity)
+        n_ref = int(ref.sum())
+        for a, t in zip(acc, thresholds):
+            pred = p >= t
+            tp = int(np.count_nonzero(pred & ref))
+            a["voxel_tp"] += tp
+            a["voxel_fp"] += int(np.count_nonzero(pred)) - tp
+            a["voxel_fn"] += n_ref - tp
+            lc = lesion_counts(ref, pred, connectivity, min_overlap, bins, ref_labels=ref_labels)
+            for k in keys[3:]:
+                a[k] += lc[k]
+                for b in a["bins"]:
+                    a["bins"][b][k] += lc["bins"][b][k]
+        if progress:
+            print(f"\roperating points: {n}/{len(cases)} cases", end="", flush=True)
+    if progress:
+        print()
+    points = []
+    for t, a in zip(thresholds, acc):
+        row = {"threshold": t, **{k: a[k] for k in keys}}
+        row.update(_rates(a))
+        row["bins"] = {b: {**v, **_rates(v, voxel=False)} for b, v in a["bins"].items()}
+        points.append(row)
+    best_seg = max(points, key=lambda r: r["voxel_f1"])
+    best_det = max(points, key=lambda r: (r["lesion_f1"] if r["lesion_f1"] is not None else -1))
+    return {"thresholds": thresholds, "points": points, "cases": cases, "missing": missing,
+            "best_segmentation": {"threshold": best_seg["threshold"], "voxel_f1": best_seg["voxel_f1"],
+                                  "lesion_f1": best_seg["lesion_f1"]},
+            "best_detection": {"threshold": best_det["threshold"], "voxel_f1": best_det["voxel_f1"],
+                               "lesion_f1": best_det["lesion_f1"]},
+            "threshold_gap": abs(best_seg["threshold"] - best_det["threshold"])}
+
+
+def _rates(a: dict, voxel: bool = True) -> dict:
+    out = {}
+    if voxel:
+        tp, fp, fn = a["voxel_tp"], a["voxel_fp"], a["voxel_fn"]
+        out["voxel_tpr"] = tp / (tp + fn) if tp + fn else None
+        out["voxel_fdr"] = fp / (tp + fp) if tp + fp else 0.0
+        out["voxel_f1"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
+    tpr = a["lesion_tp"] / a["ref_lesions"] if a["ref_lesions"] else None
+    ppv = (a["pred_lesions"] - a["lesion_fp"]) / a["pred_lesions"] if a["pred_lesions"] else None
+    out["lesion_tpr"], out["lesion_fdr"] = tpr, (None if ppv is None else 1 - ppv)
+    out["lesion_f1"] = None if tpr is None and ppv is None else _f1(1.0 if ppv is None else ppv,
+                                                                     1.0 if tpr is None else tpr)
+    return out
+
+
+def plot_operating_points(result: dict, png: str | os.PathLike, title: str = "") -> Path:
+    """TPR-vs-FDR curves: voxel level (left) and lesion level per size bin (right), with the best
+    segmentation (voxel F1) and best detection (lesion F1) operating points marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = result["points"]
+    seg_t, det_t = result["best_segmentation"]["threshold"], result["best_detection"]["threshold"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.4))
+    markers = {"seg": dict(marker="o", ms=11, mfc="none", mew=2.2, color="black", ls="none"),
+               "det": dict(marker="s", ms=11, mfc="none", mew=2.2, color="crimson", ls="none")}
+
+    def curve(ax, xs, ys, label, **kw):
+        ok = [(x, y, p["threshold"]) for x, y, p in zip(xs, ys, pts) if x is not None and y is not None]
+        if not ok:
+            return
+        x, y, t = zip(*ok)
+        line, = ax.plot(x, y, "-", marker=".", label=label, **kw)
+        for xi, yi, ti in ok:
+            if ti == seg_t:
+                ax.plot([xi], [yi], **markers["seg"])
+            if ti == det_t:
+                ax.plot([xi], [yi], **markers["det"])
+
+    ax = axes[0]
+    curve(ax, [p["voxel_fdr"] for p in pts], [p["voxel_tpr"] for p in pts], "all voxels", color="tab:blue", lw=2)
+    for p in pts[:: max(1, len(pts) // 6)]:
+        if p["voxel_tpr"] is not None:
+            ax.annotate(f"{p['threshold']:g}", (p["voxel_fdr"], p["voxel_tpr"]), fontsize=8,
+                        textcoords="offset points", xytext=(4, -10), color="tab:blue")
+    ax.set_title("Voxel level (segmentation)")
+    ax = axes[1]
+    curve(ax, [p["lesion_fdr"] for p in pts], [p["lesion_tpr"] for p in pts], "all lesions", color="black", lw=2.5)
+    colors = ["tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"]
+    for i, b in enumerate(pts[0]["bins"]):
+        n = pts[0]["bins"][b]["ref_lesions"]
+        curve(ax, [p["bins"][b]["lesion_fdr"] for p in pts], [p["bins"][b]["lesion_tpr"] for p in pts],
+              f"{b} voxels (n={n})", color=colors[i % len(colors)], lw=1.6)
+    ax.set_title("Lesion level (detection), by lesion size")
+    for ax, kind in zip(axes, ("voxel", "lesion")):
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(f"{kind} false discovery rate (FDR)")
+        ax.set_ylabel(f"{kind} true positive rate (TPR)")
+        ax.grid(alpha=0.3)
+        ax.plot([], [], **markers["seg"], label=f"best segmentation F1, t={seg_t:g}")
+        ax.plot([], [], **markers["det"], label=f"best detection F1, t={det_t:g}")
+        ax.legend(loc="lower right", fontsize=8.5)
+    bs, bd = result["best_segmentation"], result["best_detection"]
+    fig.suptitle((title + "\n" if title else "") +
+                 f"seg. optimum t={bs['threshold']:g} (voxel F1 {bs['voxel_f1']:.3f}, lesion F1 {bs['lesion_f1']:.3f})"
+                 f"   det. optimum t={bd['threshold']:g} (voxel F1 {bd['voxel_f1']:.3f}, lesion F1 "
+                 f"{bd['lesion_f1']:.3f})", fontsize=10)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def write_sweep(result: dict, output_json, png=None, title: str = "") -> None:
+    Path(output_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(output_json).write_text(json.dumps(result, indent=1))
+    if png is not None:
+        plot_operating_points(result, png, title)

@@ -1,0 +1,51 @@
+"""Where things are: our trainer folder and nnU-Net's data folders."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def trainers_path() -> Path:
+    """Absolute path of the folder that nnU-Net's ``nnUNet_extTrainer`` should point at.
+
+    It is the repository's top-level ``trainers/`` folder, installed as the package ``nnunet_ext.trainers``
+    (editable installs resolve it to the source folder, wheels to site-packages)."""
+    spec = importlib.util.find_spec("nnunet_ext.trainers")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nnunet_ext.trainers is not installed; reinstall the nnunet-ext package")
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
+
+
+def nnunet_env(workdir: str | os.PathLike | None = None, n_proc: int | None = None) -> dict[str, str]:
+    """A copy of ``os.environ`` ready for nnU-Net's commands: ``nnUNet_raw/preprocessed/results`` under
+    ``workdir`` unless already set, our trainers on ``nnUNet_extTrainer`` (in front of any the user set),
+    and process counts for small machines unless set."""
+    env = dict(os.environ)
+    if workdir is not None:
+        for name in NNUNET_FOLDERS:
+            if not env.get(name):
+                env[name] = str((Path(workdir) / name).resolve())
+                Path(env[name]).mkdir(parents=True, exist_ok=True)
+    ours = str(trainers_path())
+    others = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p and p != ours]
+    env["nnUNet_extTrainer"] = os.pathsep.join([ours] + others)
+    n = str(n_proc or min(os.cpu_count() or 1, 8))
+    env.setdefault("nnUNet_def_n_proc", n)
+    env.setdefault("nnUNet_n_proc_DA", n)
+    return env
+
+
+def nnunet_command(name: str) -> str:
+    """Path of one of nnU-Net's console commands, preferring the one next to this Python."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"nnU-Net command {name} not found; is nnunetv2 installed in this environment?")
+    return found

@@ -1,0 +1,65 @@
+"""Plumbing shared by all nnunet-ext trainers: training budget overrides and a settings record.
+
+nnU-Net identifies a trainer by its class name only, so published hyper-parameters are named subclasses.
+For smoke tests, demos and method studies on CPU, the training length can be shortened without a new
+class through environment variables (they never change anything else):
+
+``NNUNET_EXT_NUM_EPOCHS``, ``NNUNET_EXT_ITERATIONS`` (training iterations per epoch),
+``NNUNET_EXT_VAL_ITERATIONS`` (validation iterations per epoch).
+
+Every trainer writes its resolved settings to ``nnunet_ext_settings.json`` in its output folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+BUDGET_VARIABLES = {"NNUNET_EXT_NUM_EPOCHS": "num_epochs", "NNUNET_EXT_ITERATIONS": "num_iterations_per_epoch",
+                    "NNUNET_EXT_VAL_ITERATIONS": "num_val_iterations_per_epoch"}
+
+
+def apply_budget_overrides(trainer, environ=None) -> dict[str, int]:
+    """Set the training-length attributes named in ``BUDGET_VARIABLES`` from the environment."""
+    environ = os.environ if environ is None else environ
+    applied = {}
+    for var, attr in BUDGET_VARIABLES.items():
+        if environ.get(var):
+            try:
+                value = int(environ[var])
+            except ValueError:
+                raise ValueError(f"{var} must be a positive integer, got {environ[var]!r}")
+            if value < 1:
+                raise ValueError(f"{var} must be a positive integer, got {value}")
+            setattr(trainer, attr, value)
+            applied[attr] = value
+    return applied
+
+
+class ExtTrainer(nnUNetTrainer):
+    """Base of every nnunet-ext trainer: nnU-Net's trainer plus budget overrides and a settings record.
+    Subclasses add their own settings by extending :meth:`ext_settings`."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.budget_overrides = apply_budget_overrides(self)
+
+    def ext_settings(self) -> dict:
+        return {"trainer": type(self).__name__, "num_epochs": self.num_epochs,
+                "num_iterations_per_epoch": self.num_iterations_per_epoch,
+                "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch,
+                "initial_lr": self.initial_lr, "budget_overrides_from_environment": self.budget_overrides}
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.local_rank == 0 and self.output_folder is not None:
+            with open(os.path.join(self.output_folder, "nnunet_ext_settings.json"), "w") as f:
+                json.dump(self.ext_settings(), f, indent=2)
+
+
+class ExtBaselineTrainer(ExtTrainer):
+    """nnU-Net's default trainer, unchanged except that it honours the budget variables: the baseline
+    that method studies compare against under the same budget."""

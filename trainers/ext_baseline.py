@@ -1,0 +1,1 @@
+from nnunet_ext.training.base import ExtBaselineTrainer  # noqa: F401
