@@ -273,8 +273,8 @@ def _render(rng, anat, inst: np.ndarray, contrasts: np.ndarray, settings: dict, 
 
 
 def _rater_masks(rng, inst: np.ndarray, n_raters: int) -> list[np.ndarray]:
-    """Per-rater masks: each lesion randomly dilated/eroded by one voxel; small lesions omitted with a
-    rater-specific probability (rater k misses 3-10-voxel lesions with probability 0.1 + 0.1 k)."""
+    """Per-rater masks: each lesion drawn wider (half of its outer shell added) or narrower (half of its
+    boundary removed) at random; small lesions omitted with a rater-specific probability (rater k misses 3-10-voxel lesions with probability 0.1 + 0.1 k)."""
     out = []
     objs = ndimage.find_objects(inst)
     for k in range(n_raters):
@@ -289,11 +289,12 @@ def _rater_masks(rng, inst: np.ndarray, n_raters: int) -> list[np.ndarray]:
             if size <= 10 and rng.random() < p_omit:
                 continue
             action = rng.random()
-            if action < 0.3:
-                les = ndimage.binary_dilation(les, _BALL6) & ((inst[big] == 0) | (inst[big] == lab))
-            elif action < 0.6 and size > 10:
-                eroded = ndimage.binary_erosion(les, _BALL6)
-                les = eroded if eroded.any() else les
+            if action < 0.3:  # this rater draws wider: half of the outer shell added
+                shell = ndimage.binary_dilation(les, _BALL6) & ~les & ((inst[big] == 0) | (inst[big] == lab))
+                les = les | (shell & (rng.random(les.shape) < 0.5))
+            elif action < 0.6 and size > 10:  # narrower: half of the boundary voxels removed
+                boundary = les & ~ndimage.binary_erosion(les, _BALL6)
+                les = les & ~(boundary & (rng.random(les.shape) < 0.5))
             m[big] |= les
         out.append(m.astype(np.uint8))
     return out

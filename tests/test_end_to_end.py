@@ -1,0 +1,68 @@
+"""Real nnU-Net on a tiny phantom: planning, 1 epoch of 2 iterations on CPU, prediction, our evaluation."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from nnunet_ext.cli import run
+from nnunet_ext.io import read_geometry
+from nnunet_ext.paths import nnunet_command, nnunet_env
+from nnunet_ext.phantom import PhantomConfig, write_phantom_dataset
+
+DATASET = 511
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """A 6+2-case 32^3 phantom, planned and preprocessed (2d) by nnU-Net."""
+    work = tmp_path_factory.mktemp("e2e")
+    env = nnunet_env(work, n_proc=2)
+    env.update({"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERATIONS": "2", "NNUNET_EXT_VAL_ITERATIONS": "1"})
+    cfg = PhantomConfig(shape=(32, 32, 32), empty_fraction=0.0, seed=5)
+    root = write_phantom_dataset(env["nnUNet_raw"], DATASET, 6, cfg, n_test=2, progress=False)
+    subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET), "-c", "2d", "-np", "2"],
+                   env=env, check=True, capture_output=True)
+    return work, env, root
+
+
+def train_and_predict(planned, trainer: str):
+    """Train ``trainer`` 1 epoch (2 iterations) on fold 0, predict the test cases with probabilities."""
+    work, env, root = planned
+    r = subprocess.run([nnunet_command("nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", trainer, "-device", "cpu"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = next((work / "nnUNet_results").glob(f"Dataset{DATASET}_*")) / f"{trainer}__nnUNetPlans__2d"
+    pred = work / f"pred_{trainer}"
+    r = subprocess.run([nnunet_command("nnUNetv2_predict"), "-i", str(root / "imagesTs"), "-o", str(pred), "-d",
+                        str(DATASET), "-c", "2d", "-f", "0", "-tr", trainer, "-device", "cpu", "--save_probabilities",
+                        "-npp", "1", "-nps", "1"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, pred
+
+
+def test_baseline_trainer_end_to_end(planned, tmp_path):
+    work, env, root = planned
+    out, pred = train_and_predict(planned, "ExtBaselineTrainer")
+    assert (out / "fold_0" / "checkpoint_final.pth").is_file()
+    settings = json.loads((out / "fold_0" / "nnunet_ext_settings.json").read_text())
+    assert settings["num_epochs"] == 1 and settings["num_iterations_per_epoch"] == 2
+    assert settings["budget_overrides_from_environment"]["num_epochs"] == 1
+    # nnU-Net's own end-of-training validation ran
+    assert (out / "fold_0" / "validation" / "summary.json").is_file()
+    for case in ("phantom_006", "phantom_007"):
+        g_img = read_geometry(root / "imagesTs" / f"{case}_0000.nii.gz")
+        g_pred = read_geometry(pred / f"{case}.nii.gz")
+        assert g_pred["size"] == g_img["size"] and np.allclose(g_pred["spacing"], g_img["spacing"])
+        probs = np.load(pred / f"{case}.npz")["probabilities"]
+        assert probs.shape == (2,) + tuple(reversed(g_img["size"]))
+    assert run(["evaluate", "--ref", str(root / "labelsTs"), "--pred", str(pred), "-o", str(tmp_path / "r.json")]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert set(res["per_case"]) == {"phantom_006", "phantom_007"}
+    ref_lesions = sum(len(v) for k, v in json.loads((root / "lesions.json").read_text()).items()
+                      if k in res["per_case"])
+    assert res["aggregate"]["pooled"]["ref_lesions"] == ref_lesions
+    assert run(["operating-points", "--ref", str(root / "labelsTs"), "--prob", str(pred), "-o",
+                str(tmp_path / "ops.json")]) == 0
+    ops = json.loads((tmp_path / "ops.json").read_text())
+    assert len(ops["points"]) == len(ops["thresholds"]) and (tmp_path / "ops.png").stat().st_size > 10000

@@ -1,0 +1,148 @@
+"""Folder evaluation, operating-point sweep and their errors on small NIfTI files."""
+import json
+
+import numpy as np
+import pytest
+
+from nnunet_ext.cli import run
+from nnunet_ext.io import write_image
+from nnunet_ext.metrics.evaluate import evaluate_folders
+from nnunet_ext.metrics.operating_points import sweep, write_sweep
+
+
+def _ref():
+    ref = np.zeros((10, 10, 10), np.uint8)
+    ref[1:4, 1:4, 1:4] = 1  # 27 voxels
+    ref[7, 7, 6:10] = 1  # 4 voxels
+    return ref
+
+
+@pytest.fixture
+def folders(tmp_path):
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref = _ref()
+    pred = np.zeros_like(ref)
+    pred[1:4, 1:4, 1:4] = 1
+    write_image(ref, (2.0, 1.0, 1.0), ref_dir / "case_a.nii.gz")
+    write_image(pred, (2.0, 1.0, 1.0), pred_dir / "case_a.nii.gz")
+    write_image(np.zeros_like(ref), (2.0, 1.0, 1.0), ref_dir / "case_b.nii.gz")
+    write_image(np.zeros_like(ref), (2.0, 1.0, 1.0), pred_dir / "case_b.nii.gz")
+    return ref_dir, pred_dir
+
+
+def test_evaluate_folders_writes_json_and_csv(folders, tmp_path):
+    ref_dir, pred_dir = folders
+    out = tmp_path / "res" / "results.json"
+    res = evaluate_folders(ref_dir, pred_dir, out, progress=False)
+    saved = json.loads(out.read_text())
+    a = saved["per_case"]["case_a"]
+    assert a["dice"] == pytest.approx(54 / 58) and a["lesion_tp"] == 1 and a["lesion_fn"] == 1
+    assert a["ref_volume_mm3"] == pytest.approx(31 * 2.0)
+    assert saved["per_case"]["case_b"]["dice"] == 1.0
+    assert saved["aggregate"]["mean"]["dice"] == pytest.approx((54 / 58 + 1) / 2)
+    assert saved["aggregate"]["pooled"]["lesion_tpr"] == 0.5
+    csv_lines = out.with_suffix(".csv").read_text().splitlines()
+    assert csv_lines[0].startswith("case,dice,")
+    assert [line.split(",")[0] for line in csv_lines[1:]] == ["case_a", "case_b", "mean", "pooled"]
+    assert "bins.3-10.lesion_tpr" in csv_lines[0]
+    assert res["aggregate"] == saved["aggregate"]
+
+
+def test_missing_prediction_is_error_naming_file(folders):
+    ref_dir, pred_dir = folders
+    (pred_dir / "case_b.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="case_b.nii.gz"):
+        evaluate_folders(ref_dir, pred_dir, progress=False)
+    res = evaluate_folders(ref_dir, pred_dir, allow_missing=True, progress=False)
+    assert res["per_case"]["case_b"]["prediction_missing"] is True
+    assert res["per_case"]["case_b"]["dice"] == 1.0  # empty reference, counted as empty prediction
+    assert res["settings"]["missing_predictions"] == ["case_b"]
+
+
+def test_shape_mismatch_names_file(folders):
+    ref_dir, pred_dir = folders
+    write_image(np.zeros((10, 10, 9), np.uint8), (2.0, 1.0, 1.0), pred_dir / "case_a.nii.gz")
+    with pytest.raises(ValueError, match=r"shape mismatch: .*pred/case_a.nii.gz"):
+        evaluate_folders(ref_dir, pred_dir, progress=False)
+
+
+def test_spacing_mismatch_names_file(folders):
+    ref_dir, pred_dir = folders
+    write_image(np.zeros((10, 10, 10), np.uint8), (1.0, 1.0, 1.0), pred_dir / "case_b.nii.gz")
+    with pytest.raises(ValueError, match=r"spacing mismatch: .*case_b.nii.gz"):
+        evaluate_folders(ref_dir, pred_dir, progress=False)
+
+
+def test_non_binary_mask_is_error_unless_label_selected(folders):
+    ref_dir, pred_dir = folders
+    multi = _ref() * 2
+    write_image(multi, (2.0, 1.0, 1.0), pred_dir / "case_a.nii.gz")
+    with pytest.raises(ValueError, match=r"pred/case_a.nii.gz: expected a binary mask"):
+        evaluate_folders(ref_dir, pred_dir, progress=False)
+    write_image(multi, (2.0, 1.0, 1.0), ref_dir / "case_a.nii.gz")
+    res = evaluate_folders(ref_dir, pred_dir, label=2, progress=False)
+    assert res["per_case"]["case_a"]["dice"] == 1.0
+
+
+def test_cli_evaluate_bad_input_exit_code(folders, tmp_path, capsys):
+    ref_dir, pred_dir = folders
+    (pred_dir / "case_a.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError):
+        run(["evaluate", "--ref", str(ref_dir), "--pred", str(pred_dir), "-o", str(tmp_path / "r.json")])
+    assert run(["evaluate", "--ref", str(ref_dir), "--pred", str(pred_dir), "-o", str(tmp_path / "r.json"),
+                "--allow-missing", "--bins", "1-5,6+", "--connectivity", "6"]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert set(res["per_case"]["case_a"]["bins"]) == {"1-5", "6+"} and res["settings"]["connectivity"] == 6
+
+
+def _prob_case(tmp_path):
+    """Big lesion at p=0.9, small lesion at p=0.3, an 8-voxel false positive at p=0.6."""
+    ref = _ref()
+    prob = np.zeros((2,) + ref.shape, np.float32)
+    prob[1][1:4, 1:4, 1:4] = 0.9
+    prob[1][7, 7, 6:10] = 0.3
+    prob[1][6:8, 0:2, 0:2] = 0.6
+    prob[0] = 1 - prob[1]
+    write_image(ref, (1.0, 1.0, 1.0), tmp_path / "ref" / "c1.nii.gz")
+    (tmp_path / "prob").mkdir()
+    np.savez_compressed(tmp_path / "prob" / "c1.npz", probabilities=prob)
+    return tmp_path / "ref", tmp_path / "prob"
+
+
+def test_operating_points_hand_computed(tmp_path):
+    ref_dir, prob_dir = _prob_case(tmp_path)
+    res = sweep(ref_dir, prob_dir, thresholds=[0.8, 0.2, 0.5], progress=False)
+    assert res["thresholds"] == [0.2, 0.5, 0.8]
+    p02, p05, p08 = res["points"]
+    assert (p02["lesion_tp"], p02["lesion_fp"]) == (2, 1) and p02["lesion_f1"] == pytest.approx(0.8)
+    assert (p05["lesion_tp"], p05["lesion_fp"]) == (1, 1) and p05["lesion_f1"] == pytest.approx(0.5)
+    assert (p08["lesion_tp"], p08["lesion_fp"]) == (1, 0) and p08["lesion_f1"] == pytest.approx(2 / 3)
+    assert p02["voxel_f1"] == pytest.approx(62 / 70) and p05["voxel_f1"] == pytest.approx(54 / 66)
+    assert p08["voxel_f1"] == pytest.approx(54 / 58)
+    assert p05["voxel_fdr"] == pytest.approx(8 / 35) and p05["voxel_tpr"] == pytest.approx(27 / 31)
+    assert p05["bins"]["3-10"]["lesion_tpr"] == 0.0 and p02["bins"]["3-10"]["lesion_tpr"] == 1.0
+    assert p05["bins"]["3-10"]["lesion_fdr"] == 1.0  # the 8-voxel FP is the only 3-10 prediction
+    assert res["best_segmentation"]["threshold"] == 0.8 and res["best_detection"]["threshold"] == 0.2
+    assert res["threshold_gap"] == pytest.approx(0.6)
+
+
+def test_operating_points_png(tmp_path):
+    ref_dir, prob_dir = _prob_case(tmp_path)
+    res = sweep(ref_dir, prob_dir, progress=False)
+    write_sweep(res, tmp_path / "ops.json", tmp_path / "ops.png")
+    png = (tmp_path / "ops.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20000
+    assert json.loads((tmp_path / "ops.json").read_text())["best_detection"]["threshold"] == \
+        res["best_detection"]["threshold"]
+
+
+def test_operating_points_rejects_bad_probabilities(tmp_path):
+    ref_dir, prob_dir = _prob_case(tmp_path)
+    np.savez_compressed(prob_dir / "c1.npz", probabilities=np.full((2, 10, 10, 10), 1.5, np.float32))
+    with pytest.raises(ValueError, match="c1.npz: probabilities must be finite and in"):
+        sweep(ref_dir, prob_dir, progress=False)
+    np.savez_compressed(prob_dir / "c1.npz", probabilities=np.zeros((2, 10, 10, 9), np.float32))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        sweep(ref_dir, prob_dir, progress=False)
+    with pytest.raises(ValueError, match="thresholds"):
+        sweep(ref_dir, prob_dir, thresholds=[0.0, 0.5], progress=False)
