@@ -1,0 +1,105 @@
+"""Segmentation losses as plain ``nn.Module``s.
+
+Shapes: ``logits`` is ``(B, C, *spatial)`` (raw network output, C classes incl. background, softmax
+applied inside the loss as nnU-Net expects); ``target`` is ``(B, K, *spatial)`` with the label map in
+channel 0 and, for the LSR losses, optionally the lesion-size map in channel 1 (K = 2; without it every
+voxel weighs 1). Arguments are checked in ``__init__``; ``forward`` stays on the device.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_ext.lsr import check_alpha_beta, weights_from_size_tensor
+
+
+def _labels_and_mask(target: torch.Tensor, ignore_label: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Label map (B, *spatial) as long, and the float mask of annotated voxels (None without ignore label)."""
+    seg = target[:, 0].long()
+    if ignore_label is None:
+        return seg, None
+    mask = seg != ignore_label
+    return torch.where(mask, seg, torch.zeros_like(seg)), mask.float()
+
+
+class LSRCrossEntropyLoss(nn.Module):
+    """Lesion-size-reweighted cross-entropy: ``sum(w * CE) / N`` over annotated voxels (N of them).
+
+    With two classes (background, lesion) the softmax cross-entropy equals the binary cross-entropy of
+    the sigmoid of the logit difference, i.e. the paper's LSR-weighted BCE; with more classes each class's
+    lesions are weighted by their own sizes. ``alpha = 0`` is plain (B)CE."""
+
+    def __init__(self, alpha: float = 4.0, beta: float = 4.0, ignore_label: int | None = None):
+        super().__init__()
+        check_alpha_beta(alpha, beta)
+        self.alpha, self.beta, self.ignore_label = float(alpha), float(beta), ignore_label
+
+    def voxel_weights(self, target: torch.Tensor) -> torch.Tensor:
+        if target.shape[1] < 2 or self.alpha == 0:
+            return torch.ones_like(target[:, 0], dtype=torch.float32)
+        return weights_from_size_tensor(target[:, 1], self.alpha, self.beta)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.ndim != target.ndim or logits.shape[2:] != target.shape[2:]:
+            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must be "
+                             f"(B, C, *spatial) and (B, K, *spatial)")
+        seg, mask = _labels_and_mask(target, self.ignore_label)
+        w = self.voxel_weights(target)
+        ce = F.cross_entropy(logits.float(), seg, reduction="none")
+        if mask is not None:
+            w = w * mask
+            n = mask.sum().clamp(min=1.0)
+        else:
+            n = torch.tensor(float(seg.numel()), device=logits.device)
+        return (w * ce).sum() / n
+
+
+class DiceAndLSRLoss(nn.Module):
+    """nnU-Net's soft Dice (given as ``dice``, e.g. ``MemoryEfficientSoftDiceLoss``) on the label channel
+    plus :class:`LSRCrossEntropyLoss` on the full target."""
+
+    def __init__(self, dice: nn.Module, lsr: LSRCrossEntropyLoss, weight_dice: float = 1.0, weight_ce: float = 1.0):
+        super().__init__()
+        if weight_dice < 0 or weight_ce < 0:
+            raise ValueError("loss weights must be >= 0")
+        self.dice, self.lsr, self.weight_dice, self.weight_ce = dice, lsr, weight_dice, weight_ce
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        seg, mask = _labels_and_mask(target, self.lsr.ignore_label)
+        dc = self.dice(logits, seg[:, None], loss_mask=None if mask is None else mask[:, None])
+        return self.weight_dice * dc + self.weight_ce * self.lsr(logits, target)
+
+
+class FocalTverskyLoss(nn.Module):
+    """Focal Tversky loss ``(1 - TI)^gamma`` with ``TI = (TP + s) / (TP + a FN + b FP + s)``, averaged
+    over the foreground classes; TP/FN/FP are soft counts of the softmax probabilities pooled over the
+    batch and all voxels (``batch=True``, as nnU-Net's batch Dice) or per sample (then averaged).
+
+    Defaults a=0.7, b=0.3, gamma=4/3, s=1 (Abraham & Khan 2019 use ``(1 - TI)^(1/gamma)``; the exponent
+    here is ``gamma`` itself, so gamma > 1 down-weights easy cases and gamma < 1 focuses on hard ones)."""
+
+    def __init__(self, a: float = 0.7, b: float = 0.3, gamma: float = 4 / 3, smooth: float = 1.0,
+                 batch: bool = True, ignore_label: int | None = None):
+        super().__init__()
+        if a < 0 or b < 0 or a + b == 0:
+            raise ValueError(f"a and b must be >= 0 and not both 0, got a={a}, b={b}")
+        if gamma <= 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}")
+        if smooth < 0:
+            raise ValueError(f"smooth must be >= 0, got {smooth}")
+        self.a, self.b, self.gamma, self.smooth, self.batch, self.ignore_label = a, b, gamma, smooth, batch, ignore_label
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        seg, mask = _labels_and_mask(target, self.ignore_label)
+        p = torch.softmax(logits.float(), 1)
+        g = F.one_hot(seg, logits.shape[1]).movedim(-1, 1).float()
+        if mask is not None:
+            p, g = p * mask[:, None], g * mask[:, None]
+        p, g = p[:, 1:], g[:, 1:]  # foreground classes
+        axes = [0] + list(range(2, p.ndim)) if self.batch else list(range(2, p.ndim))
+        tp = (p * g).sum(axes)
+        fn = ((1 - p) * g).sum(axes)
+        fp = (p * (1 - g)).sum(axes)
+        ti = (tp + self.smooth) / (tp + self.a * fn + self.b * fp + self.smooth)
+        return ((1 - ti).clamp(min=0) ** self.gamma).mean()
