@@ -66,3 +66,39 @@ def test_baseline_trainer_end_to_end(planned, tmp_path):
                 str(tmp_path / "ops.json")]) == 0
     ops = json.loads((tmp_path / "ops.json").read_text())
     assert len(ops["points"]) == len(ops["thresholds"]) and (tmp_path / "ops.png").stat().st_size > 10000
+
+
+@pytest.mark.parametrize("trainer", ["LSRTrainer", "LSRDiceTrainer", "FocalTverskyTrainer"])
+def test_method_trainers_end_to_end(planned, trainer, tmp_path):
+    work, env, root = planned
+    out, pred = train_and_predict(planned, trainer)
+    settings = json.loads((out / "fold_0" / "nnunet_ext_settings.json").read_text())
+    assert settings["trainer"] == trainer
+    if trainer.startswith("LSR"):
+        assert (settings["lsr_alpha"], settings["lsr_beta"]) == (4.0, 4.0)
+        sizes = next((work / "nnUNet_preprocessed").glob(f"Dataset{DATASET}_*")) / "nnUNetPlans_2d" / \
+            "nnunet_ext_lesion_sizes_cc26"
+        split = json.loads((sizes.parent.parent / "splits_final.json").read_text())[0]
+        assert sorted(p.stem for p in sizes.glob("*.npy")) == sorted(split["train"])
+        case = split["train"][0]
+        size_map = np.load(sizes / f"{case}.npy")
+        lesions = json.loads((root / "lesions.json").read_text())[case]
+        # same grid as the raw data here (isotropic 1 mm): the map holds each lesion's size on its voxels
+        assert sorted(set(np.unique(size_map)) - {0}) == sorted({r["voxels"] for r in lesions})
+    else:
+        assert settings["tversky_a"] == 0.7
+    assert run(["evaluate", "--ref", str(root / "labelsTs"), "--pred", str(pred), "-o", str(tmp_path / "r.json")]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["aggregate"]["n_cases"] == 2 and 0.0 <= res["aggregate"]["mean"]["dice"] <= 1.0
+
+
+def test_lsr_trainer_resumes_with_c(planned):
+    """--c continues an LSRTrainer run from its checkpoint (nnU-Net finds the class by name again)."""
+    work, env, root = planned
+    env = dict(env, NNUNET_EXT_NUM_EPOCHS="1")
+    cmd = [nnunet_command("nnUNetv2_train"), str(DATASET), "2d", "1", "-tr", "LSRTrainer", "-device", "cpu"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    env["NNUNET_EXT_NUM_EPOCHS"] = "2"
+    r = subprocess.run(cmd + ["--c"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Epoch 1" in r.stdout and "Epoch 0\n" not in r.stdout
