@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="folder of predicted masks with the same file names")
     p.add_argument("-o", "--output", required=True, help="results JSON (a CSV is written beside it)")
     _add_eval_options(p)
+    p.add_argument("--preset", choices=("wmh2017",), default=None,
+                   help="score as a challenge does (wmh2017: label 2 'other pathology' masked out of both images, "
+                        "26-connected lesions, in-plane HD95); overrides --connectivity/--min-overlap")
     p.add_argument("-np", "--num-processes", type=int, default=1)
 
     p = sub.add_parser("operating-points", help="TPR/FDR per lesion size over probability thresholds, with a PNG",
@@ -84,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-index", type=int, default=1, help="probability channel of the lesion class")
     p.add_argument("--title", default="")
     _add_eval_options(p)
+
+    p = sub.add_parser("convert", help="convert a public challenge dataset to an nnU-Net raw dataset",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  nnunet-ext convert wmh2017 -i WMH/training -d 521 [--test-input WMH/test]")
+    p.add_argument("challenge", choices=("wmh2017",))
+    p.add_argument("-i", "--input", required=True, help="the challenge's training folder (never modified)")
+    p.add_argument("-d", "--dataset-id", type=int, required=True)
+    p.add_argument("--name", default=None, help="dataset name (default: the challenge's)")
+    p.add_argument("--test-input", default=None, help="the challenge's test folder -> imagesTs/labelsTs")
+    p.add_argument("--raw", default=None, help="raw folder (default: $nnUNet_raw)")
 
     p = sub.add_parser("demo", help="phantom -> nnU-Net plan/preprocess -> short CPU training -> predict -> evaluate",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -130,7 +143,8 @@ def run(argv: list[str] | None = None) -> int:
         from nnunet_ext.metrics.lesions import parse_bins
 
         res = evaluate_folders(args.ref, args.pred, args.output, args.connectivity, args.min_overlap,
-                               parse_bins(args.bins), args.allow_missing, args.label, num_workers=args.num_processes)
+                               parse_bins(args.bins), args.allow_missing, args.label, num_workers=args.num_processes,
+                               preset=args.preset)
         print(format_table(res))
         print(f"wrote {args.output} and its .csv")
     elif args.command == "operating-points":
@@ -149,6 +163,16 @@ def run(argv: list[str] | None = None) -> int:
         print(f"best detection threshold {bd['threshold']:g}: voxel F1 {bd['voxel_f1']:.3f}, "
               f"lesion F1 {bd['lesion_f1']:.3f}")
         print(f"wrote {args.output} and {png}")
+    elif args.command == "convert":
+        import os
+
+        from nnunet_ext.dataset_conversion import wmh2017
+
+        raw = args.raw or os.environ.get("nnUNet_raw")
+        if not raw:
+            raise SystemExit("error: set nnUNet_raw or pass --raw")
+        root = wmh2017.convert(args.input, raw, args.dataset_id, args.name or "WMH2017", args.test_input)
+        print(f"wrote {root}")
     elif args.command == "demo":
         from nnunet_ext.demo import DemoConfig, run_demo
         from nnunet_ext.phantom import parse_difficulty

@@ -5,15 +5,13 @@ continues where it stopped (training resumes from nnU-Net's latest checkpoint wi
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_ext.metrics.evaluate import evaluate_folders, format_table
 from nnunet_ext.metrics.operating_points import sweep, write_sweep
-from nnunet_ext.paths import nnunet_command, nnunet_env
+from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
 from nnunet_ext.phantom import PhantomConfig, dataset_folder_name, write_phantom_dataset
 
 
@@ -34,25 +32,6 @@ class DemoConfig:
     val_iterations: int = 4
     device: str = "cpu"
     n_proc: int = 2
-
-
-def _run(cmd: list[str], env: dict, log: Path) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    t = time.time()
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            f.write(line)
-            # show nnU-Net's epoch summaries and errors, keep the rest in the log
-            if any(k in line for k in ("Epoch ", "train_loss", "Pseudo dice", "Error", "error", "Traceback",
-                                       "Predicting", "done with")):
-                print("   " + line.rstrip(), flush=True)
-        rc = proc.wait()
-    if rc != 0:
-        raise RuntimeError(f"command failed with exit code {rc}: {' '.join(cmd)} (full output in {log})")
-    print(f"   ... {time.time() - t:.0f} s", flush=True)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -78,7 +57,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     if (pre / name / f"nnUNetPlans_{cfg.configuration}").is_dir():
         print("   exists, reused")
     else:
-        _run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(cfg.dataset_id), "-c", cfg.configuration,
+        run_logged([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(cfg.dataset_id), "-c", cfg.configuration,
               "-np", str(cfg.n_proc), "--verify_dataset_integrity"], env, log)
     out = res / name / f"{cfg.trainer}__nnUNetPlans__{cfg.configuration}" / f"fold_{cfg.fold}"
     print(f"[3/5] training {cfg.trainer} ({cfg.configuration}, fold {cfg.fold}, {cfg.epochs} epochs x "
@@ -90,10 +69,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                "-tr", cfg.trainer, "-device", cfg.device]
         if (out / "checkpoint_latest.pth").exists():
             cmd.append("--c")
-        _run(cmd, env, log)
+        run_logged(cmd, env, log)
     pred = work / "predictions"
     print("[4/5] nnUNetv2_predict on the held-out test cases", flush=True)
-    _run([nnunet_command("nnUNetv2_predict"), "-i", str(ds / "imagesTs"), "-o", str(pred), "-d", str(cfg.dataset_id),
+    run_logged([nnunet_command("nnUNetv2_predict"), "-i", str(ds / "imagesTs"), "-o", str(pred), "-d", str(cfg.dataset_id),
           "-c", cfg.configuration, "-f", str(cfg.fold), "-tr", cfg.trainer, "-device", cfg.device,
           "--save_probabilities", "-npp", "1", "-nps", "1"], env, log)
     print("[5/5] lesion-wise evaluation", flush=True)

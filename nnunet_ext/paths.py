@@ -4,7 +4,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -49,3 +51,23 @@ def nnunet_command(name: str) -> str:
     if found is None:
         raise FileNotFoundError(f"nnU-Net command {name} not found; is nnunetv2 installed in this environment?")
     return found
+
+
+def run_logged(cmd: list[str], env: dict, log: Path) -> None:
+    """Run an nnU-Net command, appending its output to ``log`` and echoing epoch summaries and errors."""
+    print("$ " + " ".join(cmd), flush=True)
+    t = time.time()
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            f.write(line)
+            # show nnU-Net's epoch summaries and errors, keep the rest in the log
+            if any(k in line for k in ("Epoch ", "train_loss", "Pseudo dice", "Error", "error", "Traceback",
+                                       "Predicting", "done with")):
+                print("   " + line.rstrip(), flush=True)
+        rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"command failed with exit code {rc}: {' '.join(cmd)} (full output in {log})")
+    print(f"   ... {time.time() - t:.0f} s", flush=True)

@@ -38,15 +38,29 @@ def check_same_grid(ref_path, ref_shape, ref_spacing, other_path, shape, spacing
                          f"has {tuple(ref_spacing)} (mm, array order z, y, x)")
 
 
+# Presets reproduce a challenge's scoring. wmh2017 (WMH Segmentation Challenge, evaluation.py of the
+# organisers): reference label 1 = WMH, label 2 = other pathology, masked out of both images; lesions are
+# fully connected (26) components detected by any overlap; HD95 on in-plane (2D-eroded) boundaries.
+PRESETS = {"wmh2017": {"lesion_label": 1, "masked_label": 2, "connectivity": 26, "min_overlap": 0.0,
+                       "inplane_surface": True}}
+
+
 def _evaluate_one(args) -> tuple[str, dict]:
-    case, ref_path, pred_path, label, connectivity, min_overlap, bins = args
-    ref, spacing = load_mask(ref_path, label)
+    case, ref_path, pred_path, label, connectivity, min_overlap, bins, preset = args
+    p = PRESETS[preset] if preset else {}
+    if p:
+        ref_raw, spacing = read_image(ref_path)
+        ref, outside = ref_raw == p["lesion_label"], ref_raw == p["masked_label"]
+    else:
+        ref, spacing = load_mask(ref_path, label)
     if pred_path is None:
         pred, p_spacing = np.zeros_like(ref), spacing
     else:
-        pred, p_spacing = load_mask(pred_path, label)
+        pred, p_spacing = load_mask(pred_path, p.get("lesion_label") if p and label is None else label)
         check_same_grid(ref_path, ref.shape, spacing, pred_path, pred.shape, p_spacing)
-    m = case_metrics(ref, pred, spacing, connectivity, min_overlap, bins)
+    if p:
+        pred = pred & ~outside
+    m = case_metrics(ref, pred, spacing, connectivity, min_overlap, bins, p.get("inplane_surface", False))
     m["prediction_missing"] = pred_path is None
     return case, m
 
@@ -54,10 +68,14 @@ def _evaluate_one(args) -> tuple[str, dict]:
 def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None, connectivity: int = 26,
                      min_overlap: float = 0.0, bins: Sequence[tuple[int, int | None]] = DEFAULT_BINS,
                      allow_missing: bool = False, label: int | None = None, file_ending: str = ".nii.gz",
-                     num_workers: int = 1, progress: bool = True) -> dict:
+                     num_workers: int = 1, progress: bool = True, preset: str | None = None) -> dict:
     """Evaluate every reference case; return (and write to ``output`` JSON + CSV) per-case results and
     aggregates. A reference case without prediction is an error unless ``allow_missing`` (then it counts
     as an empty prediction)."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+        connectivity, min_overlap = PRESETS[preset]["connectivity"], PRESETS[preset]["min_overlap"]
     check_connectivity(connectivity)
     refs, preds = list_cases(ref_dir, file_ending), list_cases(pred_dir, file_ending)
     if not refs:
@@ -68,7 +86,7 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
                                 f"{Path(pred_dir) / (missing[0] + file_ending)}; pass --allow-missing to count "
                                 f"them as empty predictions")
     extra = sorted(set(preds) - set(refs))
-    jobs = [(c, refs[c], preds.get(c), label, connectivity, min_overlap, tuple(bins)) for c in refs]
+    jobs = [(c, refs[c], preds.get(c), label, connectivity, min_overlap, tuple(bins), preset) for c in refs]
     per_case = {}
     if num_workers > 1:
         with ProcessPoolExecutor(num_workers) as ex:
@@ -87,7 +105,7 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
         print()
     result = {
         "settings": {"ref_dir": str(ref_dir), "pred_dir": str(pred_dir), "connectivity": connectivity,
-                     "min_overlap": min_overlap, "bins": [list(b) for b in bins], "label": label,
+                     "min_overlap": min_overlap, "bins": [list(b) for b in bins], "label": label, "preset": preset,
                      "missing_predictions": missing, "predictions_without_reference": extra},
         "per_case": per_case,
         "aggregate": aggregate(per_case, bins),

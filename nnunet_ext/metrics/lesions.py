@@ -133,16 +133,23 @@ def lesion_counts(ref: np.ndarray, pred: np.ndarray, connectivity: int = 26, min
     return out
 
 
-def _surface_points(mask: np.ndarray, spacing) -> np.ndarray:
-    """Coordinates in mm of the surface voxels (mask voxels with a 6-neighbour outside)."""
+_FACE_3D = ndimage.generate_binary_structure(3, 1)
+_FACE_INPLANE = np.zeros((3, 3, 3), bool)
+_FACE_INPLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _surface_points(mask: np.ndarray, spacing, inplane: bool = False) -> np.ndarray:
+    """Coordinates in mm of the surface voxels (mask voxels with a 6-neighbour outside; with ``inplane``
+    only the 4 in-plane (y, x) neighbours count, as the WMH 2017 script's 2D erosion)."""
     idx = np.argwhere(mask)
     lo, hi = idx.min(0), idx.max(0) + 1
     crop = np.pad(mask[tuple(slice(a, b) for a, b in zip(lo, hi))], 1)
-    surf = crop & ~ndimage.binary_erosion(crop, ndimage.generate_binary_structure(3, 1))
+    surf = crop & ~ndimage.binary_erosion(crop, _FACE_INPLANE if inplane else _FACE_3D)
     return (np.argwhere(surf) - 1 + lo) * np.asarray(spacing, dtype=np.float64)
 
 
-def hd95(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float | None:
+def hd95(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+         inplane_surface: bool = False) -> float | None:
     """95th-percentile Hausdorff distance in mm (max of the two directed 95th percentiles).
 
     0 when both masks are empty, ``None`` when exactly one is."""
@@ -151,7 +158,8 @@ def hd95(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] = (1.0, 1.0
         return 0.0
     if not r_any or not p_any:
         return None
-    rs, ps = _surface_points(ref.astype(bool), spacing), _surface_points(pred.astype(bool), spacing)
+    rs = _surface_points(ref.astype(bool), spacing, inplane_surface)
+    ps = _surface_points(pred.astype(bool), spacing, inplane_surface)
     d_pr = cKDTree(rs).query(ps, k=1)[0]
     d_rp = cKDTree(ps).query(rs, k=1)[0]
     return float(max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)))
@@ -171,7 +179,7 @@ def as_binary(arr: np.ndarray, what: str) -> np.ndarray:
 
 def case_metrics(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
                  connectivity: int = 26, min_overlap: float = 0.0,
-                 bins: Sequence[tuple[int, int | None]] = DEFAULT_BINS) -> dict:
+                 bins: Sequence[tuple[int, int | None]] = DEFAULT_BINS, inplane_surface: bool = False) -> dict:
     """All per-case metrics for binary ``ref`` and ``pred`` (same shape) with voxel ``spacing`` (array
     order, mm)."""
     if ref.shape != pred.shape:
@@ -188,7 +196,7 @@ def case_metrics(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] = (
         ppv = _safe_div(tp, n_pred, None)
         tpr = _safe_div(tp, n_ref, None)
         avd = abs(n_pred - n_ref) / n_ref * 100.0 if n_ref else None
-    out = {"dice": dice, "ppv": ppv, "tpr": tpr, "avd": avd, "hd95": hd95(ref, pred, spacing),
+    out = {"dice": dice, "ppv": ppv, "tpr": tpr, "avd": avd, "hd95": hd95(ref, pred, spacing, inplane_surface),
            "voxel_tp": tp, "voxel_fp": fp, "voxel_fn": fn,
            "ref_volume_mm3": n_ref * voxel_mm3, "pred_volume_mm3": n_pred * voxel_mm3}
     lc = lesion_counts(ref, pred, connectivity, min_overlap, bins)

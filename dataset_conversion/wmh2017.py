@@ -1,0 +1,83 @@
+"""WMH Segmentation Challenge 2017 (wmh.grand-challenge.org) -> nnU-Net raw dataset.
+
+Official layout (training and test releases alike): ``<root>/<site>/[<scanner>/]<case id>/`` holding
+``wmh.nii.gz`` (0 background, 1 white-matter hyperintensity, 2 other pathology) and ``pre/FLAIR.nii.gz``,
+``pre/T1.nii.gz`` (the organisers' preprocessed, co-registered images). Sites: Utrecht, Singapore, GE3T
+(Amsterdam) in training; further Amsterdam scanners in the test release.
+
+Output: channels FLAIR (0000) and T1 (0001); labels background 0, WMH 1, and other pathology mapped to
+nnU-Net's ignore label 2 (``"ignore": 2``), so it is neither learned as WMH nor as background. Case ids
+are the path below the root joined by ``_`` (e.g. ``Utrecht_0``, ``Amsterdam_GE1T5_137``). Score
+predictions as the challenge does with ``nnunet-ext evaluate --preset wmh2017`` against the original
+``wmh.nii.gz`` files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunet_ext.dataset_conversion.common import check_same_geometry, target_folder, write_dataset_json, write_like
+
+
+def find_cases(source: str | os.PathLike) -> dict[str, Path]:
+    """Case id -> case folder, for every folder below ``source`` holding ``wmh.nii.gz``."""
+    source = Path(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"source folder not found: {source}")
+    cases = {}
+    for wmh in sorted(source.rglob("wmh.nii.gz")):
+        folder = wmh.parent
+        cid = "_".join(folder.relative_to(source).parts) or folder.name
+        for needed in ("pre/FLAIR.nii.gz", "pre/T1.nii.gz"):
+            if not (folder / needed).is_file():
+                raise FileNotFoundError(f"{folder / needed} is missing (expected the official WMH 2017 layout)")
+        cases[cid] = folder
+    if not cases:
+        raise ValueError(f"no case folders with wmh.nii.gz below {source}")
+    return cases
+
+
+def _convert_case(folder: Path, cid: str, images_dir: Path, labels_dir: Path) -> dict:
+    flair = sitk.ReadImage(str(folder / "pre" / "FLAIR.nii.gz"))
+    t1 = sitk.ReadImage(str(folder / "pre" / "T1.nii.gz"))
+    wmh = sitk.ReadImage(str(folder / "wmh.nii.gz"))
+    check_same_geometry(folder / "pre" / "FLAIR.nii.gz", flair, folder / "pre" / "T1.nii.gz", t1)
+    check_same_geometry(folder / "pre" / "FLAIR.nii.gz", flair, folder / "wmh.nii.gz", wmh)
+    arr = sitk.GetArrayFromImage(wmh)
+    values = set(np.unique(arr).tolist())
+    if not values <= {0, 1, 2}:
+        raise ValueError(f"{folder / 'wmh.nii.gz'}: unexpected label values {sorted(values - {0, 1, 2})}")
+    lab = sitk.GetImageFromArray(arr.astype(np.uint8))
+    lab.CopyInformation(flair)
+    write_like(flair, images_dir / f"{cid}_0000.nii.gz")
+    write_like(t1, images_dir / f"{cid}_0001.nii.gz")
+    write_like(lab, labels_dir / f"{cid}.nii.gz")
+    return {"wmh_voxels": int((arr == 1).sum()), "other_pathology_voxels": int((arr == 2).sum())}
+
+
+def convert(source: str | os.PathLike, raw_root: str | os.PathLike, dataset_id: int, name: str = "WMH2017",
+            test_source: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Convert the training release (and optionally the test release to imagesTs/labelsTs)."""
+    root = target_folder(raw_root, dataset_id, name)
+    summary = {}
+    for split, src in (("Tr", source), ("Ts", test_source)):
+        if src is None:
+            continue
+        cases = find_cases(src)
+        for k, (cid, folder) in enumerate(cases.items(), 1):
+            summary[cid] = {"split": split, "source": str(folder),
+                            **_convert_case(folder, cid, root / f"images{split}", root / f"labels{split}")}
+            if progress:
+                print(f"\rwmh2017 {split}: {k}/{len(cases)}", end="", flush=True)
+        if progress:
+            print()
+    n_train = sum(1 for v in summary.values() if v["split"] == "Tr")
+    write_dataset_json(root, {"0": "FLAIR", "1": "T1"}, {"background": 0, "WMH": 1, "ignore": 2}, n_train, name,
+                       {"description": "WMH Segmentation Challenge 2017; label 2 (other pathology) is the ignore label",
+                        "reference": "https://wmh.grand-challenge.org"})
+    (root / "conversion.json").write_text(json.dumps(summary, indent=1))
+    return root
