@@ -5,8 +5,9 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
+
+from nnunet_ext.io import check_same_geometry  # noqa: F401  (re-exported for the converters)
 
 
 def target_folder(raw_root: str | os.PathLike, dataset_id: int, name: str) -> Path:
@@ -25,14 +26,6 @@ def write_like(img: sitk.Image, path: Path) -> None:
     tmp = path.with_name(".tmp_" + path.name)
     sitk.WriteImage(img, str(tmp), True)
     os.replace(tmp, path)
-
-
-def check_same_geometry(reference: Path, ref_img: sitk.Image, other: Path, img: sitk.Image) -> None:
-    if ref_img.GetSize() != img.GetSize() or not np.allclose(ref_img.GetSpacing(), img.GetSpacing(), rtol=1e-4) \
-            or not np.allclose(ref_img.GetOrigin(), img.GetOrigin(), atol=1e-3) \
-            or not np.allclose(ref_img.GetDirection(), img.GetDirection(), atol=1e-4):
-        raise ValueError(f"geometry mismatch: {other} (size {img.GetSize()}, spacing {img.GetSpacing()}) does not "
-                         f"match {reference} (size {ref_img.GetSize()}, spacing {ref_img.GetSpacing()})")
 
 
 def write_dataset_json(root: Path, channels: dict, labels: dict, n_train: int, name: str, extra: dict | None = None):

@@ -88,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="")
     _add_eval_options(p)
 
+    p = sub.add_parser("fuse", help="fuse several raters' masks (majority, STAPLE, soft labels, ...)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  nnunet-ext fuse --method majority --raters r1 r2 r3 -o fused\n"
+                              "  nnunet-ext fuse --method staple_soft --raters r1 r2 r3 -o soft\n"
+                              "  nnunet-ext fuse --method soft_rim --raters r1 r2 r3 --images imagesTr -o rim")
+    p.add_argument("--method", required=True,
+                   choices=("majority", "intersection", "union", "staple", "staple_soft", "mean", "inter_soft_union",
+                            "soft_rim"))
+    p.add_argument("--raters", nargs="+", required=True, help="one folder of <case>.nii.gz masks per rater")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--gamma", type=float, default=0.5, help="soft value of inter_soft_union / soft_rim (default 0.5)")
+    p.add_argument("--radius-mm", type=float, default=1.0, help="soft_rim dilation radius in mm (default 1)")
+    p.add_argument("--images", default=None, help="soft_rim: folder of <case>_<channel>.nii.gz images")
+    p.add_argument("--channel", type=int, default=0, help="soft_rim: image channel holding FLAIR (default 0)")
+
     p = sub.add_parser("convert", help="convert a public challenge dataset to an nnU-Net raw dataset",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  nnunet-ext convert wmh2017 -i WMH/training -d 521 [--test-input WMH/test]")
@@ -163,6 +178,12 @@ def run(argv: list[str] | None = None) -> int:
         print(f"best detection threshold {bd['threshold']:g}: voxel F1 {bd['voxel_f1']:.3f}, "
               f"lesion F1 {bd['lesion_f1']:.3f}")
         print(f"wrote {args.output} and {png}")
+    elif args.command == "fuse":
+        from nnunet_ext.fusion import fuse_folders
+
+        cases = fuse_folders(args.method, args.raters, args.output, args.images, args.channel, args.gamma,
+                             args.radius_mm)
+        print(f"wrote {len(cases)} fused masks to {args.output}")
     elif args.command == "convert":
         import os
 

@@ -53,3 +53,12 @@ def case_name(path: str | os.PathLike, file_ending: str = ".nii.gz") -> str:
     if not name.endswith(file_ending):
         raise ValueError(f"{path}: expected a file ending in {file_ending}")
     return name[: -len(file_ending)]
+
+
+def check_same_geometry(reference, ref_img: sitk.Image, other, img: sitk.Image) -> None:
+    """ValueError naming both files unless the two images share size, spacing, origin and direction."""
+    if ref_img.GetSize() != img.GetSize() or not np.allclose(ref_img.GetSpacing(), img.GetSpacing(), rtol=1e-4) \
+            or not np.allclose(ref_img.GetOrigin(), img.GetOrigin(), atol=1e-3) \
+            or not np.allclose(ref_img.GetDirection(), img.GetDirection(), atol=1e-4):
+        raise ValueError(f"geometry mismatch: {other} (size {img.GetSize()}, spacing {img.GetSpacing()}) does not "
+                         f"match {reference} (size {ref_img.GetSize()}, spacing {ref_img.GetSpacing()})")

@@ -475,16 +475,18 @@ def contrast_to_noise(image: np.ndarray, label: np.ndarray, wm_ring: int = 2,
                       bins=((3, 10), (11, 50), (51, None))) -> dict[str, float]:
     """Median per-lesion CNR by size bin: (lesion mean - surrounding WM mean) / surrounding std.
 
-    The surrounding is a shell of ``wm_ring`` voxels around the lesion (26-connected dilation)."""
+    The surrounding is a shell of ``wm_ring`` voxels starting 2 voxels away from the lesion (26-connected
+    dilations), outside the partial-volume halo."""
     import cc3d
 
     lab, n = cc3d.connected_components(label.astype(np.uint8), connectivity=26, return_N=True)
     per_bin: dict[str, list[float]] = {f"{lo}-{hi}" if hi else f"{lo}+": [] for lo, hi in bins}
     objs = ndimage.find_objects(lab)
     for i, sl in enumerate(objs, start=1):
-        big = tuple(slice(max(0, s.start - wm_ring - 1), min(m, s.stop + wm_ring + 1)) for s, m in zip(sl, lab.shape))
+        big = tuple(slice(max(0, s.start - wm_ring - 3), min(m, s.stop + wm_ring + 3)) for s, m in zip(sl, lab.shape))
         les = lab[big] == i
-        ring = ndimage.binary_dilation(les, _BALL26, iterations=wm_ring) & (lab[big] == 0)
+        near = ndimage.binary_dilation(les, _BALL26, iterations=2)
+        ring = ndimage.binary_dilation(les, _BALL26, iterations=wm_ring + 2) & ~near & (lab[big] == 0)
         vals, bg = image[big][les], image[big][ring]
         if bg.size < 2:
             continue

@@ -1,0 +1,124 @@
+"""Rater fusion against small arrays worked out by hand; STAPLE against SimpleITK; folder fusion errors."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_ext.cli import run
+from nnunet_ext.fusion import ball, fuse, soft_rim, staple
+from nnunet_ext.io import read_image, write_image
+
+# three raters on 6 voxels (a 1x1x6 volume):   voxel: 0 1 2 3 4 5
+R = [np.array([1, 1, 1, 0, 0, 0]), np.array([1, 1, 0, 1, 0, 0]), np.array([1, 0, 0, 0, 1, 0])]
+R = [r.reshape(1, 1, 6).astype(np.uint8) for r in R]
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("majority", [1, 1, 0, 0, 0, 0]),  # votes 3 2 1 1 1 0 of 3
+    ("intersection", [1, 0, 0, 0, 0, 0]),
+    ("union", [1, 1, 1, 1, 1, 0]),
+    ("mean", [1, 2 / 3, 1 / 3, 1 / 3, 1 / 3, 0]),
+    ("inter_soft_union", [1, 0.5, 0.5, 0.5, 0.5, 0]),
+])
+def test_fusion_by_hand(method, expected):
+    out = fuse(method, R)
+    assert np.allclose(out.ravel(), expected)
+    assert out.dtype == (np.float32 if method in ("mean", "inter_soft_union") else np.uint8)
+
+
+def test_majority_tie_is_background():
+    two = [np.array([[[1, 1, 0]]], np.uint8), np.array([[[1, 0, 0]]], np.uint8)]
+    assert fuse("majority", two).ravel().tolist() == [1, 0, 0]
+
+
+def test_inter_soft_union_gamma():
+    assert np.allclose(fuse("inter_soft_union", R, gamma=0.3).ravel(), [1, 0.3, 0.3, 0.3, 0.3, 0])
+
+
+def test_staple_matches_simpleitk():
+    rng = np.random.default_rng(0)
+    truth = np.zeros((8, 8, 8), np.uint8)
+    truth[2:6, 2:6, 2:6] = 1
+    raters = [np.where(rng.random(truth.shape) < 0.1, 1 - truth, truth).astype(np.uint8) for _ in range(4)]
+    ref = sitk.GetArrayFromImage(sitk.STAPLE([sitk.GetImageFromArray(r) for r in raters], 1.0))
+    assert np.allclose(staple(raters, soft=True), ref, atol=1e-6)
+    assert np.array_equal(staple(raters), (ref >= 0.5).astype(np.uint8))
+    assert (staple(raters) == truth).mean() > 0.95  # recovers the truth from noisy raters
+
+
+def test_ball_anisotropic():
+    b = ball(1.0, (3.0, 1.0, 1.0))  # 1 mm: no neighbour along z (3 mm away), the 4 in-plane face neighbours
+    assert b.shape == (1, 3, 3) and b.sum() == 5
+    assert ball(1.5, (1.0, 1.0, 1.0)).sum() == 19  # centre + 6 faces + 12 edges (sqrt 2 <= 1.5)
+
+
+def test_soft_rim_by_hand():
+    mask = np.zeros((1, 1, 7), np.uint8)
+    mask[0, 0, 2:5] = 1  # lesion voxels 2,3,4 with intensities 10, 20, 30: mean 20
+    image = np.array([[[50, 25, 10, 20, 30, 15, 99]]], np.float32)
+    out = soft_rim(mask, image, spacing=(1, 1, 1), radius_mm=1.0, gamma=0.5)
+    # rim = voxels 1 and 5; voxel 1 (25 > 20) gets gamma, voxel 5 (15) does not; 0 and 6 are outside the rim
+    assert out.ravel().tolist() == [0, 0.5, 1, 1, 1, 0, 0]
+    # with 2 mm the rim reaches voxels 0 and 6 (50 and 99 are brighter than the lesion)
+    out2 = soft_rim(mask, image, spacing=(1, 1, 1), radius_mm=2.0, gamma=0.4)
+    assert np.allclose(out2.ravel(), [0.4, 0.4, 1, 1, 1, 0, 0.4])
+
+
+def test_soft_rim_uses_each_lesions_own_mean():
+    mask = np.zeros((1, 1, 9), np.uint8)
+    mask[0, 0, 1] = 1  # dark lesion (intensity 10)
+    mask[0, 0, 7] = 1  # bright lesion (intensity 100)
+    image = np.array([[[20, 10, 20, 0, 0, 0, 50, 100, 50]]], np.float32)
+    out = soft_rim(mask, image, radius_mm=1.0)
+    assert out.ravel().tolist() == [0.5, 1, 0.5, 0, 0, 0, 0, 1, 0]
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: fuse("nope", R), "unknown fusion method"),
+    (lambda: fuse("soft_rim", R), "needs the image"),
+    (lambda: fuse("inter_soft_union", R, gamma=2.0), "gamma"),
+    (lambda: soft_rim(R[0], np.zeros((1, 1, 5))), "shape"),
+    (lambda: ball(0.0, (1, 1, 1)), "radius"),
+])
+def test_fuse_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_non_binary_and_shape_mismatch():
+    with pytest.raises(ValueError, match="binary"):
+        fuse("union", [R[0] * 2])
+    with pytest.raises(ValueError, match="shape"):
+        fuse("union", [R[0], np.zeros((1, 1, 5), np.uint8)])
+
+
+@pytest.fixture
+def rater_dirs(tmp_path):
+    dirs = []
+    for k, r in enumerate(R):
+        d = tmp_path / f"rater{k + 1}"
+        write_image(r, (2.0, 1.0, 1.0), d / "case1.nii.gz")
+        dirs.append(d)
+    write_image(np.arange(6, dtype=np.float32).reshape(1, 1, 6), (2.0, 1.0, 1.0), tmp_path / "img" / "case1_0000.nii.gz")
+    return dirs
+
+
+def test_fuse_cli_keeps_geometry(rater_dirs, tmp_path):
+    assert run(["fuse", "--method", "majority", "--raters", *map(str, rater_dirs), "-o", str(tmp_path / "out")]) == 0
+    arr, sp = read_image(tmp_path / "out" / "case1.nii.gz")
+    assert arr.ravel().tolist() == [1, 1, 0, 0, 0, 0] and sp == (2.0, 1.0, 1.0)
+    assert run(["fuse", "--method", "soft_rim", "--raters", *map(str, rater_dirs), "--images", str(tmp_path / "img"),
+                "-o", str(tmp_path / "rim")]) == 0
+    rim, _ = read_image(tmp_path / "rim" / "case1.nii.gz")
+    assert rim.ravel().tolist() == [1, 1, 0.5, 0, 0, 0]  # voxel 2 (intensity 2 > lesion mean 0.5) is the rim
+
+
+def test_fuse_cli_geometry_mismatch_names_files(rater_dirs, tmp_path):
+    write_image(R[1], (1.0, 1.0, 1.0), rater_dirs[1] / "case1.nii.gz")
+    with pytest.raises(ValueError, match=r"geometry mismatch: .*rater2/case1.nii.gz"):
+        run(["fuse", "--method", "union", "--raters", *map(str, rater_dirs), "-o", str(tmp_path / "out")])
+
+
+def test_fuse_cli_missing_case_names_folder(rater_dirs, tmp_path):
+    write_image(R[0], (2.0, 1.0, 1.0), rater_dirs[0] / "case2.nii.gz")
+    with pytest.raises(FileNotFoundError, match=r"rater2 has no case2.nii.gz"):
+        run(["fuse", "--method", "union", "--raters", *map(str, rater_dirs), "-o", str(tmp_path / "out")])
