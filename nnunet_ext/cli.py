@@ -103,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="soft_rim: folder of <case>_<channel>.nii.gz images")
     p.add_argument("--channel", type=int, default=0, help="soft_rim: image channel holding FLAIR (default 0)")
 
+    p = sub.add_parser("preprocess-soft", help="put a dataset's soft labels on nnU-Net's preprocessed grid",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  nnUNetv2_plan_and_preprocess -d 502 -c 2d\n"
+                              "  nnunet-ext preprocess-soft -d 502 -c 2d\n"
+                              "  nnUNetv2_train 502 2d 0 -tr SoftDiceTrainer")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    p.add_argument("-c", "--configuration", required=True)
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("--soft-dir", default="softlabelsTr", help="folder of the raw dataset with <case>.nii.gz soft labels")
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("convert", help="convert a public challenge dataset to an nnU-Net raw dataset",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  nnunet-ext convert wmh2017 -i WMH/training -d 521 [--test-input WMH/test]")
@@ -184,6 +195,12 @@ def run(argv: list[str] | None = None) -> int:
         cases = fuse_folders(args.method, args.raters, args.output, args.images, args.channel, args.gamma,
                              args.radius_mm)
         print(f"wrote {len(cases)} fused masks to {args.output}")
+    elif args.command == "preprocess-soft":
+        from nnunet_ext.soft_labels import preprocess_soft_dataset
+
+        res = preprocess_soft_dataset(args.dataset, args.configuration, args.plans, args.soft_dir, args.overwrite)
+        print(f"{res['cases']} cases -> {res['folder']}: {res['soft_bytes']} bytes "
+              f"(hard labels: {res['hard_label_bytes']} bytes)")
     elif args.command == "convert":
         import os
 

@@ -103,3 +103,90 @@ class FocalTverskyLoss(nn.Module):
         fp = (p * (1 - g)).sum(axes)
         ti = (tp + self.smooth) / (tp + self.a * fn + self.b * fp + self.smooth)
         return ((1 - ti).clamp(min=0) ** self.gamma).mean()
+
+
+def _soft_target(target: torch.Tensor) -> torch.Tensor:
+    """Soft lesion target (B, *spatial): channel 1 when present (float in [0, 1]), else label == 1."""
+    if target.shape[1] >= 2:
+        return target[:, 1].float()
+    return (target[:, 0] == 1).float()
+
+
+def _lesion_logit(logits: torch.Tensor) -> torch.Tensor:
+    """Lesion evidence of a 2-class network: z_lesion - z_background (softmax = sigmoid of it)."""
+    if logits.shape[1] != 2:
+        raise ValueError(f"soft-label losses need exactly 2 output channels (background, lesion), got {logits.shape[1]}")
+    return logits[:, 1].float() - logits[:, 0].float()
+
+
+class SoftDiceBCELoss(nn.Module):
+    """Soft Dice of Kats et al. (2019) plus soft binary cross-entropy, for a soft target S in [0, 1]:
+
+    ``L = -sum(S P) / (0.5 sum P + 0.5 sum S + eps)  +  BCE(P, S)``, with P the lesion probability
+    (sigmoid of the lesion-minus-background logit). With S = T + gamma D (hard mask T, soft rim D) the Dice
+    term is exactly the paper's. Sums run over batch and voxels (``batch=True``, nnU-Net's batch Dice) or per
+    sample, then averaged. Ignored voxels (``ignore_label`` in channel 0) count in neither term."""
+
+    def __init__(self, batch: bool = True, weight_dice: float = 1.0, weight_bce: float = 1.0, eps: float = 1e-5,
+                 ignore_label: int | None = None):
+        super().__init__()
+        if weight_dice < 0 or weight_bce < 0 or eps <= 0:
+            raise ValueError("weights must be >= 0 and eps > 0")
+        self.batch, self.weight_dice, self.weight_bce, self.eps, self.ignore_label = batch, weight_dice, weight_bce, eps, ignore_label
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        d = _lesion_logit(logits)
+        s = _soft_target(target)
+        _, mask = _labels_and_mask(target, self.ignore_label)
+        m = torch.ones_like(s) if mask is None else mask
+        p = torch.sigmoid(d) * m
+        s = s * m
+        axes = list(range(0, p.ndim)) if self.batch else list(range(1, p.ndim))
+        dice = -(p * s).sum(axes) / (0.5 * p.sum(axes) + 0.5 * s.sum(axes) + self.eps)
+        bce = (F.binary_cross_entropy_with_logits(d, s, reduction="none") * m).sum() / m.sum().clamp(min=1.0)
+        return self.weight_dice * dice.mean() + self.weight_bce * bce
+
+
+def normalized_relu(x: torch.Tensor) -> torch.Tensor:
+    """SoftSeg's output activation: ``relu(x) / max(relu(x))`` per sample (over all but the batch axis);
+    0 where the maximum is 0."""
+    r = F.relu(x)
+    mx = r.flatten(1).max(1).values.view(-1, *([1] * (r.ndim - 1)))
+    return torch.where(mx > 0, r / mx.clamp(min=torch.finfo(r.dtype).tiny), torch.zeros_like(r))
+
+
+class AdaptiveWingLoss(nn.Module):
+    """Adaptive Wing loss (Wang et al. 2019), as used by SoftSeg (Gros et al. 2021), between a prediction p
+    and a soft target y in [0, 1], averaged over annotated voxels:
+
+    ``omega ln(1 + |(y - p) / eps|^(a - y))`` where ``|y - p| < theta``, else ``A |y - p| - C`` with
+    ``A = omega (a - y) (theta/eps)^(a - y - 1) / (eps (1 + (theta/eps)^(a - y)))`` and
+    ``C = theta A - omega ln(1 + (theta/eps)^(a - y))`` (continuous at theta). Defaults epsilon=1, a=2.1,
+    theta=0.5, omega=8. The prediction is SoftSeg's normalized ReLU of the lesion logit."""
+
+    def __init__(self, omega: float = 8.0, theta: float = 0.5, epsilon: float = 1.0, alpha: float = 2.1,
+                 ignore_label: int | None = None):
+        super().__init__()
+        if omega <= 0 or theta <= 0 or epsilon <= 0:
+            raise ValueError("omega, theta and epsilon must be > 0")
+        if alpha <= 1:
+            raise ValueError(f"alpha must be > 1 (the exponent alpha - y must stay > 0 for y in [0, 1]), got {alpha}")
+        self.omega, self.theta, self.epsilon, self.alpha, self.ignore_label = omega, theta, epsilon, alpha, ignore_label
+
+    def elementwise(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        diff = (y - p).abs()
+        e = self.alpha - y
+        t = self.theta / self.epsilon
+        a = self.omega * e * t ** (e - 1) / (self.epsilon * (1 + t ** e))
+        c = self.theta * a - self.omega * torch.log1p(t ** e)
+        small = self.omega * torch.log1p((diff / self.epsilon) ** e)
+        return torch.where(diff < self.theta, small, a * diff - c)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        p = normalized_relu(_lesion_logit(logits))
+        y = _soft_target(target)
+        _, mask = _labels_and_mask(target, self.ignore_label)
+        loss = self.elementwise(p, y)
+        if mask is None:
+            return loss.mean()
+        return (loss * mask).sum() / mask.sum().clamp(min=1.0)

@@ -1,12 +1,15 @@
 """Real nnU-Net on a tiny phantom: planning, 1 epoch of 2 iterations on CPU, prediction, our evaluation."""
 import json
+import pickle
 import subprocess
+
+import blosc2
 
 import numpy as np
 import pytest
 
 from nnunet_ext.cli import run
-from nnunet_ext.io import read_geometry
+from nnunet_ext.io import read_geometry, read_image
 from nnunet_ext.paths import nnunet_command, nnunet_env
 from nnunet_ext.phantom import PhantomConfig, write_phantom_dataset
 
@@ -19,7 +22,7 @@ def planned(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     env = nnunet_env(work, n_proc=2)
     env.update({"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERATIONS": "2", "NNUNET_EXT_VAL_ITERATIONS": "1"})
-    cfg = PhantomConfig(shape=(32, 32, 32), empty_fraction=0.0, seed=5)
+    cfg = PhantomConfig(shape=(32, 32, 32), empty_fraction=0.0, seed=5, soft=True)
     root = write_phantom_dataset(env["nnUNet_raw"], DATASET, 6, cfg, n_test=2, progress=False)
     subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET), "-c", "2d", "-np", "2"],
                    env=env, check=True, capture_output=True)
@@ -102,3 +105,24 @@ def test_lsr_trainer_resumes_with_c(planned):
     r = subprocess.run(cmd + ["--c"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Epoch 1" in r.stdout and "Epoch 0\n" not in r.stdout
+
+
+def test_preprocess_soft_and_soft_trainers(planned, tmp_path):
+    work, env, root = planned
+    r = subprocess.run([nnunet_command("nnunet-ext"), "preprocess-soft", "-d", str(DATASET), "-c", "2d"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    pre = next((work / "nnUNet_preprocessed").glob(f"Dataset{DATASET}_*")) / "nnUNetPlans_2d"
+    stored = np.load(pre / "nnunet_ext_soft" / "phantom_000.npz")["soft"]
+    raw_soft, _ = read_image(root / "softlabelsTr" / "phantom_000.nii.gz")
+    seg = np.asarray(blosc2.open(str(pre / "phantom_000_seg.b2nd"), mode="r")[:])[0]
+    assert stored.dtype == np.uint8 and stored.shape == seg.shape
+    # 2d plan at the raw spacing: the stored map is the raw soft map cropped to nnU-Net's bounding box, in 1/255 steps
+    props = pickle.load(open(pre / "phantom_000.pkl", "rb"))
+    crop = raw_soft[tuple(slice(a, b) for a, b in props["bbox_used_for_cropping"])]
+    assert np.abs(stored / 255.0 - crop).max() <= 0.5 / 255 + 1e-6
+    assert ((stored > 0) & (stored < 255)).any()
+    for trainer in ("SoftDiceTrainer", "SoftSegTrainer"):
+        out, pred = train_and_predict(planned, trainer)
+        assert (out / "fold_0" / "checkpoint_final.pth").is_file()
+        assert len(list(pred.glob("*.nii.gz"))) == 2

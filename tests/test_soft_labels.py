@@ -1,0 +1,116 @@
+"""Soft targets: losses by hand, transport through nnU-Net's real training transforms, grid resampling."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_ext.losses import AdaptiveWingLoss, SoftDiceBCELoss, normalized_relu
+from nnunet_ext.soft_labels import SoftTargetTransforms, check_soft, soft_to_preprocessed_grid
+
+
+def test_soft_dice_bce_by_hand():
+    logits = torch.zeros(1, 2, 1, 1, 4)  # P = 0.5 everywhere
+    target = torch.tensor([[1, 1, 0, 0], [1.0, 0.5, 0, 0]]).reshape(1, 2, 1, 1, 4)
+    # sum(S P) = 0.75, sum P = 2, sum S = 1.5: dice term -0.75 / (1 + 0.75); BCE at p = 0.5 is ln 2 whatever S
+    expected = -0.75 / 1.75 + math.log(2)
+    assert SoftDiceBCELoss(eps=1e-12)(logits, target).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_soft_dice_without_soft_channel_uses_hard_label():
+    logits = torch.randn(2, 2, 3, 4, 5)
+    hard = (torch.rand(2, 1, 3, 4, 5) > 0.5).float()
+    loss = SoftDiceBCELoss()
+    assert loss(logits, hard).item() == pytest.approx(loss(logits, torch.cat([hard, hard], 1)).item(), rel=1e-6)
+
+
+def test_normalized_relu():
+    x = torch.tensor([[-1.0, 2.0, 4.0], [-3.0, -1.0, 0.0]])
+    assert normalized_relu(x).tolist() == [[0.0, 0.5, 1.0], [0.0, 0.0, 0.0]]
+
+
+def test_adaptive_wing_by_hand_and_continuity():
+    aw = AdaptiveWingLoss()
+    # y = 0, p = 0.25 (< theta): 8 ln(1 + 0.25^2.1) = 8 ln(1.0544094) = 0.4238436
+    assert aw.elementwise(torch.tensor([0.25]), torch.tensor([0.0])).item() == pytest.approx(0.4238436, rel=1e-5)
+    y = torch.tensor([0.0, 0.3, 1.0])
+    below, above = aw.elementwise(y + 0.5 - 1e-5, y), aw.elementwise(y + 0.5 + 1e-5, y)
+    assert torch.allclose(below, above, atol=1e-3)
+    assert aw.elementwise(y, y).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("kwargs", [dict(omega=0), dict(alpha=1.0), dict(theta=-1)])
+def test_adaptive_wing_bad_args(kwargs):
+    with pytest.raises(ValueError):
+        AdaptiveWingLoss(**kwargs)
+
+
+def test_soft_losses_need_two_channels():
+    with pytest.raises(ValueError, match="2 output channels"):
+        SoftDiceBCELoss()(torch.zeros(1, 3, 4, 4), torch.zeros(1, 2, 4, 4))
+
+
+@pytest.mark.parametrize("bad,match", [(np.array([0.2, np.nan]), "NaN"), (np.array([0.2, 1.5]), r"\[0, 1\]")])
+def test_check_soft(bad, match):
+    with pytest.raises(ValueError, match=match):
+        check_soft(bad, "case.nii.gz")
+
+
+def _nnunet_transforms(patch, ds_scales):
+    return nnUNetTrainer.get_training_transforms(
+        patch, rotation_for_DA=(-math.pi, math.pi), deep_supervision_scales=ds_scales, mirror_axes=(0, 1),
+        do_dummy_2d_data_aug=False, use_mask_for_norm=[False], is_cascaded=False, foreground_labels=[1],
+        regions=None, ignore_label=None)
+
+
+def test_soft_half_survives_nnunet_augmentation():
+    torch.manual_seed(0)
+    patch = (32, 32)
+    ds = [[1.0, 1.0], [0.5, 0.5], [0.25, 0.25]]
+    tf = SoftTargetTransforms(_nnunet_transforms(patch, ds))
+    means = []
+    for _ in range(30):
+        img = torch.randn(1, 46, 46)
+        seg = torch.zeros(2, 46, 46, dtype=torch.int16)
+        seg[0, 8:38, 8:38] = 1
+        seg[1, 8:38, 8:38] = 128  # soft 0.502 over the region
+        out = tf(image=img, segmentation=seg)
+        targets = out["segmentation"]
+        assert [tuple(t.shape) for t in targets] == [(2, 32, 32), (2, 16, 16), (2, 8, 8)]
+        soft, hard = targets[0][1], targets[0][0]
+        inside = hard == 1
+        assert inside.any()
+        core = soft[inside]
+        assert ((core > 0) & (core < 1)).float().mean() > 0.95  # stays soft: no binarisation
+        means.append(core.mean().item())
+        # deep-supervision targets are area averages of the full-resolution soft target
+        assert torch.allclose(targets[1][1], torch.nn.functional.avg_pool2d(soft[None], 2)[0], atol=1e-5)
+    assert np.mean(means) == pytest.approx(128 / 255, rel=0.03)
+
+
+class _Cfg:
+    spacing = [1.0, 1.0, 1.0]
+
+    @staticmethod
+    def resampling_fn_probabilities(data, new_shape, current_spacing, new_spacing):
+        return resample_data_or_seg_to_shape(data, new_shape, current_spacing, new_spacing, is_seg=False, order=1,
+                                             order_z=0)
+
+
+class _Plans:
+    transpose_forward = [0, 1, 2]
+
+
+def test_soft_to_grid_crops_resamples_and_keeps_mean():
+    soft = np.zeros((10, 20, 20), np.float32)
+    soft[2:8, 4:16, 4:16] = 0.5
+    props = {"bbox_used_for_cropping": [[1, 9], [2, 18], [2, 18]], "spacing": [3.0, 1.0, 1.0]}
+    grid = soft_to_preprocessed_grid(soft, props, _Plans(), _Cfg(), (24, 16, 16))
+    assert grid.shape == (24, 16, 16)
+    assert grid.max() <= 0.5 + 1e-6 and grid[12, 8, 8] == pytest.approx(0.5)
+    # total soft "volume" in mm^3 preserved within a few percent (3 mm slices -> 1 mm)
+    before = soft.sum() * 3.0
+    after = grid.sum() * 1.0
+    assert after == pytest.approx(before, rel=0.05)

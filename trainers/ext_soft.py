@@ -1,0 +1,1 @@
+from nnunet_ext.training.soft_trainers import SoftDiceTrainer, SoftSegTrainer  # noqa: F401
