@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="folder of predicted masks with the same file names")
     p.add_argument("-o", "--output", required=True, help="results JSON (a CSV is written beside it)")
     _add_eval_options(p)
+    p.add_argument("--prob", default=None,
+                   help="folder of probability maps (nnU-Net <case>.npz): adds soft Dice, Brier, ECE (+ reliability PNG)")
+    p.add_argument("--soft-ref", default=None, help="folder of rater-average soft references (adds IPE; soft Dice and "
+                                                    "Brier then use it)")
     p.add_argument("--preset", choices=("wmh2017",), default=None,
                    help="score as a challenge does (wmh2017: label 2 'other pathology' masked out of both images, "
                         "26-connected lesions, in-plane HD95); overrides --connectivity/--min-overlap")
@@ -112,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--configuration", required=True)
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("--soft-dir", default="softlabelsTr", help="folder of the raw dataset with <case>.nii.gz soft labels")
+    p.add_argument("--raters", action="store_true",
+                   help="instead: every ratersTr/<rater>/ folder (for RandomRaterTrainer)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("convert", help="convert a public challenge dataset to an nnU-Net raw dataset",
@@ -165,12 +171,15 @@ def run(argv: list[str] | None = None) -> int:
                                      num_workers=args.num_processes)
         print(f"wrote {root}")
     elif args.command == "evaluate":
+        from pathlib import Path
+
         from nnunet_ext.metrics.evaluate import evaluate_folders, format_table
         from nnunet_ext.metrics.lesions import parse_bins
 
         res = evaluate_folders(args.ref, args.pred, args.output, args.connectivity, args.min_overlap,
                                parse_bins(args.bins), args.allow_missing, args.label, num_workers=args.num_processes,
-                               preset=args.preset)
+                               preset=args.preset, prob_dir=args.prob, soft_ref_dir=args.soft_ref,
+                               reliability_png=str(Path(args.output).with_suffix(".reliability.png")) if args.prob else None)
         print(format_table(res))
         print(f"wrote {args.output} and its .csv")
     elif args.command == "operating-points":
@@ -196,11 +205,14 @@ def run(argv: list[str] | None = None) -> int:
                              args.radius_mm)
         print(f"wrote {len(cases)} fused masks to {args.output}")
     elif args.command == "preprocess-soft":
-        from nnunet_ext.soft_labels import preprocess_soft_dataset
+        from nnunet_ext.soft_labels import preprocess_raters, preprocess_soft_dataset
 
-        res = preprocess_soft_dataset(args.dataset, args.configuration, args.plans, args.soft_dir, args.overwrite)
-        print(f"{res['cases']} cases -> {res['folder']}: {res['soft_bytes']} bytes "
-              f"(hard labels: {res['hard_label_bytes']} bytes)")
+        results = preprocess_raters(args.dataset, args.configuration, args.plans, overwrite=args.overwrite) \
+            if args.raters else [preprocess_soft_dataset(args.dataset, args.configuration, args.plans, args.soft_dir,
+                                                         args.overwrite)]
+        for res in results:
+            print(f"{res['cases']} cases -> {res['folder']}: {res['soft_bytes']} bytes "
+                  f"(hard labels: {res['hard_label_bytes']} bytes)")
     elif args.command == "convert":
         import os
 

@@ -55,11 +55,20 @@ def soft_to_preprocessed_grid(soft: np.ndarray, properties: dict, plans_manager,
     return np.clip(np.asarray(s[0], dtype=np.float32), 0.0, 1.0)
 
 
+RATER_FOLDER = "nnunet_ext_raters"
+
+
+def rater_folders(preprocessed_config_folder) -> list[Path]:
+    return sorted(p for p in (Path(preprocessed_config_folder) / RATER_FOLDER).glob("*") if p.is_dir())
+
+
 def preprocess_soft_dataset(dataset: str | int, configuration: str, plans: str = "nnUNetPlans",
-                            soft_dir: str = "softlabelsTr", overwrite: bool = False, progress: bool = True) -> dict:
-    """Put ``<raw>/<dataset>/<soft_dir>/*.nii.gz`` on the preprocessed grid of ``configuration``.
-    Requires ``nnUNetv2_plan_and_preprocess`` to have run for that configuration. Returns a summary with
-    the bytes of the stored soft and hard labels."""
+                            soft_dir: str = "softlabelsTr", overwrite: bool = False, progress: bool = True,
+                            out_name: str | None = None) -> dict:
+    """Put ``<raw>/<dataset>/<soft_dir>/*.nii.gz`` on the preprocessed grid of ``configuration``, into
+    ``nnunet_ext_soft/`` (or ``out_name``) of the preprocessed folder. Requires
+    ``nnUNetv2_plan_and_preprocess`` to have run for that configuration. Returns a summary with the bytes
+    of the stored soft and hard labels."""
     import blosc2
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -78,8 +87,8 @@ def preprocess_soft_dataset(dataset: str | int, configuration: str, plans: str =
     if not src.is_dir():
         raise FileNotFoundError(f"soft label folder {src} not found")
     ending = json.loads((Path(nnUNet_raw) / name / "dataset.json").read_text())["file_ending"]
-    out = soft_folder(pre)
-    out.mkdir(exist_ok=True)
+    out = soft_folder(pre) if out_name is None else pre / out_name
+    out.mkdir(parents=True, exist_ok=True)
     rw = pm.image_reader_writer_class()
     cases = sorted(p.name[:-len("_seg.b2nd")] for p in pre.glob("*_seg.b2nd"))
     if not cases:
@@ -111,6 +120,21 @@ def preprocess_soft_dataset(dataset: str | int, configuration: str, plans: str =
     return {"cases": len(cases), "folder": str(out), "soft_bytes": soft_bytes, "hard_label_bytes": hard_bytes}
 
 
+def preprocess_raters(dataset: str | int, configuration: str, plans: str = "nnUNetPlans",
+                      raters_dir: str = "ratersTr", overwrite: bool = False, progress: bool = True) -> list[dict]:
+    """Every ``<raw>/<dataset>/<raters_dir>/<rater>/`` onto the grid (linear resampling; the random-rater
+    dataset thresholds at 0.5), into ``nnunet_ext_raters/<rater>/``."""
+    from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    base = Path(nnUNet_raw) / maybe_convert_to_dataset_name(dataset) / raters_dir
+    raters = sorted(p.name for p in base.glob("*") if p.is_dir())
+    if not raters:
+        raise FileNotFoundError(f"no rater folders in {base}")
+    return [preprocess_soft_dataset(dataset, configuration, plans, f"{raters_dir}/{r}", overwrite, progress,
+                                    out_name=f"{RATER_FOLDER}/{r}") for r in raters]
+
+
 def load_soft(folder: Path, case: str) -> np.ndarray:
     path = Path(folder) / f"{case}.npz"
     if not path.is_file():
@@ -139,6 +163,29 @@ class WithSoftTargets:
             raise RuntimeError(f"soft map {self.folder / identifier}.npz has shape {soft.shape}, segmentation "
                                f"{seg.shape[1:]}: rerun nnunet-ext preprocess-soft with --overwrite")
         return data, np.concatenate([seg, soft[None].astype(seg.dtype)]), seg_prev, properties
+
+
+class WithRandomRater:
+    """Wraps an nnU-Net dataset; every ``load_case`` replaces the label map by one rater's mask drawn at
+    random (Lemay et al.'s "no fusion" strategy). Voxels outside nnU-Net's crop (-1) stay -1."""
+
+    def __init__(self, base, folders):
+        self.base, self.folders = base, [Path(f) for f in folders]
+        if not self.folders:
+            raise FileNotFoundError("no preprocessed rater folders: run nnunet-ext preprocess-soft --raters")
+
+    def __getattr__(self, name):
+        if name in ("base", "folders"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def load_case(self, identifier):
+        data, seg, seg_prev, properties = self.base.load_case(identifier)
+        rater = self.folders[np.random.randint(len(self.folders))]
+        mask = load_soft(rater, identifier) >= 128
+        seg = np.array(seg[:])
+        seg[0] = np.where(seg[0] == -1, -1, mask).astype(seg.dtype)
+        return data, seg, seg_prev, properties
 
 
 def area_resize(soft: torch.Tensor, shape) -> torch.Tensor:

@@ -22,7 +22,7 @@ def planned(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     env = nnunet_env(work, n_proc=2)
     env.update({"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERATIONS": "2", "NNUNET_EXT_VAL_ITERATIONS": "1"})
-    cfg = PhantomConfig(shape=(32, 32, 32), empty_fraction=0.0, seed=5, soft=True)
+    cfg = PhantomConfig(shape=(32, 32, 32), empty_fraction=0.0, seed=5, soft=True, raters=2)
     root = write_phantom_dataset(env["nnUNet_raw"], DATASET, 6, cfg, n_test=2, progress=False)
     subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET), "-c", "2d", "-np", "2"],
                    env=env, check=True, capture_output=True)
@@ -126,3 +126,19 @@ def test_preprocess_soft_and_soft_trainers(planned, tmp_path):
         out, pred = train_and_predict(planned, trainer)
         assert (out / "fold_0" / "checkpoint_final.pth").is_file()
         assert len(list(pred.glob("*.nii.gz"))) == 2
+
+
+def test_random_rater_trainer(planned):
+    work, env, root = planned
+    r = subprocess.run([nnunet_command("nnunet-ext"), "preprocess-soft", "-d", str(DATASET), "-c", "2d", "--raters"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    pre = next((work / "nnUNet_preprocessed").glob(f"Dataset{DATASET}_*")) / "nnUNetPlans_2d"
+    assert sorted(p.name for p in (pre / "nnunet_ext_raters").iterdir()) == ["rater1", "rater2"]
+    stored = np.load(pre / "nnunet_ext_raters" / "rater2" / "phantom_001.npz")["soft"]
+    raw, _ = read_image(root / "ratersTr" / "rater2" / "phantom_001.nii.gz")
+    props = pickle.load(open(pre / "phantom_001.pkl", "rb"))
+    crop = raw[tuple(slice(a, b) for a, b in props["bbox_used_for_cropping"])]
+    assert np.array_equal(stored >= 128, crop > 0)
+    out, pred = train_and_predict(planned, "RandomRaterTrainer")
+    assert (out / "fold_0" / "checkpoint_final.pth").is_file() and len(list(pred.glob("*.nii.gz"))) == 2

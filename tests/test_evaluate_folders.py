@@ -146,3 +146,38 @@ def test_operating_points_rejects_bad_probabilities(tmp_path):
         sweep(ref_dir, prob_dir, progress=False)
     with pytest.raises(ValueError, match="thresholds"):
         sweep(ref_dir, prob_dir, thresholds=[0.0, 0.5], progress=False)
+
+
+def test_soft_metrics_by_hand():
+    from nnunet_ext.metrics.soft import brier, calibration_counts, ece_from_counts, ipe, soft_dice, volume_pearson
+
+    p = np.array([0.9, 0.6, 0.2, 0.0])
+    s = np.array([1.0, 0.5, 0.5, 0.0])
+    assert soft_dice(p, s) == pytest.approx(2 * (0.9 + 0.3 + 0.1) / (1.7 + 2.0))
+    assert brier(p, s) == pytest.approx((0.01 + 0.01 + 0.09 + 0) / 4)
+    h = lambda q: 0.0 if q in (0.0, 1.0) else -(q * np.log(q) + (1 - q) * np.log(1 - q))  # noqa: E731
+    assert ipe(p, s) == pytest.approx(np.mean([abs(h(a) - h(b)) for a, b in zip(p, s)]), abs=1e-9)
+    ref = np.array([1, 1, 0, 0])
+    # confidences 0.9, 0.6, 0.8, 1.0 -> bins (10 over [0.5, 1]) 8, 2, 6, 9; all four predictions correct
+    c = calibration_counts(p, ref)
+    assert [i for i, n in enumerate(c["count"]) if n] == [2, 6, 8, 9]
+    # ECE = 1/4 (|1-0.6| + |1-0.8| + |1-0.9| + |1-1|) = 0.175
+    assert ece_from_counts(c) == pytest.approx(0.175)
+    assert volume_pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0) and volume_pearson([1], [2]) is None
+
+
+def test_evaluate_with_probabilities_and_soft_reference(tmp_path):
+    ref_dir, prob_dir = _prob_case(tmp_path)
+    pred = (np.load(prob_dir / "c1.npz")["probabilities"][1] >= 0.5).astype(np.uint8)
+    write_image(pred, (1.0, 1.0, 1.0), tmp_path / "pred" / "c1.nii.gz")
+    write_image(_ref().astype(np.float32) * 0.8, (1.0, 1.0, 1.0), tmp_path / "soft" / "c1.nii.gz")
+    assert run(["evaluate", "--ref", str(ref_dir), "--pred", str(tmp_path / "pred"), "--prob", str(prob_dir),
+                "--soft-ref", str(tmp_path / "soft"), "-o", str(tmp_path / "r.json")]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    c = res["per_case"]["c1"]
+    p = np.load(prob_dir / "c1.npz")["probabilities"][1].astype(np.float64)
+    s = _ref() * 0.8
+    assert c["soft_dice"] == pytest.approx(2 * (p * s).sum() / (p.sum() + s.sum()), rel=1e-5)
+    assert c["brier"] == pytest.approx(((p - s) ** 2).mean(), rel=1e-5) and c["ipe"] > 0
+    assert res["aggregate"]["pooled"]["ece"] == pytest.approx(c["ece"])
+    assert (tmp_path / "r.reliability.png").stat().st_size > 10000

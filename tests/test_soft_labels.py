@@ -114,3 +114,27 @@ def test_soft_to_grid_crops_resamples_and_keeps_mean():
     before = soft.sum() * 3.0
     after = grid.sum() * 1.0
     assert after == pytest.approx(before, rel=0.05)
+
+
+class _Base:
+    identifiers = ["c"]
+
+    def load_case(self, key):
+        seg = np.zeros((1, 1, 4), np.int16)
+        seg[0, 0, 0] = -1
+        return np.zeros((1, 1, 4), np.float32), seg, None, {}
+
+
+def test_random_rater_draws_each_rater(tmp_path):
+    from nnunet_ext.soft_labels import WithRandomRater
+
+    for k, mask in enumerate(([0, 1, 1, 0], [0, 0, 1, 1])):
+        (tmp_path / f"r{k}").mkdir()
+        np.savez_compressed(tmp_path / f"r{k}" / "c.npz", soft=(np.array(mask, np.uint8) * 255).reshape(1, 4))
+    ds = WithRandomRater(_Base(), [tmp_path / "r0", tmp_path / "r1"])
+    np.random.seed(0)
+    seen = {tuple(ds.load_case("c")[1][0, 0].tolist()) for _ in range(40)}
+    # voxel 0 is outside nnU-Net's crop and stays -1; both raters appear
+    assert seen == {(-1, 1, 1, 0), (-1, 0, 1, 1)}
+    with pytest.raises(FileNotFoundError, match="preprocess-soft --raters"):
+        WithRandomRater(_Base(), [])

@@ -1,1 +1,1 @@
-from nnunet_ext.training.soft_trainers import SoftDiceTrainer, SoftSegTrainer  # noqa: F401
+from nnunet_ext.training.soft_trainers import RandomRaterTrainer, SoftDiceTrainer, SoftSegTrainer  # noqa: F401

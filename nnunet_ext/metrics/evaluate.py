@@ -12,6 +12,7 @@ import numpy as np
 
 from nnunet_ext.io import case_name, read_image
 from nnunet_ext.metrics.lesions import DEFAULT_BINS, aggregate, as_binary, case_metrics, check_connectivity
+from nnunet_ext.metrics.soft import add_counts, ece_from_counts, reliability_diagram, volume_pearson
 
 
 def list_cases(folder: str | os.PathLike, file_ending: str = ".nii.gz") -> dict[str, Path]:
@@ -45,8 +46,8 @@ PRESETS = {"wmh2017": {"lesion_label": 1, "masked_label": 2, "connectivity": 26,
                        "inplane_surface": True}}
 
 
-def _evaluate_one(args) -> tuple[str, dict]:
-    case, ref_path, pred_path, label, connectivity, min_overlap, bins, preset = args
+def _evaluate_one(args) -> tuple[str, dict, dict | None]:
+    case, ref_path, pred_path, label, connectivity, min_overlap, bins, preset, prob_path, soft_path = args
     p = PRESETS[preset] if preset else {}
     if p:
         ref_raw, spacing = read_image(ref_path)
@@ -62,13 +63,28 @@ def _evaluate_one(args) -> tuple[str, dict]:
         pred = pred & ~outside
     m = case_metrics(ref, pred, spacing, connectivity, min_overlap, bins, p.get("inplane_surface", False))
     m["prediction_missing"] = pred_path is None
-    return case, m
+    calib = None
+    if prob_path is not None:
+        from nnunet_ext.metrics.operating_points import load_probabilities
+        from nnunet_ext.metrics.soft import soft_case_metrics
+
+        prob = load_probabilities(prob_path)
+        check_same_grid(ref_path, ref.shape, spacing, prob_path, prob.shape, spacing)
+        soft_ref = None
+        if soft_path is not None:
+            soft_ref, s_spacing = read_image(soft_path)
+            check_same_grid(ref_path, ref.shape, spacing, soft_path, soft_ref.shape, s_spacing)
+        sm = soft_case_metrics(prob, ref, soft_ref)
+        calib = sm.pop("calibration")
+        m.update(sm)
+    return case, m, calib
 
 
 def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None, connectivity: int = 26,
                      min_overlap: float = 0.0, bins: Sequence[tuple[int, int | None]] = DEFAULT_BINS,
                      allow_missing: bool = False, label: int | None = None, file_ending: str = ".nii.gz",
-                     num_workers: int = 1, progress: bool = True, preset: str | None = None) -> dict:
+                     num_workers: int = 1, progress: bool = True, preset: str | None = None,
+                     prob_dir=None, soft_ref_dir=None, reliability_png=None) -> dict:
     """Evaluate every reference case; return (and write to ``output`` JSON + CSV) per-case results and
     aggregates. A reference case without prediction is an error unless ``allow_missing`` (then it counts
     as an empty prediction)."""
@@ -86,19 +102,35 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
                                 f"{Path(pred_dir) / (missing[0] + file_ending)}; pass --allow-missing to count "
                                 f"them as empty predictions")
     extra = sorted(set(preds) - set(refs))
-    jobs = [(c, refs[c], preds.get(c), label, connectivity, min_overlap, tuple(bins), preset) for c in refs]
-    per_case = {}
+    probs = softs = {}
+    if prob_dir is not None:
+        from nnunet_ext.metrics.operating_points import _prob_files
+
+        probs = _prob_files(prob_dir)
+        lacking = [c for c in refs if c not in probs]
+        if lacking:
+            raise FileNotFoundError(f"no probability map for reference case {lacking[0]} in {prob_dir}")
+        if soft_ref_dir is not None:
+            softs = list_cases(soft_ref_dir, file_ending)
+            lacking = [c for c in refs if c not in softs]
+            if lacking:
+                raise FileNotFoundError(f"no soft reference {Path(soft_ref_dir) / (lacking[0] + file_ending)}")
+    jobs = [(c, refs[c], preds.get(c), label, connectivity, min_overlap, tuple(bins), preset, probs.get(c),
+             softs.get(c)) for c in refs]
+    per_case, calibration = {}, None
     if num_workers > 1:
         with ProcessPoolExecutor(num_workers) as ex:
             results = ex.map(_evaluate_one, jobs)
-            for k, (c, m) in enumerate(results, 1):
+            for k, (c, m, calib) in enumerate(results, 1):
                 per_case[c] = m
+                calibration = calibration if calib is None else add_counts(calibration, calib)
                 if progress:
                     print(f"\revaluate: {k}/{len(jobs)}", end="", flush=True)
     else:
         for k, job in enumerate(jobs, 1):
-            c, m = _evaluate_one(job)
+            c, m, calib = _evaluate_one(job)
             per_case[c] = m
+            calibration = calibration if calib is None else add_counts(calibration, calib)
             if progress:
                 print(f"\revaluate: {k}/{len(jobs)}", end="", flush=True)
     if progress:
@@ -110,6 +142,16 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
         "per_case": per_case,
         "aggregate": aggregate(per_case, bins),
     }
+    result["aggregate"]["volume_pearson"] = volume_pearson([m["ref_volume_mm3"] for m in per_case.values()],
+                                                           [m["pred_volume_mm3"] for m in per_case.values()])
+    if calibration is not None:
+        result["aggregate"]["pooled"]["ece"] = ece_from_counts(calibration)
+        result["aggregate"]["calibration_counts"] = calibration
+        for k in ("soft_dice", "brier", "ipe", "ece"):
+            vals = [m[k] for m in per_case.values() if m.get(k) is not None]
+            result["aggregate"]["mean"][k] = float(np.mean(vals)) if vals else None
+        if reliability_png is not None:
+            reliability_diagram(calibration, reliability_png, f"{Path(pred_dir).name}: {len(per_case)} cases")
     if output is not None:
         write_results(result, output)
     return result
@@ -159,4 +201,7 @@ def format_table(result: dict) -> str:
     for name, b in pooled["bins"].items():
         lines.append(f"{name:>8} {b['ref_lesions']:5d} {b['lesion_tp']:3d} {b['lesion_fn']:3d} {b['lesion_fp']:3d}"
                      f" {fmt(b['lesion_tpr'])} {fmt(b['lesion_f1'])}")
+    if "ece" in pooled:
+        lines.append(f"soft: dice {fmt(mean['soft_dice'])}  brier {fmt(mean['brier'])}  ipe {fmt(mean['ipe'])}  "
+                     f"ECE (pooled) {fmt(pooled['ece'])}")
     return "\n".join(lines)

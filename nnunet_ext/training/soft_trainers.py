@@ -6,7 +6,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.losses import AdaptiveWingLoss, SoftDiceBCELoss
-from nnunet_ext.soft_labels import SoftTargetTransforms, WithSoftTargets, soft_folder
+from nnunet_ext.soft_labels import SoftTargetTransforms, WithRandomRater, WithSoftTargets, rater_folders, soft_folder
 from nnunet_ext.training.base import ExtTrainer
 from nnunet_ext.training.plumbing import refuse_unsupported, wrap_deep_supervision
 
@@ -47,3 +47,13 @@ class SoftSegTrainer(SoftTargetTrainer):
 
     def _build_loss(self):
         return wrap_deep_supervision(self, AdaptiveWingLoss(ignore_label=self.label_manager.ignore_label))
+
+
+class RandomRaterTrainer(ExtTrainer):
+    """Each training sample takes one rater's mask, drawn anew every time the case is loaded (Lemay et al.
+    2022, "no fusion"); nnU-Net's default loss. Needs ``nnunet-ext preprocess-soft --raters``. Validation
+    uses the dataset's labelsTr (e.g. the consensus)."""
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        return WithRandomRater(dataset_tr, rater_folders(self.preprocessed_dataset_folder)), dataset_val
