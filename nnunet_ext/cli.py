@@ -120,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: every ratersTr/<rater>/ folder (for RandomRaterTrainer)")
     p.add_argument("--overwrite", action="store_true")
 
+    p = sub.add_parser("predict", help="nnUNetv2_predict plus stored thresholds and soft maps",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  nnunet-ext predict -i imagesTs -o pred -d 502 -c 2d -tr SoftDiceTrainer -f 0")
+    p.add_argument("-i", required=True, dest="input")
+    p.add_argument("-o", required=True, dest="output")
+    p.add_argument("-d", required=True, dest="dataset")
+    p.add_argument("-c", required=True, dest="configuration")
+    p.add_argument("-tr", default="nnUNetTrainer", dest="trainer")
+    p.add_argument("-p", default="nnUNetPlans", dest="plans")
+    p.add_argument("-f", nargs="+", type=int, default=None, dest="folds", help="default: every trained fold")
+    p.add_argument("-chk", default="checkpoint_final.pth", dest="checkpoint")
+    p.add_argument("-device", default="cuda")
+    p.add_argument("--disable_tta", action="store_true")
+    p.add_argument("--save_probabilities", action="store_true", help="keep nnU-Net's <case>.npz files")
+    p.add_argument("-np", "--num-processes", type=int, default=1)
+
     p = sub.add_parser("convert", help="convert a public challenge dataset to an nnU-Net raw dataset",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  nnunet-ext convert wmh2017 -i WMH/training -d 521 [--test-input WMH/test]")
@@ -213,6 +229,12 @@ def run(argv: list[str] | None = None) -> int:
         for res in results:
             print(f"{res['cases']} cases -> {res['folder']}: {res['soft_bytes']} bytes "
                   f"(hard labels: {res['hard_label_bytes']} bytes)")
+    elif args.command == "predict":
+        from nnunet_ext.predict import predict
+
+        res = predict(args.input, args.output, args.dataset, args.configuration, args.trainer, args.plans, args.folds,
+                      args.checkpoint, args.device, args.disable_tta, args.save_probabilities, args.num_processes)
+        print(f"{len(res['cases'])} cases -> {args.output} (threshold: {res['threshold']}, {res['threshold_source']})")
     elif args.command == "convert":
         import os
 

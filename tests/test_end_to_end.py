@@ -122,10 +122,28 @@ def test_preprocess_soft_and_soft_trainers(planned, tmp_path):
     crop = raw_soft[tuple(slice(a, b) for a, b in props["bbox_used_for_cropping"])]
     assert np.abs(stored / 255.0 - crop).max() <= 0.5 / 255 + 1e-6
     assert ((stored > 0) & (stored < 255)).any()
+    stored = {}
     for trainer in ("SoftDiceTrainer", "SoftSegTrainer"):
         out, pred = train_and_predict(planned, trainer)
         assert (out / "fold_0" / "checkpoint_final.pth").is_file()
         assert len(list(pred.glob("*.nii.gz"))) == 2
+        th = json.loads((out / "fold_0" / "nnunet_ext_threshold.json").read_text())
+        assert len(th["dice"]) == 19 and th["best_threshold"] in th["thresholds"]
+        stored[trainer] = th["best_threshold"]
+    # nnunet-ext predict applies the stored threshold and writes soft maps in the input geometry
+    ours = tmp_path / "soft_pred"
+    r = subprocess.run([nnunet_command("nnunet-ext"), "predict", "-i", str(root / "imagesTs"), "-o", str(ours),
+                        "-d", str(DATASET), "-c", "2d", "-tr", "SoftDiceTrainer", "-f", "0", "-device", "cpu"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((ours / "nnunet_ext_predict.json").read_text())
+    assert summary["threshold"] == stored["SoftDiceTrainer"] and summary["folds"] == [0]
+    for case in ("phantom_006", "phantom_007"):
+        soft, _ = read_image(ours / "soft" / f"{case}.nii.gz")
+        mask, _ = read_image(ours / f"{case}.nii.gz")
+        assert soft.dtype == np.float32 and np.array_equal(mask, (soft >= summary["threshold"]).astype(mask.dtype))
+        assert read_geometry(ours / f"{case}.nii.gz")["size"] == read_geometry(root / "imagesTs" / f"{case}_0000.nii.gz")["size"]
+    assert not list(ours.glob("*.npz"))
 
 
 def test_random_rater_trainer(planned):

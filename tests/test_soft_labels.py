@@ -1,4 +1,5 @@
 """Soft targets: losses by hand, transport through nnU-Net's real training transforms, grid resampling."""
+import json
 import math
 
 import numpy as np
@@ -138,3 +139,25 @@ def test_random_rater_draws_each_rater(tmp_path):
     assert seen == {(-1, 1, 1, 0), (-1, 0, 1, 1)}
     with pytest.raises(FileNotFoundError, match="preprocess-soft --raters"):
         WithRandomRater(_Base(), [])
+
+
+def test_threshold_search_by_hand(tmp_path):
+    from nnunet_ext.thresholds import THRESHOLDS, best_threshold, combined_threshold, threshold_counts
+
+    prob = np.array([0.9, 0.7, 0.3, 0.2, 0.1])
+    ref = np.array([1, 1, 1, 0, 0])
+    c = threshold_counts(prob, ref)
+    i25, i50 = THRESHOLDS.index(0.25), THRESHOLDS.index(0.5)
+    assert (c["tp"][i25], c["fp"][i25], c["fn"][i25]) == (3, 0, 0)  # 0.25 and 0.3 separate perfectly
+    assert (c["tp"][i50], c["fp"][i50], c["fn"][i50]) == (2, 0, 1)
+    t, dice = best_threshold(c)
+    assert t == 0.3 and dice[i25] == 1.0 and dice[i50] == pytest.approx(0.8)  # tie 0.25/0.3: nearer 0.5
+    # folds are combined by summing counts
+    for k, (p, r) in enumerate([(prob, ref), (np.array([0.8, 0.6, 0.6, 0.6]), np.array([1, 0, 0, 0]))]):
+        (tmp_path / f"fold_{k}").mkdir()
+        (tmp_path / f"fold_{k}" / "nnunet_ext_threshold.json").write_text(json.dumps(threshold_counts(p, r)))
+    assert best_threshold(threshold_counts(np.array([0.8, 0.6, 0.6, 0.6]), np.array([1, 0, 0, 0])))[0] == 0.65
+    both = combined_threshold(tmp_path, [0, 1])
+    # pooled: 0.25-0.3 tp 4 fp 3 fn 0 (dice 8/11); 0.65-0.7 tp 3 fp 0 fn 1 (6/7, best; tie -> nearer 0.5)
+    assert both["threshold"] == 0.65 and both["folds"] == [0, 1]
+    assert combined_threshold(tmp_path, [5]) is None

@@ -2,11 +2,14 @@
 dataset's soft targets on the configuration's grid."""
 from __future__ import annotations
 
+import os
+
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.losses import AdaptiveWingLoss, SoftDiceBCELoss
 from nnunet_ext.soft_labels import SoftTargetTransforms, WithRandomRater, WithSoftTargets, rater_folders, soft_folder
+from nnunet_ext.thresholds import fold_threshold_from_validation
 from nnunet_ext.training.base import ExtTrainer
 from nnunet_ext.training.plumbing import refuse_unsupported, wrap_deep_supervision
 
@@ -30,6 +33,15 @@ class SoftTargetTrainer(ExtTrainer):
     @staticmethod
     def get_training_transforms(*args, **kwargs):
         return SoftTargetTransforms(nnUNetTrainer.get_training_transforms(*args, **kwargs))
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's validation, always with probabilities, then the fold's Dice-optimal threshold counts
+        (nnunet_ext.thresholds), applied by ``nnunet-ext predict``."""
+        super().perform_actual_validation(True)
+        if self.local_rank == 0:
+            fold_threshold_from_validation(self.output_folder,
+                                           os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
+                                           self.dataset_json["file_ending"])
 
 
 class SoftDiceTrainer(SoftTargetTrainer):

@@ -1,0 +1,69 @@
+"""``nnunet-ext predict``: nnU-Net's prediction plus what our models learned beyond the weights.
+
+Runs ``nnUNetv2_predict`` (same model selection flags) with probabilities, then writes for every case
+``<out>/<case>.nii.gz`` (binary mask: the lesion probability at the Dice-optimal validation threshold stored
+with the model, see nnunet_ext.thresholds; nnU-Net's argmax when the model has none) and
+``<out>/soft/<case>.nii.gz`` (the lesion probability, float32), both in the input's geometry.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunet_ext.io import write_image
+from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
+from nnunet_ext.thresholds import combined_threshold
+
+
+def model_folder(dataset, configuration: str, trainer: str, plans: str) -> Path:
+    from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if not nnUNet_results:
+        raise RuntimeError("nnUNet_results is not set")
+    d = Path(nnUNet_results) / maybe_convert_to_dataset_name(dataset) / f"{trainer}__{plans}__{configuration}"
+    if not d.is_dir():
+        raise FileNotFoundError(f"no trained model in {d}")
+    return d
+
+
+def predict(input_dir, output_dir, dataset, configuration: str, trainer: str = "nnUNetTrainer",
+            plans: str = "nnUNetPlans", folds=None, checkpoint: str = "checkpoint_final.pth", device: str = "cuda",
+            disable_tta: bool = False, keep_probabilities: bool = False, n_proc: int = 1) -> dict:
+    mdir = model_folder(dataset, configuration, trainer, plans)
+    if folds is None:
+        folds = sorted(int(p.name[5:]) for p in mdir.glob("fold_*") if (p / checkpoint).is_file())
+        if not folds:
+            raise FileNotFoundError(f"no fold of {mdir} has {checkpoint}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [nnunet_command("nnUNetv2_predict"), "-i", str(input_dir), "-o", str(out), "-d", str(dataset), "-c",
+           configuration, "-tr", trainer, "-p", plans, "-f", *map(str, folds), "-chk", checkpoint, "-device", device,
+           "--save_probabilities", "-npp", str(n_proc), "-nps", str(n_proc)]
+    if disable_tta:
+        cmd.append("--disable_tta")
+    run_logged(cmd, nnunet_env(None, n_proc), out / "nnunet_ext_predict.log")
+    th = combined_threshold(mdir, folds)
+    cases = sorted(p.name[:-4] for p in out.glob("*.npz"))
+    ending = json.loads((mdir / "dataset.json").read_text())["file_ending"]
+    for case in cases:
+        with np.load(out / f"{case}.npz") as f:
+            prob = f["probabilities"][1].astype(np.float32)
+        ref = sitk.ReadImage(str(out / f"{case}{ending}"))  # nnU-Net's mask: the input's geometry
+        write_image(prob, (), out / "soft" / f"{case}{ending}", reference=ref)
+        if th is not None:
+            write_image((prob >= th["threshold"]).astype(np.uint8), (), out / f"{case}{ending}", reference=ref)
+        if not keep_probabilities:
+            os.remove(out / f"{case}.npz")
+            pkl = out / f"{case}.pkl"
+            if pkl.exists():
+                os.remove(pkl)
+    summary = {"model": str(mdir), "folds": list(folds), "cases": cases,
+               "threshold": th["threshold"] if th else None,
+               "threshold_source": f"validation of folds {th['folds']}" if th else "none stored: nnU-Net argmax"}
+    (out / "nnunet_ext_predict.json").write_text(json.dumps(summary, indent=1))
+    return summary
