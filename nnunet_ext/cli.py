@@ -139,11 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a public challenge dataset to an nnU-Net raw dataset",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  nnunet-ext convert wmh2017 -i WMH/training -d 521 [--test-input WMH/test]")
-    p.add_argument("challenge", choices=("wmh2017",))
+    p.add_argument("challenge", choices=("wmh2017", "isbi2015", "msseg2016"))
     p.add_argument("-i", "--input", required=True, help="the challenge's training folder (never modified)")
     p.add_argument("-d", "--dataset-id", type=int, required=True)
     p.add_argument("--name", default=None, help="dataset name (default: the challenge's)")
-    p.add_argument("--test-input", default=None, help="the challenge's test folder -> imagesTs/labelsTs")
+    p.add_argument("--test-input", default=None, help="wmh2017: the challenge's test folder -> imagesTs/labelsTs")
+    p.add_argument("--label", default="rater1", choices=("rater1", "rater2", "intersection", "union"),
+                   help="isbi2015: which rater mask(s) become labelsTr (both are kept in ratersTr)")
     p.add_argument("--raw", default=None, help="raw folder (default: $nnUNet_raw)")
 
     p = sub.add_parser("demo", help="phantom -> nnU-Net plan/preprocess -> short CPU training -> predict -> evaluate",
@@ -238,12 +240,17 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "convert":
         import os
 
-        from nnunet_ext.dataset_conversion import wmh2017
+        from nnunet_ext.dataset_conversion import isbi2015, msseg2016, wmh2017
 
         raw = args.raw or os.environ.get("nnUNet_raw")
         if not raw:
             raise SystemExit("error: set nnUNet_raw or pass --raw")
-        root = wmh2017.convert(args.input, raw, args.dataset_id, args.name or "WMH2017", args.test_input)
+        if args.challenge == "wmh2017":
+            root = wmh2017.convert(args.input, raw, args.dataset_id, args.name or "WMH2017", args.test_input)
+        elif args.challenge == "isbi2015":
+            root = isbi2015.convert(args.input, raw, args.dataset_id, args.name or "ISBI2015", args.label)
+        else:
+            root = msseg2016.convert(args.input, raw, args.dataset_id, args.name or "MSSEG2016")
         print(f"wrote {root}")
     elif args.command == "demo":
         from nnunet_ext.demo import DemoConfig, run_demo
