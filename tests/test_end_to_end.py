@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nnunet_ext.cli import run
-from nnunet_ext.io import read_geometry, read_image
+from nnunet_ext.io import read_geometry, read_image, write_image
 from nnunet_ext.paths import nnunet_command, nnunet_env
 from nnunet_ext.phantom import PhantomConfig, write_phantom_dataset
 
@@ -160,3 +160,56 @@ def test_random_rater_trainer(planned):
     assert np.array_equal(stored >= 128, crop > 0)
     out, pred = train_and_predict(planned, "RandomRaterTrainer")
     assert (out / "fold_0" / "checkpoint_final.pth").is_file() and len(list(pred.glob("*.nii.gz"))) == 2
+
+
+def test_lsr_model_find_best_configuration_export_and_install(planned, tmp_path):
+    """nnU-Net's find_best_configuration, export to zip and install from zip work for LSRTrainer models."""
+    work, env, root = planned
+    out = work / "nnUNet_results" / root.name / "LSRTrainer__nnUNetPlans__2d"
+    if not (out / "fold_0" / "checkpoint_final.pth").is_file():
+        train_and_predict(planned, "LSRTrainer")
+    r = subprocess.run([nnunet_command("nnUNetv2_find_best_configuration"), str(DATASET), "-c", "2d", "-tr",
+                        "LSRTrainer", "-f", "0", "--disable_ensembling", "-np", "1"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    info = json.loads((out.parent / "inference_information.json").read_text())
+    assert info["best_model_or_ensemble"]["selected_model_or_models"][0]["trainer"] == "LSRTrainer"
+    zip_path = tmp_path / "model.zip"
+    subprocess.run([nnunet_command("nnUNetv2_export_model_to_zip"), "-d", str(DATASET), "-o", str(zip_path), "-c", "2d",
+                    "-tr", "LSRTrainer", "-f", "0"], env=env, check=True, capture_output=True)
+    env2 = dict(env, nnUNet_results=str(tmp_path / "results2"))
+    subprocess.run([nnunet_command("nnUNetv2_install_pretrained_model_from_zip"), str(zip_path)], env=env2, check=True,
+                   capture_output=True)
+    pred_a, pred_b = tmp_path / "a", tmp_path / "b"
+    for e, p in ((env, pred_a), (env2, pred_b)):
+        r = subprocess.run([nnunet_command("nnUNetv2_predict"), "-i", str(root / "imagesTs"), "-o", str(p), "-d",
+                            str(DATASET), "-c", "2d", "-f", "0", "-tr", "LSRTrainer", "-device", "cpu", "-npp", "1",
+                            "-nps", "1"], env=e, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for case in ("phantom_006", "phantom_007"):
+        assert np.array_equal(read_image(pred_a / f"{case}.nii.gz")[0], read_image(pred_b / f"{case}.nii.gz")[0])
+
+
+def test_lsr_with_ignore_label(tmp_path):
+    """A dataset with nnU-Net's ignore label: LSR sizes cover lesions only, training and prediction run."""
+    env = nnunet_env(tmp_path, n_proc=2)
+    env.update({"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERATIONS": "2", "NNUNET_EXT_VAL_ITERATIONS": "1"})
+    root = write_phantom_dataset(env["nnUNet_raw"], 512, 6, PhantomConfig(shape=(32, 32, 32), empty_fraction=0.0,
+                                                                             seed=7), progress=False)
+    for lab_path in (root / "labelsTr").iterdir():
+        lab, sp = read_image(lab_path)
+        lab = lab.copy()
+        lab[:, :, :6] = np.where(lab[:, :, :6] == 0, 2, lab[:, :, :6])  # left strip unannotated
+        write_image(lab, sp, lab_path)
+    ds = json.loads((root / "dataset.json").read_text())
+    ds["labels"] = {"background": 0, "lesion": 1, "ignore": 2}
+    (root / "dataset.json").write_text(json.dumps(ds))
+    subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", "512", "-c", "2d", "-np", "2"], env=env,
+                   check=True, capture_output=True)
+    r = subprocess.run([nnunet_command("nnUNetv2_train"), "512", "2d", "0", "-tr", "LSRTrainer", "-device", "cpu"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    pre = tmp_path / "nnUNet_preprocessed" / "Dataset512_MSPhantom" / "nnUNetPlans_2d"
+    case = sorted((pre / "nnunet_ext_lesion_sizes_cc26").glob("*.npy"))[0].stem
+    sizes = np.load(pre / "nnunet_ext_lesion_sizes_cc26" / f"{case}.npy")
+    seg = np.asarray(blosc2.open(str(pre / f"{case}_seg.b2nd"), mode="r")[:])[0]
+    assert (seg == 2).any() and np.all(sizes[seg == 2] == 0) and np.all((sizes > 0) == (seg == 1))
