@@ -136,6 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_probabilities", action="store_true", help="keep nnU-Net's <case>.npz files")
     p.add_argument("-np", "--num-processes", type=int, default=1)
 
+    p = sub.add_parser("pseudolabel", help="teacher pseudo-labels unlabeled scans (flip-TTA entropy filter) -> student dataset",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  nnunet-ext pseudolabel -d 501 -c 3d_fullres -tr LSRTrainer -f 0 1 2 3 4 "
+                              "-i unlabeled/ -o Dataset601_MSStudent\n"
+                              "  # cluster array job, part 3 of 8 (rerun after a kill continues):\n"
+                              "  nnunet-ext pseudolabel ... -num_parts 8 -part_id 3")
+    p.add_argument("-d", required=True, dest="dataset", help="teacher's dataset id or name")
+    p.add_argument("-c", required=True, dest="configuration")
+    p.add_argument("-tr", default="nnUNetTrainer", dest="trainer")
+    p.add_argument("-p", default="nnUNetPlans", dest="plans")
+    p.add_argument("-f", nargs="+", type=int, default=[0], dest="folds")
+    p.add_argument("-chk", default="checkpoint_final.pth", dest="checkpoint")
+    p.add_argument("-i", required=True, dest="input", help="folder of unlabeled images (<case>_<channel>.nii.gz)")
+    p.add_argument("-o", required=True, dest="output", help="student dataset name, DatasetXXX_Name (under nnUNet_raw)")
+    p.add_argument("--alpha", type=float, default=0.3, help="confidence omega = exp(-alpha H) (default 0.3)")
+    p.add_argument("--vpt", type=float, default=0.3, help="voxel threshold on m = P_lesion * omega (default 0.3)")
+    p.add_argument("--tst", type=float, default=100.0, help="drop a case when sum(m) < TST (default 100)")
+    p.add_argument("--ignore-uncertain", action="store_true",
+                   help="voxels with VPT <= m < 0.5 become nnU-Net's ignore label instead of background")
+    p.add_argument("--no-labeled", action="store_true", help="do not copy the teacher's labeled cases")
+    p.add_argument("-num_parts", type=int, default=1)
+    p.add_argument("-part_id", type=int, default=0)
+    p.add_argument("-device", default="cuda")
+
     p = sub.add_parser("convert", help="convert a public challenge dataset to an nnU-Net raw dataset",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  nnunet-ext convert wmh2017 -i WMH/training -d 521 [--test-input WMH/test]")
@@ -237,6 +261,14 @@ def run(argv: list[str] | None = None) -> int:
         res = predict(args.input, args.output, args.dataset, args.configuration, args.trainer, args.plans, args.folds,
                       args.checkpoint, args.device, args.disable_tta, args.save_probabilities, args.num_processes)
         print(f"{len(res['cases'])} cases -> {args.output} (threshold: {res['threshold']}, {res['threshold_source']})")
+    elif args.command == "pseudolabel":
+        from nnunet_ext.pseudolabel import pseudolabel
+
+        prov = pseudolabel(args.dataset, args.configuration, args.input, args.output, args.trainer, args.plans,
+                           args.folds, args.checkpoint, args.alpha, args.vpt, args.tst, args.ignore_uncertain,
+                           args.num_parts, args.part_id, args.device, include_labeled=not args.no_labeled)
+        kept = sum(v["kept"] for v in prov["cases"].values())
+        print(f"part {args.part_id}: {kept} of {len(prov['cases'])} cases kept -> {args.output}")
     elif args.command == "convert":
         import os
 

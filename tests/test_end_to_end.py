@@ -213,3 +213,64 @@ def test_lsr_with_ignore_label(tmp_path):
     sizes = np.load(pre / "nnunet_ext_lesion_sizes_cc26" / f"{case}.npy")
     seg = np.asarray(blosc2.open(str(pre / f"{case}_seg.b2nd"), mode="r")[:])[0]
     assert (seg == 2).any() and np.all(sizes[seg == 2] == 0) and np.all((sizes > 0) == (seg == 1))
+
+
+def _pseudo(env, root, out_name, *extra):
+    return subprocess.run([nnunet_command("nnunet-ext"), "pseudolabel", "-d", str(DATASET), "-c", "2d", "-tr",
+                           "ExtBaselineTrainer", "-f", "0", "-i", str(root / "imagesTs"), "-o", out_name, "--tst", "0",
+                           "-device", "cpu", *extra], env=env, capture_output=True, text=True)
+
+
+def test_pseudolabel_student_shards_and_resume(planned, tmp_path):
+    work, env, root = planned
+    if not (work / "nnUNet_results" / root.name / "ExtBaselineTrainer__nnUNetPlans__2d" / "fold_0" /
+            "checkpoint_final.pth").is_file():
+        train_and_predict(planned, "ExtBaselineTrainer")
+    r = _pseudo(env, root, "Dataset513_Student")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    student = work / "nnUNet_raw" / "Dataset513_Student"
+    ds = json.loads((student / "dataset.json").read_text())
+    prov = json.loads((student / "provenance.json").read_text())
+    assert sorted(prov["cases"]) == ["phantom_006", "phantom_007"] and prov["kept"] == ["phantom_006", "phantom_007"]
+    assert ds["numTraining"] == 6 + 2 and prov["parameters"] == {"alpha": 0.3, "vpt": 0.3, "tst": 0.0,
+                                                                   "ignore_uncertain": False}
+    m, _ = read_image(student / "lesionmapTr" / "phantom_006.nii.gz")
+    lab, _ = read_image(student / "labelsTr" / "phantom_006.nii.gz")
+    omega, _ = read_image(student / "confidenceTr" / "phantom_006.nii.gz")
+    assert np.array_equal(lab, (m >= 0.5).astype(lab.dtype)) and omega.min() >= np.exp(-0.3 * np.log(2)) - 1e-5
+    assert (student / "imagesTr" / "phantom_006_0000.nii.gz").is_file() and (student / "labelsTr" / "phantom_000.nii.gz").is_file()
+    # two shards give the same dataset as one run
+    for part in ("0", "1"):
+        r = _pseudo(env, root, "Dataset514_Shards", "-num_parts", "2", "-part_id", part)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    shards = work / "nnUNet_raw" / "Dataset514_Shards"
+    assert json.loads((shards / "provenance.json").read_text())["cases"].keys() == prov["cases"].keys()
+    for case in ("phantom_006", "phantom_007"):
+        assert np.array_equal(read_image(shards / "labelsTr" / f"{case}.nii.gz")[0],
+                              read_image(student / "labelsTr" / f"{case}.nii.gz")[0])
+    # an interrupted run (case 007 unfinished) continues: only that case is redone
+    (student / ".nnunet_ext_progress" / "phantom_007.json").unlink()
+    (student / "labelsTr" / "phantom_007.nii.gz").unlink()
+    r = _pseudo(env, root, "Dataset513_Student")
+    assert r.returncode == 0 and "2 cases, 1 already done" in r.stdout
+    assert np.array_equal(read_image(student / "labelsTr" / "phantom_007.nii.gz")[0],
+                          read_image(shards / "labelsTr" / "phantom_007.nii.gz")[0])
+    # the student trains on it with nnU-Net's own commands
+    subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", "513", "-c", "2d", "-np", "2"], env=env,
+                   check=True, capture_output=True)
+    r = subprocess.run([nnunet_command("nnUNetv2_train"), "513", "2d", "0", "-tr", "LSRTrainer", "-device", "cpu"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_pseudolabel_rejects_wrong_channels(planned, tmp_path):
+    work, env, root = planned
+    bad = tmp_path / "unl"
+    bad.mkdir()
+    img, sp = read_image(root / "imagesTs" / "phantom_006_0000.nii.gz")
+    write_image(img, sp, bad / "x_0000.nii.gz")
+    write_image(img, sp, bad / "x_0001.nii.gz")
+    r = subprocess.run([nnunet_command("nnunet-ext"), "pseudolabel", "-d", str(DATASET), "-c", "2d", "-tr",
+                        "ExtBaselineTrainer", "-i", str(bad), "-o", "Dataset515_Bad", "-device", "cpu"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "case x in" in r.stderr and "channels [0, 1]" in r.stderr

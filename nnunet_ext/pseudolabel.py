@@ -1,0 +1,231 @@
+"""Teacher-student pseudo-labelling with test-time-augmentation entropy filtering (Sedai et al.; Bar-Ilan).
+
+For every unlabeled scan the teacher (a trained nnU-Net) predicts under all flip combinations (8 in 3D,
+4 for 2d models); P is the mean of the flips' *probabilities* (nnU-Net itself averages logits):
+:class:`MeanProbabilityPredictor` overrides nnU-Net's one mirroring step so this costs no extra network
+pass. Then, per voxel,
+
+* entropy ``H = -sum_c P_c ln P_c`` (nats), confidence ``omega = exp(-alpha H)`` (alpha 0.3),
+* confidence-weighted lesion map ``m = P_lesion * omega``; voxels with ``m < VPT`` (0.3) are zeroed,
+* the case is dropped when ``sum(m) < TST`` (100 voxels' worth): it holds almost no confident lesion,
+* pseudo-label = ``m >= 0.5``; with ``ignore_uncertain`` voxels with ``VPT <= m < 0.5`` (some lesion
+  evidence, not enough for the label) become nnU-Net's ignore label instead of background, so the student
+  is not taught the teacher's doubts as negatives.
+
+This is our reading of the thesis' "confidence-weighted lesion map"; ``omega`` and ``m`` are written for
+every case (``confidenceTr/``, ``lesionmapTr/``) so other readings are one step away.
+
+Inside one sliding-window tile the flips' probabilities are averaged exactly; nnU-Net then blends
+overlapping tiles (Gaussian weights) and several folds by averaging what the mirroring step returns, here
+log-probabilities, i.e. a normalised geometric mean across tiles and folds.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnunet_ext.io import write_image
+
+PARAMS = {"alpha": 0.3, "vpt": 0.3, "tst": 100.0}
+
+
+def entropy(prob: np.ndarray) -> np.ndarray:
+    """Voxel entropy (nats) of class probabilities ``prob`` (C, ...)."""
+    p = np.clip(prob.astype(np.float64), 1e-12, 1.0)
+    return -(p * np.log(p)).sum(0)
+
+
+def confidence_filter(prob: np.ndarray, alpha: float = 0.3, vpt: float = 0.3, tst: float = 100.0,
+                      lesion_channel: int = 1) -> dict:
+    """omega, m (after VPT), the case's sum of m, whether it is kept, the pseudo-label and the uncertain
+    voxels, from class probabilities ``prob`` (C, ...)."""
+    if alpha < 0 or not 0 <= vpt <= 1 or tst < 0:
+        raise ValueError(f"need alpha >= 0, 0 <= VPT <= 1, TST >= 0; got alpha={alpha}, vpt={vpt}, tst={tst}")
+    omega = np.exp(-alpha * entropy(prob))
+    m_raw = prob[lesion_channel].astype(np.float64) * omega
+    m = np.where(m_raw >= vpt, m_raw, 0.0)
+    total = float(m.sum())
+    return {"omega": omega.astype(np.float32), "m": m.astype(np.float32), "sum_m": total, "keep": total >= tst,
+            "label": (m >= 0.5).astype(np.uint8), "uncertain": (m_raw >= vpt) & (m_raw < 0.5)}
+
+
+def _predictor_class():
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    class MeanProbabilityPredictor(nnUNetPredictor):
+        """nnU-Net's predictor whose mirroring step returns the log of the mean of the flips' softmax
+        probabilities (same network passes as nnU-Net's logit averaging)."""
+
+        def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+            if self.label_manager is not None and self.label_manager.has_regions:
+                raise NotImplementedError("pseudo-labelling supports softmax (label) models, not region models")
+            axes = self.allowed_mirroring_axes if self.use_mirroring else None
+            prob = torch.softmax(self.network(x).float(), 1)
+            n = 1
+            if axes:
+                axes = [a + 2 for a in axes]
+                for combo in itertools.chain.from_iterable(itertools.combinations(axes, k) for k in range(1, len(axes) + 1)):
+                    prob += torch.flip(torch.softmax(self.network(torch.flip(x, combo)).float(), 1), combo)
+                    n += 1
+            return torch.log((prob / n).clamp(min=1e-8))
+
+    return MeanProbabilityPredictor
+
+
+def _cases_of(folder: Path, ending: str, n_channels: int) -> dict[str, list[Path]]:
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(ending))
+    cases: dict[str, list[Path]] = {}
+    for p in files:
+        stem = p.name[: -len(ending)]
+        if len(stem) < 6 or stem[-5] != "_" or not stem[-4:].isdigit():
+            raise ValueError(f"{p}: image names must be <case>_<channel:04d>{ending} (nnU-Net's naming)")
+        cases.setdefault(stem[:-5], []).append(p)
+    for c, lst in cases.items():
+        chans = sorted(int(p.name[len(c) + 1:len(c) + 5]) for p in lst)
+        if chans != list(range(n_channels)):
+            raise ValueError(f"case {c} in {folder} has channels {chans}, the teacher expects {list(range(n_channels))}")
+    return {c: sorted(lst) for c, lst in cases.items()}
+
+
+def _check_geometry(files: list[Path]) -> None:
+    import SimpleITK as sitk
+
+    from nnunet_ext.io import check_same_geometry
+
+    imgs = [sitk.ReadImage(str(f)) for f in files]
+    for f, img in zip(files[1:], imgs[1:]):
+        check_same_geometry(files[0], imgs[0], f, img)
+    if imgs[0].GetDimension() != 3:
+        raise ValueError(f"{files[0]}: expected a 3D image")
+
+
+def _write_dataset_json(root: Path, teacher_ds: dict, ignore: bool) -> None:
+    labels = dict(teacher_ds["labels"])
+    if ignore:
+        labels["ignore"] = max(v for v in labels.values() if isinstance(v, int)) + 1
+    n = len([p for p in (root / "labelsTr").iterdir() if p.name.endswith(teacher_ds["file_ending"])])
+    ds = {k: v for k, v in teacher_ds.items() if k not in ("labels", "numTraining")}
+    ds.update({"labels": labels, "numTraining": n,
+               "description": "nnunet-ext student dataset: teacher's labeled cases + kept pseudo-labeled cases"})
+    tmp = root / ".tmp_dataset.json"
+    tmp.write_text(json.dumps(ds, indent=2))
+    os.replace(tmp, root / "dataset.json")
+
+
+def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_dataset: str, trainer: str = "nnUNetTrainer",
+                plans: str = "nnUNetPlans", folds=(0,), checkpoint: str = "checkpoint_final.pth", alpha: float = 0.3,
+                vpt: float = 0.3, tst: float = 100.0, ignore_uncertain: bool = False, num_parts: int = 1,
+                part_id: int = 0, device: str = "cuda", chunk: int = 4, include_labeled: bool = True,
+                progress: bool = True) -> dict:
+    """Write (or continue) the student dataset ``output_dataset`` (``DatasetXXX_Name`` under nnUNet_raw).
+    Returns this part's provenance."""
+    from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_ext.predict import model_folder
+
+    if not 0 <= part_id < num_parts:
+        raise ValueError(f"part_id must be in 0..{num_parts - 1}, got {part_id}")
+    confidence_filter(np.full((2, 1), 0.5), alpha, vpt, tst)  # validates the parameters
+    mdir = model_folder(teacher_dataset, configuration, trainer, plans)
+    teacher_name = maybe_convert_to_dataset_name(teacher_dataset)
+    teacher_ds = json.loads((mdir / "dataset.json").read_text())
+    ending, n_ch = teacher_ds["file_ending"], len(teacher_ds["channel_names"])
+    if not output_dataset.startswith("Dataset") or len(output_dataset) < 12 or not output_dataset[7:10].isdigit():
+        raise ValueError(f"output dataset must be named DatasetXXX_Name, got {output_dataset!r}")
+    root = Path(nnUNet_raw) / output_dataset
+    if output_dataset[7:10] == teacher_name[7:10]:
+        raise ValueError("the student dataset needs its own id")
+    unl = _cases_of(Path(unlabeled_dir), ending, n_ch)
+    if not unl:
+        raise ValueError(f"no images ending in {ending} in {unlabeled_dir}")
+    for d in ("imagesTr", "labelsTr", "confidenceTr", "lesionmapTr", ".nnunet_ext_progress"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    # the labeled cases of the teacher's dataset (copied once; same names)
+    teacher_raw = Path(nnUNet_raw) / teacher_name
+    if include_labeled and part_id == 0:
+        for lab in sorted((teacher_raw / "labelsTr").glob(f"*{ending}")):
+            case = lab.name[: -len(ending)]
+            if case in unl:
+                raise ValueError(f"unlabeled case {case} has the name of a labeled case of {teacher_name}")
+            if not (root / "labelsTr" / lab.name).exists():
+                for img in sorted((teacher_raw / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}")):
+                    shutil.copyfile(img, root / "imagesTr" / img.name)
+                shutil.copyfile(lab, root / "labelsTr" / (".tmp_" + lab.name))
+                os.replace(root / "labelsTr" / (".tmp_" + lab.name), root / "labelsTr" / lab.name)
+    mine = sorted(unl)[part_id::num_parts]
+    done_dir = root / ".nnunet_ext_progress"
+    todo = [c for c in mine if not (done_dir / f"{c}.json").exists()]
+    if progress:
+        print(f"pseudolabel part {part_id}/{num_parts}: {len(mine)} cases, {len(mine) - len(todo)} already done")
+    for c in todo:
+        _check_geometry(unl[c])
+    if todo:
+        predictor = _predictor_class()(device=torch.device(device), use_mirroring=True, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(mdir), tuple(folds), checkpoint)
+        scratch = root / ".nnunet_ext_scratch"
+        scratch.mkdir(exist_ok=True)
+        for k in range(0, len(todo), chunk):
+            batch = todo[k:k + chunk]
+            predictor.predict_from_files([[str(p) for p in unl[c]] for c in batch], [str(scratch / c) for c in batch],
+                                         save_probabilities=True, overwrite=True, num_processes_preprocessing=1,
+                                         num_processes_segmentation_export=1)
+            for c in batch:
+                _finish_case(c, unl[c], scratch, root, ending, alpha, vpt, tst, ignore_uncertain, teacher_ds)
+                if progress:
+                    print(f"  {c}: {json.loads((done_dir / f'{c}.json').read_text())['decision']}", flush=True)
+    prov = {"teacher": {"model": str(mdir), "dataset": teacher_name, "configuration": configuration,
+                        "trainer": trainer, "plans": plans, "folds": list(folds), "checkpoint": checkpoint},
+            "parameters": {"alpha": alpha, "vpt": vpt, "tst": tst, "ignore_uncertain": ignore_uncertain},
+            "part": [part_id, num_parts],
+            "cases": {c: json.loads((done_dir / f"{c}.json").read_text()) for c in mine}}
+    (root / f"provenance_part{part_id}of{num_parts}.json").write_text(json.dumps(prov, indent=1))
+    _merge_provenance(root, prov)
+    _write_dataset_json(root, teacher_ds, ignore_uncertain)
+    return prov
+
+
+def _finish_case(case, files, scratch: Path, root: Path, ending: str, alpha, vpt, tst, ignore_uncertain, teacher_ds):
+    import SimpleITK as sitk
+
+    with np.load(scratch / f"{case}.npz") as f:
+        prob = f["probabilities"]
+    res = confidence_filter(prob, alpha, vpt, tst)
+    ref = sitk.ReadImage(str(files[0]))
+    write_image(res["omega"], (), root / "confidenceTr" / f"{case}{ending}", reference=ref)
+    write_image(res["m"], (), root / "lesionmapTr" / f"{case}{ending}", reference=ref)
+    reason = "kept" if res["keep"] else f"dropped: sum(m) = {res['sum_m']:.1f} < TST = {tst:g}"
+    if res["keep"]:
+        label = res["label"]
+        if ignore_uncertain:
+            ignore = max(v for v in teacher_ds["labels"].values() if isinstance(v, int)) + 1
+            label = np.where(res["uncertain"], ignore, label).astype(np.uint8)
+        for p in files:
+            shutil.copyfile(p, root / "imagesTr" / p.name)
+        write_image(label, (), root / "labelsTr" / f"{case}{ending}", reference=ref)
+    for ext in (".npz", ".pkl", ending):
+        (scratch / f"{case}{ext}").unlink(missing_ok=True)
+    info = {"decision": reason, "kept": bool(res["keep"]), "sum_m": res["sum_m"],
+            "mean_omega": float(res["omega"].mean()), "label_voxels": int(res["label"].sum()),
+            "uncertain_voxels": int(res["uncertain"].sum())}
+    tmp = root / ".nnunet_ext_progress" / f".tmp_{case}.json"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, root / ".nnunet_ext_progress" / f"{case}.json")
+
+
+def _merge_provenance(root: Path, prov: dict) -> None:
+    merged = {k: v for k, v in prov.items() if k not in ("cases", "part")}
+    merged["cases"] = {}
+    for f in sorted(root.glob("provenance_part*of*.json")):
+        merged["cases"].update(json.loads(f.read_text())["cases"])
+    merged["kept"] = sorted(c for c, v in merged["cases"].items() if v["kept"])
+    merged["dropped"] = sorted(c for c, v in merged["cases"].items() if not v["kept"])
+    tmp = root / ".tmp_provenance.json"
+    tmp.write_text(json.dumps(merged, indent=1))
+    os.replace(tmp, root / "provenance.json")
