@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nnunet_ext.training.plumbing import DatasetWrapper, WithExtraSegChannel
+
 SOFT_FOLDER = "nnunet_ext_soft"
 SOFT_SCALE = 255.0
 
@@ -143,41 +145,29 @@ def load_soft(folder: Path, case: str) -> np.ndarray:
         return f["soft"]
 
 
-class WithSoftTargets:
+class WithSoftTargets(WithExtraSegChannel):
     """Wraps an nnU-Net dataset; ``load_case`` returns the segmentation with the soft map (0..255) as
     channel 1."""
 
+    remedy = "rerun nnunet-ext preprocess-soft with --overwrite"
+
     def __init__(self, base, folder: Path):
-        self.base, self.folder = base, Path(folder)
+        super().__init__(base)
+        self.folder = Path(folder)
 
-    def __getattr__(self, name):
-        if name in ("base", "folder"):
-            raise AttributeError(name)
-        return getattr(self.base, name)
-
-    def load_case(self, identifier):
-        data, seg, seg_prev, properties = self.base.load_case(identifier)
-        soft = load_soft(self.folder, identifier)
-        seg = np.asarray(seg[:])
-        if soft.shape != seg.shape[1:]:
-            raise RuntimeError(f"soft map {self.folder / identifier}.npz has shape {soft.shape}, segmentation "
-                               f"{seg.shape[1:]}: rerun nnunet-ext preprocess-soft with --overwrite")
-        return data, np.concatenate([seg, soft[None].astype(seg.dtype)]), seg_prev, properties
+    def load_extra(self, identifier):
+        return load_soft(self.folder, identifier)
 
 
-class WithRandomRater:
+class WithRandomRater(DatasetWrapper):
     """Wraps an nnU-Net dataset; every ``load_case`` replaces the label map by one rater's mask drawn at
     random (Lemay et al.'s "no fusion" strategy). Voxels outside nnU-Net's crop (-1) stay -1."""
 
     def __init__(self, base, folders):
-        self.base, self.folders = base, [Path(f) for f in folders]
+        super().__init__(base)
+        self.folders = [Path(f) for f in folders]
         if not self.folders:
             raise FileNotFoundError("no preprocessed rater folders: run nnunet-ext preprocess-soft --raters")
-
-    def __getattr__(self, name):
-        if name in ("base", "folders"):
-            raise AttributeError(name)
-        return getattr(self.base, name)
 
     def load_case(self, identifier):
         data, seg, seg_prev, properties = self.base.load_case(identifier)

@@ -120,10 +120,9 @@ def _rates(a: dict, voxel: bool = True) -> dict:
 def plot_operating_points(result: dict, png: str | os.PathLike, title: str = "") -> Path:
     """TPR-vs-FDR curves: voxel level (left) and lesion level per size bin (right), with the best
     segmentation (voxel F1) and best detection (lesion F1) operating points marked."""
-    import matplotlib
+    from nnunet_ext.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pts = result["points"]
     seg_t, det_t = result["best_segmentation"]["threshold"], result["best_detection"]["threshold"]
@@ -172,12 +171,7 @@ def plot_operating_points(result: dict, png: str | os.PathLike, title: str = "")
                  f"seg. optimum t={bs['threshold']:g} (voxel F1 {bs['voxel_f1']:.3f}, lesion F1 {bs['lesion_f1']:.3f})"
                  f"   det. optimum t={bd['threshold']:g} (voxel F1 {bd['voxel_f1']:.3f}, lesion F1 "
                  f"{bd['lesion_f1']:.3f})", fontsize=10)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 def write_sweep(result: dict, output_json, png=None, title: str = "") -> None:

@@ -64,10 +64,9 @@ def add_counts(a: dict | None, b: dict) -> dict:
 
 
 def reliability_diagram(counts: dict, png, title: str = "") -> Path:
-    import matplotlib
+    from nnunet_ext.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = np.asarray(counts["count"], float)
     k = len(n)
@@ -90,12 +89,7 @@ def reliability_diagram(counts: dict, png, title: str = "") -> Path:
     ax2.set_yscale("log")
     ax2.set_ylabel("voxels")
     ax2.set_xlabel("confidence max(p, 1-p)")
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 def soft_case_metrics(p: np.ndarray, ref: np.ndarray, soft_ref: np.ndarray | None = None, n_bins: int = 10) -> dict:

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from nnunet_ext.lsr import lesion_size_map
+from nnunet_ext.training.plumbing import WithExtraSegChannel
 
 
 def size_folder(preprocessed_config_folder: str, connectivity: int) -> Path:
@@ -40,22 +41,13 @@ def ensure_size_maps(dataset, folder: Path, classes: Sequence[int], connectivity
     return made
 
 
-class WithLesionSizes:
+class WithLesionSizes(WithExtraSegChannel):
     """Wraps an nnU-Net dataset; ``load_case`` returns the segmentation with the size map as channel 1."""
 
     def __init__(self, base, folder: Path):
-        self.base, self.folder = base, Path(folder)
+        super().__init__(base)
+        self.folder = Path(folder)
+        self.remedy = f"delete {self.folder} to recompute"
 
-    def __getattr__(self, name):
-        if name in ("base", "folder"):  # not yet set (e.g. while unpickling)
-            raise AttributeError(name)
-        return getattr(self.base, name)
-
-    def load_case(self, identifier):
-        data, seg, seg_prev, properties = self.base.load_case(identifier)
-        sizes = np.load(self.folder / f"{identifier}.npy", mmap_mode="r")
-        seg = np.asarray(seg[:])
-        if sizes.shape != seg.shape[1:]:
-            raise RuntimeError(f"lesion size map {self.folder / identifier}.npy has shape {sizes.shape}, "
-                               f"segmentation {seg.shape[1:]}: delete {self.folder} to recompute")
-        return data, np.concatenate([seg, sizes[None].astype(seg.dtype)]), seg_prev, properties
+    def load_extra(self, identifier):
+        return np.load(self.folder / f"{identifier}.npy", mmap_mode="r")

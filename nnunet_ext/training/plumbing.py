@@ -31,3 +31,39 @@ def refuse_unsupported(trainer, what: str, regions: bool = True, cascade: bool =
     if cascade and trainer.is_cascaded:
         raise NotImplementedError(f"{type(trainer).__name__}: cascaded configurations "
                                   f"({trainer.configuration_name}) are not supported by {what}")
+
+
+class DatasetWrapper:
+    """Base of our wrappers around an nnU-Net dataset: everything but ``load_case`` is the wrapped dataset's
+    (nnU-Net's data loader uses ``identifiers`` and ``load_case``)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __getattr__(self, name):
+        if name == "base":  # not set yet, e.g. while unpickling
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def load_case(self, identifier):
+        return self.base.load_case(identifier)
+
+
+class WithExtraSegChannel(DatasetWrapper):
+    """Returns the segmentation with a per-case map of the same grid stacked as channel 1, so nnU-Net's
+    cropping and augmentation treat it like the labels. Subclasses implement ``load_extra`` and name the
+    command that makes the maps in ``remedy``."""
+
+    remedy = ""
+
+    def load_extra(self, identifier):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load_case(self, identifier):
+        data, seg, seg_prev, properties = self.base.load_case(identifier)
+        extra = self.load_extra(identifier)
+        seg = np.asarray(seg[:])
+        if extra.shape != seg.shape[1:]:
+            raise RuntimeError(f"{type(self).__name__}: map of case {identifier} has shape {extra.shape}, its "
+                               f"segmentation {seg.shape[1:]}: {self.remedy}")
+        return data, np.concatenate([seg, extra[None].astype(seg.dtype)]), seg_prev, properties
