@@ -160,6 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-part_id", type=int, default=0)
     p.add_argument("-device", default="cuda")
 
+    p = sub.add_parser("submission", help="package a trained model as a challenge submission; test it locally",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  nnunet-ext submission build -d 521 -c 3d_fullres -tr LSRTrainer -f 0 1 2 3 4 "
+                              "--challenge wmh2017 -o wmh_submission\n"
+                              "  nnunet-ext submission test wmh_submission --input sample_subject/")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    b = ssub.add_parser("build", help="write the submission folder (model, Dockerfile, entrypoint, README)")
+    b.add_argument("-d", required=True, dest="dataset")
+    b.add_argument("-c", required=True, dest="configuration")
+    b.add_argument("-tr", default="nnUNetTrainer", dest="trainer")
+    b.add_argument("-p", default="nnUNetPlans", dest="plans")
+    b.add_argument("-f", nargs="+", type=int, default=[0, 1, 2, 3, 4], dest="folds")
+    b.add_argument("-chk", default="checkpoint_final.pth", dest="checkpoint")
+    b.add_argument("--challenge", required=True, choices=("generic", "wmh2017", "msseg2", "isbi2015"))
+    b.add_argument("--tag", default="nnunet-ext-submission", help="docker image tag used in the README")
+    b.add_argument("-o", required=True, dest="output")
+    t = ssub.add_parser("test", help="run the entrypoint locally (no Docker) and check names, geometry, values")
+    t.add_argument("folder")
+    t.add_argument("--input", required=True, help="sample input in the challenge's layout")
+    t.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    t.add_argument("-device", default="cpu")
+
     p = sub.add_parser("convert", help="convert a public challenge dataset to an nnU-Net raw dataset",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  nnunet-ext convert wmh2017 -i WMH/training -d 521 [--test-input WMH/test]")
@@ -269,6 +291,18 @@ def run(argv: list[str] | None = None) -> int:
                            args.num_parts, args.part_id, args.device, include_labeled=not args.no_labeled)
         kept = sum(v["kept"] for v in prov["cases"].values())
         print(f"part {args.part_id}: {kept} of {len(prov['cases'])} cases kept -> {args.output}")
+    elif args.command == "submission":
+        from nnunet_ext import submission
+
+        if args.action == "build":
+            out = submission.build(args.output, args.dataset, args.configuration, args.trainer, args.plans, args.folds,
+                                   args.challenge, args.checkpoint, args.tag)
+            print(f"wrote {out} (see {out / 'README.md'})")
+        else:
+            ok, rows = submission.check_submission(args.folder, args.input, args.work, args.device)
+            print(submission.format_rows(rows))
+            print("PASS" if ok else "FAIL")
+            return 0 if ok else 1
     elif args.command == "convert":
         import os
 

@@ -1,0 +1,84 @@
+"""What the submission's entrypoint runs: install the packaged model (once), predict the challenge's input,
+write the challenge's outputs in the reference input's geometry."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def install(sub: Path, results: Path, cfg: dict) -> Path:
+    """Safely extract model.zip into ``results`` (if not done) and put the model extras beside the folds."""
+    from nnunet_ext.submission import safe_extract
+
+    mdir = results / cfg["dataset"] / f"{cfg['trainer']}__{cfg['plans']}__{cfg['configuration']}"
+    if not all((mdir / f"fold_{f}" / cfg["checkpoint"]).is_file() for f in cfg["folds"]):
+        results.mkdir(parents=True, exist_ok=True)
+        safe_extract(sub / "model.zip", results)
+    for f in cfg["folds"]:
+        extras = sub / "model_extras" / f"fold_{f}"
+        if extras.is_dir():
+            for j in extras.glob("*.json"):
+                shutil.copyfile(j, mdir / f"fold_{f}" / j.name)
+    return mdir
+
+
+def main(sub_dir) -> int:
+    ap = argparse.ArgumentParser(description="nnunet-ext challenge submission entrypoint")
+    ap.add_argument("--input", default="/input")
+    ap.add_argument("--output", default="/output")
+    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--install-only", action="store_true", help="only install the model (Docker build step)")
+    args = ap.parse_args()
+    sub = Path(sub_dir)
+    cfg = json.loads((sub / "submission.json").read_text())
+    results = Path(os.environ.get("nnUNet_results") or (sub / "results"))
+    mdir = install(sub, results, cfg)
+    if args.install_only:
+        print(f"model installed in {mdir}")
+        return 0
+
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_ext.submission.layouts import cases_for
+    from nnunet_ext.thresholds import combined_threshold
+
+    cases = cases_for(cfg["challenge"], args.input, args.output, cfg["n_channels"], cfg["file_ending"])
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    th = combined_threshold(mdir, cfg["folds"])
+    predictor = nnUNetPredictor(device=torch.device(args.device), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(mdir), tuple(cfg["folds"]), cfg["checkpoint"])
+    with tempfile.TemporaryDirectory() as tmp:
+        predictor.predict_from_files([[str(p) for p in c.channels] for c in cases],
+                                     [str(Path(tmp) / c.case_id) for c in cases], save_probabilities=th is not None,
+                                     overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
+        for c in cases:
+            ref = sitk.ReadImage(str(c.reference))
+            seg = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(tmp) / f"{c.case_id}{cfg['file_ending']}")))
+            if th is not None:
+                with np.load(Path(tmp) / f"{c.case_id}.npz") as f:
+                    seg = f["probabilities"][1] >= th["threshold"]
+            seg = (np.asarray(seg) == 1).astype(np.uint8)  # lesion label 1; ignore-label models never predict it
+            if seg.shape != sitk.GetArrayViewFromImage(ref).shape:
+                raise RuntimeError(f"{c.case_id}: prediction shape {seg.shape} differs from {c.reference}")
+            out = sitk.GetImageFromArray(seg)
+            out.CopyInformation(ref)
+            c.output.parent.mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(out, str(c.output), True)
+            print(f"{c.case_id} -> {c.output}" + (f" (threshold {th['threshold']})" if th else ""))
+    return 0
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
