@@ -3,7 +3,8 @@
 Runs ``nnUNetv2_predict`` (same model selection flags) with probabilities, then writes for every case
 ``<out>/<case>.nii.gz`` (binary mask: the lesion probability at the Dice-optimal validation threshold stored
 with the model, see nnunet_ext.thresholds; nnU-Net's argmax when the model has none) and
-``<out>/soft/<case>.nii.gz`` (the lesion probability, float32), both in the input's geometry.
+``<out>/soft/<case>.nii.gz`` (the soft output, float32: the lesion probability, or SoftSeg's normalized
+ReLU for SoftSegTrainer models), both in the input's geometry.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import SimpleITK as sitk
 
 from nnunet_ext.io import write_image
 from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
-from nnunet_ext.thresholds import combined_threshold
+from nnunet_ext.thresholds import combined_threshold, soft_output
 
 
 def model_folder(dataset, configuration: str, trainer: str, plans: str) -> Path:
@@ -52,7 +53,7 @@ def predict(input_dir, output_dir, dataset, configuration: str, trainer: str = "
     ending = json.loads((mdir / "dataset.json").read_text())["file_ending"]
     for case in cases:
         with np.load(out / f"{case}.npz") as f:
-            prob = f["probabilities"][1].astype(np.float32)
+            prob = soft_output(f["probabilities"], th["activation"] if th else "softmax")
         ref = sitk.ReadImage(str(out / f"{case}{ending}"))  # nnU-Net's mask: the input's geometry
         write_image(prob, (), out / "soft" / f"{case}{ending}", reference=ref)
         if th is not None:

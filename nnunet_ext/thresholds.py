@@ -15,6 +15,21 @@ import numpy as np
 
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))
 FILE = "nnunet_ext_threshold.json"
+ACTIVATIONS = ("softmax", "normalized_relu")
+
+
+def soft_output(prob: np.ndarray, activation: str = "softmax") -> np.ndarray:
+    """The model's soft lesion map from nnU-Net's class probabilities ``prob`` (C, ...): the lesion
+    probability (``softmax``), or SoftSeg's normalized ReLU of the lesion logit ``z1 - z0 = ln p1 - ln p0``
+    over the whole case (``normalized_relu``)."""
+    if activation == "softmax":
+        return prob[1].astype(np.float32)
+    if activation == "normalized_relu":
+        p = np.clip(prob.astype(np.float64), 1e-12, 1.0)
+        d = np.maximum(np.log(p[1]) - np.log(p[0]), 0.0)
+        mx = d.max()
+        return (d / mx if mx > 0 else d).astype(np.float32)
+    raise ValueError(f"unknown output activation {activation!r}; known: {ACTIVATIONS}")
 
 
 def threshold_counts(prob: np.ndarray, ref: np.ndarray, thresholds=THRESHOLDS) -> dict[str, list[int]]:
@@ -38,11 +53,11 @@ def best_threshold(counts: dict, thresholds=THRESHOLDS) -> tuple[float, list[flo
     return float(thresholds[order[0]]), dice.round(6).tolist()
 
 
-def fold_threshold_from_validation(fold_dir: str | Path, gt_dir: str | Path, file_ending: str = ".nii.gz") -> dict:
-    """Counts per threshold over a fold's ``validation/<case>.npz`` against ``gt_dir/<case><ending>``;
-    written to ``fold_dir/nnunet_ext_threshold.json``."""
+def fold_threshold_from_validation(fold_dir: str | Path, gt_dir: str | Path, file_ending: str = ".nii.gz",
+                                   activation: str = "softmax") -> dict:
+    """Counts per threshold of the soft output (``activation``) over a fold's ``validation/<case>.npz``
+    against ``gt_dir/<case><ending>``; written to ``fold_dir/nnunet_ext_threshold.json``."""
     from nnunet_ext.io import read_image
-    from nnunet_ext.metrics.operating_points import load_probabilities
 
     fold_dir, gt_dir = Path(fold_dir), Path(gt_dir)
     files = sorted((fold_dir / "validation").glob("*.npz"))
@@ -52,26 +67,29 @@ def fold_threshold_from_validation(fold_dir: str | Path, gt_dir: str | Path, fil
     for f in files:
         case = f.name[:-4]
         ref, _ = read_image(gt_dir / f"{case}{file_ending}")
-        c = threshold_counts(load_probabilities(f), ref == 1)
+        with np.load(f) as z:
+            c = threshold_counts(soft_output(z["probabilities"], activation), ref == 1)
         total = c if total is None else {k: [a + b for a, b in zip(total[k], c[k])] for k in total}
     t, dice = best_threshold(total)
-    out = {"thresholds": list(THRESHOLDS), **total, "dice": dice, "best_threshold": t, "n_cases": len(files)}
+    out = {"thresholds": list(THRESHOLDS), **total, "dice": dice, "best_threshold": t, "n_cases": len(files),
+           "activation": activation}
     (fold_dir / FILE).write_text(json.dumps(out, indent=1))
     return out
 
 
 def combined_threshold(model_dir: str | Path, folds) -> dict | None:
     """Best threshold over the given folds' stored counts; None when no fold has any."""
-    total, used = None, []
+    total, used, activation = None, [], "softmax"
     for f in folds:
         p = Path(model_dir) / f"fold_{f}" / FILE
         if not p.is_file():
             continue
         c = json.loads(p.read_text())
+        activation = c.get("activation", "softmax")
         total = {k: c[k] for k in ("tp", "fp", "fn")} if total is None else \
             {k: [a + b for a, b in zip(total[k], c[k])] for k in total}
         used.append(f)
     if total is None:
         return None
     t, dice = best_threshold(total)
-    return {"threshold": t, "folds": used, "dice": dice, "thresholds": list(THRESHOLDS)}
+    return {"threshold": t, "folds": used, "dice": dice, "thresholds": list(THRESHOLDS), "activation": activation}

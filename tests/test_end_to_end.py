@@ -129,6 +129,7 @@ def test_preprocess_soft_and_soft_trainers(planned, tmp_path):
         assert len(list(pred.glob("*.nii.gz"))) == 2
         th = json.loads((out / "fold_0" / "nnunet_ext_threshold.json").read_text())
         assert len(th["dice"]) == 19 and th["best_threshold"] in th["thresholds"]
+        assert th["activation"] == ("normalized_relu" if trainer == "SoftSegTrainer" else "softmax")
         stored[trainer] = th["best_threshold"]
     # nnunet-ext predict applies the stored threshold and writes soft maps in the input geometry
     ours = tmp_path / "soft_pred"

@@ -161,3 +161,16 @@ def test_threshold_search_by_hand(tmp_path):
     # pooled: 0.25-0.3 tp 4 fp 3 fn 0 (dice 8/11); 0.65-0.7 tp 3 fp 0 fn 1 (6/7, best; tie -> nearer 0.5)
     assert both["threshold"] == 0.65 and both["folds"] == [0, 1]
     assert combined_threshold(tmp_path, [5]) is None
+
+
+def test_soft_output_activations():
+    from nnunet_ext.thresholds import soft_output
+
+    p1 = np.array([0.5, 0.8, 0.2, 0.9])
+    prob = np.stack([1 - p1, p1])
+    assert np.allclose(soft_output(prob), p1)
+    # lesion logit ln(p1/p0): 0, ln 4, -ln 4, ln 9 -> relu / max = 0, ln4/ln9, 0, 1
+    assert np.allclose(soft_output(prob, "normalized_relu"), [0, np.log(4) / np.log(9), 0, 1], atol=1e-6)
+    assert np.all(soft_output(np.stack([p1 * 0 + 1, p1 * 0]), "normalized_relu") == 0)
+    with pytest.raises(ValueError, match="activation"):
+        soft_output(prob, "tanh")

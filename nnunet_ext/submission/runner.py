@@ -47,7 +47,7 @@ def main(sub_dir) -> int:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunet_ext.submission.layouts import cases_for
-    from nnunet_ext.thresholds import combined_threshold
+    from nnunet_ext.thresholds import combined_threshold, soft_output
 
     cases = cases_for(cfg["challenge"], args.input, args.output, cfg["n_channels"], cfg["file_ending"])
     Path(args.output).mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def main(sub_dir) -> int:
             seg = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(tmp) / f"{c.case_id}{cfg['file_ending']}")))
             if th is not None:
                 with np.load(Path(tmp) / f"{c.case_id}.npz") as f:
-                    seg = f["probabilities"][1] >= th["threshold"]
+                    seg = soft_output(f["probabilities"], th["activation"]) >= th["threshold"]
             seg = (np.asarray(seg) == 1).astype(np.uint8)  # lesion label 1; ignore-label models never predict it
             if seg.shape != sitk.GetArrayViewFromImage(ref).shape:
                 raise RuntimeError(f"{c.case_id}: prediction shape {seg.shape} differs from {c.reference}")

@@ -18,6 +18,8 @@ class SoftTargetTrainer(ExtTrainer):
     """Base: training targets carry the preprocessed soft map (channel 1) through nnU-Net's augmentation and
     deep supervision. Validation keeps nnU-Net's hard targets. One lesion class only."""
 
+    output_activation = "softmax"  # how the soft output is read from the logits (nnunet_ext.thresholds)
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -41,7 +43,10 @@ class SoftTargetTrainer(ExtTrainer):
         if self.local_rank == 0:
             fold_threshold_from_validation(self.output_folder,
                                            os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
-                                           self.dataset_json["file_ending"])
+                                           self.dataset_json["file_ending"], self.output_activation)
+
+    def ext_settings(self) -> dict:
+        return {**super().ext_settings(), "output_activation": self.output_activation}
 
 
 class SoftDiceTrainer(SoftTargetTrainer):
@@ -55,7 +60,10 @@ class SoftDiceTrainer(SoftTargetTrainer):
 class SoftSegTrainer(SoftTargetTrainer):
     """SoftSeg (Gros et al. 2021): normalized ReLU of the lesion logit + Adaptive Wing loss on soft targets.
     The activation lives in the loss; nnU-Net's inference applies its softmax, whose argmax is exactly the
-    normalized ReLU's support (lesion logit > background logit)."""
+    normalized ReLU's support (lesion logit > background logit); ``nnunet-ext predict`` writes the normalized
+    ReLU map and thresholds it."""
+
+    output_activation = "normalized_relu"
 
     def _build_loss(self):
         return wrap_deep_supervision(self, AdaptiveWingLoss(ignore_label=self.label_manager.ignore_label))
