@@ -147,11 +147,18 @@ class SoftDiceBCELoss(nn.Module):
         return self.weight_dice * dice.mean() + self.weight_bce * bce
 
 
-def normalized_relu(x: torch.Tensor) -> torch.Tensor:
+def normalized_relu(x: torch.Tensor, leak: float = 0.0) -> torch.Tensor:
     """SoftSeg's output activation: ``relu(x) / max(relu(x))`` per sample (over all but the batch axis);
-    0 where the maximum is 0."""
+    0 where the maximum is 0.
+
+    ``leak > 0`` changes only the backward pass: negative inputs get gradient ``leak / max(max, 1e-3)``
+    (straight-through), so units that went negative everywhere can recover. The forward value is unchanged."""
     r = F.relu(x)
     mx = r.flatten(1).max(1).values.view(-1, *([1] * (r.ndim - 1)))
+    if leak > 0:
+        neg = (x < 0).to(x.dtype)
+        r = r + leak * neg * (x - x.detach())  # adds 0 to the value, leak to the gradient of negative inputs
+        return r / mx.clamp(min=1e-3)
     return torch.where(mx > 0, r / mx.clamp(min=torch.finfo(r.dtype).tiny), torch.zeros_like(r))
 
 
@@ -162,16 +169,22 @@ class AdaptiveWingLoss(nn.Module):
     ``omega ln(1 + |(y - p) / eps|^(a - y))`` where ``|y - p| < theta``, else ``A |y - p| - C`` with
     ``A = omega (a - y) (theta/eps)^(a - y - 1) / (eps (1 + (theta/eps)^(a - y)))`` and
     ``C = theta A - omega ln(1 + (theta/eps)^(a - y))`` (continuous at theta). Defaults epsilon=1, a=2.1,
-    theta=0.5, omega=8. The prediction is SoftSeg's normalized ReLU of the lesion logit."""
+    theta=0.5, omega=8. The prediction is SoftSeg's normalized ReLU of the lesion logit; ``leak`` (default
+    0.01) lets gradient through negative logits (forward unchanged, see :func:`normalized_relu`): with tiny
+    lesions, plain normalized ReLU drove every logit negative within one epoch and never recovered.
+    ``leak=0`` is SoftSeg exactly."""
 
     def __init__(self, omega: float = 8.0, theta: float = 0.5, epsilon: float = 1.0, alpha: float = 2.1,
-                 ignore_label: int | None = None):
+                 ignore_label: int | None = None, leak: float = 0.01):
         super().__init__()
         if omega <= 0 or theta <= 0 or epsilon <= 0:
             raise ValueError("omega, theta and epsilon must be > 0")
         if alpha <= 1:
             raise ValueError(f"alpha must be > 1 (the exponent alpha - y must stay > 0 for y in [0, 1]), got {alpha}")
+        if leak < 0:
+            raise ValueError(f"leak must be >= 0, got {leak}")
         self.omega, self.theta, self.epsilon, self.alpha, self.ignore_label = omega, theta, epsilon, alpha, ignore_label
+        self.leak = leak
 
     def elementwise(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         diff = (y - p).abs()
@@ -183,7 +196,7 @@ class AdaptiveWingLoss(nn.Module):
         return torch.where(diff < self.theta, small, a * diff - c)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        p = normalized_relu(_lesion_logit(logits))
+        p = normalized_relu(_lesion_logit(logits), self.leak)
         y = _soft_target(target)
         _, mask = _labels_and_mask(target, self.ignore_label)
         loss = self.elementwise(p, y)

@@ -174,3 +174,17 @@ def test_soft_output_activations():
     assert np.all(soft_output(np.stack([p1 * 0 + 1, p1 * 0]), "normalized_relu") == 0)
     with pytest.raises(ValueError, match="activation"):
         soft_output(prob, "tanh")
+
+
+def test_leaky_normalized_relu_same_value_gradient_through_negatives():
+    x = torch.tensor([[-2.0, 1.0, 4.0]], requires_grad=True)
+    plain = normalized_relu(x)
+    leaky = normalized_relu(x, leak=0.01)
+    assert torch.allclose(plain, leaky)
+    leaky[0, 0].backward()
+    assert x.grad[0, 0].item() == pytest.approx(0.01 / 4.0)
+    dead = torch.tensor([[-2.0, -1.0]], requires_grad=True)
+    out = normalized_relu(dead, leak=0.01)
+    assert torch.all(out == 0)
+    out.sum().backward()
+    assert torch.all(dead.grad > 0)  # a network with only negative logits still gets a signal
