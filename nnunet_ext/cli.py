@@ -214,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raw_folder(args) -> str:
+    """``--raw`` or ``$nnUNet_raw``; exits with a message when neither is given."""
+    import os
+
+    raw = args.raw or os.environ.get("nnUNet_raw")
+    if not raw:
+        raise SystemExit("error: set nnUNet_raw or pass --raw")
+    return raw
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "trainers-path":
@@ -221,13 +231,9 @@ def run(argv: list[str] | None = None) -> int:
 
         print(trainers_path())
     elif args.command == "phantom":
-        import os
-
         from nnunet_ext.phantom import PhantomConfig, parse_difficulty, write_phantom_dataset
 
-        raw = args.raw or os.environ.get("nnUNet_raw")
-        if not raw:
-            raise SystemExit("error: set nnUNet_raw or pass --raw")
+        raw = _raw_folder(args)
         cfg = PhantomConfig(shape=args.shape, spacing=args.spacing, difficulty=parse_difficulty(args.difficulty),
                             raters=args.raters, soft=args.soft, timepoints=args.timepoints,
                             sites=tuple(args.site_spacing or ()), seed=args.seed)
@@ -304,13 +310,9 @@ def run(argv: list[str] | None = None) -> int:
             print("PASS" if ok else "FAIL")
             return 0 if ok else 1
     elif args.command == "convert":
-        import os
-
         from nnunet_ext.dataset_conversion import isbi2015, msseg2016, wmh2017
 
-        raw = args.raw or os.environ.get("nnUNet_raw")
-        if not raw:
-            raise SystemExit("error: set nnUNet_raw or pass --raw")
+        raw = _raw_folder(args)
         if args.challenge == "wmh2017":
             root = wmh2017.convert(args.input, raw, args.dataset_id, args.name or "WMH2017", args.test_input)
         elif args.challenge == "isbi2015":

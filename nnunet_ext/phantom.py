@@ -429,12 +429,9 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, n_train:
     """
     if n_train < 1 or n_test < 0:
         raise ValueError("need at least one training case and a non-negative number of test cases")
-    if not 1 <= dataset_id <= 999:
-        raise ValueError(f"dataset id must be in 1..999, got {dataset_id}")
-    root = Path(raw_root) / dataset_folder_name(dataset_id, name)
-    existing = [p for p in Path(raw_root).glob(f"Dataset{dataset_id:03d}_*") if p != root]
-    if existing:
-        raise ValueError(f"dataset id {dataset_id} is already used by {existing[0]}")
+    from nnunet_ext.dataset_conversion.common import target_folder
+
+    root = target_folder(raw_root, dataset_id, name)
     root.mkdir(parents=True, exist_ok=True)
     jobs = [(cfg, i, root, "train" if i < n_train else "test", f"phantom_{i:03d}") for i in range(n_train + n_test)]
     table, sites = {}, {}
