@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  nnunet-ext phantom -d 501 --cases 20 --shape 64 64 64 --seed 0\n"
                               "  nnunet-ext phantom -d 502 --cases 10 --raters 3 --soft\n"
                               "  nnunet-ext phantom -d 503 --cases 10 --timepoints 2\n"
-                              "  nnunet-ext phantom -d 504 --cases 10 --site-spacing 1 1 1 --site-spacing 1 1 3")
+                              "  nnunet-ext phantom -d 504 --cases 10 --site-spacing 1 1 1 --site-spacing 1 1 3\n"
+                              "  nnunet-ext phantom -d 505 --cases 12 --cohort all --cohort no_small")
     p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
     p.add_argument("--name", default="MSPhantom", help="dataset name (folder Dataset<ID>_<NAME>)")
     p.add_argument("--cases", type=int, default=20, help="training cases (imagesTr/labelsTr)")
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="2: two FLAIR channels, label = new lesions at time point 2")
     p.add_argument("--site-spacing", type=float, nargs=3, action="append", default=None, metavar=("X", "Y", "Z"),
                    help="add a site with this spacing (repeat); cases are assigned to sites in turn")
+    p.add_argument("--cohort", action="append", default=None, choices=("all", "no_small"),
+                   help="add a cohort with this labelling protocol (repeat); cases are assigned to cohorts in turn, "
+                        "no_small training labels omit lesions of <= 10 voxels; writes cohorts.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", default=None, help="raw folder (default: $nnUNet_raw)")
     p.add_argument("-np", "--num-processes", type=int, default=1)
@@ -122,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="nnUNetv2_predict plus stored thresholds and soft maps",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  nnunet-ext predict -i imagesTs -o pred -d 502 -c 2d -tr SoftDiceTrainer -f 0")
+                       epilog="examples:\n  nnunet-ext predict -i imagesTs -o pred -d 502 -c 2d -tr SoftDiceTrainer -f 0\n"
+                              "  nnunet-ext predict -i imagesTs -o pred -d 505 -c 2d -tr SCINTrainer --cohort cohort0_all\n"
+                              "  nnunet-ext predict -i imagesTs -o pred -d 504 -c 2d -tr ResolutionFiLMTrainer")
     p.add_argument("-i", required=True, dest="input")
     p.add_argument("-o", required=True, dest="output")
     p.add_argument("-d", required=True, dest="dataset")
@@ -134,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-device", default="cuda")
     p.add_argument("--disable_tta", action="store_true")
     p.add_argument("--save_probabilities", action="store_true", help="keep nnU-Net's <case>.npz files")
+    p.add_argument("--cohort", default=None,
+                   help="SCIN models: the cohort (from the training cohorts.json) whose labelling style to predict in")
     p.add_argument("-np", "--num-processes", type=int, default=1)
 
     p = sub.add_parser("pseudolabel", help="teacher pseudo-labels unlabeled scans (flip-TTA entropy filter) -> student dataset",
@@ -236,7 +244,7 @@ def run(argv: list[str] | None = None) -> int:
         raw = _raw_folder(args)
         cfg = PhantomConfig(shape=args.shape, spacing=args.spacing, difficulty=parse_difficulty(args.difficulty),
                             raters=args.raters, soft=args.soft, timepoints=args.timepoints,
-                            sites=tuple(args.site_spacing or ()), seed=args.seed)
+                            sites=tuple(args.site_spacing or ()), cohorts=tuple(args.cohort or ()), seed=args.seed)
         root = write_phantom_dataset(raw, args.dataset_id, args.cases, cfg, n_test=args.test_cases, name=args.name,
                                      num_workers=args.num_processes)
         print(f"wrote {root}")
@@ -287,7 +295,8 @@ def run(argv: list[str] | None = None) -> int:
         from nnunet_ext.predict import predict
 
         res = predict(args.input, args.output, args.dataset, args.configuration, args.trainer, args.plans, args.folds,
-                      args.checkpoint, args.device, args.disable_tta, args.save_probabilities, args.num_processes)
+                      args.checkpoint, args.device, args.disable_tta, args.save_probabilities, args.num_processes,
+                      cohort=args.cohort)
         print(f"{len(res['cases'])} cases -> {args.output} (threshold: {res['threshold']}, {res['threshold_source']})")
     elif args.command == "pseudolabel":
         from nnunet_ext.pseudolabel import pseudolabel

@@ -25,7 +25,10 @@ the number of mimics together; see :func:`difficulty_settings`.
 Options used by later parts of the package: ``raters`` (per-rater masks with boundary perturbation and
 rater-specific omission of small lesions), ``soft`` (partial-volume soft labels), ``timepoints=2``
 (second FLAIR with new lesions; the label is the new-lesion mask) and ``sites`` (voxel spacings; cases are
-assigned to sites in turn and resampled to their site's grid).
+assigned to sites in turn and resampled to their site's grid) and ``cohorts`` (labelling protocols: cases are
+assigned to cohorts in turn; a ``no_small`` cohort's training labels omit lesions of 10 voxels or fewer, as
+some centres' protocols do; test labels always follow the original protocol, all lesions; the assignment
+is written to ``cohorts.json``).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from nnunet_ext.io import write_image
 
 DIFFICULTY_LEVELS = {"easy": 0.0, "medium": 0.5, "hard": 1.0}
 
+PROTOCOLS = {"all": 0, "no_small": 10}  # labelling protocol -> largest lesion size (voxels) left unlabelled
 WM, GM, CSF = 0.60, 0.75, 0.12  # FLAIR-like tissue intensities
 SCALP, SKULL = 0.50, 0.05
 
@@ -61,12 +65,17 @@ class PhantomConfig:
     soft: bool = False
     timepoints: int = 1
     sites: tuple[tuple[float, float, float], ...] = ()  # spacings (x, y, z); empty = one site at `spacing`
+    cohorts: tuple[str, ...] = ()  # labelling protocol per cohort: "all" or "no_small"; empty = no cohorts
     seed: int = 0
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
         self.spacing = tuple(float(s) for s in self.spacing)
         self.sites = tuple(tuple(float(v) for v in s) for s in self.sites)
+        self.cohorts = tuple(self.cohorts)
+        bad = [c for c in self.cohorts if c not in PROTOCOLS]
+        if bad:
+            raise ValueError(f"cohort protocols must be among {sorted(PROTOCOLS)}, got {bad}")
         if len(self.shape) != 3 or min(self.shape) < 16:
             raise ValueError(f"shape must be three sizes of at least 16 voxels, got {self.shape}")
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
@@ -339,6 +348,23 @@ class PhantomCase:
     soft: np.ndarray | None = None  # float32 partial-volume soft label in [0, 1]
     raters: list[np.ndarray] = field(default_factory=list)
     site: int = 0
+    cohort: str | None = None
+
+
+def cohort_names(cfg: PhantomConfig) -> list[str]:
+    """Names of the phantom's cohorts: ``cohort<k>_<protocol>``."""
+    return [f"cohort{k}_{p}" for k, p in enumerate(cfg.cohorts)]
+
+
+def apply_protocol(label: np.ndarray, protocol: str) -> np.ndarray:
+    """``label`` as a cohort with labelling ``protocol`` would draw it (lesions up to the protocol's size
+    limit removed, 26-connected components)."""
+    import cc3d
+
+    limit = PROTOCOLS[protocol]
+    if limit == 0 or not label.any():
+        return label
+    return cc3d.dust(label.astype(np.uint8), threshold=limit + 1, connectivity=26, in_place=False)
 
 
 def generate_case(cfg: PhantomConfig, index: int) -> PhantomCase:
@@ -392,16 +418,19 @@ def generate_case(cfg: PhantomConfig, index: int) -> PhantomCase:
         spacing = target
     return PhantomCase(images=[im.astype(np.float32) for im in images], label=label.astype(np.uint8),
                        spacing_zyx=spacing, soft=soft.astype(np.float32) if cfg.soft else None,
-                       raters=raters, site=site)
+                       raters=raters, site=site,
+                       cohort=cohort_names(cfg)[index % len(cfg.cohorts)] if cfg.cohorts else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # dataset writer
 
 
-def _write_case(args) -> tuple[str, list[dict], int]:
+def _write_case(args) -> tuple[str, list[dict], int, str | None]:
     cfg, index, root, split, case_id = args
     case = generate_case(cfg, index)
+    if case.cohort is not None and split == "train":
+        case.label = apply_protocol(case.label, cfg.cohorts[cohort_names(cfg).index(case.cohort)])
     img_dir, lab_dir = ("imagesTr", "labelsTr") if split == "train" else ("imagesTs", "labelsTs")
     for ch, im in enumerate(case.images):
         write_image(im, case.spacing_zyx, root / img_dir / f"{case_id}_{ch:04d}.nii.gz")
@@ -411,7 +440,7 @@ def _write_case(args) -> tuple[str, list[dict], int]:
         write_image(case.soft, case.spacing_zyx, root / f"softlabels{suffix}" / f"{case_id}.nii.gz")
     for k, r in enumerate(case.raters, start=1):
         write_image(r, case.spacing_zyx, root / f"raters{suffix}" / f"rater{k}" / f"{case_id}.nii.gz")
-    return case_id, lesion_table(case.label, case.spacing_zyx), case.site
+    return case_id, lesion_table(case.label, case.spacing_zyx), case.site, case.cohort
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
@@ -434,18 +463,18 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, n_train:
     root = target_folder(raw_root, dataset_id, name)
     root.mkdir(parents=True, exist_ok=True)
     jobs = [(cfg, i, root, "train" if i < n_train else "test", f"phantom_{i:03d}") for i in range(n_train + n_test)]
-    table, sites = {}, {}
+    table, sites, cohorts = {}, {}, {}
     if num_workers > 1:
         with ProcessPoolExecutor(num_workers) as ex:
             results = ex.map(_write_case, jobs)
-            for k, (cid, rows, site) in enumerate(results, 1):
-                table[cid], sites[cid] = rows, site
+            for k, (cid, rows, site, cohort) in enumerate(results, 1):
+                table[cid], sites[cid], cohorts[cid] = rows, site, cohort
                 if progress:
                     print(f"\rphantom: {k}/{len(jobs)} cases", end="", flush=True)
     else:
         for k, job in enumerate(jobs, 1):
-            cid, rows, site = _write_case(job)
-            table[cid], sites[cid] = rows, site
+            cid, rows, site, cohort = _write_case(job)
+            table[cid], sites[cid], cohorts[cid] = rows, site, cohort
             if progress:
                 print(f"\rphantom: {k}/{len(jobs)} cases", end="", flush=True)
     if progress:
@@ -461,6 +490,8 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, n_train:
     }
     (root / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     (root / "lesions.json").write_text(json.dumps(table, indent=1))
+    if cfg.cohorts:
+        (root / "cohorts.json").write_text(json.dumps(cohorts, indent=1))
     meta = asdict(cfg)
     meta.update({"n_train": n_train, "n_test": n_test, "difficulty_settings": difficulty_settings(cfg.difficulty),
                  "sites_of_cases": sites})

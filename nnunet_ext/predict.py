@@ -5,11 +5,16 @@ Runs ``nnUNetv2_predict`` (same model selection flags) with probabilities, then 
 with the model, see nnunet_ext.thresholds; nnU-Net's argmax when the model has none) and
 ``<out>/soft/<case>.nii.gz`` (the soft output, float32: the lesion probability, or SoftSeg's normalized
 ReLU for SoftSegTrainer models), both in the input's geometry.
+
+Models with conditional instance norms (ResolutionFiLMTrainer, SCINTrainer) are recognised from their
+checkpoint and run through nnunet_ext.conditioned_predict instead of ``nnUNetv2_predict`` (which cannot
+supply the condition); SCIN models need ``cohort``, the cohort whose labelling style to predict in.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +37,48 @@ def model_folder(dataset, configuration: str, trainer: str, plans: str) -> Path:
     return d
 
 
+def model_condition(mdir: Path, folds, checkpoint: str) -> tuple[str | None, list[str]]:
+    """(condition kind or None, cohort names) of a trained model, read from its first fold's checkpoint."""
+    import torch
+
+    from nnunet_ext.networks.conditional_norm import cohort_table_of_state_dict, kind_of_state_dict
+
+    f = mdir / f"fold_{folds[0]}" / checkpoint
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found")
+    weights = torch.load(f, map_location="cpu", weights_only=False)["network_weights"]
+    return kind_of_state_dict(weights), [n for n in cohort_table_of_state_dict(weights) if n]
+
+
 def predict(input_dir, output_dir, dataset, configuration: str, trainer: str = "nnUNetTrainer",
             plans: str = "nnUNetPlans", folds=None, checkpoint: str = "checkpoint_final.pth", device: str = "cuda",
-            disable_tta: bool = False, keep_probabilities: bool = False, n_proc: int = 1) -> dict:
+            disable_tta: bool = False, keep_probabilities: bool = False, n_proc: int = 1,
+            cohort: str | None = None) -> dict:
     mdir = model_folder(dataset, configuration, trainer, plans)
     if folds is None:
         folds = sorted(int(p.name[5:]) for p in mdir.glob("fold_*") if (p / checkpoint).is_file())
         if not folds:
             raise FileNotFoundError(f"no fold of {mdir} has {checkpoint}")
+    kind, cohorts = model_condition(mdir, folds, checkpoint)
+    if kind != "cohort" and cohort is not None:
+        raise ValueError(f"--cohort applies to cohort-conditioned (SCIN) models; {trainer} is "
+                         + ("conditioned on each image's voxel spacing" if kind else "not conditioned"))
+    if kind == "cohort" and cohort is None:
+        raise ValueError(f"{trainer} is cohort-conditioned: pass --cohort NAME (the labelling style to predict in), "
+                         f"one of {cohorts}")
+    if kind == "cohort" and cohort not in cohorts:
+        raise ValueError(f"unknown cohort {cohort!r}; this model knows {cohorts}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [nnunet_command("nnUNetv2_predict"), "-i", str(input_dir), "-o", str(out), "-d", str(dataset), "-c",
-           configuration, "-tr", trainer, "-p", plans, "-f", *map(str, folds), "-chk", checkpoint, "-device", device,
-           "--save_probabilities", "-npp", str(n_proc), "-nps", str(n_proc)]
+    common = ["-i", str(input_dir), "-o", str(out), "-f", *map(str, folds), "-chk", checkpoint, "-device", device,
+              "--save_probabilities", "-npp", str(n_proc), "-nps", str(n_proc)]
+    if kind is None:
+        cmd = [nnunet_command("nnUNetv2_predict"), *common, "-d", str(dataset), "-c", configuration, "-tr", trainer,
+               "-p", plans]
+    else:
+        cmd = [sys.executable, "-m", "nnunet_ext.conditioned_predict", *common, "-m", str(mdir)]
+        if cohort is not None:
+            cmd += ["--cohort", cohort]
     if disable_tta:
         cmd.append("--disable_tta")
     run_logged(cmd, nnunet_env(None, n_proc), out / "nnunet_ext_predict.log")
@@ -63,7 +97,7 @@ def predict(input_dir, output_dir, dataset, configuration: str, trainer: str = "
             pkl = out / f"{case}.pkl"
             if pkl.exists():
                 os.remove(pkl)
-    summary = {"model": str(mdir), "folds": list(folds), "cases": cases,
+    summary = {"model": str(mdir), "folds": list(folds), "cases": cases, "condition": kind, "cohort": cohort,
                "threshold": th["threshold"] if th else None,
                "threshold_source": f"validation of folds {th['folds']}" if th else "none stored: nnU-Net argmax"}
     (out / "nnunet_ext_predict.json").write_text(json.dumps(summary, indent=1))

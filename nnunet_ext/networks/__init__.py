@@ -1,0 +1,1 @@
+"""Network parts that nnunet-ext puts into the architectures nnU-Net plans."""
