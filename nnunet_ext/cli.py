@@ -30,6 +30,11 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                    help="count a reference case without prediction as an empty prediction instead of failing")
 
 
+def _fold(text: str):
+    """nnU-Net's fold argument: an integer or ``all``."""
+    return text if text == "all" else int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-ext", description="MS-lesion segmentation methods for nnU-Net v2.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", required=True, dest="configuration")
     p.add_argument("-tr", default="nnUNetTrainer", dest="trainer")
     p.add_argument("-p", default="nnUNetPlans", dest="plans")
-    p.add_argument("-f", nargs="+", type=int, default=None, dest="folds", help="default: every trained fold")
+    p.add_argument("-f", nargs="+", type=_fold, default=None, dest="folds", help="default: every trained fold")
     p.add_argument("-chk", default="checkpoint_final.pth", dest="checkpoint")
     p.add_argument("-device", default="cuda")
     p.add_argument("--disable_tta", action="store_true")
@@ -143,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort", default=None,
                    help="SCIN models: the cohort (from the training cohorts.json) whose labelling style to predict in")
     p.add_argument("-np", "--num-processes", type=int, default=1)
+    p.add_argument("-npp", type=int, default=None, help="preprocessing processes (default: -np)")
+    p.add_argument("-nps", type=int, default=None, help="segmentation export processes (default: -np)")
 
     p = sub.add_parser("pseudolabel", help="teacher pseudo-labels unlabeled scans (flip-TTA entropy filter) -> student dataset",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -296,7 +303,7 @@ def run(argv: list[str] | None = None) -> int:
 
         res = predict(args.input, args.output, args.dataset, args.configuration, args.trainer, args.plans, args.folds,
                       args.checkpoint, args.device, args.disable_tta, args.save_probabilities, args.num_processes,
-                      cohort=args.cohort)
+                      cohort=args.cohort, npp=args.npp, nps=args.nps)
         print(f"{len(res['cases'])} cases -> {args.output} (threshold: {res['threshold']}, {res['threshold_source']})")
     elif args.command == "pseudolabel":
         from nnunet_ext.pseudolabel import pseudolabel

@@ -53,10 +53,12 @@ def model_condition(mdir: Path, folds, checkpoint: str) -> tuple[str | None, lis
 def predict(input_dir, output_dir, dataset, configuration: str, trainer: str = "nnUNetTrainer",
             plans: str = "nnUNetPlans", folds=None, checkpoint: str = "checkpoint_final.pth", device: str = "cuda",
             disable_tta: bool = False, keep_probabilities: bool = False, n_proc: int = 1,
-            cohort: str | None = None) -> dict:
+            cohort: str | None = None, npp: int | None = None, nps: int | None = None) -> dict:
     mdir = model_folder(dataset, configuration, trainer, plans)
     if folds is None:
-        folds = sorted(int(p.name[5:]) for p in mdir.glob("fold_*") if (p / checkpoint).is_file())
+        folds = sorted((p.name[5:] for p in mdir.glob("fold_*") if (p / checkpoint).is_file()),
+                       key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0))
+        folds = [int(f) if f.isdigit() else f for f in folds]
         if not folds:
             raise FileNotFoundError(f"no fold of {mdir} has {checkpoint}")
     kind, cohorts = model_condition(mdir, folds, checkpoint)
@@ -71,7 +73,7 @@ def predict(input_dir, output_dir, dataset, configuration: str, trainer: str = "
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     common = ["-i", str(input_dir), "-o", str(out), "-f", *map(str, folds), "-chk", checkpoint, "-device", device,
-              "--save_probabilities", "-npp", str(n_proc), "-nps", str(n_proc)]
+              "--save_probabilities", "-npp", str(npp or n_proc), "-nps", str(nps or n_proc)]
     if kind is None:
         cmd = [nnunet_command("nnUNetv2_predict"), *common, "-d", str(dataset), "-c", configuration, "-tr", trainer,
                "-p", plans]

@@ -8,7 +8,8 @@ Two conditions, one mechanism:
   at zero, so the network starts equal to the unconditioned one.
 * **cohort-conditioned IN, SCIN** (:class:`CohortInstanceNorm`): one ``(gamma, beta)`` pair per cohort slot,
   every slot initialised with the layer's own parameters; a sample uses its cohort's pair. Each slot is its
-  own ``nn.Parameter``, so a slot can be frozen or trained alone (norm-only fine-tuning of one cohort).
+  own ``nn.Parameter``, so a slot can be frozen or trained alone (norm-only fine-tuning of one cohort);
+  only the slots used by the current batch enter the graph, so the others receive no gradient at all.
 
 :func:`condition_network` replaces every ``nn.InstanceNorm1d/2d/3d`` of a built network (nnU-Net's plain
 and residual-encoder U-Nets, or anything else built from torch's instance norms) in place and attaches a
@@ -62,8 +63,13 @@ class ConditionState(nn.Module):
         else:
             if value.ndim != 1 or value.dtype != torch.long:
                 raise ValueError(f"a cohort condition is a long tensor (B,) of slots, got {tuple(value.shape)} {value.dtype}")
-            if bool(((value < 0) | (value >= self.n_cohorts)).any()):
-                raise ValueError(f"cohort slots must be in [0, {self.n_cohorts}), got {value.tolist()}")
+            slots = value.tolist()
+            if any(v < 0 or v >= self.n_cohorts for v in slots):
+                raise ValueError(f"cohort slots must be in [0, {self.n_cohorts}), got {slots}")
+            # the slots used by this batch, known on the host: only their parameters enter the graph, so
+            # unused cohorts get no gradient at all (no weight decay or momentum either)
+            self.used_slots = sorted(set(slots))
+            self.local_index = torch.tensor([self.used_slots.index(v) for v in slots], dtype=torch.long)
         self.value = value
 
     def clear(self) -> None:
@@ -163,7 +169,9 @@ class CohortInstanceNorm(_ConditionalNorm):
         self.bias = nn.ParameterList([nn.Parameter(b0.clone()) for _ in range(n_cohorts)])
 
     def affine(self, cond):
-        return torch.stack(list(self.weight))[cond], torch.stack(list(self.bias))[cond]
+        used, index = self._state.used_slots, self._state.local_index.to(cond.device, non_blocking=True)
+        return (torch.stack([self.weight[s] for s in used])[index],
+                torch.stack([self.bias[s] for s in used])[index])
 
 
 def condition_network(network: nn.Module, kind: str, n_cohorts: int = 0, hidden: int = 16) -> nn.Module:

@@ -123,6 +123,13 @@ class SCINTrainer(ConditionedTrainer):
     condition_kind = "cohort"
     n_cohort_slots = 8
 
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp:
+            raise NotImplementedError(f"{type(self).__name__}: cohorts absent from a batch get no gradient, which "
+                                      f"nnU-Net's DDP set-up (no find_unused_parameters) rejects; train on one GPU")
+
     def prepare_condition(self):
         self.cohort_of_case, source = cohorts_for_dataset(self.plans_manager.dataset_name,
                                                           self.preprocessed_dataset_folder)
