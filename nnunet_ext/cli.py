@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of probability maps (nnU-Net <case>.npz): adds soft Dice, Brier, ECE (+ reliability PNG)")
     p.add_argument("--soft-ref", default=None, help="folder of rater-average soft references (adds IPE; soft Dice and "
                                                     "Brier then use it)")
-    p.add_argument("--preset", choices=("wmh2017",), default=None,
+    p.add_argument("--preset", choices=("wmh2017", "msseg2"), default=None,
                    help="score as a challenge does (wmh2017: label 2 'other pathology' masked out of both images, "
-                        "26-connected lesions, in-plane HD95); overrides --connectivity/--min-overlap")
+                        "26-connected lesions, in-plane HD95; msseg2: 6-connected lesions, Anima's lesion detection "
+                        "(alpha 0.1, beta 0.7, gamma 0.65, lesions > 3 mm3), Dice on cases with new lesions, "
+                        "false-positive lesions on cases without); overrides --connectivity/--min-overlap")
     p.add_argument("-np", "--num-processes", type=int, default=1)
 
     p = sub.add_parser("operating-points", help="TPR/FDR per lesion size over probability thresholds, with a PNG",

@@ -42,14 +42,17 @@ def check_same_grid(ref_path, ref_shape, ref_spacing, other_path, shape, spacing
 # Presets reproduce a challenge's scoring. wmh2017 (WMH Segmentation Challenge, evaluation.py of the
 # organisers): reference label 1 = WMH, label 2 = other pathology, masked out of both images; lesions are
 # fully connected (26) components detected by any overlap; HD95 on in-plane (2D-eroded) boundaries.
+# msseg2 (MSSEG-2 2021, new lesions): binary masks, 6-connected components, Anima's lesion detection
+# (nnunet_ext.metrics.anima) per case under "msseg2", summarised in aggregate["msseg2"].
 PRESETS = {"wmh2017": {"lesion_label": 1, "masked_label": 2, "connectivity": 26, "min_overlap": 0.0,
-                       "inplane_surface": True}}
+                       "inplane_surface": True},
+           "msseg2": {"connectivity": 6, "min_overlap": 0.0, "anima": True}}
 
 
 def _evaluate_one(args) -> tuple[str, dict, dict | None]:
     case, ref_path, pred_path, label, connectivity, min_overlap, bins, preset, prob_path, soft_path = args
     p = PRESETS[preset] if preset else {}
-    if p:
+    if "masked_label" in p:
         ref_raw, spacing = read_image(ref_path)
         ref, outside = ref_raw == p["lesion_label"], ref_raw == p["masked_label"]
     else:
@@ -59,9 +62,13 @@ def _evaluate_one(args) -> tuple[str, dict, dict | None]:
     else:
         pred, p_spacing = load_mask(pred_path, p.get("lesion_label") if p and label is None else label)
         check_same_grid(ref_path, ref.shape, spacing, pred_path, pred.shape, p_spacing)
-    if p:
+    if "masked_label" in p:
         pred = pred & ~outside
     m = case_metrics(ref, pred, spacing, connectivity, min_overlap, bins, p.get("inplane_surface", False))
+    if p.get("anima"):
+        from nnunet_ext.metrics.anima import anima_detection
+
+        m["msseg2"] = anima_detection(ref, pred, spacing)
     m["prediction_missing"] = pred_path is None
     calib = None
     if prob_path is not None:
@@ -144,6 +151,10 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
     }
     result["aggregate"]["volume_pearson"] = volume_pearson([m["ref_volume_mm3"] for m in per_case.values()],
                                                            [m["pred_volume_mm3"] for m in per_case.values()])
+    if preset is not None and PRESETS[preset].get("anima"):
+        from nnunet_ext.metrics.anima import aggregate_msseg2
+
+        result["aggregate"]["msseg2"] = aggregate_msseg2(per_case)
     if calibration is not None:
         result["aggregate"]["pooled"]["ece"] = ece_from_counts(calibration)
         result["aggregate"]["calibration_counts"] = calibration
@@ -201,6 +212,13 @@ def format_table(result: dict) -> str:
     for name, b in pooled["bins"].items():
         lines.append(f"{name:>8} {b['ref_lesions']:5d} {b['lesion_tp']:3d} {b['lesion_fn']:3d} {b['lesion_fp']:3d}"
                      f" {fmt(b['lesion_tpr'])} {fmt(b['lesion_f1'])}")
+    if "msseg2" in result["aggregate"]:
+        a = result["aggregate"]["msseg2"]
+        lines.append(f"MSSEG-2 (Anima detection): {a['cases_with_lesions']} cases with new lesions: dice "
+                     f"{fmt(a['dice_mean'])}  lesion F1 {fmt(a['lesion_f1_mean'])}  sens "
+                     f"{fmt(a['lesion_sensitivity_mean'])}  ppv {fmt(a['lesion_ppv_mean'])}; "
+                     f"{a['cases_without_lesions']} without: FP lesions {fmt(a['fp_lesions_mean'])}  "
+                     f"FP volume {fmt(a['fp_volume_mm3_mean'])} mm3")
     if "ece" in pooled:
         lines.append(f"soft: dice {fmt(mean['soft_dice'])}  brier {fmt(mean['brier'])}  ipe {fmt(mean['ipe'])}  "
                      f"ECE (pooled) {fmt(pooled['ece'])}")
