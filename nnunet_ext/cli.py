@@ -201,12 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a public challenge dataset to an nnU-Net raw dataset",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  nnunet-ext convert wmh2017 -i WMH/training -d 521 [--test-input WMH/test]")
-    p.add_argument("challenge", choices=("wmh2017", "isbi2015", "msseg2016"))
+                       epilog="examples:\n  nnunet-ext convert wmh2017 -i WMH/training -d 521 [--test-input WMH/test]\n"
+                              "  nnunet-ext convert msseg2 -i segmentation_challenge_miccai21/training -d 540")
+    p.add_argument("challenge", choices=("wmh2017", "isbi2015", "msseg2016", "msseg2"))
     p.add_argument("-i", "--input", required=True, help="the challenge's training folder (never modified)")
     p.add_argument("-d", "--dataset-id", type=int, required=True)
     p.add_argument("--name", default=None, help="dataset name (default: the challenge's)")
-    p.add_argument("--test-input", default=None, help="wmh2017: the challenge's test folder -> imagesTs/labelsTs")
+    p.add_argument("--test-input", default=None,
+                   help="wmh2017, msseg2: a labelled test folder -> imagesTs/labelsTs (never modified)")
     p.add_argument("--label", default="rater1", choices=("rater1", "rater2", "intersection", "union"),
                    help="isbi2015: which rater mask(s) become labelsTr (both are kept in ratersTr)")
     p.add_argument("--raw", default=None, help="raw folder (default: $nnUNet_raw)")
@@ -328,13 +330,15 @@ def run(argv: list[str] | None = None) -> int:
             print("PASS" if ok else "FAIL")
             return 0 if ok else 1
     elif args.command == "convert":
-        from nnunet_ext.dataset_conversion import isbi2015, msseg2016, wmh2017
+        from nnunet_ext.dataset_conversion import isbi2015, msseg2, msseg2016, wmh2017
 
         raw = _raw_folder(args)
         if args.challenge == "wmh2017":
             root = wmh2017.convert(args.input, raw, args.dataset_id, args.name or "WMH2017", args.test_input)
         elif args.challenge == "isbi2015":
             root = isbi2015.convert(args.input, raw, args.dataset_id, args.name or "ISBI2015", args.label)
+        elif args.challenge == "msseg2":
+            root = msseg2.convert(args.input, raw, args.dataset_id, args.name or "MSSEG2", args.test_input)
         else:
             root = msseg2016.convert(args.input, raw, args.dataset_id, args.name or "MSSEG2016")
         print(f"wrote {root}")
