@@ -213,6 +213,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="isbi2015: which rater mask(s) become labelsTr (both are kept in ratersTr)")
     p.add_argument("--raw", default=None, help="raw folder (default: $nnUNet_raw)")
 
+    p = sub.add_parser("consensus", help="multi-rater consensus cascade: one nnU-Net per rater, then a consensus nnU-Net",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n"
+                              "  nnunet-ext consensus split-raters -d 540 --folds 5\n"
+                              "  nnunet-ext consensus train -d 540 --stage 1 -c 3d_fullres -tr LSRTrainer\n"
+                              "  nnunet-ext consensus build-stage2 -d 540\n"
+                              "  nnunet-ext consensus train -d 540 --stage 2 -c 3d_fullres\n"
+                              "  nnunet-ext consensus predict -d 540 -i imagesTs -o pred --keep-rater-predictions\n"
+                              "  nnunet-ext consensus evaluate -d 540 --pred pred -o cascade_eval.json")
+    csub = p.add_subparsers(dest="consensus_command", required=True, metavar="STEP")
+    c = csub.add_parser("split-raters", help="one raw dataset per ratersTr/<rater>/ folder, shared K-fold split")
+    c.add_argument("-d", required=True, dest="dataset", help="source dataset (id or name) with ratersTr/")
+    c.add_argument("--folds", type=int, default=5, help="K of the shared K-fold split (default 5)")
+    c.add_argument("--first-id", type=int, default=None, help="first new dataset id (default: after the highest used)")
+    c.add_argument("--copy", action="store_true", help="copy images instead of symlinking them")
+    c = csub.add_parser("train", help="plan/preprocess and train every fold of stage 1 (rater models) or stage 2 with nnU-Net")
+    c.add_argument("-d", required=True, dest="dataset")
+    c.add_argument("--stage", type=int, required=True, choices=(1, 2))
+    c.add_argument("-c", required=True, dest="configuration")
+    c.add_argument("-tr", default="nnUNetTrainer", dest="trainer")
+    c.add_argument("-p", default="nnUNetPlans", dest="plans")
+    c.add_argument("-f", nargs="+", type=int, default=None, dest="folds", help="default: every fold of the split")
+    c.add_argument("-device", default="cuda")
+    c.add_argument("-np", "--num-processes", type=int, default=2)
+    c = csub.add_parser("build-stage2", help="consensus dataset: images + out-of-fold probability of each rater model")
+    c.add_argument("-d", required=True, dest="dataset")
+    c.add_argument("-c", default=None, dest="configuration", help="stage-1 configuration (default: as trained)")
+    c.add_argument("-tr", default=None, dest="trainer", help="stage-1 trainer (default: as trained)")
+    c.add_argument("-p", default=None, dest="plans")
+    c.add_argument("--id", type=int, default=None, dest="stage2_id", help="dataset id of the consensus dataset")
+    c.add_argument("-device", default="cuda", help="for re-predicting held-out cases trained without --npz")
+    c.add_argument("-np", "--num-processes", type=int, default=2)
+    c = csub.add_parser("predict", help="rater models, then the consensus model, on new cases")
+    c.add_argument("-d", required=True, dest="dataset")
+    c.add_argument("-i", required=True, dest="input", help="nnU-Net input folder (<case>_0000.nii.gz, ...)")
+    c.add_argument("-o", required=True, dest="output")
+    c.add_argument("-chk", default="checkpoint_final.pth", dest="checkpoint")
+    c.add_argument("-device", default="cuda")
+    c.add_argument("-j", "--jobs", type=int, default=1, help="rater models predicted in parallel (default 1)")
+    c.add_argument("--save_probabilities", action="store_true")
+    c.add_argument("--keep-rater-predictions", action="store_true", help="also write <out>/raters/<rater>/ masks")
+    c.add_argument("-np", "--num-processes", type=int, default=2)
+    c = csub.add_parser("evaluate", help="each rater model and the consensus model vs the consensus and each rater")
+    c.add_argument("-d", required=True, dest="dataset")
+    c.add_argument("--pred", required=True, help="output folder of `consensus predict --keep-rater-predictions`")
+    c.add_argument("--ref", default=None, help="consensus references (default: the source's labelsTs)")
+    c.add_argument("--raters", default=None, help="folder of <rater>/ references (default: the source's ratersTs)")
+    c.add_argument("-o", "--output", default=None)
+
     p = sub.add_parser("demo", help="phantom -> nnU-Net plan/preprocess -> short CPU training -> predict -> evaluate",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  nnunet-ext demo --workdir nnunet_ext_demo")
@@ -342,6 +391,30 @@ def run(argv: list[str] | None = None) -> int:
         else:
             root = msseg2016.convert(args.input, raw, args.dataset_id, args.name or "MSSEG2016")
         print(f"wrote {root}")
+    elif args.command == "consensus":
+        from nnunet_ext import consensus
+
+        if args.consensus_command == "split-raters":
+            state = consensus.split_raters(args.dataset, args.first_id, args.folds, args.copy)
+            for r, v in state["raters"].items():
+                print(f"{r}: dataset {v['id']} ({v['name']})")
+            print(f"{state['n_folds']}-fold split shared by all rater datasets; mapping in "
+                  f"{consensus.dataset_folder(args.dataset) / consensus.STATE}")
+        elif args.consensus_command == "train":
+            consensus.train(args.dataset, args.stage, args.configuration, args.trainer, args.plans, args.folds,
+                            args.device, args.num_processes)
+        elif args.consensus_command == "build-stage2":
+            out = consensus.build_stage2(args.dataset, args.configuration, args.trainer, args.plans, args.stage2_id,
+                                         args.device, args.num_processes)
+            print(f"wrote {out}")
+        elif args.consensus_command == "predict":
+            res = consensus.predict(args.dataset, args.input, args.output, args.device, args.jobs,
+                                    args.keep_rater_predictions, args.save_probabilities, args.num_processes,
+                                    args.checkpoint)
+            print(f"{len(res['cases'])} case(s) -> {args.output}")
+        else:
+            res = consensus.evaluate(args.dataset, args.pred, args.output, args.ref, args.raters)
+            print(consensus.format_table(res))
     elif args.command == "demo":
         from nnunet_ext.demo import DemoConfig, run_demo
         from nnunet_ext.phantom import parse_difficulty

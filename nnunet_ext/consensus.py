@@ -1,0 +1,420 @@
+"""Multi-rater consensus cascade (MSSEG-2 winning-style recipe) on top of nnU-Net's own commands.
+
+Stage 1 models each rater with its own nnU-Net; stage 2 is an nnU-Net that sees the original images plus
+one lesion-probability map per rater model and learns how the consensus is formed.
+
+    nnunet-ext consensus split-raters -d 540 --folds 5      # one raw dataset per rater, shared K-fold split
+    nnunet-ext consensus train -d 540 --stage 1 -c 3d_fullres -tr LSRTrainer
+    nnunet-ext consensus build-stage2 -d 540                 # out-of-fold rater probabilities as channels
+    nnunet-ext consensus train -d 540 --stage 2 -c 3d_fullres
+    nnunet-ext consensus predict -d 540 -i imagesTs -o pred --keep-rater-predictions
+    nnunet-ext consensus evaluate -d 540 --pred pred
+
+No leakage: every rater dataset and the stage-2 dataset use one K-fold split (``splits_final.json``
+written before nnU-Net plans them), and a training case's stage-2 channels come only from the fold model
+that held the case out (nnU-Net's validation probabilities, ``nnUNetv2_train --npz``, or re-predicted with
+that fold's model when they are missing). ``stage2_provenance.json`` records the fold and model per case
+and rater. New cases get the fold ensemble of every rater model.
+
+The mapping and settings live in ``consensus.json`` in the source raw dataset folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
+
+STATE = "consensus.json"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _raw() -> Path:
+    raw = os.environ.get("nnUNet_raw")
+    if not raw:
+        raise RuntimeError("nnUNet_raw is not set")
+    return Path(raw)
+
+
+def _env_folder(name: str) -> Path:
+    v = os.environ.get(name)
+    if not v:
+        raise RuntimeError(f"{name} is not set")
+    return Path(v)
+
+
+def dataset_folder(dataset) -> Path:
+    """Raw folder of a dataset id or name."""
+    raw = _raw()
+    s = str(dataset)
+    hits = list(raw.glob(f"Dataset{int(s):03d}_*")) if s.isdigit() else [raw / s]
+    if not hits or not hits[0].is_dir():
+        raise FileNotFoundError(f"dataset {dataset} not found in {raw}")
+    return hits[0]
+
+
+def load_state(dataset) -> tuple[Path, dict]:
+    src = dataset_folder(dataset)
+    f = src / STATE
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found: run `nnunet-ext consensus split-raters -d {dataset}` first")
+    return src, json.loads(f.read_text())
+
+
+def save_state(src: Path, state: dict) -> None:
+    tmp = src / (".tmp_" + STATE)
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, src / STATE)
+
+
+def _cases(folder: Path, ending: str) -> list[str]:
+    return sorted(p.name[: -len(ending)] for p in folder.glob(f"*{ending}"))
+
+
+def kfold_splits(cases: list[str], n_folds: int, seed: int = 12345) -> list[dict]:
+    """nnU-Net-style K-fold split (sklearn KFold, shuffled, seed 12345) of sorted case ids."""
+    from sklearn.model_selection import KFold
+
+    if n_folds < 2 or n_folds > len(cases):
+        raise ValueError(f"need 2 <= folds <= number of cases ({len(cases)}), got {n_folds}")
+    cases = sorted(cases)
+    out = []
+    for tr, va in KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(cases):
+        out.append({"train": [cases[i] for i in tr], "val": [cases[i] for i in va]})
+    return out
+
+
+def fold_of(splits: list[dict]) -> dict[str, int]:
+    return {c: f for f, s in enumerate(splits) for c in s["val"]}
+
+
+def write_splits(dataset_name: str, splits: list[dict]) -> Path:
+    folder = _env_folder("nnUNet_preprocessed") / dataset_name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "splits_final.json").write_text(json.dumps(splits, indent=1))
+    return folder / "splits_final.json"
+
+
+def _link(src: Path, dst: Path, copy: bool) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    if copy:
+        shutil.copy2(src, dst)
+    else:
+        os.symlink(src.resolve(), dst)
+
+
+def _free_ids(n: int, first: int | None) -> list[int]:
+    used = {int(p.name[7:10]) for p in _raw().glob("Dataset[0-9][0-9][0-9]_*")}
+    start = first if first is not None else max(used | {0}) + 1
+    ids = list(range(start, start + n))
+    clash = sorted(set(ids) & used)
+    if clash or ids[-1] > 999:
+        raise ValueError(f"dataset ids {ids} are not free (used: {clash}) or exceed 999; pass another --first-id")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------- split
+
+
+def split_raters(dataset, first_id: int | None = None, n_folds: int = 5, copy: bool = False) -> dict:
+    """One nnU-Net raw dataset per rater folder ``ratersTr/<rater>/`` of ``dataset`` (same images, that
+    rater's labels), a shared K-fold split, and ``consensus.json``. Returns the state."""
+    src = dataset_folder(dataset)
+    dj = json.loads((src / "dataset.json").read_text())
+    ending = dj["file_ending"]
+    raters = sorted(p for p in (src / "ratersTr").glob("*") if p.is_dir()) if (src / "ratersTr").is_dir() else []
+    if not raters:
+        raise FileNotFoundError(f"{src / 'ratersTr'} has no rater folders: the cascade needs one label folder per rater")
+    cases = _cases(src / "labelsTr", ending)
+    if not cases:
+        raise FileNotFoundError(f"no labels in {src / 'labelsTr'}")
+    for r in raters:
+        missing = sorted(set(cases) - set(_cases(r, ending)))
+        if missing:
+            raise FileNotFoundError(f"rater {r.name} has no mask for {len(missing)} case(s), e.g. {r / (missing[0] + ending)}")
+    splits = kfold_splits(cases, n_folds)
+    ids = _free_ids(len(raters), first_id)
+    base = src.name.split("_", 1)[1]
+    state = {"source": {"id": int(src.name[7:10]), "name": src.name}, "n_folds": n_folds, "splits": splits,
+             "raters": {}}
+    n_ch = len(dj["channel_names"])
+    for r, did in zip(raters, ids):
+        name = f"Dataset{did:03d}_{base}_{r.name}"
+        out = _raw() / name
+        for c in cases:
+            for k in range(n_ch):
+                _link(src / "imagesTr" / f"{c}_{k:04d}{ending}", out / "imagesTr" / f"{c}_{k:04d}{ending}", copy)
+            (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(r / f"{c}{ending}", out / "labelsTr" / f"{c}{ending}")
+        if (src / "imagesTs").is_dir():
+            for p in (src / "imagesTs").glob(f"*{ending}"):
+                _link(p, out / "imagesTs" / p.name, copy)
+        (out / "dataset.json").write_text(json.dumps({**dj, "name": f"{base}_{r.name}", "numTraining": len(cases),
+                                                      "description": f"rater {r.name} of {src.name} (nnunet-ext consensus)"},
+                                                     indent=2))
+        write_splits(name, splits)
+        state["raters"][r.name] = {"id": did, "name": name}
+    save_state(src, state)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def _model_dir(dataset_name: str, trainer: str, plans: str, configuration: str) -> Path:
+    return _env_folder("nnUNet_results") / dataset_name / f"{trainer}__{plans}__{configuration}"
+
+
+def train(dataset, stage: int, configuration: str, trainer: str = "nnUNetTrainer", plans: str = "nnUNetPlans",
+          folds=None, device: str = "cuda", n_proc: int = 2, log: Path | None = None) -> dict:
+    """Plan/preprocess (if needed) and train every fold of the stage-1 rater datasets or the stage-2
+    dataset with nnU-Net's own commands (``--npz``: validation probabilities feed stage 2). Finished folds
+    are skipped; an interrupted fold resumes with ``--c``."""
+    src, state = load_state(dataset)
+    if stage == 1:
+        targets = [v for v in state["raters"].values()]
+    elif stage == 2:
+        if "stage2" not in state:
+            raise RuntimeError(f"no stage-2 dataset yet: run `nnunet-ext consensus build-stage2 -d {dataset}`")
+        targets = [state["stage2"]]
+    else:
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+    folds = list(range(state["n_folds"])) if folds is None else list(folds)
+    env = nnunet_env(None, n_proc)
+    log = log or src / "consensus.log"
+    for t in targets:
+        pre = _env_folder("nnUNet_preprocessed") / t["name"]
+        if not (pre / f"{plans}.json").is_file():
+            run_logged([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(t["id"]), "-c", configuration,
+                        "-np", str(n_proc)], env, log)
+        elif not (pre / json.loads((pre / f"{plans}.json").read_text())["configurations"][configuration]
+                  .get("data_identifier", f"{plans}_{configuration}")).is_dir():
+            run_logged([nnunet_command("nnUNetv2_preprocess"), "-d", str(t["id"]), "-c", configuration, "-plans_name",
+                        plans, "-np", str(n_proc)], env, log)
+        write_splits(t["name"], state["splits"])
+        for f in folds:
+            fold_dir = _model_dir(t["name"], trainer, plans, configuration) / f"fold_{f}"
+            if (fold_dir / "checkpoint_final.pth").is_file():
+                print(f"{t['name']} fold {f}: done already")
+                continue
+            cmd = [nnunet_command("nnUNetv2_train"), str(t["id"]), configuration, str(f), "-tr", trainer, "-p", plans,
+                   "--npz", "-device", device]
+            if (fold_dir / "checkpoint_latest.pth").is_file():
+                cmd.append("--c")
+            print(f"training {t['name']} fold {f} ({trainer}, {configuration})", flush=True)
+            run_logged(cmd, env, log)
+    key = "stage1" if stage == 1 else "stage2_training"
+    state[key] = {"configuration": configuration, "trainer": trainer, "plans": plans,
+                  "folds": sorted(set(state.get(key, {}).get("folds", [])) | set(folds))}
+    save_state(src, state)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+
+
+def _lesion_probability(npz: Path) -> np.ndarray:
+    with np.load(npz) as f:
+        prob = f["probabilities"]
+    if prob.shape[0] != 2:
+        raise NotImplementedError(f"{npz}: the consensus cascade handles binary (background/lesion) models, "
+                                  f"got {prob.shape[0]} classes")
+    return prob[1].astype(np.float32)
+
+
+def _write_prob(prob: np.ndarray, reference_image: Path, out: Path) -> None:
+    import SimpleITK as sitk
+
+    ref = sitk.ReadImage(str(reference_image))
+    if prob.shape != tuple(reversed(ref.GetSize())):
+        raise ValueError(f"probability map of shape {prob.shape} does not fit {reference_image} "
+                         f"(size {ref.GetSize()} x, y, z)")
+    img = sitk.GetImageFromArray(prob)
+    img.CopyInformation(ref)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(".tmp_" + out.name)
+    sitk.WriteImage(img, str(tmp), True)
+    os.replace(tmp, out)
+
+
+def _predict(model: dict, input_dir: Path, output_dir: Path, folds, env, log, device, checkpoint="checkpoint_final.pth",
+             probabilities=True) -> None:
+    cmd = [nnunet_command("nnUNetv2_predict"), "-i", str(input_dir), "-o", str(output_dir), "-d", str(model["id"]),
+           "-c", model["configuration"], "-tr", model["trainer"], "-p", model["plans"], "-f", *map(str, folds),
+           "-chk", checkpoint, "-device", device, "-npp", env["nnUNet_def_n_proc"], "-nps", env["nnUNet_def_n_proc"]]
+    if probabilities:
+        cmd.append("--save_probabilities")
+    run_logged(cmd, env, log)
+
+
+def build_stage2(dataset, configuration: str | None = None, trainer: str | None = None, plans: str | None = None,
+                 stage2_id: int | None = None, device: str = "cuda", n_proc: int = 2, copy: bool = False) -> Path:
+    """Create the consensus dataset: original channels + one out-of-fold lesion-probability channel per
+    rater model; labels = the source's consensus labels; the same split; ``stage2_provenance.json``."""
+    src, state = load_state(dataset)
+    s1 = dict(state.get("stage1", {}))
+    s1.update({k: v for k, v in (("configuration", configuration), ("trainer", trainer), ("plans", plans)) if v})
+    if not all(k in s1 for k in ("configuration", "trainer", "plans")):
+        raise ValueError("stage-1 settings unknown: pass -c/-tr/-p or train with `nnunet-ext consensus train --stage 1`")
+    dj = json.loads((src / "dataset.json").read_text())
+    ending, n_ch = dj["file_ending"], len(dj["channel_names"])
+    splits, fold = state["splits"], fold_of(state["splits"])
+    env = nnunet_env(None, n_proc)
+    log = src / "consensus.log"
+    if "stage2" in state:
+        did, name = state["stage2"]["id"], state["stage2"]["name"]
+    else:
+        did = _free_ids(1, stage2_id)[0]
+        name = f"Dataset{did:03d}_{src.name.split('_', 1)[1]}_consensus"
+    out = _raw() / name
+    provenance = {}
+    raters = list(state["raters"])
+    for r_idx, r in enumerate(raters):
+        rds = state["raters"][r]
+        mdir = _model_dir(rds["name"], s1["trainer"], s1["plans"], s1["configuration"])
+        for f, split in enumerate(splits):
+            ckpt = mdir / f"fold_{f}" / "checkpoint_final.pth"
+            if not ckpt.is_file():
+                raise FileNotFoundError(f"{ckpt} missing: stage 2 needs every fold of every rater model "
+                                        f"(`nnunet-ext consensus train -d {dataset} --stage 1`)")
+            val_dir = mdir / f"fold_{f}" / "validation"
+            lacking = [c for c in split["val"] if not (val_dir / f"{c}.npz").is_file()]
+            if lacking:  # trained without --npz: re-predict the held-out cases with this fold's model
+                tmp_in, tmp_out = out / ".oof" / r / f"fold_{f}_in", out / ".oof" / r / f"fold_{f}"
+                for c in lacking:
+                    for k in range(n_ch):
+                        _link(src / "imagesTr" / f"{c}_{k:04d}{ending}", tmp_in / f"{c}_{k:04d}{ending}", False)
+                _predict({**rds, **s1}, tmp_in, tmp_out, [f], env, log, device)
+            for c in split["val"]:
+                npz = val_dir / f"{c}.npz" if c not in lacking else out / ".oof" / r / f"fold_{f}" / f"{c}.npz"
+                _write_prob(_lesion_probability(npz), src / "imagesTr" / f"{c}_0000{ending}",
+                            out / "imagesTr" / f"{c}_{n_ch + r_idx:04d}{ending}")
+                provenance.setdefault(c, {})[r] = {"fold": f, "model": str(ckpt),
+                                                   "source": "validation npz" if c not in lacking else "re-predicted",
+                                                   "file": str(npz)}
+    for c in fold:
+        for k in range(n_ch):
+            _link(src / "imagesTr" / f"{c}_{k:04d}{ending}", out / "imagesTr" / f"{c}_{k:04d}{ending}", copy)
+        (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / "labelsTr" / f"{c}{ending}", out / "labelsTr" / f"{c}{ending}")
+    shutil.rmtree(out / ".oof", ignore_errors=True)
+    channels = {**{str(k): v for k, v in dj["channel_names"].items()},
+                **{str(n_ch + i): "noNorm" for i in range(len(raters))}}
+    (out / "dataset.json").write_text(json.dumps({
+        **dj, "channel_names": channels, "numTraining": len(fold), "name": name.split("_", 1)[1],
+        "description": f"consensus stage 2 of {src.name}: images + out-of-fold lesion probability of each rater model",
+        "nnunet_ext_channels": [dj["channel_names"][str(k)] for k in range(n_ch)] + [f"{r} probability" for r in raters]},
+        indent=2))
+    (out / "stage2_provenance.json").write_text(json.dumps(provenance, indent=1))
+    write_splits(name, splits)
+    state["stage1"] = s1
+    state["stage2"] = {"id": did, "name": name, "rater_order": raters}
+    save_state(src, state)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- predict
+
+
+def predict(dataset, input_dir, output_dir, device: str = "cuda", jobs: int = 1, keep_rater_predictions: bool = False,
+            save_probabilities: bool = False, n_proc: int = 2, checkpoint: str = "checkpoint_final.pth") -> dict:
+    """Rater models (fold ensembles, ``jobs`` in parallel) -> stage-2 inputs -> consensus model. Writes
+    ``<out>/<case><ending>`` (and ``.npz`` probabilities on request); rater masks in ``<out>/raters/<rater>/``
+    with ``keep_rater_predictions``."""
+    src, state = load_state(dataset)
+    if "stage2" not in state or "stage2_training" not in state:
+        raise RuntimeError("the cascade is not trained: build-stage2 and `consensus train --stage 2` first")
+    s1, s2 = state["stage1"], {**state["stage2"], **state["stage2_training"]}
+    dj = json.loads((src / "dataset.json").read_text())
+    ending, n_ch = dj["file_ending"], len(dj["channel_names"])
+    input_dir, out = Path(input_dir), Path(output_dir)
+    cases = sorted({p.name[: -len(ending) - 5] for p in input_dir.glob(f"*_0000{ending}")})
+    if not cases:
+        raise FileNotFoundError(f"no <case>_0000{ending} files in {input_dir}")
+    for c in cases:
+        for k in range(n_ch):
+            if not (input_dir / f"{c}_{k:04d}{ending}").is_file():
+                raise FileNotFoundError(f"{input_dir / f'{c}_{k:04d}{ending}'} missing: the model needs {n_ch} channels")
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / ".cascade"
+    env = nnunet_env(None, n_proc)
+    log = out / "consensus_predict.log"
+    raters = state["stage2"]["rater_order"]
+    s1_folds = list(range(state["n_folds"]))
+
+    def run_rater(i_r):
+        i, r = i_r
+        print(f"[{i + 1}/{len(raters) + 1}] rater model {r} (folds {s1_folds}) on {len(cases)} case(s)", flush=True)
+        _predict({**state["raters"][r], **s1}, input_dir, work / r, s1_folds, env, log, device, checkpoint)
+        return r
+
+    with ThreadPoolExecutor(max(1, jobs)) as ex:
+        list(ex.map(run_rater, enumerate(raters)))
+    s2_in = work / "stage2_input"
+    for c in cases:
+        for k in range(n_ch):
+            _link(input_dir / f"{c}_{k:04d}{ending}", s2_in / f"{c}_{k:04d}{ending}", False)
+        for i, r in enumerate(raters):
+            _write_prob(_lesion_probability(work / r / f"{c}.npz"), input_dir / f"{c}_0000{ending}",
+                        s2_in / f"{c}_{n_ch + i:04d}{ending}")
+    print(f"[{len(raters) + 1}/{len(raters) + 1}] consensus model on {len(cases)} case(s)", flush=True)
+    _predict(s2, s2_in, out, s2["folds"], env, log, device, checkpoint, probabilities=save_probabilities)
+    if keep_rater_predictions:
+        for r in raters:
+            for c in cases:
+                (out / "raters" / r).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(work / r / f"{c}{ending}", out / "raters" / r / f"{c}{ending}")
+    shutil.rmtree(work)
+    summary = {"cases": cases, "raters": raters, "stage1": s1, "stage2": s2}
+    (out / "consensus_predict.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(dataset, pred_dir, output=None, ref_dir=None, raters_dir=None) -> dict:
+    """Each rater model and the consensus model (``pred_dir`` from ``predict --keep-rater-predictions``)
+    against the consensus reference and each rater's reference, with ``--preset msseg2``."""
+    from nnunet_ext.metrics.evaluate import evaluate_folders
+
+    src, state = load_state(dataset)
+    pred_dir = Path(pred_dir)
+    ref_dir = Path(ref_dir) if ref_dir else src / "labelsTs"
+    raters_dir = Path(raters_dir) if raters_dir else src / "ratersTs"
+    models = {"consensus model": pred_dir, **{f"{r} model": pred_dir / "raters" / r for r in state["raters"]}}
+    refs = {"consensus": ref_dir, **{r: raters_dir / r for r in state["raters"]}}
+    table = {}
+    for m, mdir in models.items():
+        if not mdir.is_dir():
+            raise FileNotFoundError(f"{mdir} missing: predict with --keep-rater-predictions")
+        for rname, rdir in refs.items():
+            if not rdir.is_dir():
+                print(f"note: no reference folder {rdir}; skipped", file=sys.stderr)
+                continue
+            res = evaluate_folders(rdir, mdir, preset="msseg2", progress=False)
+            table.setdefault(m, {})[rname] = res["aggregate"]["msseg2"]
+    result = {"pred_dir": str(pred_dir), "table": table}
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def format_table(result: dict) -> str:
+    refs = list(next(iter(result["table"].values())))
+    fmt = lambda v: "  n/a" if v is None else f"{v:5.3f}"  # noqa: E731
+    lines = ["lesion F1 / Dice (cases with new lesions) vs reference:", f"{'model':<18}" + "".join(f"{r:>16}" for r in refs)]
+    for m, row in result["table"].items():
+        lines.append(f"{m:<18}" + "".join(f"{fmt(row[r]['lesion_f1_mean']):>9} {fmt(row[r]['dice_mean'])}" for r in refs))
+    return "\n".join(lines)
