@@ -10,11 +10,15 @@ cohorts, predicted once per cohort condition. Scored on held-out cases labelled 
 ``film``: ResolutionFiLMTrainer vs ExtBaselineTrainer (= nnUNetTrainer) on a phantom mixing two sites,
 1 mm isotropic and 1x1x3 mm (thick slices), same budget and split; scores overall and per site.
 
+``overhead-net``: the network's share, forward + backward + SGD step of the planned network, plain vs
+conditioned, interleaved on one thread (robust to other load on the machine).
+
 ``overhead``: seconds per training iteration of ResolutionFiLMTrainer and SCINTrainer vs
 ExtBaselineTrainer on the same preprocessed data, runs interleaved, first epoch of each run discarded.
 
     python benchmarks/bench_conditioning.py scin --workdir /tmp/cond_bench -o benchmarks/results/scin_study.json
     python benchmarks/bench_conditioning.py film --workdir /tmp/cond_bench -o benchmarks/results/film_study.json
+    python benchmarks/bench_conditioning.py overhead-net --workdir /tmp/cond_bench -o benchmarks/results/conditioning_overhead_net.json
     python benchmarks/bench_conditioning.py overhead --workdir /tmp/cond_bench -o benchmarks/results/conditioning_overhead.json
 """
 from __future__ import annotations
@@ -165,9 +169,55 @@ def overhead(args):
     return res
 
 
+def overhead_net(args):
+    """Forward + backward + SGD step of nnU-Net's planned 2d network (dataset 530's plans, its batch and
+    patch size) unconditioned vs FiLM vs SCIN, interleaved, one thread: the network share of an iteration."""
+    import time
+
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_ext.networks.conditional_norm import condition_network
+
+    work = Path(args.workdir)
+    env_for(work)
+    plans = PlansManager(str(next((work / "nnUNet_preprocessed").glob(f"Dataset{SCIN_DS}_*")) / "nnUNetPlans.json"))
+    cm = plans.get_configuration("2d")
+    torch.set_num_threads(1)
+
+    def build(kind):
+        torch.manual_seed(0)
+        net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                     cm.network_arch_init_kwargs_req_import, 1, 2, allow_init=True, deep_supervision=True)
+        if kind == "spacing":
+            condition_network(net, kind).ext_condition.set(torch.tensor([[1.0, 1.0, 3.0]] * cm.batch_size))
+        elif kind == "cohort":
+            condition_network(net, kind, 8).ext_condition.set(torch.arange(cm.batch_size) % 2)
+        return net, torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+
+    nets = {k: build(k) for k in ("plain", "spacing", "cohort")}
+    x = torch.randn(cm.batch_size, 1, *cm.patch_size)
+    times = {k: [] for k in nets}
+    for rep in range(args.net_repeats + 2):
+        for k, (net, opt) in nets.items():
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            sum(o.float().square().mean() for o in net(x)).backward()
+            opt.step()
+            if rep >= 2:  # warm-up
+                times[k].append(time.perf_counter() - t)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    res = {"batch_size": cm.batch_size, "patch_size": list(cm.patch_size), "threads": 1, "repeats": args.net_repeats,
+           "median_s": med, "FiLM_overhead_percent": 100 * (med["spacing"] / med["plain"] - 1),
+           "SCIN_overhead_percent": 100 * (med["cohort"] / med["plain"] - 1)}
+    print(json.dumps(res, indent=1))
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("scin", "film", "overhead"))
+    ap.add_argument("mode", choices=("scin", "film", "overhead", "overhead-net"))
     ap.add_argument("--workdir", default="cond_bench")
     ap.add_argument("-o", "--output", default=None)
     ap.add_argument("--cases", type=int, default=16)
@@ -178,8 +228,9 @@ def main():
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--overhead-epochs", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--net-repeats", type=int, default=30)
     args = ap.parse_args()
-    res = {"scin": scin, "film": film, "overhead": overhead}[args.mode](args)
+    res = {"scin": scin, "film": film, "overhead": overhead, "overhead-net": overhead_net}[args.mode](args)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(res, indent=1, default=float))

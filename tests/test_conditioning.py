@@ -62,7 +62,7 @@ def test_a_norm_referenced_twice_stays_one_module():
 
 
 def test_film_formula_by_hand():
-    norm = FiLMInstanceNorm(2, eps=0.0, hidden=1, weight=torch.tensor([2.0, 1.0]), bias=torch.tensor([0.0, 1.0]))
+    norm = FiLMInstanceNorm(2, eps=1e-12, hidden=1, weight=torch.tensor([2.0, 1.0]), bias=torch.tensor([0.0, 1.0]))
     with torch.no_grad():
         norm.mlp[0].weight.copy_(torch.tensor([[1.0, 0.0, 0.0]]))  # hidden = relu(log2 s_z)
         norm.mlp[0].bias.zero_()

@@ -132,8 +132,14 @@ class _ConditionalNorm(nn.Module):
         if self._state is None:
             raise RuntimeError("conditional norm used outside a conditioned network (no ConditionState attached)")
         gamma, beta = self.affine(self._state.get(x))
-        shape = (gamma.shape[0], self.num_features) + (1,) * (x.ndim - 2)
-        return F.instance_norm(x, eps=self.eps) * gamma.reshape(shape).to(x.dtype) + beta.reshape(shape).to(x.dtype)
+        b, c = x.shape[:2]
+        if gamma.shape[0] != b:  # one condition for the whole batch
+            gamma, beta = gamma.expand(b, c), beta.expand(b, c)
+        # instance norm = batch norm over (1, B*C, ...) (what F.instance_norm does internally); passing the
+        # per-sample affine parameters here keeps normalisation and affine in one fused kernel
+        out = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), None, None, gamma.reshape(-1).to(x.dtype),
+                           beta.reshape(-1).to(x.dtype), True, 0.0, self.eps)
+        return out.view_as(x)
 
 
 class FiLMInstanceNorm(_ConditionalNorm):
@@ -169,7 +175,10 @@ class CohortInstanceNorm(_ConditionalNorm):
         self.bias = nn.ParameterList([nn.Parameter(b0.clone()) for _ in range(n_cohorts)])
 
     def affine(self, cond):
-        used, index = self._state.used_slots, self._state.local_index.to(cond.device, non_blocking=True)
+        used = self._state.used_slots
+        if len(used) == 1:  # one cohort in the batch (always so at inference)
+            return self.weight[used[0]][None], self.bias[used[0]][None]
+        index = self._state.local_index.to(cond.device, non_blocking=True)
         return (torch.stack([self.weight[s] for s in used])[index],
                 torch.stack([self.bias[s] for s in used])[index])
 
