@@ -1,7 +1,7 @@
 """Consensus cascade vs a single nnU-Net on the consensus labels, two-time-point phantom, CPU (2d).
 
-Phantom: two FLAIR time points, label = new lesions (the reference "consensus"), three raters whose masks
-perturb lesion boundaries and omit 3-10-voxel lesions with probability 0.1 / 0.2 / 0.3. Budget: the
+Phantom: two FLAIR time points, label = new lesions (the reference "consensus"), ``--raters`` raters whose
+masks perturb lesion boundaries and omit 3-10-voxel lesions with probability 0.1 / 0.2 / 0.3 / ... Budget: the
 cascade trains 3 rater models x K folds + the consensus model x K folds, each for E epochs x I iterations;
 the single model trains K folds for (raters + 1) x E epochs x I iterations each, the same total number of
 training iterations. Both predict the held-out cases with their K-fold ensembles; scores with
@@ -35,7 +35,7 @@ def setup(args) -> tuple[Path, Path]:
                                            "nnUNet_def_n_proc", "nnUNet_n_proc_DA")})
     src = Path(env["nnUNet_raw"]) / dataset_folder_name(SRC, "NewLesionPhantom")
     if not (src / "phantom.json").exists():
-        cfg = PhantomConfig(shape=(args.shape,) * 3, timepoints=2, raters=3, seed=args.seed)
+        cfg = PhantomConfig(shape=(args.shape,) * 3, timepoints=2, raters=args.raters, seed=args.seed)
         write_phantom_dataset(env["nnUNet_raw"], SRC, args.cases, cfg, n_test=args.test_cases, name="NewLesionPhantom",
                               num_workers=2)
     return work, src
@@ -142,6 +142,7 @@ def main():
     ap.add_argument("--shape", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--folds", type=int, default=2)
+    ap.add_argument("--raters", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--iterations", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
