@@ -47,6 +47,7 @@ class ConditionState(nn.Module):
         self.kind = kind
         self.n_cohorts = n_cohorts
         self.value: torch.Tensor | None = None
+        self._on_device: dict = {}
         # marks a conditioned model in its state dict (``ext_condition.kind_code``: 1 spacing, 2 cohort)
         self.register_buffer("kind_code", torch.tensor([KINDS.index(kind) + 1], dtype=torch.uint8))
         if kind == "cohort":
@@ -71,9 +72,28 @@ class ConditionState(nn.Module):
             self.used_slots = sorted(set(slots))
             self.local_index = torch.tensor([self.used_slots.index(v) for v in slots], dtype=torch.long)
         self.value = value
+        self._on_device = {}  # per-device copies, made once per condition (not once per norm layer)
 
     def clear(self) -> None:
         self.value = None
+        self._on_device = {}
+
+    def _device_copy(self, name: str, tensor: torch.Tensor, device) -> torch.Tensor:
+        key = (name, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = tensor.to(device, non_blocking=True)
+        return self._on_device[key]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """log2 of the spacing condition on ``x``'s device (FiLM's MLP input)."""
+        v = self.get(x)
+        key = ("log2", str(x.device))
+        if key not in self._on_device:
+            self._on_device[key] = torch.log2(v.float())
+        return self._on_device[key]
+
+    def slot_index(self, x: torch.Tensor) -> torch.Tensor:
+        return self._device_copy("local_index", self.local_index, x.device)
 
     def get(self, x: torch.Tensor) -> torch.Tensor:
         if self.value is None:
@@ -84,7 +104,7 @@ class ConditionState(nn.Module):
         v = self.value
         if v.shape[0] not in (1, x.shape[0]):
             raise RuntimeError(f"condition for {v.shape[0]} samples, batch of {x.shape[0]}")
-        return v.to(x.device, non_blocking=True)
+        return self._device_copy("value", v, x.device)
 
     # --- cohort table (stored in the state dict) ---------------------------------------------------------
     def cohort_table(self) -> list[str | None]:
@@ -125,13 +145,14 @@ class _ConditionalNorm(nn.Module):
     def attach(self, state: ConditionState) -> None:
         object.__setattr__(self, "_state", state)
 
-    def affine(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+    def affine(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        """Per-sample (gamma, beta), each (B or 1, C), for input ``x``."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._state is None:
             raise RuntimeError("conditional norm used outside a conditioned network (no ConditionState attached)")
-        gamma, beta = self.affine(self._state.get(x))
+        gamma, beta = self.affine(x)
         b, c = x.shape[:2]
         if gamma.shape[0] != b:  # one condition for the whole batch
             gamma, beta = gamma.expand(b, c), beta.expand(b, c)
@@ -156,8 +177,8 @@ class FiLMInstanceNorm(_ConditionalNorm):
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 
-    def affine(self, cond):
-        d = self.mlp(torch.log2(cond.float()))
+    def affine(self, x):
+        d = self.mlp(self._state.features(x))
         return self.weight + d[:, :self.num_features], self.bias + d[:, self.num_features:]
 
 
@@ -174,11 +195,12 @@ class CohortInstanceNorm(_ConditionalNorm):
         self.weight = nn.ParameterList([nn.Parameter(w0.clone()) for _ in range(n_cohorts)])
         self.bias = nn.ParameterList([nn.Parameter(b0.clone()) for _ in range(n_cohorts)])
 
-    def affine(self, cond):
+    def affine(self, x):
+        self._state.get(x)  # checks that a condition is set and fits the batch
         used = self._state.used_slots
         if len(used) == 1:  # one cohort in the batch (always so at inference)
             return self.weight[used[0]][None], self.bias[used[0]][None]
-        index = self._state.local_index.to(cond.device, non_blocking=True)
+        index = self._state.slot_index(x)
         return (torch.stack([self.weight[s] for s in used])[index],
                 torch.stack([self.bias[s] for s in used])[index])
 
