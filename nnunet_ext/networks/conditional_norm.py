@@ -109,11 +109,7 @@ class ConditionState(nn.Module):
     # --- cohort table (stored in the state dict) ---------------------------------------------------------
     def cohort_table(self) -> list[str | None]:
         """Slot -> cohort name (None for a free slot)."""
-        out = []
-        for row in self.cohort_names.cpu().tolist():
-            raw = bytes(b for b in row if b)
-            out.append(raw.decode("utf-8") if raw else None)
-        return out
+        return _decode_names(self.cohort_names)
 
     def set_cohort_table(self, names: list[str | None]) -> None:
         if len(names) > self.n_cohorts:
@@ -253,8 +249,11 @@ def kind_of_state_dict(state_dict: dict) -> str | None:
 
 def cohort_table_of_state_dict(state_dict: dict) -> list[str | None]:
     names = state_dict.get("ext_condition.cohort_names")
-    if names is None:
-        return []
+    return [] if names is None else _decode_names(names)
+
+
+def _decode_names(names: torch.Tensor) -> list[str | None]:
+    """Rows of NUL-padded UTF-8 bytes -> names (None for an empty row)."""
     return [bytes(b for b in row if b).decode("utf-8") or None for row in names.cpu().tolist()]
 
 
