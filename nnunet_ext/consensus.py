@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_ext.io import write_image
 from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
 
 STATE = "consensus.json"
@@ -37,18 +38,15 @@ STATE = "consensus.json"
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _raw() -> Path:
-    raw = os.environ.get("nnUNet_raw")
-    if not raw:
-        raise RuntimeError("nnUNet_raw is not set")
-    return Path(raw)
-
-
 def _env_folder(name: str) -> Path:
     v = os.environ.get(name)
     if not v:
         raise RuntimeError(f"{name} is not set")
     return Path(v)
+
+
+def _raw() -> Path:
+    return _env_folder("nnUNet_raw")
 
 
 def dataset_folder(dataset) -> Path:
@@ -239,12 +237,7 @@ def _write_prob(prob: np.ndarray, reference_image: Path, out: Path) -> None:
     if prob.shape != tuple(reversed(ref.GetSize())):
         raise ValueError(f"probability map of shape {prob.shape} does not fit {reference_image} "
                          f"(size {ref.GetSize()} x, y, z)")
-    img = sitk.GetImageFromArray(prob)
-    img.CopyInformation(ref)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(".tmp_" + out.name)
-    sitk.WriteImage(img, str(tmp), True)
-    os.replace(tmp, out)
+    write_image(prob, (), out, reference=ref)
 
 
 def _predict(model: dict, input_dir: Path, output_dir: Path, folds, env, log, device, checkpoint="checkpoint_final.pth",
