@@ -343,7 +343,7 @@ def run(argv: list[str] | None = None) -> int:
                              args.radius_mm)
         print(f"wrote {len(cases)} fused masks to {args.output}")
     elif args.command == "preprocess-soft":
-        from nnunet_ext.soft_labels import preprocess_raters, preprocess_soft_dataset
+        from nnunet_ext.soft_preprocess import preprocess_raters, preprocess_soft_dataset
 
         results = preprocess_raters(args.dataset, args.configuration, args.plans, overwrite=args.overwrite) \
             if args.raters else [preprocess_soft_dataset(args.dataset, args.configuration, args.plans, args.soft_dir,

@@ -9,7 +9,8 @@ from nnunetv2.preprocessing.resampling.default_resampling import resample_data_o
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.losses import AdaptiveWingLoss, SoftDiceBCELoss, normalized_relu
-from nnunet_ext.soft_labels import SoftTargetTransforms, check_soft, soft_to_preprocessed_grid
+from nnunet_ext.soft_preprocess import check_soft, soft_to_preprocessed_grid
+from nnunet_ext.training.targets import SoftTargetTransforms
 
 
 def test_soft_dice_bce_by_hand():
@@ -127,7 +128,7 @@ class _Base:
 
 
 def test_random_rater_draws_each_rater(tmp_path):
-    from nnunet_ext.soft_labels import WithRandomRater
+    from nnunet_ext.training.targets import WithRandomRater
 
     for k, mask in enumerate(([0, 1, 1, 0], [0, 0, 1, 1])):
         (tmp_path / f"r{k}").mkdir()

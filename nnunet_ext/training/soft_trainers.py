@@ -8,7 +8,8 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.losses import AdaptiveWingLoss, SoftDiceBCELoss
-from nnunet_ext.soft_labels import SoftTargetTransforms, WithRandomRater, WithSoftTargets, rater_folders, soft_folder
+from nnunet_ext.soft_preprocess import rater_folders, soft_folder
+from nnunet_ext.training.targets import SoftTargetTransforms, WithRandomRater, WithSoftTargets
 from nnunet_ext.thresholds import fold_threshold_from_validation
 from nnunet_ext.training.base import ExtTrainer
 from nnunet_ext.training.plumbing import refuse_unsupported, wrap_deep_supervision

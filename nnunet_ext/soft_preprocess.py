@@ -1,4 +1,4 @@
-"""Soft targets through nnU-Net: preprocessing onto nnU-Net's grid, and transport through augmentation.
+"""Soft targets and rater masks onto nnU-Net's preprocessed grid (offline, ``nnunet-ext preprocess-soft``).
 
 A raw dataset carries soft targets in [0, 1] as ``softlabelsTr/<case>.nii.gz`` beside its (binarized)
 ``labelsTr`` that nnU-Net plans and samples with. :func:`preprocess_soft_dataset` repeats nnU-Net's
@@ -7,24 +7,17 @@ geometry for them -- ``transpose_forward``, the crop ``bbox_used_for_cropping`` 
 function (linear) -- and stores them as uint8 in 1/255 steps, zlib-compressed, in
 ``<preprocessed config folder>/nnunet_ext_soft/<case>.npz``.
 
-During training the dataset returns the soft map as segmentation channel 1 (values 0..255);
-:class:`SoftTargetTransforms` moves it into batchgeneratorsv2's ``regression_target`` before nnU-Net's
-training transforms (spatial transforms interpolate it linearly like the image, mirroring flips it,
-intensity transforms leave it alone), then appends it, area-averaged to every deep-supervision scale, as
-channel 1 of each segmentation target (float, in [0, 1]).
+How they travel through augmentation during training: :mod:`nnunet_ext.training.targets`.
 """
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from nnunet_ext.training.plumbing import DatasetWrapper, WithExtraSegChannel
+from nnunet_ext.maps import map_path, read_map, save_map_like_seg
 
 SOFT_FOLDER = "nnunet_ext_soft"
 SOFT_SCALE = 255.0
@@ -97,7 +90,7 @@ def preprocess_soft_dataset(dataset: str | int, configuration: str, plans: str =
         raise FileNotFoundError(f"no preprocessed cases in {pre}")
     soft_bytes = hard_bytes = 0
     for k, case in enumerate(cases, 1):
-        target = out / f"{case}.npz"
+        target = map_path(out, case)
         hard_bytes += (pre / f"{case}_seg.b2nd").stat().st_size
         if not target.exists() or overwrite:
             path = src / f"{case}{ending}"
@@ -107,13 +100,10 @@ def preprocess_soft_dataset(dataset: str | int, configuration: str, plans: str =
             check_soft(soft, path)
             with open(pre / f"{case}.pkl", "rb") as f:
                 props = pickle.load(f)
-            seg_shape = blosc2.open(urlpath=str(pre / f"{case}_seg.b2nd"), mode="r").shape[1:]
+            seg_file = pre / f"{case}_seg.b2nd"
+            seg_shape = blosc2.open(urlpath=str(seg_file), mode="r").shape[1:]
             grid = soft_to_preprocessed_grid(soft[0], props, pm, cm, seg_shape)
-            q = np.round(grid * SOFT_SCALE).astype(np.uint8)
-            tmp = out / f".tmp_{os.getpid()}_{case}.npz"
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, soft=q)
-            os.replace(tmp, target)
+            save_map_like_seg(np.round(grid * SOFT_SCALE).astype(np.uint8), seg_file, target)
         soft_bytes += target.stat().st_size
         if progress:
             print(f"\rpreprocess-soft: {k}/{len(cases)}", end="", flush=True)
@@ -137,74 +127,11 @@ def preprocess_raters(dataset: str | int, configuration: str, plans: str = "nnUN
                                     out_name=f"{RATER_FOLDER}/{r}") for r in raters]
 
 
+REMEDY = "run nnunet-ext preprocess-soft for this dataset and configuration"
+
+
 def load_soft(folder: Path, case: str) -> np.ndarray:
-    path = Path(folder) / f"{case}.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run nnunet-ext preprocess-soft for this dataset and configuration")
-    with np.load(path) as f:
-        return f["soft"]
+    """The whole preprocessed soft map (uint8, 0..255) of ``case``."""
+    return read_map(folder, case, REMEDY)
 
 
-class WithSoftTargets(WithExtraSegChannel):
-    """Wraps an nnU-Net dataset; ``load_case`` returns the segmentation with the soft map (0..255) as
-    channel 1."""
-
-    remedy = "rerun nnunet-ext preprocess-soft with --overwrite"
-
-    def __init__(self, base, folder: Path):
-        super().__init__(base)
-        self.folder = Path(folder)
-
-    def load_extra(self, identifier):
-        return load_soft(self.folder, identifier)
-
-
-class WithRandomRater(DatasetWrapper):
-    """Wraps an nnU-Net dataset; every ``load_case`` replaces the label map by one rater's mask drawn at
-    random (Lemay et al.'s "no fusion" strategy). Voxels outside nnU-Net's crop (-1) stay -1."""
-
-    def __init__(self, base, folders):
-        super().__init__(base)
-        self.folders = [Path(f) for f in folders]
-        if not self.folders:
-            raise FileNotFoundError("no preprocessed rater folders: run nnunet-ext preprocess-soft --raters")
-
-    def load_case(self, identifier):
-        data, seg, seg_prev, properties = self.base.load_case(identifier)
-        rater = self.folders[np.random.randint(len(self.folders))]
-        mask = load_soft(rater, identifier) >= 128
-        seg = np.array(seg[:])
-        seg[0] = np.where(seg[0] == -1, -1, mask).astype(seg.dtype)
-        return data, seg, seg_prev, properties
-
-
-def area_resize(soft: torch.Tensor, shape) -> torch.Tensor:
-    """(1, *spatial) soft map resized to ``shape`` by area averaging (deep-supervision targets)."""
-    if tuple(soft.shape[1:]) == tuple(shape):
-        return soft
-    return F.interpolate(soft[None], size=tuple(shape), mode="area")[0]
-
-
-class SoftTargetTransforms:
-    """Wraps nnU-Net's training transforms so that segmentation channel 1 (soft map, 0..255) travels as a
-    linearly interpolated ``regression_target`` and comes back, per deep-supervision scale, as float
-    channel 1 of the target next to the hard labels (channel 0)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __call__(self, **data):
-        seg = data["segmentation"]
-        if seg.shape[0] < 2:
-            return self.inner(**data)
-        soft = (seg[1:2].float() / SOFT_SCALE).clamp(min=0.0)  # padding (-1) -> 0
-        data["segmentation"] = seg[:1]
-        data["regression_target"] = soft
-        out = self.inner(**data)
-        soft = out.pop("regression_target").float().clamp(0.0, 1.0)
-        segs = out["segmentation"]
-        if isinstance(segs, (list, tuple)):
-            out["segmentation"] = [torch.cat([s.float(), area_resize(soft, s.shape[1:])]) for s in segs]
-        else:
-            out["segmentation"] = torch.cat([segs.float(), area_resize(soft, segs.shape[1:])])
-        return out
