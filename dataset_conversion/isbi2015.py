@@ -10,67 +10,84 @@ Output: channels FLAIR (0000), T2 (0001), PD (0002), MPRAGE (0003); both raters 
 """
 from __future__ import annotations
 
-import json
-import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_ext.dataset_conversion.common import (read_checked, target_folder, write_dataset_json,
-                                                  write_multirater_case)
+from nnunet_ext.dataset_conversion.common import (mask_array, read_checked, staged_dataset, write_dataset_json,
+                                                  write_json, write_like, write_multirater_case)
 
 MODALITIES = ("flair", "t2", "pd", "mprage")
 LABEL_RULES = ("rater1", "rater2", "intersection", "union")
+_FLAIR = re.compile(r"(.+)_flair_pp\.nii(\.gz)?$")
 
 
 def find_cases(source) -> dict[str, dict]:
+    """Case id -> image and mask paths. Files that only resemble the layout (``*_flair_pp.nii.bak``) are
+    skipped with a warning; a case with one of its two masks is an error (not silently a test case)."""
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"source folder not found: {source}")
     cases = {}
     for flair in sorted(source.rglob("*_flair_pp.nii*")):
-        m = re.match(r"(.+)_flair_pp\.nii(\.gz)?$", flair.name)
+        m = _FLAIR.match(flair.name)
+        if m is None or not flair.is_file():
+            warnings.warn(f"skipping {flair}: not a .nii / .nii.gz file")
+            continue
         cid = m.group(1)
         ext = ".nii" + (m.group(2) or "")
         subject = flair.parent.parent
-        cases[cid] = {"images": [flair.parent / f"{cid}_{mod}_pp{ext}" for mod in MODALITIES],
-                      "masks": [subject / "masks" / f"{cid}_mask{k}{ext}" for k in (1, 2)]}
+        if cid in cases:
+            raise ValueError(f"case {cid} found twice: {cases[cid]['images'][0]} and {flair}")
+        images = [flair.parent / f"{cid}_{mod}_pp{ext}" for mod in MODALITIES]
+        for p in images:
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} is missing (expected the ISBI 2015 layout: all four *_pp images)")
+        masks = [subject / "masks" / f"{cid}_mask{k}{ext}" for k in (1, 2)]
+        present = [p.is_file() for p in masks]
+        if any(present) and not all(present):
+            missing = masks[present.index(False)]
+            raise FileNotFoundError(f"{missing} is missing while {masks[present.index(True)].name} is present: "
+                                    f"a training case needs both masks (a test case neither)")
+        cases[cid] = {"images": images, "masks": masks, "labelled": all(present)}
     if not cases:
         raise ValueError(f"no *_flair_pp.nii files below {source} (expected the ISBI 2015 layout)")
     return cases
 
 
 def convert(source, raw_root, dataset_id: int, name: str = "ISBI2015", label: str = "rater1",
-            progress: bool = True) -> Path:
+            progress: bool = True, overwrite: bool = False) -> Path:
+    """Built in a staging folder, moved into place at the end (see :mod:`..common`)."""
     if label not in LABEL_RULES:
         raise ValueError(f"label must be one of {LABEL_RULES}, got {label!r}")
-    root = target_folder(raw_root, dataset_id, name)
-    summary, n_train = {}, 0
     cases = find_cases(source)
-    for k, (cid, c) in enumerate(cases.items(), 1):
-        has_masks = all(p.is_file() for p in c["masks"])
-        imgs = read_checked(c["images"] + (c["masks"] if has_masks else []))
-        images, masks = imgs[:4], imgs[4:]
-        if has_masks:
-            a = [sitk.GetArrayFromImage(m) for m in masks]
-            rule = {"rater1": a[0], "rater2": a[1], "intersection": a[0] * a[1],
-                    "union": np.maximum(a[0], a[1])}[label]
-            lab = sitk.GetImageFromArray(rule.astype(np.uint8))
-            summary[cid] = {"split": "Tr", **write_multirater_case(root, cid, images, lab, masks, c["masks"])}
-            n_train += 1
-        else:
-            from nnunet_ext.dataset_conversion.common import write_like
-
-            for i, img in enumerate(images):
-                write_like(img, root / "imagesTs" / f"{cid}_{i:04d}.nii.gz")
-            summary[cid] = {"split": "Ts"}
+    if not any(c["labelled"] for c in cases.values()):
+        raise ValueError(f"no case below {source} has its two masks (masks/<case>_mask1/2.nii): nothing to train on")
+    with staged_dataset(raw_root, dataset_id, name, overwrite, inputs=[source]) as (root, final):
+        summary, n_train = {}, 0
+        for k, (cid, c) in enumerate(cases.items(), 1):
+            if c["labelled"]:
+                imgs = read_checked(c["images"] + c["masks"])
+                images, masks = imgs[:4], imgs[4:]
+                a = [mask_array(p, m) for p, m in zip(c["masks"], masks)]
+                rule = {"rater1": a[0], "rater2": a[1], "intersection": a[0] * a[1],
+                        "union": np.maximum(a[0], a[1])}[label]
+                lab = sitk.GetImageFromArray(rule.astype(np.uint8))
+                lab.CopyInformation(images[0])
+                summary[cid] = {"split": "Tr", **write_multirater_case(root, cid, images, lab, masks, c["masks"])}
+                n_train += 1
+            else:
+                for i, img in enumerate(read_checked(c["images"])):
+                    write_like(img, root / "imagesTs" / f"{cid}_{i:04d}.nii.gz")
+                summary[cid] = {"split": "Ts"}
+            if progress:
+                print(f"\risbi2015: {k}/{len(cases)}", end="", flush=True)
         if progress:
-            print(f"\risbi2015: {k}/{len(cases)}", end="", flush=True)
-    if progress:
-        print()
-    write_dataset_json(root, {"0": "FLAIR", "1": "T2", "2": "PD", "3": "MPRAGE"}, {"background": 0, "lesion": 1},
-                       n_train, name, {"label_rule": label, "raters": 2})
-    (root / "conversion.json").write_text(json.dumps(summary, indent=1))
-    return root
+            print()
+        write_dataset_json(root, {"0": "FLAIR", "1": "T2", "2": "PD", "3": "MPRAGE"}, {"background": 0, "lesion": 1},
+                           n_train, name, {"label_rule": label, "raters": 2})
+        write_json(root / "conversion.json", summary)
+    return final

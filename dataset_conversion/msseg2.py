@@ -13,11 +13,10 @@ ratersTs when their rater masks are present). The source is only read.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from nnunet_ext.dataset_conversion.common import (read_checked, target_folder, write_dataset_json, write_like,
-                                                  write_multirater_case)
+from nnunet_ext.dataset_conversion.common import (read_checked, staged_dataset, write_dataset_json, write_json,
+                                                  write_like, write_multirater_case)
 
 TIMEPOINTS = ("flair_time01_on_middle_space.nii.gz", "flair_time02_on_middle_space.nii.gz")
 CONSENSUS = "ground_truth.nii.gz"
@@ -50,28 +49,37 @@ def _convert_patient(root: Path, cid: str, patient: Path, split: str) -> dict:
         raise FileNotFoundError(f"{missing[0]} is missing (the other raters of {patient.name} are present)")
     imgs = read_checked(images + [patient / CONSENSUS] + present)
     out_split = "Tr" if split == "Tr" else "Ts"
-    info = write_multirater_case(root, cid, imgs[:2], imgs[2], imgs[3:], present, split=out_split)
+    info = write_multirater_case(root, cid, imgs[:2], imgs[2], imgs[3:], present, split=out_split,
+                                 label_path=patient / CONSENSUS)
     return {"source": str(patient), "split": f"images{out_split}", "new_lesion_voxels": info["lesion_voxels"],
             "rater_voxels": info["rater_voxels"]}
 
 
-def convert(source, raw_root, dataset_id: int, name: str = "MSSEG2", test_source=None, progress: bool = True) -> Path:
-    root = target_folder(raw_root, dataset_id, name)
-    jobs = [(cid, p, "Tr") for cid, p in find_patients(source).items()]
+def convert(source, raw_root, dataset_id: int, name: str = "MSSEG2", test_source=None, progress: bool = True,
+            overwrite: bool = False) -> Path:
+    """Built in a staging folder, moved into place at the end; a patient id present in both the training
+    and the test folder is an error."""
+    train = find_patients(source)
+    jobs = [(cid, p, "Tr") for cid, p in train.items()]
     if test_source is not None:
-        jobs += [(cid, p, "Ts_labelled") for cid, p in find_patients(test_source).items()]
-    summary = {}
-    for k, (cid, patient, split) in enumerate(jobs, 1):
-        summary[cid] = _convert_patient(root, cid, patient, split)
-        if progress:
-            print(f"\rmsseg2: {k}/{len(jobs)}", end="", flush=True)
-    if progress:
-        print()
-    n_train = sum(1 for v in summary.values() if v["split"] == "imagesTr")
-    if n_train == 0:
+        test = find_patients(test_source)
+        clash = sorted(set(train) & set(test))
+        if clash:
+            raise ValueError(f"patient {clash[0]} is in both {source} and {test_source}; ids must be unique")
+        jobs += [(cid, p, "Ts_labelled") for cid, p in test.items()]
+    if not any((p / CONSENSUS).is_file() for _, p, split in jobs if split == "Tr"):
         raise ValueError(f"no patient of {source} has {CONSENSUS}: nothing to train on")
-    write_dataset_json(root, {"0": "FLAIR_tp1", "1": "FLAIR_tp2"}, {"background": 0, "lesion": 1}, n_train, name,
-                       {"raters": N_RATERS, "label": "consensus of new lesions (ground_truth.nii.gz)",
-                        "description": "MSSEG-2: new lesions at time point 2"})
-    (root / "conversion.json").write_text(json.dumps(summary, indent=1))
-    return root
+    with staged_dataset(raw_root, dataset_id, name, overwrite, inputs=[source, test_source]) as (root, final):
+        summary = {}
+        for k, (cid, patient, split) in enumerate(jobs, 1):
+            summary[cid] = _convert_patient(root, cid, patient, split)
+            if progress:
+                print(f"\rmsseg2: {k}/{len(jobs)}", end="", flush=True)
+        if progress:
+            print()
+        n_train = sum(1 for v in summary.values() if v["split"] == "imagesTr")
+        write_dataset_json(root, {"0": "FLAIR_tp1", "1": "FLAIR_tp2"}, {"background": 0, "lesion": 1}, n_train, name,
+                           {"raters": N_RATERS, "label": "consensus of new lesions (ground_truth.nii.gz)",
+                            "description": "MSSEG-2: new lesions at time point 2"})
+        write_json(root / "conversion.json", summary)
+    return final

@@ -9,13 +9,14 @@ Output: channels FLAIR, T1, T2, DP, GADO (0000-0004); ``labelsTr`` = Consensus; 
 """
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
-from nnunet_ext.dataset_conversion.common import (read_checked, target_folder, write_dataset_json,
+from nnunet_ext.dataset_conversion.common import (read_checked, staged_dataset, write_dataset_json, write_json,
                                                   write_multirater_case)
 
 MODALITIES = ("FLAIR", "T1", "T2", "DP", "GADO")
+_RATER = re.compile(r"ManualSegmentation_(\d+)\.nii\.gz$")
 
 
 def find_cases(source) -> dict[str, Path]:
@@ -31,27 +32,50 @@ def find_cases(source) -> dict[str, Path]:
     return cases
 
 
-def convert(source, raw_root, dataset_id: int, name: str = "MSSEG2016", progress: bool = True) -> Path:
-    root = target_folder(raw_root, dataset_id, name)
-    summary = {}
+def rater_files(patient: Path) -> dict[int, Path]:
+    """Rater number (from ``ManualSegmentation_<k>``) -> mask file of one patient."""
+    out = {}
+    for p in sorted((patient / "Masks").glob("ManualSegmentation_*")):
+        m = _RATER.match(p.name)
+        if m is None:
+            continue
+        out[int(m.group(1))] = p
+    return dict(sorted(out.items()))
+
+
+def convert(source, raw_root, dataset_id: int, name: str = "MSSEG2016", progress: bool = True,
+            overwrite: bool = False) -> Path:
+    """``ratersTr/rater<k>`` holds ``ManualSegmentation_<k>`` of every patient (the number in the file name,
+    never the sort position); every patient must have the same rater numbers."""
     cases = find_cases(source)
-    n_raters = None
-    for k, (cid, patient) in enumerate(cases.items(), 1):
+    jobs, numbers = [], None
+    for cid, patient in cases.items():
         images = [patient / "Preprocessed_Data" / f"{m}_preprocessed.nii.gz" for m in MODALITIES]
-        raters = sorted(patient.glob("Masks/ManualSegmentation_*.nii.gz"), key=lambda p: int(p.stem.split("_")[-1].split(".")[0]))
-        if n_raters is None:
-            n_raters = len(raters)
-        elif len(raters) != n_raters:
-            raise ValueError(f"{patient / 'Masks'} has {len(raters)} rater masks, other cases {n_raters}")
-        paths = images + [patient / "Masks" / "Consensus.nii.gz"] + raters
-        imgs = read_checked(paths)
-        summary[cid] = {"source": str(patient),
-                        **write_multirater_case(root, cid, imgs[:5], imgs[5], imgs[6:], raters)}
+        for p in images:
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} is missing (expected the MSSEG 2016 layout)")
+        raters = rater_files(patient)
+        if numbers is None:
+            numbers, first = sorted(raters), patient
+        elif sorted(raters) != numbers:
+            lacking = sorted(set(numbers) - set(raters)) or sorted(set(raters) - set(numbers))
+            raise ValueError(f"{patient / 'Masks'} has rater masks {sorted(raters)}, {first / 'Masks'} has {numbers} "
+                             f"(ManualSegmentation_{lacking[0]}.nii.gz differs); every patient needs the same raters")
+        jobs.append((cid, patient, images, raters))
+    with staged_dataset(raw_root, dataset_id, name, overwrite, inputs=[source]) as (root, final):
+        summary = {}
+        for k, (cid, patient, images, raters) in enumerate(jobs, 1):
+            cons = patient / "Masks" / "Consensus.nii.gz"
+            paths = images + [cons] + list(raters.values())
+            imgs = read_checked(paths)
+            summary[cid] = {"source": str(patient),
+                            **write_multirater_case(root, cid, imgs[:5], imgs[5], imgs[6:], list(raters.values()),
+                                                    rater_ids=list(raters), label_path=cons)}
+            if progress:
+                print(f"\rmsseg2016: {k}/{len(cases)}", end="", flush=True)
         if progress:
-            print(f"\rmsseg2016: {k}/{len(cases)}", end="", flush=True)
-    if progress:
-        print()
-    write_dataset_json(root, {str(i): m for i, m in enumerate(MODALITIES)}, {"background": 0, "lesion": 1},
-                       len(cases), name, {"raters": n_raters, "label": "Consensus"})
-    (root / "conversion.json").write_text(json.dumps(summary, indent=1))
-    return root
+            print()
+        write_dataset_json(root, {str(i): m for i, m in enumerate(MODALITIES)}, {"background": 0, "lesion": 1},
+                           len(cases), name, {"raters": len(numbers), "rater_numbers": numbers, "label": "Consensus"})
+        write_json(root / "conversion.json", summary)
+    return final

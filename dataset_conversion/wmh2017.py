@@ -13,14 +13,13 @@ predictions as the challenge does with ``nnunet-ext evaluate --preset wmh2017`` 
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
-from nnunet_ext.dataset_conversion.common import check_same_geometry, target_folder, write_dataset_json, write_like
+from nnunet_ext.dataset_conversion.common import (mask_array, read_checked, staged_dataset, write_dataset_json,
+                                                  write_json, write_like)
 
 
 def find_cases(source: str | os.PathLike) -> dict[str, Path]:
@@ -41,18 +40,18 @@ def find_cases(source: str | os.PathLike) -> dict[str, Path]:
     return cases
 
 
-def _convert_case(folder: Path, cid: str, images_dir: Path, labels_dir: Path) -> dict:
-    flair = sitk.ReadImage(str(folder / "pre" / "FLAIR.nii.gz"))
-    t1 = sitk.ReadImage(str(folder / "pre" / "T1.nii.gz"))
-    wmh = sitk.ReadImage(str(folder / "wmh.nii.gz"))
-    check_same_geometry(folder / "pre" / "FLAIR.nii.gz", flair, folder / "pre" / "T1.nii.gz", t1)
-    check_same_geometry(folder / "pre" / "FLAIR.nii.gz", flair, folder / "wmh.nii.gz", wmh)
-    arr = sitk.GetArrayFromImage(wmh)
-    values = set(np.unique(arr).tolist())
-    if not values <= {0, 1, 2}:
-        raise ValueError(f"{folder / 'wmh.nii.gz'}: unexpected label values {sorted(values - {0, 1, 2})}")
-    lab = sitk.GetImageFromArray(arr.astype(np.uint8))
+def _read_case(folder: Path):
+    """Checked FLAIR, T1 and label (values 0/1/2, one 3-D geometry) of one case folder."""
+    paths = [folder / "pre" / "FLAIR.nii.gz", folder / "pre" / "T1.nii.gz", folder / "wmh.nii.gz"]
+    flair, t1, wmh = read_checked(paths)
+    arr = mask_array(paths[2], wmh, allowed=(0, 1, 2), accept_255=False)
+    lab = sitk.GetImageFromArray(arr)
     lab.CopyInformation(flair)
+    return flair, t1, lab, arr
+
+
+def _convert_case(folder: Path, cid: str, images_dir: Path, labels_dir: Path) -> dict:
+    flair, t1, lab, arr = _read_case(folder)
     write_like(flair, images_dir / f"{cid}_0000.nii.gz")
     write_like(t1, images_dir / f"{cid}_0001.nii.gz")
     write_like(lab, labels_dir / f"{cid}.nii.gz")
@@ -60,24 +59,32 @@ def _convert_case(folder: Path, cid: str, images_dir: Path, labels_dir: Path) ->
 
 
 def convert(source: str | os.PathLike, raw_root: str | os.PathLike, dataset_id: int, name: str = "WMH2017",
-            test_source: str | os.PathLike | None = None, progress: bool = True) -> Path:
-    """Convert the training release (and optionally the test release to imagesTs/labelsTs)."""
-    root = target_folder(raw_root, dataset_id, name)
-    summary = {}
-    for split, src in (("Tr", source), ("Ts", test_source)):
-        if src is None:
-            continue
-        cases = find_cases(src)
-        for k, (cid, folder) in enumerate(cases.items(), 1):
-            summary[cid] = {"split": split, "source": str(folder),
-                            **_convert_case(folder, cid, root / f"images{split}", root / f"labels{split}")}
+            test_source: str | os.PathLike | None = None, progress: bool = True, overwrite: bool = False) -> Path:
+    """Convert the training release (and optionally the test release to imagesTs/labelsTs).
+
+    Built in a staging folder and moved into place at the end; a non-empty existing dataset is refused
+    unless ``overwrite``. A case id present in both releases is an error (it would overwrite or be lost)."""
+    splits = [("Tr", source)] + ([("Ts", test_source)] if test_source is not None else [])
+    found = {split: find_cases(src) for split, src in splits}
+    if "Ts" in found:
+        clash = sorted(set(found["Tr"]) & set(found["Ts"]))
+        if clash:
+            raise ValueError(f"case id {clash[0]} is in both the training folder ({found['Tr'][clash[0]]}) and the "
+                             f"test folder ({found['Ts'][clash[0]]}); case ids must be unique across both")
+    with staged_dataset(raw_root, dataset_id, name, overwrite, inputs=[source, test_source]) as (root, final):
+        summary = {}
+        for split, _ in splits:
+            cases = found[split]
+            for k, (cid, folder) in enumerate(cases.items(), 1):
+                summary[cid] = {"split": split, "source": str(folder),
+                                **_convert_case(folder, cid, root / f"images{split}", root / f"labels{split}")}
+                if progress:
+                    print(f"\rwmh2017 {split}: {k}/{len(cases)}", end="", flush=True)
             if progress:
-                print(f"\rwmh2017 {split}: {k}/{len(cases)}", end="", flush=True)
-        if progress:
-            print()
-    n_train = sum(1 for v in summary.values() if v["split"] == "Tr")
-    write_dataset_json(root, {"0": "FLAIR", "1": "T1"}, {"background": 0, "WMH": 1, "ignore": 2}, n_train, name,
-                       {"description": "WMH Segmentation Challenge 2017; label 2 (other pathology) is the ignore label",
-                        "reference": "https://wmh.grand-challenge.org"})
-    (root / "conversion.json").write_text(json.dumps(summary, indent=1))
-    return root
+                print()
+        n_train = sum(1 for v in summary.values() if v["split"] == "Tr")
+        write_dataset_json(root, {"0": "FLAIR", "1": "T1"}, {"background": 0, "WMH": 1, "ignore": 2}, n_train, name,
+                           {"description": "WMH Segmentation Challenge 2017; label 2 (other pathology) is the ignore label",
+                            "reference": "https://wmh.grand-challenge.org"})
+        write_json(root / "conversion.json", summary)
+    return final

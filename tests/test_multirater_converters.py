@@ -108,7 +108,7 @@ def test_msseg2016(msseg_source, tmp_path):
 def test_msseg2016_missing_and_nonbinary(msseg_source, tmp_path):
     _write(msseg_source / "Center_01" / "Patient_01" / "Masks" / "ManualSegmentation_3.nii.gz",
            np.full((4, 8, 8), 2, np.uint8))
-    with pytest.raises(ValueError, match="ManualSegmentation_3.nii.gz: rater masks must be binary"):
+    with pytest.raises(ValueError, match="ManualSegmentation_3.nii.gz: mask values must be in"):
         run(["convert", "msseg2016", "-i", str(msseg_source), "-d", "532", "--raw", str(tmp_path / "raw")])
     (msseg_source / "Center_01" / "Patient_01" / "Preprocessed_Data" / "GADO_preprocessed.nii.gz").unlink()
     with pytest.raises(FileNotFoundError, match="GADO_preprocessed.nii.gz"):

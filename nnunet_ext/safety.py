@@ -1,0 +1,232 @@
+"""Writing outputs safely: never over an input, atomically, one writer at a time.
+
+* :func:`check_output_not_input` -- refuse an output that is, lies inside, or contains an input.
+* :func:`output_lock` -- an exclusive ``flock`` on ``.<name>.lock`` beside an output; a second run on the
+  same output fails at once with :class:`OutputLocked` naming the holder (the lock dies with its process,
+  also on SIGKILL, so there is nothing to clean up by hand).
+* :func:`staged_folder` -- build a folder under a hidden staging name beside the target and move it into
+  place at the end (an atomic exchange where the kernel supports ``renameat2``); a non-empty target is
+  refused unless ``overwrite``, with ``overwrite`` the old content is removed as a whole (no stale files);
+  on any exception, Ctrl-C or SIGTERM the staging folder is removed and the target is untouched; staging
+  folders left by a SIGKILL are removed by the next run (under the lock).
+* :func:`atomic_write_text` -- one file via a per-process temporary name and ``os.replace``.
+* :func:`worker_pool` -- a process pool whose workers die with their parent and ignore Ctrl-C (the parent
+  handles it and terminates them).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+
+class OutputLocked(RuntimeError):
+    """Another process is writing the same output."""
+
+
+def _resolved(p) -> Path:
+    return Path(os.path.abspath(os.path.realpath(os.fspath(p))))
+
+
+def check_output_not_input(output, inputs: Iterable, *, allow_inside: bool = False, what: str = "output") -> None:
+    """ValueError unless ``output`` is disjoint from every path in ``inputs`` (symlinks resolved).
+
+    Refused: the output equals an input, lies inside an input folder (unless ``allow_inside``), or contains
+    an input (replacing the output would delete it). ``None`` entries of ``inputs`` are skipped."""
+    out = _resolved(output)
+    for i in inputs:
+        if i is None:
+            continue
+        inp = _resolved(i)
+        if out == inp:
+            raise ValueError(f"{what} {output} is also an input ({i}); choose another {what} path")
+        if inp in out.parents and not allow_inside:
+            raise ValueError(f"{what} {output} lies inside the input {i}; choose a path outside the inputs")
+        if out in inp.parents:
+            raise ValueError(f"{what} {output} contains the input {i}; writing it could destroy the input, "
+                             f"choose another {what} path")
+
+
+def unique_name(path, tag: str = "tmp") -> Path:
+    path = Path(path)
+    return path.with_name(f".{tag}_{os.getpid()}_{uuid.uuid4().hex[:12]}_{path.name}")
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a unique temporary sibling and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = unique_name(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def lock_path_for(target) -> Path:
+    target = Path(target)
+    return target.parent / f".{target.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(lock_file, what=None):
+    """Hold an exclusive lock on ``lock_file`` (created if needed) for the block; OutputLocked when another
+    process holds it."""
+    import fcntl
+
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            except OSError:
+                holder = "?"
+            raise OutputLocked(f"{what or lock_file} is being written by another nnunet-ext run (pid {holder or '?'}, "
+                               f"lock {lock_file}); wait for it to finish or choose another output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False when unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD = -100
+    rc = fn(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _is_empty_dir(p: Path) -> bool:
+    return p.is_dir() and not any(p.iterdir())
+
+
+def check_target(target, overwrite: bool, what: str = "output") -> None:
+    """The rule for a folder a command creates: absent or empty, or ``overwrite``."""
+    target = Path(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ValueError(f"{what} {target} exists and is not a folder; choose another path")
+    if target.is_dir() and not _is_empty_dir(target) and not overwrite:
+        raise ValueError(f"{what} {target} already exists and is not empty; pass --overwrite to replace it "
+                         f"(its whole content is removed) or choose another path")
+
+
+def clean_stale(target) -> None:
+    """Remove staging / retired folders of ``target`` left by killed runs (call under the target's lock)."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    for p in target.parent.glob(f".{target.name}.staging-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in target.parent.glob(f".{target.name}.old-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(target, *, overwrite: bool = False, lock: bool = True, lock_file=None, inputs: Iterable = (),
+                  what: str = "output"):
+    """Yield a fresh staging folder; on success it becomes ``target`` (see module docstring).
+
+    ``inputs`` are checked with :func:`check_output_not_input` first."""
+    target = Path(target)
+    check_output_not_input(target, inputs, what=what)
+    check_target(target, overwrite, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    cm = output_lock(lock_file or lock_path_for(target), what=f"{what} {target}") if lock else contextlib.nullcontext()
+    with cm:
+        check_target(target, overwrite, what)  # again, under the lock
+        clean_stale(target)
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging = target.parent / f".{target.name}.staging-{tag}"
+        staging.mkdir()
+        try:
+            yield staging
+            if target.exists():
+                old = target.parent / f".{target.name}.old-{tag}"
+                if _exchange(staging, target):
+                    staging.rename(old)  # the exchanged old content now sits under the staging name
+                else:
+                    target.rename(old)
+                    staging.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                staging.rename(target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def _worker_init() -> None:
+    """Pool worker: die with the parent (Linux PR_SET_PDEATHSIG), leave Ctrl-C to the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def worker_pool(n: int):
+    """A ``multiprocessing`` pool of ``n`` workers that end with their parent; terminated (not joined) when
+    the block raises, Ctrl-C and SIGTERM included."""
+    import multiprocessing as mp
+
+    pool = mp.get_context("fork").Pool(n, initializer=_worker_init)
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    else:
+        pool.close()
+        pool.join()
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM / SIGHUP so that cleanup (``finally``) runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def install_termination_handlers() -> None:
+    """SIGTERM / SIGHUP -> :class:`Terminated` (exit status 128 + signal in the CLI)."""
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(s, handler)
+        except (ValueError, OSError):  # not the main thread
+            pass

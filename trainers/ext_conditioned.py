@@ -1,2 +1,0 @@
-from nnunet_ext.training.conditioned_trainers import (  # noqa: F401
-    ResolutionFiLMTrainer, SCINNormFineTuneTrainer, SCINTrainer, SCINTrainer_32cohorts)

@@ -1,1 +1,0 @@
-from nnunet_ext.training.soft_trainers import RandomRaterTrainer, SoftDiceTrainer, SoftSegTrainer  # noqa: F401
