@@ -2,8 +2,10 @@
 
 Shapes: ``logits`` is ``(B, C, *spatial)`` (raw network output, C classes incl. background, softmax
 applied inside the loss as nnU-Net expects); ``target`` is ``(B, K, *spatial)`` with the label map in
-channel 0 and, for the LSR losses, optionally the lesion-size map in channel 1 (K = 2; without it every
-voxel weighs 1). Arguments are checked in ``__init__``; ``forward`` stays on the device.
+channel 0 and the maps of the trainer's target parts in channels 1.. (see
+``nnunet_ext.training.targets``); each loss is told the channel of the map it uses (``size_channel``,
+``soft_channel``) and falls back to the labels when the target has no such channel (nnU-Net's validation
+targets carry the labels only): every voxel then weighs 1 and the soft target is ``label == 1``. Arguments are checked in ``__init__``; ``forward`` stays on the device.
 """
 from __future__ import annotations
 
@@ -28,17 +30,30 @@ class LSRCrossEntropyLoss(nn.Module):
 
     With two classes (background, lesion) the softmax cross-entropy equals the binary cross-entropy of
     the sigmoid of the logit difference, i.e. the paper's LSR-weighted BCE; with more classes each class's
-    lesions are weighted by their own sizes. ``alpha = 0`` is plain (B)CE."""
+    lesions are weighted by their own sizes. ``alpha = 0`` is plain (B)CE.
 
-    def __init__(self, alpha: float = 4.0, beta: float = 4.0, ignore_label: int | None = None):
+    ``size_channel``: target channel of the whole-case lesion sizes. ``soft_channel`` (2-class networks
+    only): target channel of a soft lesion target S in [0, 1]; the loss is then the soft two-class
+    cross-entropy ``-(S ln p1 + (1 - S) ln p0)`` with the same weights (LSR on soft or random-rater
+    targets)."""
+
+    def __init__(self, alpha: float = 4.0, beta: float = 4.0, ignore_label: int | None = None,
+                 size_channel: int = 1, soft_channel: int | None = None):
         super().__init__()
         check_alpha_beta(alpha, beta)
+        if size_channel < 1 or (soft_channel is not None and (soft_channel < 1 or soft_channel == size_channel)):
+            raise ValueError(f"map channels must be >= 1 and distinct, got size_channel={size_channel}, "
+                             f"soft_channel={soft_channel}")
         self.alpha, self.beta, self.ignore_label = float(alpha), float(beta), ignore_label
+        self.size_channel, self.soft_channel = size_channel, soft_channel
 
     def voxel_weights(self, target: torch.Tensor) -> torch.Tensor:
-        if target.shape[1] < 2 or self.alpha == 0:
+        if target.shape[1] <= self.size_channel or self.alpha == 0:
             return torch.ones_like(target[:, 0], dtype=torch.float32)
-        return weights_from_size_tensor(target[:, 1], self.alpha, self.beta)
+        sizes = target[:, self.size_channel]
+        # sizes count only where the label is foreground (see nnunet_ext.training.targets on borders)
+        sizes = torch.where(target[:, 0] > 0, sizes, torch.zeros_like(sizes))
+        return weights_from_size_tensor(sizes, self.alpha, self.beta)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.ndim != target.ndim or logits.shape[2:] != target.shape[2:]:
@@ -46,7 +61,12 @@ class LSRCrossEntropyLoss(nn.Module):
                              f"(B, C, *spatial) and (B, K, *spatial)")
         seg, mask = _labels_and_mask(target, self.ignore_label)
         w = self.voxel_weights(target)
-        ce = F.cross_entropy(logits.float(), seg, reduction="none")
+        if self.soft_channel is not None and target.shape[1] > self.soft_channel:
+            s = _soft_target(target, self.soft_channel)
+            logp = torch.log_softmax(_two_class(logits).float(), 1)
+            ce = -(s * logp[:, 1] + (1 - s) * logp[:, 0])
+        else:
+            ce = F.cross_entropy(logits.float(), seg, reduction="none")
         if mask is not None:
             w = w * mask
             n = mask.sum().clamp(min=1.0)
@@ -105,17 +125,22 @@ class FocalTverskyLoss(nn.Module):
         return ((1 - ti).clamp(min=0) ** self.gamma).mean()
 
 
-def _soft_target(target: torch.Tensor) -> torch.Tensor:
-    """Soft lesion target (B, *spatial): channel 1 when present (float in [0, 1]), else label == 1."""
-    if target.shape[1] >= 2:
-        return target[:, 1].float()
+def _soft_target(target: torch.Tensor, channel: int = 1) -> torch.Tensor:
+    """Soft lesion target (B, *spatial): ``channel`` when present (float in [0, 1]), else label == 1."""
+    if target.shape[1] > channel:
+        return target[:, channel].float()
     return (target[:, 0] == 1).float()
+
+
+def _two_class(logits: torch.Tensor) -> torch.Tensor:
+    if logits.shape[1] != 2:
+        raise ValueError(f"soft-label losses need exactly 2 output channels (background, lesion), got {logits.shape[1]}")
+    return logits
 
 
 def _lesion_logit(logits: torch.Tensor) -> torch.Tensor:
     """Lesion evidence of a 2-class network: z_lesion - z_background (softmax = sigmoid of it)."""
-    if logits.shape[1] != 2:
-        raise ValueError(f"soft-label losses need exactly 2 output channels (background, lesion), got {logits.shape[1]}")
+    logits = _two_class(logits)
     return logits[:, 1].float() - logits[:, 0].float()
 
 
@@ -128,15 +153,18 @@ class SoftDiceBCELoss(nn.Module):
     sample, then averaged. Ignored voxels (``ignore_label`` in channel 0) count in neither term."""
 
     def __init__(self, batch: bool = True, weight_dice: float = 1.0, weight_bce: float = 1.0, eps: float = 1e-5,
-                 ignore_label: int | None = None):
+                 ignore_label: int | None = None, soft_channel: int = 1):
         super().__init__()
         if weight_dice < 0 or weight_bce < 0 or eps <= 0:
             raise ValueError("weights must be >= 0 and eps > 0")
+        if soft_channel < 1:
+            raise ValueError(f"soft_channel must be >= 1, got {soft_channel}")
         self.batch, self.weight_dice, self.weight_bce, self.eps, self.ignore_label = batch, weight_dice, weight_bce, eps, ignore_label
+        self.soft_channel = soft_channel
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         d = _lesion_logit(logits)
-        s = _soft_target(target)
+        s = _soft_target(target, self.soft_channel)
         _, mask = _labels_and_mask(target, self.ignore_label)
         m = torch.ones_like(s) if mask is None else mask
         p = torch.sigmoid(d) * m
@@ -175,8 +203,11 @@ class AdaptiveWingLoss(nn.Module):
     ``leak=0`` is SoftSeg exactly."""
 
     def __init__(self, omega: float = 8.0, theta: float = 0.5, epsilon: float = 1.0, alpha: float = 2.1,
-                 ignore_label: int | None = None, leak: float = 0.01):
+                 ignore_label: int | None = None, leak: float = 0.01, soft_channel: int = 1):
         super().__init__()
+        if soft_channel < 1:
+            raise ValueError(f"soft_channel must be >= 1, got {soft_channel}")
+        self.soft_channel = soft_channel
         if omega <= 0 or theta <= 0 or epsilon <= 0:
             raise ValueError("omega, theta and epsilon must be > 0")
         if alpha <= 1:
@@ -197,7 +228,7 @@ class AdaptiveWingLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         p = normalized_relu(_lesion_logit(logits), self.leak)
-        y = _soft_target(target)
+        y = _soft_target(target, self.soft_channel)
         _, mask = _labels_and_mask(target, self.ignore_label)
         loss = self.elementwise(p, y)
         if mask is None:

@@ -9,7 +9,9 @@ Two conditions, one mechanism:
 * **cohort-conditioned IN, SCIN** (:class:`CohortInstanceNorm`): one ``(gamma, beta)`` pair per cohort slot,
   every slot initialised with the layer's own parameters; a sample uses its cohort's pair. Each slot is its
   own ``nn.Parameter``, so a slot can be frozen or trained alone (norm-only fine-tuning of one cohort);
-  only the slots used by the current batch enter the graph, so the others receive no gradient at all.
+  only the slots used by the current batch enter the graph, so the others receive no gradient at all
+  (under DDP, ``ddp_safe``, every slot enters the graph and unused ones get an exact zero gradient, as
+  DDP requires every parameter to take part in each step).
 
 :func:`condition_network` replaces every ``nn.InstanceNorm1d/2d/3d`` of a built network (nnU-Net's plain
 and residual-encoder U-Nets, or anything else built from torch's instance norms) in place and attaches a
@@ -48,6 +50,9 @@ class ConditionState(nn.Module):
         self.n_cohorts = n_cohorts
         self.value: torch.Tensor | None = None
         self._on_device: dict = {}
+        # under DDP every parameter must take part in every step: all cohort slots enter the graph (unused
+        # ones get an exact zero gradient) instead of only the batch's slots
+        self.ddp_safe = False
         # marks a conditioned model in its state dict (``ext_condition.kind_code``: 1 spacing, 2 cohort)
         self.register_buffer("kind_code", torch.tensor([KINDS.index(kind) + 1], dtype=torch.uint8))
         if kind == "cohort":
@@ -192,7 +197,9 @@ class CohortInstanceNorm(_ConditionalNorm):
         self.bias = nn.ParameterList([nn.Parameter(b0.clone()) for _ in range(n_cohorts)])
 
     def affine(self, x):
-        self._state.get(x)  # checks that a condition is set and fits the batch
+        value = self._state.get(x)  # checks that a condition is set and fits the batch
+        if self._state.ddp_safe:
+            return torch.stack(list(self.weight))[value], torch.stack(list(self.bias))[value]
         used = self._state.used_slots
         if len(used) == 1:  # one cohort in the batch (always so at inference)
             return self.weight[used[0]][None], self.bias[used[0]][None]

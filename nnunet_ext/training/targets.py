@@ -1,76 +1,209 @@
-"""Targets carried beside the labels through nnU-Net's data loader and augmentation (temporary layout)."""
+"""Per-voxel maps carried beside the labels through nnU-Net's data loader, augmentation and deep supervision.
+
+One transport serves every target part (lesion sizes, soft targets, a random rater's mask):
+
+1. **Reading.** :class:`CaseChannels` is what our dataset wrapper returns as a case's "segmentation": a
+   lazy ``(1 + K, *spatial)`` stack of the case's labels (nnU-Net's blosc2 ``_seg.b2nd``, or one rater's
+   mask) and K maps stored chunked like the labels (:mod:`nnunet_ext.maps`). nnU-Net's data loader crops
+   it exactly as it crops the labels; only the patch is read and decompressed, never the whole case.
+2. **Augmentation.** :class:`MapTransport` wraps nnU-Net's own training transforms: it moves the K map
+   channels out of the segmentation into batchgeneratorsv2's ``regression_target`` (so the label-wise
+   segmentation interpolation, one ``grid_sample`` per label value, never sees them) and nnU-Net's
+   ``SpatialTransform`` is given :class:`MapSpatialTransform`'s regression path: one ``grid_sample`` for
+   all linear maps (soft targets) and one *nearest-neighbour* ``grid_sample`` for all maps whose values must
+   stay exact (lesion sizes), whatever the number of lesions. Mirroring flips them; intensity transforms
+   skip them. Samples that are only cropped are cropped exactly.
+3. **Deep supervision.** Each scale's target is ``[labels, map_1, ..., map_K]`` (float): exact maps are
+   downsampled with the same ``nearest-exact`` interpolation nnU-Net uses for the labels (so at every
+   scale a voxel's size comes from the same source voxel as its label), soft maps by area averaging.
+
+Exactness: with nearest sampling, a transported size is the whole-case size at the source voxel nearest
+to the output voxel, i.e. exactly the size of the lesion the label came from wherever the label of the
+output voxel equals the label of that nearest source voxel (nnU-Net's label interpolation keeps the
+nearest label except on some interpolated borders). On such borders a lesion voxel whose nearest source
+voxel is background gets size 0 (weight 1, as background), and a background voxel whose nearest source
+voxel is lesion keeps that lesion's size but, being background in the labels, is weighed by the loss as
+background (losses only use sizes where the label is foreground).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 
-from nnunet_ext.soft_preprocess import SOFT_SCALE, load_soft
-from nnunet_ext.training.plumbing import DatasetWrapper, WithExtraSegChannel
+from nnunet_ext.maps import open_map
+from nnunet_ext.training.plumbing import DatasetWrapper
+
+SOFT_SCALE = 255.0  # soft maps and rater masks are stored as uint8 in 1/255 steps
 
 
-class WithSoftTargets(WithExtraSegChannel):
-    """Wraps an nnU-Net dataset; ``load_case`` returns the segmentation with the soft map (0..255) as
-    channel 1."""
+@dataclass(frozen=True)
+class MapSpec:
+    """One map channel: ``exact`` maps (lesion sizes) are sampled nearest-neighbour and downsampled like
+    the labels; others (soft targets) linearly and by area; values are divided by ``scale``."""
 
-    remedy = "rerun nnunet-ext preprocess-soft with --overwrite"
+    name: str
+    exact: bool
+    scale: float = 1.0
 
-    def __init__(self, base, folder: Path):
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+class CaseChannels:
+    """Lazy ``(1 + K, *spatial)`` int16 stack: the label channel and K maps (blosc2 arrays ``(1, *spatial)``).
+
+    ``label_from`` (optional, a blosc2 rater mask 0..255) replaces the labels by ``mask >= 128`` while
+    keeping nnU-Net's ``-1`` outside the crop. Indexing reads only the requested region of every part."""
+
+    dtype = np.dtype(np.int16)
+
+    def __init__(self, seg, maps=(), label_from=None):
+        self.seg, self.maps, self.label_from = seg, list(maps), label_from
+        spatial = tuple(seg.shape[1:])
+        for m in self.maps + ([label_from] if label_from is not None else []):
+            if tuple(m.shape[1:]) != spatial:
+                raise RuntimeError(f"a stored map has shape {tuple(m.shape[1:])}, the case's labels {spatial}; "
+                                   f"delete the map folder to recompute it")
+        self.shape = (1 + len(self.maps), *spatial)
+        self.ndim = len(self.shape)
+
+    def _labels(self, region):
+        seg = np.asarray(self.seg[(slice(0, 1),) + region])
+        if self.label_from is None:
+            return seg.astype(np.int16, copy=False)
+        mask = np.asarray(self.label_from[(slice(0, 1),) + region]) >= 128
+        return np.where(seg == -1, -1, mask).astype(np.int16)
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        channels, region = (key[0] if key else slice(None)), tuple(key[1:])
+        parts = [self._labels(region)] + [np.asarray(m[(slice(0, 1),) + region]).astype(np.int16, copy=False)
+                                          for m in self.maps]
+        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return out[channels] if channels != slice(None) else out
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[:]
+        return a if dtype is None else a.astype(dtype)
+
+
+class WithTargetMaps(DatasetWrapper):
+    """Wraps an nnU-Net dataset; ``load_case`` returns a :class:`CaseChannels` as the segmentation.
+
+    ``map_folders`` lists, per map channel, a folder of ``<case>.b2nd`` maps, or a callable
+    ``(case, rater_index) -> folder`` for maps that depend on the drawn rater; ``rater_folders`` (optional)
+    draws one rater per load (uniformly) whose mask becomes the labels."""
+
+    def __init__(self, base, map_folders, rater_folders=None, remedy: str = ""):
         super().__init__(base)
-        self.folder = Path(folder)
-
-    def load_extra(self, identifier):
-        return load_soft(self.folder, identifier)
-
-
-class WithRandomRater(DatasetWrapper):
-    """Wraps an nnU-Net dataset; every ``load_case`` replaces the label map by one rater's mask drawn at
-    random (Lemay et al.'s "no fusion" strategy). Voxels outside nnU-Net's crop (-1) stay -1."""
-
-    def __init__(self, base, folders):
-        super().__init__(base)
-        self.folders = [Path(f) for f in folders]
-        if not self.folders:
+        self.map_folders = list(map_folders)
+        self.rater_folders = [Path(f) for f in rater_folders] if rater_folders else None
+        self.remedy = remedy
+        if rater_folders is not None and not self.rater_folders:
             raise FileNotFoundError("no preprocessed rater folders: run nnunet-ext preprocess-soft --raters")
 
     def load_case(self, identifier):
         data, seg, seg_prev, properties = self.base.load_case(identifier)
-        rater = self.folders[np.random.randint(len(self.folders))]
-        mask = load_soft(rater, identifier) >= 128
-        seg = np.array(seg[:])
-        seg[0] = np.where(seg[0] == -1, -1, mask).astype(seg.dtype)
-        return data, seg, seg_prev, properties
+        rater = None if self.rater_folders is None else int(np.random.randint(len(self.rater_folders)))
+        label_from = None if rater is None else open_map(self.rater_folders[rater], identifier, self.remedy)
+        maps = [open_map(f(identifier, rater) if callable(f) else f, identifier, self.remedy)
+                for f in self.map_folders]
+        return data, CaseChannels(seg, maps, label_from), seg_prev, properties
 
 
-def area_resize(soft: torch.Tensor, shape) -> torch.Tensor:
-    """(1, *spatial) soft map resized to ``shape`` by area averaging (deep-supervision targets)."""
-    if tuple(soft.shape[1:]) == tuple(shape):
-        return soft
-    return F.interpolate(soft[None], size=tuple(shape), mode="area")[0]
+# --------------------------------------------------------------------------------------------- augmentation
 
 
-class SoftTargetTransforms:
-    """Wraps nnU-Net's training transforms so that segmentation channel 1 (soft map, 0..255) travels as a
-    linearly interpolated ``regression_target`` and comes back, per deep-supervision scale, as float
-    channel 1 of the target next to the hard labels (channel 0)."""
+class MapSpatialTransform(SpatialTransform):
+    """nnU-Net's SpatialTransform whose regression target (our maps) is sampled in two calls whatever the
+    number of lesions: nearest-neighbour for the exact maps, nnU-Net's image interpolation for the others."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    map_specs: list = []
+
+    def _apply_to_regr_target(self, regression_target, **params):
+        if params.get("grid") is None or not self.map_specs:
+            return self._apply_to_image(regression_target, **params)  # cropped only: exact
+        k = len(self.map_specs)
+        rows = regression_target.shape[0] // k  # > 1 with nnU-Net's dummy 2d augmentation (maps x slices)
+        exact = torch.tensor([s.exact for s in self.map_specs]).repeat_interleave(rows)
+        out = torch.empty((regression_target.shape[0], *params["grid"].shape[:-1]), dtype=regression_target.dtype)
+        if bool(exact.any()):
+            out[exact] = F.grid_sample(regression_target[exact][None], params["grid"][None], mode="nearest",
+                                       padding_mode="zeros", align_corners=self.align_corners)[0]
+        if bool((~exact).any()):
+            out[~exact] = self._apply_to_image(regression_target[~exact], **params)
+        return out
+
+
+def map_spatial_transform(transform, specs: list[MapSpec]):
+    """Give nnU-Net's ``SpatialTransform`` instance our regression-target path (in place; returns it)."""
+    if type(transform) is SpatialTransform:
+        transform.__class__ = MapSpatialTransform
+    elif not isinstance(transform, MapSpatialTransform):
+        raise NotImplementedError(f"map transport supports batchgeneratorsv2's SpatialTransform, not a "
+                                  f"{type(transform).__name__}")
+    transform.map_specs = list(specs)
+    return transform
+
+
+def _find_spatial(transforms):
+    if isinstance(transforms, SpatialTransform):
+        return [transforms]
+    found = []
+    for attr in ("transforms", "transform"):
+        inner = getattr(transforms, attr, None)
+        if inner is None:
+            continue
+        for t in (inner if isinstance(inner, (list, tuple)) else [inner]):
+            found += _find_spatial(t)
+    return found
+
+
+def downsample_map(m: torch.Tensor, shape, exact: bool) -> torch.Tensor:
+    """(C, *spatial) map to ``shape``: nearest-exact (as nnU-Net downsamples labels) or area average."""
+    if tuple(m.shape[1:]) == tuple(shape):
+        return m
+    return F.interpolate(m[None], size=tuple(shape), mode="nearest-exact" if exact else "area")[0]
+
+
+class MapTransport:
+    """nnU-Net's training transforms with K map channels (segmentation channels 1..K, int16 as stored)
+    carried as a regression target; returns per deep-supervision scale ``[labels, map_1..map_K]`` (float)."""
+
+    def __init__(self, inner, specs: list[MapSpec]):
+        self.inner, self.specs = inner, list(specs)
+        spatial = _find_spatial(inner)
+        if len(spatial) != 1:
+            raise NotImplementedError(f"map transport needs exactly one SpatialTransform in the training transforms, "
+                                      f"found {len(spatial)}")
+        map_spatial_transform(spatial[0], self.specs)
 
     def __call__(self, **data):
         seg = data["segmentation"]
-        if seg.shape[0] < 2:
-            return self.inner(**data)
-        soft = (seg[1:2].float() / SOFT_SCALE).clamp(min=0.0)  # padding (-1) -> 0
+        k = len(self.specs)
+        if seg.shape[0] != 1 + k:
+            raise RuntimeError(f"map transport expects 1 + {k} segmentation channels, got {seg.shape[0]}")
+        maps = seg[1:].float().clamp_(min=0.0)  # crop padding (-1) -> 0
         data["segmentation"] = seg[:1]
-        data["regression_target"] = soft
+        data["regression_target"] = maps
         out = self.inner(**data)
-        soft = out.pop("regression_target").float().clamp(0.0, 1.0)
+        maps = out.pop("regression_target")
+        scale = torch.tensor([s.scale for s in self.specs], dtype=maps.dtype).view(-1, *([1] * (maps.ndim - 1)))
+        maps = maps / scale
+        exact = [s.exact for s in self.specs]
         segs = out["segmentation"]
-        if isinstance(segs, (list, tuple)):
-            out["segmentation"] = [torch.cat([s.float(), area_resize(soft, s.shape[1:])]) for s in segs]
-        else:
-            out["segmentation"] = torch.cat([segs.float(), area_resize(soft, segs.shape[1:])])
+
+        def join(s):
+            parts = [s.float()]
+            for i, e in enumerate(exact):
+                m = downsample_map(maps[i:i + 1], s.shape[1:], e)
+                parts.append(m if e else m.clamp(0.0, 1.0))
+            return torch.cat(parts)
+
+        out["segmentation"] = [join(s) for s in segs] if isinstance(segs, (list, tuple)) else join(segs)
         return out

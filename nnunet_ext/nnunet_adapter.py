@@ -1,0 +1,129 @@
+"""Everything nnunet-ext needs from nnU-Net's internals, in one place: an nnU-Net upgrade is a change here.
+
+Paths and dataset names/ids, model folders, cross-validation splits, deep-supervision weights, the
+version check, and the ``-pretrained_weights`` file of the running training. Everything else in the
+package calls these functions rather than nnU-Net's modules (the trainers subclass nnU-Net's trainer and
+the predictor subclasses nnU-Net's predictor: those are the documented extension points).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# first release with the nnUNet_extTrainer variable (checked in the 2.7.0 and 2.8.0 packages: absent, present)
+MIN_NNUNET = (2, 8, 0)
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def nnunet_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    parts = []
+    for p in version("nnunetv2").split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_nnunet_version() -> None:
+    v = nnunet_version()
+    if v < MIN_NNUNET:
+        raise RuntimeError(f"nnunet-ext needs nnunetv2 >= {'.'.join(map(str, MIN_NNUNET))} (the first release with "
+                           f"nnUNet_extTrainer); installed: {'.'.join(map(str, v))}")
+
+
+# ------------------------------------------------------------------------------------------ folders, names
+
+
+def env_folder(name: str) -> Path:
+    """``$nnUNet_raw`` / ``$nnUNet_preprocessed`` / ``$nnUNet_results`` (RuntimeError when unset)."""
+    if name not in NNUNET_FOLDERS:
+        raise ValueError(f"not an nnU-Net folder variable: {name}")
+    v = os.environ.get(name)
+    if not v:
+        raise RuntimeError(f"{name} is not set (export {name}=/path, as for nnU-Net's own commands)")
+    return Path(v)
+
+
+def dataset_name(dataset) -> str:
+    """``DatasetXXX_Name`` of an id or name, as nnU-Net resolves it (searching raw, preprocessed, results)."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        return maybe_convert_to_dataset_name(dataset if not str(dataset).isdigit() else int(dataset))
+    except RuntimeError as e:
+        raise FileNotFoundError(f"dataset {dataset}: {e}") from None
+
+
+def dataset_id(name: str) -> int:
+    return int(name[7:10])
+
+
+def model_folder(dataset, trainer: str, plans: str, configuration: str, must_exist: bool = True) -> Path:
+    """nnU-Net's model folder ``$nnUNet_results/DatasetXXX/<trainer>__<plans>__<configuration>``."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    env_folder("nnUNet_results")
+    d = Path(get_output_folder(dataset_name(dataset), trainer, plans, configuration))
+    if must_exist and not d.is_dir():
+        raise FileNotFoundError(f"no trained model in {d}")
+    return d
+
+
+def preprocessed_folder(dataset) -> Path:
+    return env_folder("nnUNet_preprocessed") / dataset_name(dataset)
+
+
+def crossval_splits(identifiers, n_folds: int = 5, seed: int = 12345) -> list[dict]:
+    """nnU-Net's own seeded K-fold split of ``identifiers`` (what ``nnUNetv2_train`` writes to
+    ``splits_final.json`` when it has none)."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    if n_folds < 2:
+        raise ValueError(f"need at least 2 folds, got {n_folds}")
+    if len(identifiers) < n_folds:
+        raise ValueError(f"{len(identifiers)} cases cannot make {n_folds} folds")
+    return [{"train": list(map(str, s["train"])), "val": list(map(str, s["val"]))}
+            for s in generate_crossval_split(sorted(identifiers), seed=seed, n_splits=n_folds)]
+
+
+def trainer_class(name: str):
+    """nnU-Net's lookup of a trainer class by name (built-ins first, then ``nnUNet_extTrainer``)."""
+    import nnunetv2
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    cls = recursive_find_trainer_class_by_name(os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer"),
+                                               name, "nnunetv2.training.nnUNetTrainer")
+    return cls
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def deep_supervision_weights(n_scales: int, is_ddp: bool = False, compiled: bool = False) -> np.ndarray:
+    """nnU-Net's output weights: 1, 1/2, 1/4, ... with the lowest resolution switched off (a tiny weight
+    under DDP without compile, which otherwise complains about unused parameters), normalised to sum 1."""
+    w = np.array([1 / (2 ** i) for i in range(n_scales)])
+    w[-1] = 1e-6 if (is_ddp and not compiled) else 0
+    return w / w.sum()
+
+
+def pretrained_weights_of_running_training(environ=None) -> str | None:
+    """The ``pretrained_weights`` file of the nnU-Net training this process is running (nnU-Net's
+    ``run_training(..., pretrained_weights=...)``, which ``nnUNetv2_train -pretrained_weights`` calls), found
+    on the call stack; else ``$NNUNET_EXT_PRETRAINED_WEIGHTS``. Works for the command line and for Python
+    callers of ``run_training`` alike (no ``sys.argv`` parsing)."""
+    environ = os.environ if environ is None else environ
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in ("run_training", "run_ddp", "maybe_load_checkpoint") and \
+                frame.f_globals.get("__name__", "").startswith("nnunetv2.run"):
+            for var in ("pretrained_weights", "pretrained_weights_file"):
+                if frame.f_locals.get(var):
+                    return str(frame.f_locals[var])
+        frame = frame.f_back
+    return environ.get("NNUNET_EXT_PRETRAINED_WEIGHTS") or None

@@ -1,0 +1,160 @@
+"""Maps carried through nnU-Net's real training transforms (rotation, scaling, mirroring, deep-supervision
+downsampling): transported lesion sizes equal the whole-case sizes recomputed independently (scipy), on
+every voxel whose label the augmentation did not change; soft maps stay in [0, 1] and follow the image;
+only the patch is read from disk."""
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from nnunet_ext.maps import map_path, save_map_like_seg
+from nnunet_ext.training.parts import compute_size_maps
+from nnunet_ext.training.targets import CaseChannels, MapSpec, MapTransport, WithTargetMaps
+
+SHAPE = (40, 44, 48)
+PATCH = (24, 28, 32)
+
+
+def _case():
+    """Labels with lesions of many sizes, two touching lesions of different sizes (6-connectivity: diagonal
+    contact only) and lesions on the volume border (cut by any patch there)."""
+    rng = np.random.default_rng(3)
+    seg = np.zeros(SHAPE, np.int16)
+    for _ in range(40):
+        c = [rng.integers(2, s - 2) for s in SHAPE]
+        r = rng.integers(0, 3)
+        seg[c[0] - r:c[0] + r + 1, c[1] - r:c[1] + r + 1, c[2]:c[2] + 2 * r + 1] = 1
+    seg[10:14, 10:14, 10:14] = 0
+    seg[10:12, 10:12, 10:12] = 1          # 8 voxels
+    seg[12:14, 12:14, 12:13] = 1          # 4 voxels, touches the 8-voxel lesion diagonally only
+    seg[12:14, 12:14, 13:14] = 0
+    seg[0:3, 0:5, 0:4] = 1                # on the volume corner
+    seg[-2:, 20:23, -3:] = 1              # on the opposite border
+    seg[:, :, :2][seg[:, :, :2] == 0] = -1  # outside nnU-Net's crop
+    return seg
+
+
+def _independent_sizes(label, connectivity):
+    structure = ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}[connectivity])
+    comp, _ = ndimage.label(label == 1, structure)
+    counts = np.bincount(comp.ravel())
+    counts[0] = 0
+    return counts[comp]
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    pre = tmp_path_factory.mktemp("pre")
+    seg = _case()
+    image = np.random.default_rng(0).normal(size=(1, *SHAPE)).astype(np.float32)
+    nnUNetDatasetBlosc2.save_case(image, seg[None], {"class_locations": {1: np.argwhere(seg[None] == 1)}},
+                                  str(pre / "case0"), chunks=(1, 16, 16, 16), blocks=(1, 8, 8, 8),
+                                  chunks_seg=(1, 16, 16, 16), blocks_seg=(1, 8, 8, 8))
+    ds = nnUNetDatasetBlosc2(str(pre))
+    assert compute_size_maps(ds, pre, pre / "sizes6", [1], connectivity=6) == 1
+    assert compute_size_maps(ds, pre, pre / "sizes6", [1], connectivity=6) == 0  # cached
+    # a voxel-index map (exact) tells which source voxel every output voxel came from
+    index = np.arange(np.prod(SHAPE), dtype=np.int64).reshape(SHAPE)
+    (pre / "index").mkdir()
+    return pre, ds, seg, index
+
+
+def _transforms(p_spatial):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    t = nnUNetTrainer.get_training_transforms(PATCH, (-0.5, 0.5), [[1, 1, 1], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]],
+                                              (0, 1, 2), False, use_mask_for_norm=[False], foreground_labels=[1])
+    return t, p_spatial
+
+
+def test_case_channels_read_only_the_patch(stored):
+    pre, ds, seg, _ = stored
+    _, s, _, _ = ds.load_case("case0")
+    sizes_map = compute_size_maps  # noqa: F841 - documented above
+    from nnunet_ext.maps import open_map
+
+    stack = CaseChannels(s, [open_map(pre / "sizes6", "case0")])
+    assert stack.shape == (2, *SHAPE)
+    region = stack[:, 5:9, 0:44, 30:48]
+    np.testing.assert_array_equal(region[0], seg[5:9, :, 30:48])
+    np.testing.assert_array_equal(region[1], _independent_sizes(seg, 6)[5:9, :, 30:48])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sizes_exact_after_real_augmentation(stored, seed):
+    """Spatial path forced (rotation + scaling) for even seeds, crop-only for odd seeds."""
+    from nnunet_ext.maps import open_map
+
+    pre, ds, seg, index = stored
+    transforms, _ = _transforms(1.0)
+    spatial = [t for t in transforms.transforms if type(t).__name__ == "SpatialTransform"][0]
+    spatial.p_rotation = spatial.p_scaling = 1.0 if seed % 2 == 0 else 0.0
+    # index carried as a third, exact map: it rides the same nearest sampling as the sizes
+    transport = MapTransport(transforms, [MapSpec("sizes", True), MapSpec("index", True)])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    _, s, _, _ = ds.load_case("case0")
+    sizes = np.asarray(open_map(pre / "sizes6", "case0")[:])
+    crop = [(a - 4, a - 4 + b + 8) for a, b in zip((8, 6, 4), PATCH)]  # a region bigger than the patch
+    sl = tuple(slice(max(0, a), min(n, b)) for (a, b), n in zip(crop, SHAPE))
+    lab = np.asarray(s[(slice(None),) + sl])
+    idx = index[sl].astype(np.float32)
+    seg_t = torch.from_numpy(np.concatenate([lab, sizes[(slice(None),) + sl], np.zeros_like(lab)])).to(torch.int16)
+    img = torch.randn(1, *lab.shape[1:])
+    seg_t = seg_t.float()
+    seg_t[2] = torch.from_numpy(idx)
+    out = transport(image=img, segmentation=seg_t)
+    expected_full = _independent_sizes(seg, 6)
+    checked = 0
+    for scale in out["segmentation"]:
+        label, tsize, tidx = scale[0].numpy(), scale[1].numpy(), scale[2].numpy().round().astype(np.int64)
+        src = np.unravel_index(np.clip(tidx, 0, index.size - 1), SHAPE)
+        src_label = seg[src]
+        inside = tidx > 0  # index 0 is also the zero padding: those voxels came from outside the region
+        same = inside & (label == src_label) & (label == 1)
+        assert same.sum() > 0
+        np.testing.assert_array_equal(tsize[same], expected_full[src][same])
+        # labels mostly unchanged by interpolation
+        assert (label[inside & (label == 1)] == src_label[inside & (label == 1)]).mean() > 0.8
+        checked += int(same.sum())
+    assert checked > 50
+
+
+def test_soft_map_is_linear_and_bounded(stored):
+    pre, ds, seg, _ = stored
+    transforms, _ = _transforms(1.0)
+    spatial = [t for t in transforms.transforms if type(t).__name__ == "SpatialTransform"][0]
+    spatial.p_rotation = spatial.p_scaling = 1.0
+    transport = MapTransport(transforms, [MapSpec("soft", False, 255.0)])
+    torch.manual_seed(0)
+    np.random.seed(0)
+    lab = torch.from_numpy(np.clip(seg[4:36, 4:40, 4:44], 0, 1)[None]).to(torch.int16)
+    soft = (lab.float() * 200).to(torch.int16)  # 200/255 inside lesions
+    out = transport(image=torch.randn(1, *lab.shape[1:]), segmentation=torch.cat([lab, soft]))
+    for scale in out["segmentation"]:
+        m = scale[1]
+        assert float(m.min()) >= 0 and float(m.max()) <= 1
+        # linear interpolation: intermediate values on borders, never above the stored 200/255
+        assert float(m.max()) <= 200 / 255 + 1e-6
+    full = out["segmentation"][0][1]
+    assert ((full > 0.01) & (full < 0.77)).any()
+
+
+def test_random_rater_labels_keep_crop_marker(stored, tmp_path):
+    pre, ds, seg, _ = stored
+    rater = tmp_path / "rater1"
+    mask = (np.random.default_rng(1).random(SHAPE) > 0.5).astype(np.uint8) * 255
+    save_map_like_seg(mask, pre / "case0_seg.b2nd", map_path(rater, "case0"))
+    w = WithTargetMaps(ds, [], [rater])
+    _, s, _, _ = w.load_case("case0")
+    full = np.asarray(s)[0]
+    np.testing.assert_array_equal(full == -1, seg == -1)
+    np.testing.assert_array_equal(full[seg != -1], (mask[seg != -1] >= 128).astype(np.int16))
+
+
+def test_wrong_map_shape_is_an_error(stored, tmp_path):
+    pre, ds, seg, _ = stored
+    with pytest.raises(ValueError, match="shape"):
+        save_map_like_seg(np.zeros((3, 3, 3), np.int16), pre / "case0_seg.b2nd", tmp_path / "x.b2nd")
