@@ -1,0 +1,143 @@
+"""``nnunet-ext jobs status|resume WORKDIR``: the state of a launcher work folder and its resumption.
+
+State comes from the tasks' own markers (``WORKDIR/<stage>/status/<task>.started|.exit``, written by the
+stage script), the tasks' ``done`` files, ``squeue`` for what is queued or running, and ``scontrol``/``sacct``
+for how a job ended when it wrote no exit code (node failure, out-of-memory kill); so it works on clusters
+without accounting. ``resume`` re-runs or re-submits only unfinished and failed tasks.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from nnunet_ext.launcher import (LauncherOptions, _finished, _latest_submissions, _marker, _run, _slurm_final_state,
+                                 _squeue, _stages_of, _submit, _write_scripts, _run_local, load_manifest, run_stages,
+                                 task_log)
+
+
+def status(workdir) -> dict:
+    """State of every task: ``done``, ``running``, ``pending``, ``blocked`` (its dependency failed),
+    ``failed`` (with exit code or Slurm's reason and the log path) or ``not run``."""
+    workdir = Path(workdir).resolve()
+    manifest = load_manifest(workdir)
+    latest = _latest_submissions(manifest)
+    queued = _squeue({j for j, _ in latest.values()}) if manifest.get("launcher") == "slurm" else {}
+    result = {"workdir": str(workdir), "launcher": manifest.get("launcher"), "stages": {}}
+    for st in _stages_of(manifest):
+        rows = {}
+        for k, t in enumerate(st.tasks):
+            row = {"log": str(task_log(workdir, st.name, t.name))}
+            sub = latest.get((st.name, k))
+            if sub:
+                row["job"] = f"{sub[0]}_{k}"
+            ex = _marker(workdir, st.name, t.name, "exit")
+            started = _marker(workdir, st.name, t.name, "started")
+            if _finished(workdir, st, t):
+                row["state"] = "done"
+            elif sub and (sub[0], k) in queued:
+                state, reason = queued[(sub[0], k)]
+                if state == "PENDING" and "DependencyNeverSatisfied" in reason:
+                    row["state"], row["reason"] = "blocked", "an earlier stage failed (DependencyNeverSatisfied)"
+                elif state in ("PENDING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED"):
+                    row["state"], row["reason"] = "pending", reason
+                else:
+                    row["state"], row["reason"] = "running", state.lower()
+            elif ex is not None:
+                row["state"], row["reason"] = "failed", ex
+            elif started is not None:
+                final = _slurm_final_state(*sub) if sub and manifest.get("launcher") == "slurm" else None
+                row["state"] = "failed"
+                row["reason"] = ("ended without writing its exit code (node failure, SIGKILL/out of memory or "
+                                 "time limit)" + (f"; Slurm: {final}" if final else ""))
+            elif sub and manifest.get("launcher") == "slurm":
+                final = _slurm_final_state(*sub)
+                row["state"] = "failed" if final else "not run"
+                row["reason"] = f"never started; Slurm: {final}" if final else "never started"
+            else:
+                row["state"] = "not run"
+            rows[t.name] = row
+        result["stages"][st.name] = rows
+    return result
+
+
+def format_status(st: dict) -> str:
+    lines = [f"{st['workdir']} ({st['launcher']})"]
+    for stage, rows in st["stages"].items():
+        counts: dict[str, int] = {}
+        for r in rows.values():
+            counts[r["state"]] = counts.get(r["state"], 0) + 1
+        lines.append(f"stage {stage}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+        for name, r in rows.items():
+            extra = f"  [{r['reason']}]" if r.get("reason") else ""
+            job = f"  job {r['job']}" if r.get("job") else ""
+            log = f"  log {r['log']}" if r["state"] in ("failed", "running") else ""
+            lines.append(f"  {name:<28} {r['state']:<8}{job}{extra}{log}")
+    return "\n".join(lines)
+
+
+def resume(workdir, options: LauncherOptions | None = None) -> dict:
+    """Run or re-submit only the unfinished and failed tasks of ``workdir`` (finished ones are never
+    re-run). Slurm: tasks still queued or running are left alone (later stages wait for them), tasks
+    blocked by a failed dependency are cancelled and submitted again."""
+    workdir = Path(workdir).resolve()
+    manifest = load_manifest(workdir)
+    stages = _stages_of(manifest)
+    saved = LauncherOptions(**manifest["options"])
+    if options is not None and options.launcher != saved.launcher:
+        raise NotImplementedError(f"{workdir} was started with --launcher {saved.launcher}; resume it with the same launcher")
+    options = options or saved
+    scripts = _write_scripts(stages, workdir, options) if options != saved else \
+        {s["name"]: Path(s["script"]) for s in manifest["stages"]}
+    if options.dry_run:
+        return run_stages(stages, workdir, options)
+    if options.launcher == "local":
+        return _run_local(stages, workdir, options, scripts)
+    latest = _latest_submissions(manifest)
+    queued = _squeue({j for j, _ in latest.values()})
+    active: dict[str, set[str]] = {}
+    skip: set[tuple[str, int]] = set()
+    cancel = []
+    for (stage, k), (job, idx) in latest.items():
+        if (job, idx) not in queued:
+            continue
+        state, reason = queued[(job, idx)]
+        if "DependencyNeverSatisfied" in reason:
+            cancel.append(f"{job}_{idx}")
+        else:
+            active.setdefault(stage, set()).add(job)
+            skip.add((stage, k))
+    if cancel:
+        r = _run(["scancel", *cancel])
+        if r.returncode != 0:
+            raise RuntimeError(f"scancel {' '.join(cancel)} failed: {r.stderr.strip()}")
+        print(f"cancelled blocked tasks {', '.join(cancel)}", flush=True)
+    return _submit(manifest, stages, workdir, scripts, active, skip)
+
+
+def wait(workdir, poll: float = 5.0, timeout: float | None = None) -> dict:
+    """Block until no task of ``workdir`` is pending or running (blocked ones count as ended); returns
+    :func:`status`."""
+    t0 = time.time()
+    while True:
+        st = status(workdir)
+        states = {r["state"] for rows in st["stages"].values() for r in rows.values()}
+        if not states & {"pending", "running"}:
+            return st
+        if timeout is not None and time.time() - t0 > timeout:
+            raise TimeoutError(f"{workdir}: tasks still pending/running after {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def main_jobs(action: str, workdir, options: LauncherOptions | None = None) -> int:
+    """``nnunet-ext jobs status|resume WORKDIR``; exit code 1 when a task failed or is blocked."""
+    if action == "status":
+        st = status(workdir)
+        print(format_status(st))
+        bad = [r for rows in st["stages"].values() for r in rows.values() if r["state"] in ("failed", "blocked")]
+        return 1 if bad else 0
+    if action == "resume":
+        res = resume(workdir, options)
+        print(json.dumps(res))
+        return 0
+    raise ValueError(f"jobs action must be status or resume, got {action!r}")
