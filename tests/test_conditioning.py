@@ -13,7 +13,7 @@ from nnunet_ext.metrics.lesions import label_components
 from nnunet_ext.networks.conditional_norm import (CohortInstanceNorm, FiLMInstanceNorm, cohort_table_of_state_dict,
                                                   condition_network, condition_state, kind_of_state_dict)
 from nnunet_ext.phantom import PhantomConfig, apply_protocol, generate_case, write_phantom_dataset
-from nnunet_ext.training.conditioned_trainers import pretrained_weights_argument
+from nnunet_ext.nnunet_adapter import pretrained_weights_of_running_training
 
 
 def plain2d(norm=nn.InstanceNorm2d):
@@ -223,11 +223,18 @@ def test_slots_keep_known_cohorts_and_fill_free_ones():
         slot_of(["x", None], "q")
 
 
-def test_pretrained_weights_argument():
-    argv = ["nnUNetv2_train", "5", "2d", "all", "-tr", "SCINNormFineTuneTrainer", "-pretrained_weights", "/m/c.pth"]
-    assert pretrained_weights_argument(argv, {}) == "/m/c.pth"
-    assert pretrained_weights_argument(["nnUNetv2_train"], {"NNUNET_EXT_PRETRAINED_WEIGHTS": "/x.pth"}) == "/x.pth"
-    assert pretrained_weights_argument(["nnUNetv2_train"], {}) is None
+def test_pretrained_weights_found_on_nnunets_call_stack():
+    """No sys.argv: the file is nnU-Net's run_training(pretrained_weights=...) argument, found from inside."""
+    import sys
+
+    # a module named like nnU-Net's, whose run_training calls our lookup from inside (as a trainer would)
+    fake = type(sys)("nnunetv2.run.run_training")
+    exec(compile("def run_training(pretrained_weights=None):\n    return f({})\n", "run_training.py", "exec"),
+         fake.__dict__)
+    fake.f = pretrained_weights_of_running_training
+    assert fake.run_training("/m/c.pth") == "/m/c.pth"
+    assert pretrained_weights_of_running_training({"NNUNET_EXT_PRETRAINED_WEIGHTS": "/x.pth"}) == "/x.pth"
+    assert pretrained_weights_of_running_training({}) is None
 
 
 # ---------------------------------------------------------------------------------------------- phantom

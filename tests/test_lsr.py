@@ -9,8 +9,7 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 
 from nnunet_ext.losses import DiceAndLSRLoss, FocalTverskyLoss, LSRCrossEntropyLoss
 from nnunet_ext.lsr import lesion_size_map, lesion_size_weights, lsr_weight, weights_from_size_tensor
-from nnunet_ext.training.lesion_sizes import WithLesionSizes, ensure_size_maps
-from nnunet_ext.training.plumbing import deep_supervision_weights
+from nnunet_ext.nnunet_adapter import deep_supervision_weights
 
 # w = 1 + (4/s) * exp(-(s-1)/4), worked out by hand:
 #   s=1: 1 + 4 * e^0 = 5;  s=3: 1 + (4/3) e^-0.5 = 1 + 1.33333 * 0.606531 = 1.808708
@@ -75,21 +74,19 @@ def test_bad_alpha_beta(alpha, beta, match):
         LSRCrossEntropyLoss(alpha, beta)
 
 
-class _FakeDataset:
-    def __init__(self, segs):
-        self.segs, self.identifiers = segs, list(segs)
-
-    def load_case(self, key):
-        return np.zeros((1,) + self.segs[key].shape[1:], np.float32), self.segs[key], None, {}
-
-
 def test_patch_border_lesion_keeps_full_size_weight(tmp_path):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    from nnunet_ext.training.parts import compute_size_maps
+    from nnunet_ext.training.targets import WithTargetMaps
+
     seg = np.zeros((1, 8, 8, 16), np.int16)
     seg[0, 4, 4, 2:12] = 1  # a 10-voxel lesion
-    base = _FakeDataset({"case": seg})
-    assert ensure_size_maps(base, tmp_path, [1], 26) == 1
-    assert ensure_size_maps(base, tmp_path, [1], 26) == 0  # cached, not recomputed
-    _, seg2, _, _ = WithLesionSizes(base, tmp_path).load_case("case")
+    nnUNetDatasetBlosc2.save_case(np.zeros((1, 8, 8, 16), np.float32), seg, {}, str(tmp_path / "case"))
+    base = nnUNetDatasetBlosc2(str(tmp_path))
+    assert compute_size_maps(base, tmp_path, tmp_path / "sizes", [1], 26) == 1
+    assert compute_size_maps(base, tmp_path, tmp_path / "sizes", [1], 26) == 0  # cached, not recomputed
+    _, seg2, _, _ = WithTargetMaps(base, [tmp_path / "sizes"]).load_case("case")
     assert seg2.shape == (2, 8, 8, 16)
     patch = crop_and_pad_nd(seg2, [[0, 8], [0, 8], [8, 16]], -1)  # cuts the lesion: 4 of its voxels inside
     lesion = patch[0] == 1
@@ -97,80 +94,6 @@ def test_patch_border_lesion_keeps_full_size_weight(tmp_path):
     w = weights_from_size_tensor(torch.from_numpy(patch[1].astype(np.float32)), 4.0, 4.0).numpy()
     assert np.allclose(w[lesion], HAND[10], atol=1e-5)  # weight of the full 10-voxel lesion, not of 4 voxels
     assert not np.isclose(HAND[10], lsr_weight(4))
-
-
-def _logits_target(seed=0, with_sizes=True):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(2, 2, 4, 5, 6, generator=g)
-    seg = (torch.rand(2, 1, 4, 5, 6, generator=g) > 0.7).float()
-    sizes = seg * torch.randint(1, 20, (2, 1, 4, 5, 6), generator=g).float()
-    return logits, (torch.cat([seg, sizes], 1) if with_sizes else seg)
-
-
-def test_alpha_zero_equals_plain_bce():
-    logits, target = _logits_target()
-    loss = LSRCrossEntropyLoss(alpha=0.0, beta=4.0)(logits, target)
-    bce = F.binary_cross_entropy_with_logits(logits[:, 1] - logits[:, 0], target[:, 0])
-    assert loss.item() == pytest.approx(bce.item(), rel=1e-5)
-
-
-def test_weighted_loss_matches_formula():
-    logits, target = _logits_target(1)
-    loss = LSRCrossEntropyLoss(4.0, 4.0)(logits, target)
-    seg, sizes = target[:, 0], target[:, 1]
-    p1 = torch.sigmoid(logits[:, 1] - logits[:, 0])
-    bce = -(seg * torch.log(p1) + (1 - seg) * torch.log(1 - p1))
-    w = torch.where(sizes > 0, 1 + 4 / sizes.clamp(min=1) * torch.exp(-(sizes - 1) / 4), torch.ones_like(sizes))
-    assert loss.item() == pytest.approx((w * bce).mean().item(), rel=1e-5)
-    # without the size channel (validation targets) every voxel weighs 1
-    assert LSRCrossEntropyLoss()(logits, target[:, :1]).item() == pytest.approx(bce.mean().item(), rel=1e-5)
-
-
-def test_ignore_label_voxels_contribute_nothing():
-    logits, target = _logits_target(2)
-    target = target.clone()
-    target[:, 0, 0] = 2  # first z-slice is ignored
-    loss = LSRCrossEntropyLoss(4.0, 4.0, ignore_label=2)
-    a = loss(logits, target)
-    logits2 = logits.clone()
-    logits2[:, :, 0] = torch.randn_like(logits2[:, :, 0]) * 10
-    assert loss(logits2, target).item() == pytest.approx(a.item(), rel=1e-6)
-    kept = LSRCrossEntropyLoss(4.0, 4.0)(logits[:, :, 1:], target[:, :, 1:])
-    assert a.item() == pytest.approx(kept.item(), rel=1e-5)  # normalised by annotated voxels only
-
-
-def test_dice_and_lsr_sums_terms():
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-    from nnunetv2.utilities.helpers import softmax_helper_dim1
-
-    logits, target = _logits_target(3)
-    dice = MemoryEfficientSoftDiceLoss(apply_nonlin=softmax_helper_dim1, batch_dice=True, do_bg=False, smooth=1e-5,
-                                       ddp=False)
-    lsr = LSRCrossEntropyLoss()
-    total = DiceAndLSRLoss(dice, lsr)(logits, target)
-    assert total.item() == pytest.approx((dice(logits, target[:, :1]) + lsr(logits, target)).item(), rel=1e-6)
-
-
-def test_focal_tversky_hand_computed():
-    logits = torch.zeros(1, 2, 1, 1, 4)  # p = 0.5 everywhere
-    target = torch.tensor([1.0, 0.0, 1.0, 1.0]).reshape(1, 1, 1, 1, 4)
-    # TP = 1.5, FN = 1.5, FP = 0.5; TI = (1.5 + 1) / (1.5 + 0.7*1.5 + 0.3*0.5 + 1) = 2.5 / 3.7
-    expected = (1 - 2.5 / 3.7) ** (4 / 3)
-    assert FocalTverskyLoss()(logits, target).item() == pytest.approx(expected, rel=1e-6)
-    # a=0.85, b=0.15: TI = 2.5 / (1.5 + 1.275 + 0.075 + 1)
-    assert FocalTverskyLoss(0.85, 0.15)(logits, target).item() == pytest.approx((1 - 2.5 / 3.85) ** (4 / 3), rel=1e-6)
-
-
-def test_focal_tversky_perfect_prediction_is_zero():
-    target = torch.tensor([1.0, 0.0, 1.0, 1.0]).reshape(1, 1, 1, 1, 4)
-    logits = torch.cat([(1 - target) * 50, target * 50], 1)
-    assert FocalTverskyLoss()(logits, target).item() == pytest.approx(0.0, abs=1e-6)
-
-
-@pytest.mark.parametrize("kwargs", [dict(a=-0.1), dict(a=0, b=0), dict(gamma=0), dict(smooth=-1)])
-def test_focal_tversky_bad_args(kwargs):
-    with pytest.raises(ValueError):
-        FocalTverskyLoss(**kwargs)
 
 
 def test_loss_shape_mismatch():

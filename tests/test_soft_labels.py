@@ -10,7 +10,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.losses import AdaptiveWingLoss, SoftDiceBCELoss, normalized_relu
 from nnunet_ext.soft_preprocess import check_soft, soft_to_preprocessed_grid
-from nnunet_ext.training.targets import SoftTargetTransforms
+from nnunet_ext.training.targets import MapSpec, MapTransport
 
 
 def test_soft_dice_bce_by_hand():
@@ -71,7 +71,7 @@ def test_soft_half_survives_nnunet_augmentation():
     torch.manual_seed(0)
     patch = (32, 32)
     ds = [[1.0, 1.0], [0.5, 0.5], [0.25, 0.25]]
-    tf = SoftTargetTransforms(_nnunet_transforms(patch, ds))
+    tf = MapTransport(_nnunet_transforms(patch, ds), [MapSpec("soft", False, 255.0)])
     means = []
     for _ in range(30):
         img = torch.randn(1, 46, 46)
@@ -118,28 +118,26 @@ def test_soft_to_grid_crops_resamples_and_keeps_mean():
     assert after == pytest.approx(before, rel=0.05)
 
 
-class _Base:
-    identifiers = ["c"]
-
-    def load_case(self, key):
-        seg = np.zeros((1, 1, 4), np.int16)
-        seg[0, 0, 0] = -1
-        return np.zeros((1, 1, 4), np.float32), seg, None, {}
-
-
 def test_random_rater_draws_each_rater(tmp_path):
-    from nnunet_ext.training.targets import WithRandomRater
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
+    from nnunet_ext.maps import map_path, save_map_like_seg
+    from nnunet_ext.training.targets import WithTargetMaps
+
+    seg = np.zeros((1, 1, 1, 4), np.int16)
+    seg[0, 0, 0, 0] = -1
+    nnUNetDatasetBlosc2.save_case(np.zeros((1, 1, 1, 4), np.float32), seg, {}, str(tmp_path / "c"))
+    base = nnUNetDatasetBlosc2(str(tmp_path))
     for k, mask in enumerate(([0, 1, 1, 0], [0, 0, 1, 1])):
-        (tmp_path / f"r{k}").mkdir()
-        np.savez_compressed(tmp_path / f"r{k}" / "c.npz", soft=(np.array(mask, np.uint8) * 255).reshape(1, 4))
-    ds = WithRandomRater(_Base(), [tmp_path / "r0", tmp_path / "r1"])
+        save_map_like_seg((np.array(mask, np.uint8) * 255).reshape(1, 1, 4), tmp_path / "c_seg.b2nd",
+                          map_path(tmp_path / f"r{k}", "c"))
+    ds = WithTargetMaps(base, [], [tmp_path / "r0", tmp_path / "r1"])
     np.random.seed(0)
-    seen = {tuple(ds.load_case("c")[1][0, 0].tolist()) for _ in range(40)}
+    seen = {tuple(np.asarray(ds.load_case("c")[1])[0, 0, 0].tolist()) for _ in range(40)}
     # voxel 0 is outside nnU-Net's crop and stays -1; both raters appear
     assert seen == {(-1, 1, 1, 0), (-1, 0, 1, 1)}
     with pytest.raises(FileNotFoundError, match="preprocess-soft --raters"):
-        WithRandomRater(_Base(), [])
+        WithTargetMaps(base, [], [])
 
 
 def test_threshold_search_by_hand(tmp_path):
