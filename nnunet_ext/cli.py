@@ -38,6 +38,8 @@ def _fold(text: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-ext", description="MS-lesion segmentation methods for nnU-Net v2.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("trainers-path", help="print the folder to put in nnUNet_extTrainer",
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", default=None, help="raw folder (default: $nnUNet_raw)")
     p.add_argument("-np", "--num-processes", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty dataset folder as a whole (default: refuse)")
 
     p = sub.add_parser("evaluate", help="voxel- and lesion-wise evaluation of predicted masks",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -110,13 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
                               "  nnunet-ext fuse --method soft_rim --raters r1 r2 r3 --images imagesTr -o rim")
     p.add_argument("--method", required=True,
                    choices=("majority", "intersection", "union", "staple", "staple_soft", "mean", "inter_soft_union",
-                            "soft_rim"))
+                            "soft_rim", "inter_soft_union_rim"))
     p.add_argument("--raters", nargs="+", required=True, help="one folder of <case>.nii.gz masks per rater")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--gamma", type=float, default=0.5, help="soft value of inter_soft_union / soft_rim (default 0.5)")
-    p.add_argument("--radius-mm", type=float, default=1.0, help="soft_rim dilation radius in mm (default 1)")
-    p.add_argument("--images", default=None, help="soft_rim: folder of <case>_<channel>.nii.gz images")
-    p.add_argument("--channel", type=int, default=0, help="soft_rim: image channel holding FLAIR (default 0)")
+    p.add_argument("--gamma", type=float, default=0.5,
+                   help="soft value of inter_soft_union / soft_rim / inter_soft_union_rim (default 0.5)")
+    p.add_argument("--radius-mm", type=float, default=1.0, help="rim dilation radius in mm (default 1)")
+    p.add_argument("--images", default=None,
+                   help="soft_rim, inter_soft_union_rim: folder of <case>_<channel>.nii.gz images")
+    p.add_argument("--channel", type=int, default=0, help="rim methods: image channel holding FLAIR (default 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty output folder as a whole (default: refuse)")
 
     p = sub.add_parser("preprocess-soft", help="put a dataset's soft labels on nnU-Net's preprocessed grid",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -209,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="dataset name (default: the challenge's)")
     p.add_argument("--test-input", default=None,
                    help="wmh2017, msseg2: a labelled test folder -> imagesTs/labelsTs (never modified)")
-    p.add_argument("--label", default="rater1", choices=("rater1", "rater2", "intersection", "union"),
-                   help="isbi2015: which rater mask(s) become labelsTr (both are kept in ratersTr)")
+    p.add_argument("--label", default=None, choices=("rater1", "rater2", "intersection", "union"),
+                   help="isbi2015 only: which rater mask(s) become labelsTr (default rater1; both are kept in ratersTr)")
     p.add_argument("--raw", default=None, help="raw folder (default: $nnUNet_raw)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty dataset folder as a whole (default: refuse)")
 
     p = sub.add_parser("consensus", help="multi-rater consensus cascade: one nnU-Net per rater, then a consensus nnU-Net",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -293,7 +303,10 @@ def _raw_folder(args) -> str:
 
 
 def run(argv: list[str] | None = None) -> int:
+    from nnunet_ext.validate import check_cli_args
+
     args = build_parser().parse_args(argv)
+    check_cli_args(args)
     if args.command == "trainers-path":
         from nnunet_ext.paths import trainers_path
 
@@ -305,8 +318,9 @@ def run(argv: list[str] | None = None) -> int:
         cfg = PhantomConfig(shape=args.shape, spacing=args.spacing, difficulty=parse_difficulty(args.difficulty),
                             raters=args.raters, soft=args.soft, timepoints=args.timepoints,
                             sites=tuple(args.site_spacing or ()), cohorts=tuple(args.cohort or ()), seed=args.seed)
-        root = write_phantom_dataset(raw, args.dataset_id, args.cases, cfg, n_test=args.test_cases, name=args.name,
-                                     num_workers=args.num_processes)
+        root = write_phantom_dataset(raw_root=raw, dataset_id=args.dataset_id, n_train=args.cases, cfg=cfg,
+                                     n_test=args.test_cases, name=args.name, num_workers=args.num_processes,
+                                     overwrite=args.overwrite)
         print(f"wrote {root}")
     elif args.command == "evaluate":
         from pathlib import Path
@@ -339,15 +353,18 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "fuse":
         from nnunet_ext.fusion import fuse_folders
 
-        cases = fuse_folders(args.method, args.raters, args.output, args.images, args.channel, args.gamma,
-                             args.radius_mm)
+        cases = fuse_folders(method=args.method, rater_dirs=args.raters, output_dir=args.output,
+                             image_dir=args.images, channel=args.channel, gamma=args.gamma, radius_mm=args.radius_mm,
+                             overwrite=args.overwrite)
         print(f"wrote {len(cases)} fused masks to {args.output}")
     elif args.command == "preprocess-soft":
         from nnunet_ext.soft_preprocess import preprocess_raters, preprocess_soft_dataset
 
-        results = preprocess_raters(args.dataset, args.configuration, args.plans, overwrite=args.overwrite) \
-            if args.raters else [preprocess_soft_dataset(args.dataset, args.configuration, args.plans, args.soft_dir,
-                                                         args.overwrite)]
+        results = preprocess_raters(dataset=args.dataset, configuration=args.configuration, plans=args.plans,
+                                    overwrite=args.overwrite) \
+            if args.raters else [preprocess_soft_dataset(dataset=args.dataset, configuration=args.configuration,
+                                                         plans=args.plans, soft_dir=args.soft_dir,
+                                                         overwrite=args.overwrite)]
         for res in results:
             print(f"{res['cases']} cases -> {res['folder']}: {res['soft_bytes']} bytes "
                   f"(hard labels: {res['hard_label_bytes']} bytes)")
@@ -382,20 +399,22 @@ def run(argv: list[str] | None = None) -> int:
         from nnunet_ext.dataset_conversion import isbi2015, msseg2, msseg2016, wmh2017
 
         raw = _raw_folder(args)
+        common = dict(source=args.input, raw_root=raw, dataset_id=args.dataset_id, overwrite=args.overwrite)
         if args.challenge == "wmh2017":
-            root = wmh2017.convert(args.input, raw, args.dataset_id, args.name or "WMH2017", args.test_input)
+            root = wmh2017.convert(**common, name=args.name or "WMH2017", test_source=args.test_input)
         elif args.challenge == "isbi2015":
-            root = isbi2015.convert(args.input, raw, args.dataset_id, args.name or "ISBI2015", args.label)
+            root = isbi2015.convert(**common, name=args.name or "ISBI2015", label=args.label or "rater1")
         elif args.challenge == "msseg2":
-            root = msseg2.convert(args.input, raw, args.dataset_id, args.name or "MSSEG2", args.test_input)
+            root = msseg2.convert(**common, name=args.name or "MSSEG2", test_source=args.test_input)
         else:
-            root = msseg2016.convert(args.input, raw, args.dataset_id, args.name or "MSSEG2016")
+            root = msseg2016.convert(**common, name=args.name or "MSSEG2016")
         print(f"wrote {root}")
     elif args.command == "consensus":
         from nnunet_ext import consensus
 
         if args.consensus_command == "split-raters":
-            state = consensus.split_raters(args.dataset, args.first_id, args.folds, args.copy)
+            state = consensus.split_raters(dataset=args.dataset, first_id=args.first_id, n_folds=args.folds,
+                                           copy=args.copy)
             for r, v in state["raters"].items():
                 print(f"{r}: dataset {v['id']} ({v['name']})")
             print(f"{state['n_folds']}-fold split shared by all rater datasets; mapping in "
@@ -427,12 +446,12 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def main() -> None:
-    try:
-        sys.exit(run())
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"nnunet-ext: error: {e}", file=sys.stderr)
-        sys.exit(2)
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: expected errors -> one line and exit status 2, Ctrl-C -> 130, ``--debug``
+    (anywhere) keeps the traceback (see :mod:`nnunet_ext.errors`)."""
+    from nnunet_ext.errors import run_cli
+
+    sys.exit(run_cli(run, list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

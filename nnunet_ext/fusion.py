@@ -10,8 +10,14 @@ and returns an array of that shape: uint8 for hard methods, float32 in [0, 1] fo
 * ``staple``: SimpleITK's STAPLE (Warfield et al. 2004); ``soft=True`` returns its per-voxel foreground
   probability, otherwise that probability thresholded at 0.5.
 * ``inter_soft_union``: 1 where all raters agree, ``gamma`` where only some do, 0 elsewhere.
-* ``soft_rim`` (Kats et al. 2019): the fused mask dilated by a ball of ``radius_mm`` (spacing honoured);
-  rim voxels brighter than the mean intensity of the lesion they surround get ``gamma``, other rim voxels 0.
+* ``soft_rim`` (Kats et al. 2019): a hard core of 1 -- the strict majority vote of the raters (more than
+  half; with two raters this is their intersection, with one rater its mask) -- plus a rim: the core dilated
+  by a ball of ``radius_mm`` (spacing honoured); rim voxels brighter than the mean intensity of the lesion
+  they surround (26-connected components of the core) get ``gamma``, other rim voxels 0.
+* ``inter_soft_union_rim``: 1 where all raters agree (intersection), ``gamma`` where only some do (union
+  minus intersection), and ``gamma`` on the intensity-gated rim of ``radius_mm`` around the *union* (the
+  gate of ``soft_rim``, with the lesions taken as components of the union); 0 elsewhere. With one rater it
+  equals ``soft_rim`` of that rater.
 """
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 HARD_METHODS = ("majority", "intersection", "union", "staple")
-SOFT_METHODS = ("mean", "staple_soft", "inter_soft_union", "soft_rim")
+SOFT_METHODS = ("mean", "staple_soft", "inter_soft_union", "soft_rim", "inter_soft_union_rim")
+IMAGE_METHODS = ("soft_rim", "inter_soft_union_rim")
 METHODS = HARD_METHODS + SOFT_METHODS
 
 
@@ -110,10 +117,21 @@ def soft_rim(mask: np.ndarray, image: np.ndarray, spacing=(1.0, 1.0, 1.0), radiu
     return out
 
 
+def inter_soft_union_rim(raters, image: np.ndarray, spacing=(1.0, 1.0, 1.0), radius_mm: float = 1.0,
+                         gamma: float = 0.5, connectivity: int = 26) -> np.ndarray:
+    """Intersection 1, rater disagreement ``gamma``, intensity-gated rim around the union ``gamma``."""
+    s = _stack(raters)
+    union_mask = s.any(0)
+    out = soft_rim(union_mask.astype(np.uint8), image, spacing, radius_mm, gamma, connectivity)
+    out[union_mask & ~s.all(0)] = gamma
+    return out
+
+
 def fuse(method: str, raters: Sequence[np.ndarray], gamma: float = 0.5, image: np.ndarray | None = None,
          spacing=(1.0, 1.0, 1.0), radius_mm: float = 1.0) -> np.ndarray:
-    """Dispatch by method name (``METHODS``). ``soft_rim`` applies the rim to the majority vote of the
-    raters (a single rater: its mask) and needs ``image``."""
+    """Dispatch by method name (``METHODS``). ``soft_rim`` applies the rim to the strict majority vote of
+    the raters (two raters: their intersection; one rater: its mask); it and ``inter_soft_union_rim`` need
+    ``image``."""
     if method == "majority":
         return majority(raters)
     if method == "intersection":
@@ -132,53 +150,80 @@ def fuse(method: str, raters: Sequence[np.ndarray], gamma: float = 0.5, image: n
         if image is None:
             raise ValueError("soft_rim needs the image (FLAIR) the rim intensities come from")
         return soft_rim(majority(raters), image, spacing, radius_mm, gamma)
+    if method == "inter_soft_union_rim":
+        if image is None:
+            raise ValueError("inter_soft_union_rim needs the image (FLAIR) the rim intensities come from")
+        return inter_soft_union_rim(raters, image, spacing, radius_mm, gamma)
     raise ValueError(f"unknown fusion method {method!r}; known: {', '.join(METHODS)}")
 
 
 def fuse_folders(method: str, rater_dirs: Sequence, output_dir, image_dir=None, channel: int = 0,
-                 gamma: float = 0.5, radius_mm: float = 1.0, file_ending: str = ".nii.gz", progress: bool = True) -> list[str]:
+                 gamma: float = 0.5, radius_mm: float = 1.0, file_ending: str = ".nii.gz", progress: bool = True,
+                 overwrite: bool = False) -> list[str]:
     """Fuse the rater folders case by case (cases = those present in every rater folder; a case missing
     from some rater is an error naming it). Outputs keep the first rater's geometry; every rater (and the
-    image, for ``soft_rim``: ``<image_dir>/<case>_<channel:04d>.nii.gz``) must share it."""
+    image, for the rim methods: ``<image_dir>/<case>_<channel:04d>.nii.gz``) must share it.
+
+    The output folder must not overlap any input; it is built in a staging folder and moved into place at
+    the end (a non-empty one is refused unless ``overwrite``, which replaces it as a whole); zero cases is
+    an error. Masks may be 0/1 or 0/255; everything is read with the checked reader (truncated gzip,
+    NaN/Inf, 3-D)."""
     from pathlib import Path
 
-    from nnunet_ext.io import check_same_geometry, write_image
+    from nnunet_ext import validate
+    from nnunet_ext.io import check_3d, check_same_geometry, mask_array, read_sitk, write_image
     from nnunet_ext.metrics.evaluate import list_cases
+    from nnunet_ext.safety import staged_folder
 
     if method not in METHODS:
         raise ValueError(f"unknown fusion method {method!r}; known: {', '.join(METHODS)}")
-    if method == "soft_rim" and image_dir is None:
-        raise ValueError("soft_rim needs --images (the FLAIR the rim intensities come from)")
+    gamma = validate.probability(gamma, "gamma (--gamma)")
+    radius_mm = validate.finite(radius_mm, "radius_mm (--radius-mm)", high=20.0, positive=True)
+    channel = validate.integer(channel, "channel (--channel)", 0, 9999)
+    if method in IMAGE_METHODS and image_dir is None:
+        raise ValueError(f"{method} needs --images (the FLAIR the rim intensities come from)")
+    if method not in IMAGE_METHODS and image_dir is not None:
+        raise ValueError(f"--images is only used by {' and '.join(IMAGE_METHODS)}, not by {method}")
+    rater_dirs = [Path(d) for d in rater_dirs]
+    if not rater_dirs:
+        raise ValueError("need at least one rater folder (--raters)")
+    for d in rater_dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"rater folder {d} not found")
+    if len({d.resolve() for d in rater_dirs}) != len(rater_dirs):
+        raise ValueError("the same rater folder is given twice in --raters")
+    if image_dir is not None and not Path(image_dir).is_dir():
+        raise FileNotFoundError(f"image folder {image_dir} not found")
     listings = [list_cases(d, file_ending) for d in rater_dirs]
     cases = sorted(set().union(*listings))
+    if not cases:
+        raise ValueError(f"no <case>{file_ending} masks in the rater folders {', '.join(map(str, rater_dirs))}")
     for d, lst in zip(rater_dirs, listings):
         missing = [c for c in cases if c not in lst]
         if missing:
             raise FileNotFoundError(f"rater folder {d} has no {missing[0]}{file_ending}")
-    out = Path(output_dir)
-    for k, case in enumerate(cases, 1):
-        imgs = [sitk.ReadImage(str(lst[case])) for lst in listings]
-        for lst, img in zip(listings[1:], imgs[1:]):
-            check_same_geometry(listings[0][case], imgs[0], lst[case], img)
-        image = None
-        if image_dir is not None:
-            ipath = Path(image_dir) / f"{case}_{channel:04d}{file_ending}"
-            if not ipath.is_file():
-                raise FileNotFoundError(f"image {ipath} not found for soft_rim")
-            iimg = sitk.ReadImage(str(ipath))
-            check_same_geometry(listings[0][case], imgs[0], ipath, iimg)
-            image = sitk.GetArrayFromImage(iimg).astype(np.float32)
-        spacing = tuple(reversed(imgs[0].GetSpacing()))
-        arrays = []
-        for lst, img in zip(listings, imgs):
-            a = sitk.GetArrayFromImage(img)
-            if not np.isin(a, (0, 1)).all():
-                raise ValueError(f"{lst[case]}: rater masks must be binary (0/1)")
-            arrays.append(a)
-        fused = fuse(method, arrays, gamma, image, spacing, radius_mm)
-        write_image(fused, spacing, out / f"{case}{file_ending}", reference=imgs[0])
+    with staged_folder(output_dir, overwrite=overwrite, inputs=rater_dirs + ([image_dir] if image_dir else []),
+                       what="output folder") as out:
+        for k, case in enumerate(cases, 1):
+            paths = [lst[case] for lst in listings]
+            imgs = [read_sitk(p) for p in paths]
+            check_3d(paths[0], imgs[0])
+            for p, img in zip(paths[1:], imgs[1:]):
+                check_same_geometry(paths[0], imgs[0], p, img)
+            arrays = [mask_array(p, img) for p, img in zip(paths, imgs)]
+            image = None
+            if image_dir is not None:
+                ipath = Path(image_dir) / f"{case}_{channel:04d}{file_ending}"
+                if not ipath.is_file():
+                    raise FileNotFoundError(f"image {ipath} not found for {method}")
+                iimg = read_sitk(ipath)
+                check_same_geometry(paths[0], imgs[0], ipath, iimg)
+                image = sitk.GetArrayFromImage(iimg).astype(np.float32)
+            spacing = tuple(reversed(imgs[0].GetSpacing()))
+            fused = fuse(method, arrays, gamma, image, spacing, radius_mm)
+            write_image(fused, spacing, out / f"{case}{file_ending}", reference=imgs[0])
+            if progress:
+                print(f"\rfuse {method}: {k}/{len(cases)}", end="", flush=True)
         if progress:
-            print(f"\rfuse {method}: {k}/{len(cases)}", end="", flush=True)
-    if progress:
-        print()
+            print()
     return cases

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -69,29 +68,29 @@ class PhantomConfig:
     seed: int = 0
 
     def __post_init__(self):
-        self.shape = tuple(int(s) for s in self.shape)
-        self.spacing = tuple(float(s) for s in self.spacing)
-        self.sites = tuple(tuple(float(v) for v in s) for s in self.sites)
+        from nnunet_ext import validate
+
+        self.shape = validate.shape(self.shape, "shape", max_voxels=256 ** 3)
+        self.spacing = validate.spacing(self.spacing, "spacing")
+        self.sites = tuple(validate.spacing(s, "site spacing") for s in self.sites)
         self.cohorts = tuple(self.cohorts)
         bad = [c for c in self.cohorts if c not in PROTOCOLS]
         if bad:
             raise ValueError(f"cohort protocols must be among {sorted(PROTOCOLS)}, got {bad}")
-        if len(self.shape) != 3 or min(self.shape) < 16:
-            raise ValueError(f"shape must be three sizes of at least 16 voxels, got {self.shape}")
-        if len(self.spacing) != 3 or min(self.spacing) <= 0:
-            raise ValueError(f"spacing must be three positive numbers, got {self.spacing}")
-        if not 0.0 <= self.difficulty <= 1.0:
-            raise ValueError(f"difficulty must be in [0, 1], got {self.difficulty}")
+        self.difficulty = validate.finite(self.difficulty, "difficulty", 0.0, 1.0)
         lo, hi = self.lesions_per_case
-        if not 0 < lo <= hi:
-            raise ValueError(f"lesions_per_case must be 0 < min <= max, got {self.lesions_per_case}")
-        if not 0.0 <= self.empty_fraction < 1.0 or not 0.0 <= self.small_fraction <= 1.0:
-            raise ValueError("empty_fraction must be in [0, 1) and small_fraction in [0, 1]")
-        if self.raters < 0 or self.timepoints not in (1, 2):
-            raise ValueError("raters must be >= 0 and timepoints 1 or 2")
-        for s in self.sites:
-            if len(s) != 3 or min(s) <= 0:
-                raise ValueError(f"each site spacing must be three positive numbers, got {s}")
+        if not 0 < lo <= hi <= 1000:
+            raise ValueError(f"lesions_per_case must be 0 < min <= max <= 1000, got {self.lesions_per_case}")
+        self.empty_fraction = validate.finite(self.empty_fraction, "empty_fraction", 0.0, 1.0)
+        self.small_fraction = validate.finite(self.small_fraction, "small_fraction", 0.0, 1.0)
+        if self.empty_fraction >= 1.0:
+            raise ValueError("empty_fraction must be in [0, 1)")
+        self.pv_sigma = validate.finite(self.pv_sigma, "pv_sigma", 0.0, 10.0)
+        self.max_lesion_voxels = validate.integer(self.max_lesion_voxels, "max_lesion_voxels", 11, 10 ** 6)
+        self.raters = validate.integer(self.raters, "raters", 0, validate.MAX_RATERS)
+        if self.timepoints not in (1, 2):
+            raise ValueError(f"timepoints must be 1 or 2, got {self.timepoints}")
+        self.seed = validate.integer(self.seed, "seed", 0, 2 ** 32 - 1)
 
 
 def parse_difficulty(value: str | float) -> float:
@@ -449,54 +448,61 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
 
 def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, n_train: int, cfg: PhantomConfig,
                           n_test: int = 0, name: str = "MSPhantom", num_workers: int = 1,
-                          progress: bool = True) -> Path:
+                          progress: bool = True, overwrite: bool = False) -> Path:
     """Write ``Dataset{id}_{name}`` under ``raw_root`` (imagesTr/labelsTr, optional imagesTs/labelsTs,
     dataset.json, lesions.json, phantom.json with the settings, and the optional soft/rater folders).
 
     Returns the dataset folder. Training cases are ``phantom_000 ...``, test cases continue the numbering
-    (they are different draws of the same generator).
+    (they are different draws of the same generator). The dataset is built in a staging folder and moved
+    into place at the end, under a lock on the dataset id: an interrupted run leaves the previous dataset
+    (or none) untouched, a concurrent run on the same id fails with a message, and a non-empty existing
+    dataset is refused unless ``overwrite`` (which replaces it as a whole: no stale cases). The files are
+    byte-identical for the same settings, whatever ``num_workers``.
     """
-    if n_train < 1 or n_test < 0:
-        raise ValueError("need at least one training case and a non-negative number of test cases")
-    from nnunet_ext.dataset_conversion.common import target_folder
+    from nnunet_ext import validate
+    from nnunet_ext.dataset_conversion.common import staged_dataset, write_json
+    from nnunet_ext.safety import atomic_write_text, worker_pool
 
-    root = target_folder(raw_root, dataset_id, name)
-    root.mkdir(parents=True, exist_ok=True)
-    jobs = [(cfg, i, root, "train" if i < n_train else "test", f"phantom_{i:03d}") for i in range(n_train + n_test)]
-    table, sites, cohorts = {}, {}, {}
-    if num_workers > 1:
-        with ProcessPoolExecutor(num_workers) as ex:
-            results = ex.map(_write_case, jobs)
+    n_train = validate.count(n_train, "n_train (--cases)", 1, validate.MAX_CASES)
+    n_test = validate.count(n_test, "n_test (--test-cases)", 0, validate.MAX_CASES)
+    if n_train + n_test > validate.MAX_CASES:
+        raise ValueError(f"at most {validate.MAX_CASES} cases in all, got {n_train + n_test}")
+    num_workers = validate.workers(num_workers, "num_workers (--num-processes)")
+    with staged_dataset(raw_root, dataset_id, name, overwrite) as (root, final):
+        jobs = [(cfg, i, root, "train" if i < n_train else "test", f"phantom_{i:03d}") for i in range(n_train + n_test)]
+        table, sites, cohorts = {}, {}, {}
+
+        def collect(results):
             for k, (cid, rows, site, cohort) in enumerate(results, 1):
                 table[cid], sites[cid], cohorts[cid] = rows, site, cohort
                 if progress:
                     print(f"\rphantom: {k}/{len(jobs)} cases", end="", flush=True)
-    else:
-        for k, job in enumerate(jobs, 1):
-            cid, rows, site, cohort = _write_case(job)
-            table[cid], sites[cid], cohorts[cid] = rows, site, cohort
-            if progress:
-                print(f"\rphantom: {k}/{len(jobs)} cases", end="", flush=True)
-    if progress:
-        print()
-    channels = {"0": "FLAIR"} if cfg.timepoints == 1 else {"0": "FLAIR_tp1", "1": "FLAIR_tp2"}
-    dataset_json = {
-        "channel_names": channels,
-        "labels": {"background": 0, "lesion": 1},
-        "numTraining": n_train,
-        "file_ending": ".nii.gz",
-        "name": name,
-        "description": "nnunet-ext synthetic MS-lesion phantom" + (" (label: new lesions)" if cfg.timepoints == 2 else ""),
-    }
-    (root / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-    (root / "lesions.json").write_text(json.dumps(table, indent=1))
-    if cfg.cohorts:
-        (root / "cohorts.json").write_text(json.dumps(cohorts, indent=1))
-    meta = asdict(cfg)
-    meta.update({"n_train": n_train, "n_test": n_test, "difficulty_settings": difficulty_settings(cfg.difficulty),
-                 "sites_of_cases": sites})
-    (root / "phantom.json").write_text(json.dumps(meta, indent=1))
-    return root
+
+        if num_workers > 1:
+            with worker_pool(min(num_workers, len(jobs))) as pool:
+                collect(pool.imap(_write_case, jobs))
+        else:
+            collect(map(_write_case, jobs))
+        if progress:
+            print()
+        channels = {"0": "FLAIR"} if cfg.timepoints == 1 else {"0": "FLAIR_tp1", "1": "FLAIR_tp2"}
+        dataset_json = {
+            "channel_names": channels,
+            "labels": {"background": 0, "lesion": 1},
+            "numTraining": n_train,
+            "file_ending": ".nii.gz",
+            "name": name,
+            "description": "nnunet-ext synthetic MS-lesion phantom" + (" (label: new lesions)" if cfg.timepoints == 2 else ""),
+        }
+        atomic_write_text(root / "dataset.json", json.dumps(dataset_json, indent=2))
+        write_json(root / "lesions.json", table)
+        if cfg.cohorts:
+            write_json(root / "cohorts.json", cohorts)
+        meta = asdict(cfg)
+        meta.update({"n_train": n_train, "n_test": n_test, "difficulty_settings": difficulty_settings(cfg.difficulty),
+                     "sites_of_cases": sites})
+        write_json(root / "phantom.json", meta)
+    return final
 
 
 def contrast_to_noise(image: np.ndarray, label: np.ndarray, wm_ring: int = 2,

@@ -99,3 +99,83 @@ def count(value, what: str, low: int = 1, high: int = MAX_CASES) -> int:
 
 def workers(value, what: str = "--num-processes") -> int:
     return integer(value, what, 1, MAX_WORKERS)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _dataset_ref(value, what: str) -> str:
+    """``-d`` of commands that take an existing dataset: an id 1..999 or ``Dataset<ID>_<name>``."""
+    s = str(value)
+    if s.isdigit():
+        dataset_id(int(s), what)
+        return s
+    m = re.fullmatch(r"Dataset(\d{3})_([A-Za-z0-9_-]+)", s)
+    if not m:
+        raise ValueError(f"{what} must be a dataset id (1-999) or a name Dataset<ID>_<name>, got {value!r}")
+    dataset_id(int(m.group(1)), what)
+    return s
+
+
+def check_cli_args(args) -> None:
+    """Validate the parsed options of the commands that write datasets (phantom, fuse, convert,
+    preprocess-soft, consensus split-raters), naming the option. Options that a chosen variant would
+    ignore are errors (``NotImplementedError``) instead of being dropped without a word."""
+    cmd = getattr(args, "command", None)
+    if cmd == "phantom":
+        dataset_id(args.dataset_id, "-d/--dataset-id")
+        dataset_name(args.name, "--name")
+        count(args.cases, "--cases", 1, MAX_CASES)
+        count(args.test_cases, "--test-cases", 0, MAX_CASES)
+        if args.cases + args.test_cases > MAX_CASES:
+            raise ValueError(f"--cases + --test-cases must be at most {MAX_CASES}, got {args.cases + args.test_cases}")
+        shape(args.shape, "--shape", max_voxels=256 ** 3)
+        spacing(args.spacing, "--spacing")
+        for s in args.site_spacing or ():
+            spacing(s, "--site-spacing")
+        integer(args.raters, "--raters", 0, MAX_RATERS)
+        integer(args.seed, "--seed", 0, 2 ** 32 - 1)
+        workers(args.num_processes, "-np/--num-processes")
+    elif cmd == "fuse":
+        probability(args.gamma, "--gamma")
+        finite(args.radius_mm, "--radius-mm", high=20.0, positive=True)
+        integer(args.channel, "--channel", 0, 9999)
+        rim = args.method in ("soft_rim", "inter_soft_union_rim")
+        if rim and args.images is None:
+            raise ValueError(f"--method {args.method} needs --images (the FLAIR its rim is gated by)")
+        if not rim and args.images is not None:
+            raise NotImplementedError(f"--images is only used by --method soft_rim / inter_soft_union_rim, "
+                                      f"not by {args.method}")
+        if not rim and args.radius_mm != 1.0:
+            raise NotImplementedError(f"--radius-mm is only used by the rim methods, not by {args.method}")
+        if args.method not in ("inter_soft_union", "soft_rim", "inter_soft_union_rim") and args.gamma != 0.5:
+            raise NotImplementedError(f"--gamma is not used by --method {args.method}")
+        from nnunet_ext.safety import check_output_not_input
+
+        check_output_not_input(args.output, list(args.raters) + [args.images], what="-o/--output")
+    elif cmd == "convert":
+        dataset_id(args.dataset_id, "-d/--dataset-id")
+        if args.name is not None:
+            dataset_name(args.name, "--name")
+        if args.label is not None and args.challenge != "isbi2015":
+            raise NotImplementedError(f"--label only applies to isbi2015 (two raters); {args.challenge} labels are "
+                                      f"fixed (see `nnunet-ext convert --help`)")
+        if args.test_input is not None and args.challenge not in ("wmh2017", "msseg2"):
+            raise NotImplementedError(f"--test-input is supported for wmh2017 and msseg2, not {args.challenge} "
+                                      f"(its test release has no masks; convert it as a separate dataset)")
+        from nnunet_ext.safety import check_output_not_input
+
+        for src in (args.input, args.test_input):
+            if src is not None and args.raw is not None:
+                check_output_not_input(args.raw, [src], what="--raw")
+    elif cmd == "preprocess-soft":
+        _dataset_ref(args.dataset, "-d/--dataset")
+        if args.raters and args.soft_dir != "softlabelsTr":
+            raise NotImplementedError("--soft-dir and --raters exclude each other (--raters reads ratersTr/<rater>/)")
+        if ".." in args.soft_dir.split("/") or args.soft_dir.startswith("/"):
+            raise ValueError(f"--soft-dir must be a folder inside the raw dataset, got {args.soft_dir!r}")
+    elif cmd == "consensus" and getattr(args, "consensus_command", None) == "split-raters":
+        _dataset_ref(args.dataset, "-d")
+        integer(args.folds, "--folds", 2, 100)
+        if args.first_id is not None:
+            dataset_id(args.first_id, "--first-id")
