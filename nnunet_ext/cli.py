@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nnunet_ext.launcher import add_launcher_arguments, launcher_options
+
 EXAMPLES = """examples:
   export nnUNet_extTrainer=$(nnunet-ext trainers-path)
   nnunet-ext phantom -d 501 --cases 20 --test-cases 6 --shape 64 64 64 --seed 0
@@ -139,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: every ratersTr/<rater>/ folder (for RandomRaterTrainer)")
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("predict", help="nnUNetv2_predict plus stored thresholds and soft maps",
+    p = sub.add_parser("predict", help="predict with a model's stored contract: condition, soft map, threshold, post-processing",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  nnunet-ext predict -i imagesTs -o pred -d 502 -c 2d -tr SoftDiceTrainer -f 0\n"
                               "  nnunet-ext predict -i imagesTs -o pred -d 505 -c 2d -tr SCINTrainer --cohort cohort0_all\n"
@@ -160,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=int, default=1)
     p.add_argument("-npp", type=int, default=None, help="preprocessing processes (default: -np)")
     p.add_argument("-nps", type=int, default=None, help="segmentation export processes (default: -np)")
+    p.add_argument("--min-lesion-mm3", type=float, default=None,
+                   help="remove predicted lesions smaller than this (mm^3); default: the model's stored post-processing")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="lesion-probability threshold; default: the model's stored threshold, else nnU-Net's argmax")
 
     p = sub.add_parser("pseudolabel", help="teacher pseudo-labels unlabeled scans (flip-TTA entropy filter) -> student dataset",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -200,11 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-chk", default="checkpoint_final.pth", dest="checkpoint")
     b.add_argument("--challenge", required=True, choices=("generic", "wmh2017", "msseg2", "isbi2015"))
     b.add_argument("--tag", default="nnunet-ext-submission", help="docker image tag used in the README")
+    b.add_argument("--cohort", default=None,
+                   help="cohort-conditioned (SCIN) models: the cohort whose labelling style the submission predicts in")
     b.add_argument("-o", required=True, dest="output")
     t = ssub.add_parser("test", help="run the entrypoint locally (no Docker) and check names, geometry, values")
     t.add_argument("folder")
     t.add_argument("--input", required=True, help="sample input in the challenge's layout")
-    t.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    t.add_argument("--work", default=None,
+                   help="keep each run in a fresh WORK/run_<n>/ (output/, entrypoint.log); default: temporary")
+    t.add_argument("--timeout", type=float, default=3600.0, help="seconds before the entrypoint is killed (default 3600)")
     t.add_argument("-device", default="cpu")
 
     p = sub.add_parser("convert", help="convert a public challenge dataset to an nnU-Net raw dataset",
@@ -238,14 +248,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--folds", type=int, default=5, help="K of the shared K-fold split (default 5)")
     c.add_argument("--first-id", type=int, default=None, help="first new dataset id (default: after the highest used)")
     c.add_argument("--copy", action="store_true", help="copy images instead of symlinking them")
-    c = csub.add_parser("train", help="plan/preprocess and train every fold of stage 1 (rater models) or stage 2 with nnU-Net")
+    c = csub.add_parser("train", help="plan/preprocess and train every fold of stage 1 (rater models) or stage 2 with nnU-Net",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="examples:\n  nnunet-ext consensus train -d 540 --stage 1 -c 3d_fullres -tr LSRTrainer -j 2\n"
+                               "  # on Slurm: rater x fold array, build-stage2, stage-2 folds, chained with afterok\n"
+                               "  nnunet-ext consensus train -d 540 --stage all -c 3d_fullres --launcher slurm "
+                               "--gpus-per-task 1 --cpus-per-task 8 --mem 48G --time 1-00:00:00\n"
+                               "  nnunet-ext jobs status $nnUNet_results/nnunet_ext_jobs/Dataset540_*/consensus_train_stageall")
     c.add_argument("-d", required=True, dest="dataset")
-    c.add_argument("--stage", type=int, required=True, choices=(1, 2))
+    c.add_argument("--stage", required=True, choices=("1", "2", "all"),
+                   help="1: rater models, 2: consensus model, all: 1 + build-stage2 + 2")
     c.add_argument("-c", required=True, dest="configuration")
     c.add_argument("-tr", default="nnUNetTrainer", dest="trainer")
     c.add_argument("-p", default="nnUNetPlans", dest="plans")
     c.add_argument("-f", nargs="+", type=int, default=None, dest="folds", help="default: every fold of the split")
     c.add_argument("-device", default="cuda")
+    c.add_argument("-np", "--num-processes", type=int, default=2, help="planning/preprocessing processes")
+    c.add_argument("--id", type=int, default=None, dest="stage2_id", help="--stage all: id of the consensus dataset")
+    c.add_argument("--workdir", default=None, help="launcher scripts, markers and logs (default: "
+                                                   "$nnUNet_results/nnunet_ext_jobs/<dataset>/consensus_train_stage<S>)")
+    c.add_argument("--record-only", action="store_true",
+                   help="only record the trained stage's settings in consensus.json (the launcher's last step)")
+    add_launcher_arguments(c)
+    c = csub.add_parser("prepare", help="launcher step before concurrent folds: plan/preprocess, split, one-off unpacking")
+    c.add_argument("-d", required=True, dest="dataset")
+    c.add_argument("--stage", type=int, required=True, choices=(1, 2))
+    c.add_argument("-c", required=True, dest="configuration")
+    c.add_argument("-p", default="nnUNetPlans", dest="plans")
+    c.add_argument("--rater", nargs="+", default=None, dest="raters", help="stage 1: only these raters (default all)")
     c.add_argument("-np", "--num-processes", type=int, default=2)
     c = csub.add_parser("build-stage2", help="consensus dataset: images + out-of-fold probability of each rater model")
     c.add_argument("-d", required=True, dest="dataset")
@@ -272,24 +302,65 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--raters", default=None, help="folder of <rater>/ references (default: the source's ratersTs)")
     c.add_argument("-o", "--output", default=None)
 
-    p = sub.add_parser("demo", help="phantom -> nnU-Net plan/preprocess -> short CPU training -> predict -> evaluate",
+    p = sub.add_parser("compare", help="train/predict/evaluate trainers side by side: same split, budget and data; "
+                                       "paired bootstrap CIs; Markdown + JSON + PNG report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  nnunet-ext compare -d 501 -c 2d -tr ExtBaselineTrainer LSRTrainer LSRDiceTrainer "
+                              "-f 0 1 2 3 4 -o cmp\n"
+                              "  nnunet-ext compare -d 501 -c 2d -tr ExtBaselineTrainer LSRDiceTrainer -f 0 --epochs 20 "
+                              "--iterations 20 -device cpu \\\n      --test-images imagesTs --test-labels labelsTs -o cmp\n"
+                              "The first trainer is the reference arm. Re-running continues where a run stopped.")
+    p.add_argument("-d", required=True, dest="dataset", help="dataset id or name")
+    p.add_argument("-c", required=True, dest="configuration")
+    p.add_argument("-tr", nargs="+", required=True, dest="trainers", help="trainers (arms); the first is the reference")
+    p.add_argument("-f", nargs="+", type=_fold, default=[0], dest="folds", help="folds (default 0)")
+    p.add_argument("-p", default="nnUNetPlans", dest="plans")
+    p.add_argument("--test-images", default=None, help="held-out images (<case>_0000.nii.gz); default: validation folds")
+    p.add_argument("--test-labels", default=None, help="their labels (<case>.nii.gz)")
+    p.add_argument("-o", "--output", default=None, help="report folder (default compare_<dataset>_<configuration>)")
+    p.add_argument("--epochs", type=int, default=None, help="training budget for every arm (NNUNET_EXT_NUM_EPOCHS)")
+    p.add_argument("--iterations", type=int, default=None, help="iterations per epoch (NNUNET_EXT_ITERATIONS)")
+    p.add_argument("--val-iterations", type=int, default=None, help="NNUNET_EXT_VAL_ITERATIONS")
+    p.add_argument("-device", "--device", default="cuda")
+    p.add_argument("-np", "--num-processes", type=int, default=2, help="nnU-Net pre/post-processing processes")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--thresholds", type=float, nargs="+", default=None, help="sweep thresholds (default 0.01 ... 0.98)")
+    p.add_argument("--connectivity", type=int, default=26, choices=(6, 18, 26))
+    p.add_argument("--bins", default="3-10,11-50,51+", help="lesion size bins in voxels; the first is 'small'")
+    p.add_argument("--create-split", action="store_true",
+                   help="write nnU-Net's default 5-fold split when splits_final.json is missing")
+    p.add_argument("--cohort", default=None, help="cohort to predict SCIN arms in")
+    add_launcher_arguments(p)
+
+    p = sub.add_parser("demo", help="nnU-Net's default trainer vs LSRDiceTrainer on the phantom, same CPU budget: "
+                                    "comparison table, report and overlaid curves",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  nnunet-ext demo --workdir nnunet_ext_demo")
     p.add_argument("--workdir", default="nnunet_ext_demo",
                    help="nnUNet_raw/preprocessed/results go here unless those variables are set")
     p.add_argument("-d", "--dataset-id", type=int, default=501)
     p.add_argument("-c", "--configuration", default="2d")
-    p.add_argument("-tr", "--trainer", default="ExtBaselineTrainer")
+    p.add_argument("-tr", "--trainers", nargs="+", default=["ExtBaselineTrainer", "LSRDiceTrainer"],
+                   help="arms (default ExtBaselineTrainer = nnU-Net's default + budget variables, LSRDiceTrainer)")
     p.add_argument("-f", "--fold", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=25)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--iterations", type=int, default=20, help="training iterations per epoch")
     p.add_argument("--cases", type=int, default=20)
-    p.add_argument("--test-cases", type=int, default=6)
+    p.add_argument("--test-cases", type=int, default=10)
     p.add_argument("--shape", type=int, nargs=3, default=(48, 48, 48))
     p.add_argument("--difficulty", default="medium")
     p.add_argument("-device", "--device", default="cpu")
     p.add_argument("-np", "--num-processes", type=int, default=2)
     return parser
+
+
+def _print_launched(res: dict) -> None:
+    """What a launcher run did: Slurm job ids (or the dry run), or the local stages."""
+    if res["launcher"] == "slurm":
+        ids = {k: v for k, v in res["stages"].items() if v}
+        print(("submitted " + ", ".join(f"{k}={v}" for k, v in ids.items())) if ids else "nothing submitted")
+    print(f"scripts, markers and logs: {res['workdir']} (nnunet-ext jobs status {res['workdir']})")
 
 
 def _raw_folder(args) -> str:
@@ -371,9 +442,11 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "predict":
         from nnunet_ext.predict import predict
 
-        res = predict(args.input, args.output, args.dataset, args.configuration, args.trainer, args.plans, args.folds,
-                      args.checkpoint, args.device, args.disable_tta, args.save_probabilities, args.num_processes,
-                      cohort=args.cohort, npp=args.npp, nps=args.nps)
+        res = predict(input_dir=args.input, output_dir=args.output, dataset=args.dataset,
+                      configuration=args.configuration, trainer=args.trainer, plans=args.plans, folds=args.folds,
+                      checkpoint=args.checkpoint, device=args.device, disable_tta=args.disable_tta,
+                      keep_probabilities=args.save_probabilities, n_proc=args.num_processes, cohort=args.cohort,
+                      npp=args.npp, nps=args.nps, min_lesion_mm3=args.min_lesion_mm3, threshold=args.threshold)
         print(f"{len(res['cases'])} cases -> {args.output} (threshold: {res['threshold']}, {res['threshold_source']})")
     elif args.command == "pseudolabel":
         from nnunet_ext.pseudolabel import pseudolabel
@@ -387,14 +460,20 @@ def run(argv: list[str] | None = None) -> int:
         from nnunet_ext import submission
 
         if args.action == "build":
-            out = submission.build(args.output, args.dataset, args.configuration, args.trainer, args.plans, args.folds,
-                                   args.challenge, args.checkpoint, args.tag)
+            out = submission.build(out_dir=args.output, dataset=args.dataset, configuration=args.configuration,
+                                   trainer=args.trainer, plans=args.plans, folds=args.folds, challenge=args.challenge,
+                                   checkpoint=args.checkpoint, tag=args.tag, cohort=args.cohort)
             print(f"wrote {out} (see {out / 'README.md'})")
         else:
-            ok, rows = submission.check_submission(args.folder, args.input, args.work, args.device)
-            print(submission.format_rows(rows))
-            print("PASS" if ok else "FAIL")
-            return 0 if ok else 1
+            res = submission.check_submission(sub_dir=args.folder, input_dir=args.input, work_dir=args.work,
+                                              device=args.device, timeout=args.timeout)
+            if not res.ok and res.log_tail and not res.rows[0]["ok"]:
+                print("entrypoint output (last lines):\n" + res.log_tail)
+            print(submission.format_rows(res.rows))
+            if res.run_dir is not None:
+                print(f"outputs and entrypoint.log in {res.run_dir}")
+            print("PASS" if res.ok else "FAIL")
+            return 0 if res.ok else 1
     elif args.command == "convert":
         from nnunet_ext.dataset_conversion import isbi2015, msseg2, msseg2016, wmh2017
 
@@ -420,8 +499,23 @@ def run(argv: list[str] | None = None) -> int:
             print(f"{state['n_folds']}-fold split shared by all rater datasets; mapping in "
                   f"{consensus.dataset_folder(args.dataset) / consensus.STATE}")
         elif args.consensus_command == "train":
-            consensus.train(args.dataset, args.stage, args.configuration, args.trainer, args.plans, args.folds,
-                            args.device, args.num_processes)
+            stage = args.stage if args.stage == "all" else int(args.stage)
+            if args.record_only:
+                if stage == "all":
+                    raise ValueError("--record-only records one stage: --stage 1 or 2")
+                consensus.record_training(dataset=args.dataset, stage=stage, configuration=args.configuration,
+                                          trainer=args.trainer, plans=args.plans, folds=args.folds)
+                print(f"recorded stage {stage} ({args.trainer}, {args.configuration}) in consensus.json")
+            else:
+                res = consensus.train(dataset=args.dataset, stage=stage, configuration=args.configuration,
+                                      trainer=args.trainer, plans=args.plans, folds=args.folds, device=args.device,
+                                      n_proc=args.num_processes, launcher=launcher_options(args), workdir=args.workdir,
+                                      stage2_id=args.stage2_id)
+                _print_launched(res)
+        elif args.consensus_command == "prepare":
+            names = consensus.prepare(dataset=args.dataset, stage=args.stage, configuration=args.configuration,
+                                      plans=args.plans, raters=args.raters, n_proc=args.num_processes)
+            print(f"prepared {', '.join(names)}")
         elif args.consensus_command == "build-stage2":
             out = consensus.build_stage2(args.dataset, args.configuration, args.trainer, args.plans, args.stage2_id,
                                          args.device, args.num_processes)
@@ -439,10 +533,28 @@ def run(argv: list[str] | None = None) -> int:
         from nnunet_ext.phantom import parse_difficulty
 
         run_demo(DemoConfig(workdir=args.workdir, dataset_id=args.dataset_id, configuration=args.configuration,
-                            trainer=args.trainer, fold=args.fold, epochs=args.epochs, iterations=args.iterations,
-                            train_cases=args.cases, test_cases=args.test_cases, shape=tuple(args.shape),
-                            difficulty=parse_difficulty(args.difficulty), device=args.device,
+                            trainers=tuple(args.trainers), fold=args.fold, epochs=args.epochs,
+                            iterations=args.iterations, train_cases=args.cases, test_cases=args.test_cases,
+                            shape=tuple(args.shape), difficulty=parse_difficulty(args.difficulty), device=args.device,
                             n_proc=args.num_processes))
+    elif args.command == "compare":
+        import shlex
+
+        from nnunet_ext.compare import CompareConfig, compare
+        from nnunet_ext.metrics.lesions import parse_bins
+
+        try:
+            options = launcher_options(args)
+            compare(CompareConfig(
+                dataset=args.dataset, configuration=args.configuration, trainers=args.trainers, folds=args.folds,
+                plans=args.plans, test_images=args.test_images, test_labels=args.test_labels, output=args.output,
+                epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations,
+                device=args.device, n_proc=args.num_processes, n_bootstrap=args.bootstrap, seed=args.seed,
+                thresholds=args.thresholds, connectivity=args.connectivity, bins=parse_bins(args.bins),
+                create_split=args.create_split, cohort=args.cohort, launcher_options=options,
+                command_line="nnunet-ext compare " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])[1:])))
+        except NotImplementedError as e:
+            raise ValueError(str(e)) from None
     return 0
 
 

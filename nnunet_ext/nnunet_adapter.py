@@ -127,3 +127,29 @@ def pretrained_weights_of_running_training(environ=None) -> str | None:
                     return str(frame.f_locals[var])
         frame = frame.f_back
     return environ.get("NNUNET_EXT_PRETRAINED_WEIGHTS") or None
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+
+class export_function:
+    """Context manager: nnU-Net's predictor exports each case with ``fn`` instead of its own
+    ``export_prediction_from_logits`` (same arguments; ``fn`` must be picklable, e.g. a functools.partial
+    of a module-level function, since nnU-Net's export workers are spawned processes)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __enter__(self):
+        import nnunetv2.inference.predict_from_raw_data as m
+
+        if not hasattr(m, "export_prediction_from_logits"):
+            raise RuntimeError("this nnU-Net version has no predict_from_raw_data.export_prediction_from_logits; "
+                               "update nnunet_ext.nnunet_adapter.export_function")
+        self._module, self._saved = m, m.export_prediction_from_logits
+        m.export_prediction_from_logits = self.fn
+        return self
+
+    def __exit__(self, *exc):
+        self._module.export_prediction_from_logits = self._saved
+        return False
