@@ -178,6 +178,6 @@ def test_evaluate_with_probabilities_and_soft_reference(tmp_path):
     p = np.load(prob_dir / "c1.npz")["probabilities"][1].astype(np.float64)
     s = _ref() * 0.8
     assert c["soft_dice"] == pytest.approx(2 * (p * s).sum() / (p.sum() + s.sum()), rel=1e-5)
-    assert c["brier"] == pytest.approx(((p - s) ** 2).mean(), rel=1e-5) and c["ipe"] > 0
+    assert c["brier"] == pytest.approx(((p - s) ** 2).mean(), rel=1e-5) and c["ipe_voxelwise"] > 0
     assert res["aggregate"]["pooled"]["ece"] == pytest.approx(c["ece"])
     assert (tmp_path / "r.reliability.png").stat().st_size > 10000

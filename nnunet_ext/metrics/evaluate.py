@@ -10,69 +10,74 @@ from typing import Sequence
 
 import numpy as np
 
-from nnunet_ext.io import case_name, read_image
-from nnunet_ext.metrics.lesions import DEFAULT_BINS, aggregate, as_binary, case_metrics, check_connectivity
-from nnunet_ext.metrics.soft import add_counts, ece_from_counts, reliability_diagram, volume_pearson
+from nnunet_ext.io import read_image
+from nnunet_ext.metrics.cases import (as_binary, check_same_grid, list_cases, load_mask,  # noqa: F401 (re-exported)
+                                      load_probabilities, prob_files)
+from nnunet_ext.metrics.lesions import (DEFAULT_BINS, RULE_PRESETS, SIZE_UNITS, aggregate, case_metrics,
+                                        check_connectivity, parse_bins, parse_detection)
+from nnunet_ext.metrics.soft import (add_counts, ece_from_counts, ece_from_probability_counts,
+                                     probability_reliability_diagram, reliability_diagram, volume_pearson)
+
+# Presets reproduce a challenge's (or a seed paper's) scoring; docs/evaluation.md has one table per preset.
+# wmh2017: the organisers' evaluation.py (nnunet_ext.metrics.wmh2017): label 2 masked out, their
+#   binarisation of the prediction, 26-connected lesions detected by any overlap, HD95 on their border.
+# msseg2: Anima's animaSegPerfAnalyzer lesion detection (nnunet_ext.metrics.anima), masks read as Anima does.
+# isbi2015: Carass et al. 2017 score and components (nnunet_ext.metrics.isbi).
+# lsr / focal_tversky: the seed theses' lesion rules (nnunet_ext.metrics.lesions.RULE_PRESETS).
+PRESETS = {"wmh2017": {**RULE_PRESETS["wmh2017"], "reader": "wmh2017", "surface": "wmh2017"},
+           "msseg2": {"connectivity": 6, "detection": "any", "reader": "anima", "anima": True},
+           "isbi2015": {"connectivity": 18, "detection": "any", "isbi": True},
+           "lsr": dict(RULE_PRESETS["lsr"]),
+           "focal_tversky": dict(RULE_PRESETS["focal_tversky"])}
 
 
-def list_cases(folder: str | os.PathLike, file_ending: str = ".nii.gz") -> dict[str, Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"folder not found: {folder}")
-    return {case_name(p, file_ending): p for p in sorted(folder.iterdir())
-            if p.name.endswith(file_ending) and not p.name.startswith(".")}
+def _read_case(ref_path, pred_path, label, reader):
+    """(ref, pred, spacing) binary masks as the preset's reader takes them."""
+    if reader == "wmh2017":
+        from nnunet_ext.metrics.wmh2017 import prepare_case
 
+        ref_raw, spacing = read_image(ref_path)
+        if pred_path is None:
+            return prepare_case(ref_raw, np.zeros(ref_raw.shape, np.uint8)) + (spacing,)
+        pred_raw, p_spacing = read_image(pred_path)
+        check_same_grid(ref_path, ref_raw.shape, spacing, pred_path, pred_raw.shape, p_spacing)
+        return prepare_case(ref_raw, pred_raw) + (spacing,)
+    if reader == "anima":
+        from nnunet_ext.metrics.anima import binarize
 
-def load_mask(path: Path, label: int | None) -> tuple[np.ndarray, tuple[float, ...]]:
-    arr, spacing = read_image(path)
-    if label is not None:
-        return arr == label, spacing
-    return as_binary(arr, str(path)), spacing
-
-
-def check_same_grid(ref_path, ref_shape, ref_spacing, other_path, shape, spacing, rtol: float = 1e-3) -> None:
-    if tuple(ref_shape) != tuple(shape):
-        raise ValueError(f"shape mismatch: {other_path} has shape {tuple(shape)} but reference {ref_path} has "
-                         f"{tuple(ref_shape)} (array order z, y, x)")
-    if not np.allclose(ref_spacing, spacing, rtol=rtol):
-        raise ValueError(f"spacing mismatch: {other_path} has spacing {tuple(spacing)} but reference {ref_path} "
-                         f"has {tuple(ref_spacing)} (mm, array order z, y, x)")
-
-
-# Presets reproduce a challenge's scoring. wmh2017 (WMH Segmentation Challenge, evaluation.py of the
-# organisers): reference label 1 = WMH, label 2 = other pathology, masked out of both images; lesions are
-# fully connected (26) components detected by any overlap; HD95 on in-plane (2D-eroded) boundaries.
-# msseg2 (MSSEG-2 2021, new lesions): binary masks, 6-connected components, Anima's lesion detection
-# (nnunet_ext.metrics.anima) per case under "msseg2", summarised in aggregate["msseg2"].
-PRESETS = {"wmh2017": {"lesion_label": 1, "masked_label": 2, "connectivity": 26, "min_overlap": 0.0,
-                       "inplane_surface": True},
-           "msseg2": {"connectivity": 6, "min_overlap": 0.0, "anima": True}}
+        ref_raw, spacing = read_image(ref_path)
+        ref = binarize(ref_raw)
+        if pred_path is None:
+            return ref, np.zeros_like(ref), spacing
+        pred_raw, p_spacing = read_image(pred_path)
+        check_same_grid(ref_path, ref.shape, spacing, pred_path, pred_raw.shape, p_spacing)
+        return ref, binarize(pred_raw), spacing
+    ref, spacing = load_mask(ref_path, label)
+    if pred_path is None:
+        return ref, np.zeros_like(ref), spacing
+    pred, p_spacing = load_mask(pred_path, label)
+    check_same_grid(ref_path, ref.shape, spacing, pred_path, pred.shape, p_spacing)
+    return ref, pred, spacing
 
 
 def _evaluate_one(args) -> tuple[str, dict, dict | None]:
-    case, ref_path, pred_path, label, connectivity, min_overlap, bins, preset, prob_path, soft_path = args
+    case, ref_path, pred_path, label, opts, preset, prob_path, soft_path = args
     p = PRESETS[preset] if preset else {}
-    if "masked_label" in p:
-        ref_raw, spacing = read_image(ref_path)
-        ref, outside = ref_raw == p["lesion_label"], ref_raw == p["masked_label"]
-    else:
-        ref, spacing = load_mask(ref_path, label)
-    if pred_path is None:
-        pred, p_spacing = np.zeros_like(ref), spacing
-    else:
-        pred, p_spacing = load_mask(pred_path, p.get("lesion_label") if p and label is None else label)
-        check_same_grid(ref_path, ref.shape, spacing, pred_path, pred.shape, p_spacing)
-    if "masked_label" in p:
-        pred = pred & ~outside
-    m = case_metrics(ref, pred, spacing, connectivity, min_overlap, bins, p.get("inplane_surface", False))
+    ref, pred, spacing = _read_case(ref_path, pred_path, label, p.get("reader"))
+    m = case_metrics(ref, pred, spacing, connectivity=opts["connectivity"], bins=opts["bins"],
+                     detection=opts["detection"], size_unit=opts["size_unit"], symmetric=opts["symmetric"],
+                     surface=p.get("surface", "face"))
     if p.get("anima"):
         from nnunet_ext.metrics.anima import anima_detection
 
         m["msseg2"] = anima_detection(ref, pred, spacing)
+    if p.get("isbi"):
+        from nnunet_ext.metrics.isbi import isbi_case
+
+        m["isbi2015"] = isbi_case(ref, pred, spacing, opts["connectivity"])
     m["prediction_missing"] = pred_path is None
     calib = None
     if prob_path is not None:
-        from nnunet_ext.metrics.operating_points import load_probabilities
         from nnunet_ext.metrics.soft import soft_case_metrics
 
         prob = load_probabilities(prob_path)
@@ -82,25 +87,54 @@ def _evaluate_one(args) -> tuple[str, dict, dict | None]:
             soft_ref, s_spacing = read_image(soft_path)
             check_same_grid(ref_path, ref.shape, spacing, soft_path, soft_ref.shape, s_spacing)
         sm = soft_case_metrics(prob, ref, soft_ref)
-        calib = sm.pop("calibration")
+        calib = {"calibration": sm.pop("calibration"), "calibration_confidence_05": sm.pop("calibration_confidence_05")}
         m.update(sm)
     return case, m, calib
 
 
-def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None, connectivity: int = 26,
-                     min_overlap: float = 0.0, bins: Sequence[tuple[int, int | None]] = DEFAULT_BINS,
-                     allow_missing: bool = False, label: int | None = None, file_ending: str = ".nii.gz",
-                     num_workers: int = 1, progress: bool = True, preset: str | None = None,
-                     prob_dir=None, soft_ref_dir=None, reliability_png=None) -> dict:
-    """Evaluate every reference case; return (and write to ``output`` JSON + CSV) per-case results and
-    aggregates. A reference case without prediction is an error unless ``allow_missing`` (then it counts
-    as an empty prediction)."""
+def resolve_options(preset: str | None = None, connectivity: int = 26, min_overlap: float = 0.0,
+                    bins: Sequence = DEFAULT_BINS, detection=None, size_unit: str = "voxels",
+                    symmetric: bool = False) -> dict:
+    """The lesion rule in force: a preset's connectivity / detection (/ bins) override the arguments."""
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-        connectivity, min_overlap = PRESETS[preset]["connectivity"], PRESETS[preset]["min_overlap"]
+        p = PRESETS[preset]
+        connectivity, detection = p["connectivity"], p["detection"]
+        bins = p.get("bins", bins)
     check_connectivity(connectivity)
+    if size_unit not in SIZE_UNITS:
+        raise ValueError(f"size_unit must be one of {SIZE_UNITS}, got {size_unit!r}")
+    if isinstance(bins, str):
+        bins = parse_bins(bins)
+    rule = parse_detection(detection) if detection is not None else None
+    if rule is None:
+        from nnunet_ext.metrics.lesions import rule_from_min_overlap
+
+        rule = rule_from_min_overlap(min_overlap)
+    return {"connectivity": connectivity, "detection": rule, "bins": tuple(tuple(b) for b in bins),
+            "size_unit": size_unit, "symmetric": bool(symmetric)}
+
+
+def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None, connectivity: int = 26,
+                     min_overlap: float = 0.0, bins: Sequence = DEFAULT_BINS,
+                     allow_missing: bool = False, label: int | None = None, file_ending: str = ".nii.gz",
+                     num_workers: int = 1, progress: bool = True, preset: str | None = None,
+                     prob_dir=None, soft_ref_dir=None, reliability_png=None, detection=None,
+                     size_unit: str = "voxels", symmetric: bool = False, cases: Sequence[str] | None = None,
+                     isbi_rater_score: float | None = None) -> dict:
+    """Evaluate every reference case (or only ``cases``); return (and write to ``output`` JSON + CSV)
+    per-case results and aggregates. A reference case without prediction is an error unless
+    ``allow_missing`` (then it counts as an empty prediction). ``detection`` (e.g.
+    ``"voxels>=3 or fraction>0.5"``) overrides ``min_overlap``; a ``preset`` overrides both and the
+    connectivity."""
+    opts = resolve_options(preset, connectivity, min_overlap, bins, detection, size_unit, symmetric)
     refs, preds = list_cases(ref_dir, file_ending), list_cases(pred_dir, file_ending)
+    if cases is not None:
+        unknown = [c for c in cases if c not in refs]
+        if unknown:
+            raise FileNotFoundError(f"no reference {Path(ref_dir) / (unknown[0] + file_ending)}")
+        refs = {c: refs[c] for c in cases}
     if not refs:
         raise ValueError(f"no reference files ending in {file_ending} in {ref_dir}")
     missing = [c for c in refs if c not in preds]
@@ -111,9 +145,7 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
     extra = sorted(set(preds) - set(refs))
     probs = softs = {}
     if prob_dir is not None:
-        from nnunet_ext.metrics.operating_points import _prob_files
-
-        probs = _prob_files(prob_dir)
+        probs = prob_files(prob_dir)
         lacking = [c for c in refs if c not in probs]
         if lacking:
             raise FileNotFoundError(f"no probability map for reference case {lacking[0]} in {prob_dir}")
@@ -122,32 +154,35 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
             lacking = [c for c in refs if c not in softs]
             if lacking:
                 raise FileNotFoundError(f"no soft reference {Path(soft_ref_dir) / (lacking[0] + file_ending)}")
-    jobs = [(c, refs[c], preds.get(c), label, connectivity, min_overlap, tuple(bins), preset, probs.get(c),
-             softs.get(c)) for c in refs]
-    per_case, calibration = {}, None
+    jobs = [(c, refs[c], preds.get(c), label, opts, preset, probs.get(c), softs.get(c)) for c in refs]
+    per_case, calibration, calibration05 = {}, None, None
+
+    def collect(k, c, m, calib):
+        nonlocal calibration, calibration05
+        per_case[c] = m
+        if calib is not None:
+            calibration = add_counts(calibration, calib["calibration"])
+            calibration05 = add_counts(calibration05, calib["calibration_confidence_05"])
+        if progress:
+            print(f"\revaluate: {k}/{len(jobs)}", end="", flush=True)
+
     if num_workers > 1:
         with ProcessPoolExecutor(num_workers) as ex:
-            results = ex.map(_evaluate_one, jobs)
-            for k, (c, m, calib) in enumerate(results, 1):
-                per_case[c] = m
-                calibration = calibration if calib is None else add_counts(calibration, calib)
-                if progress:
-                    print(f"\revaluate: {k}/{len(jobs)}", end="", flush=True)
+            for k, (c, m, calib) in enumerate(ex.map(_evaluate_one, jobs), 1):
+                collect(k, c, m, calib)
     else:
         for k, job in enumerate(jobs, 1):
-            c, m, calib = _evaluate_one(job)
-            per_case[c] = m
-            calibration = calibration if calib is None else add_counts(calibration, calib)
-            if progress:
-                print(f"\revaluate: {k}/{len(jobs)}", end="", flush=True)
+            collect(k, *_evaluate_one(job))
     if progress:
         print()
     result = {
-        "settings": {"ref_dir": str(ref_dir), "pred_dir": str(pred_dir), "connectivity": connectivity,
-                     "min_overlap": min_overlap, "bins": [list(b) for b in bins], "label": label, "preset": preset,
+        "settings": {"ref_dir": str(ref_dir), "pred_dir": str(pred_dir), "connectivity": opts["connectivity"],
+                     "detection": opts["detection"].text(), "min_overlap": min_overlap,
+                     "bins": [list(b) for b in opts["bins"]], "size_unit": opts["size_unit"],
+                     "symmetric": opts["symmetric"], "label": label, "preset": preset,
                      "missing_predictions": missing, "predictions_without_reference": extra},
         "per_case": per_case,
-        "aggregate": aggregate(per_case, bins),
+        "aggregate": aggregate(per_case, opts["bins"]),
     }
     result["aggregate"]["volume_pearson"] = volume_pearson([m["ref_volume_mm3"] for m in per_case.values()],
                                                            [m["pred_volume_mm3"] for m in per_case.values()])
@@ -155,14 +190,24 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
         from nnunet_ext.metrics.anima import aggregate_msseg2
 
         result["aggregate"]["msseg2"] = aggregate_msseg2(per_case)
+    if preset is not None and PRESETS[preset].get("isbi"):
+        from nnunet_ext.metrics.isbi import isbi_score
+
+        result["aggregate"]["isbi2015"] = isbi_score({"reference": {c: m["isbi2015"] for c, m in per_case.items()}},
+                                                     isbi_rater_score)
     if calibration is not None:
-        result["aggregate"]["pooled"]["ece"] = ece_from_counts(calibration)
-        result["aggregate"]["calibration_counts"] = calibration
-        for k in ("soft_dice", "brier", "ipe", "ece"):
+        agg = result["aggregate"]
+        agg["pooled"]["ece"] = ece_from_probability_counts(calibration)
+        agg["pooled"]["ece_confidence_05"] = ece_from_counts(calibration05)
+        agg["calibration_counts"] = calibration
+        agg["calibration_counts_confidence_05"] = calibration05
+        for k in ("soft_dice", "brier", "entropy_mae", "ipe_voxelwise", "ece", "ece_confidence_05"):
             vals = [m[k] for m in per_case.values() if m.get(k) is not None]
-            result["aggregate"]["mean"][k] = float(np.mean(vals)) if vals else None
+            agg["mean"][k] = float(np.mean(vals)) if vals else None
         if reliability_png is not None:
-            reliability_diagram(calibration, reliability_png, f"{Path(pred_dir).name}: {len(per_case)} cases")
+            title = f"{Path(pred_dir).name}: {len(per_case)} cases"
+            probability_reliability_diagram(calibration, reliability_png, title)
+            reliability_diagram(calibration05, Path(reliability_png).with_suffix(".confidence_05.png"), title)
     if output is not None:
         write_results(result, output)
     return result
@@ -202,15 +247,17 @@ def format_table(result: dict) -> str:
     """A short human-readable summary of an evaluation result."""
     mean, pooled = result["aggregate"]["mean"], result["aggregate"]["pooled"]
     fmt = lambda v: "  n/a" if v is None else f"{v:6.3f}"  # noqa: E731
-    lines = [f"cases: {result['aggregate']['n_cases']}",
+    s = result["settings"]
+    lines = [f"cases: {result['aggregate']['n_cases']}  (lesions: {s['connectivity']}-connected, detected when "
+             f"{s.get('detection', 'any')})",
              f"mean  dice {fmt(mean['dice'])}  ppv {fmt(mean['ppv'])}  tpr {fmt(mean['tpr'])}  "
              f"hd95 {fmt(mean['hd95'])} mm  avd {fmt(mean['avd'])} %",
              f"lesions (pooled): ref {pooled['ref_lesions']}  pred {pooled['pred_lesions']}  tp {pooled['lesion_tp']}"
              f"  fn {pooled['lesion_fn']}  fp {pooled['lesion_fp']}  tpr {fmt(pooled['lesion_tpr'])}"
              f"  fdr {fmt(pooled['lesion_fdr'])}  f1 {fmt(pooled['lesion_f1'])}",
-             "size bin   ref  tp  fn  fp    tpr    f1"]
+             f"size bin ({s.get('size_unit', 'voxels')})   ref  tp  fn  fp    tpr    f1"]
     for name, b in pooled["bins"].items():
-        lines.append(f"{name:>8} {b['ref_lesions']:5d} {b['lesion_tp']:3d} {b['lesion_fn']:3d} {b['lesion_fp']:3d}"
+        lines.append(f"{name:>16} {b['ref_lesions']:5d} {b['lesion_tp']:3d} {b['lesion_fn']:3d} {b['lesion_fp']:3d}"
                      f" {fmt(b['lesion_tpr'])} {fmt(b['lesion_f1'])}")
     if "msseg2" in result["aggregate"]:
         a = result["aggregate"]["msseg2"]
@@ -219,7 +266,12 @@ def format_table(result: dict) -> str:
                      f"{fmt(a['lesion_sensitivity_mean'])}  ppv {fmt(a['lesion_ppv_mean'])}; "
                      f"{a['cases_without_lesions']} without: FP lesions {fmt(a['fp_lesions_mean'])}  "
                      f"FP volume {fmt(a['fp_volume_mm3_mean'])} mm3")
+    if "isbi2015" in result["aggregate"]:
+        a = result["aggregate"]["isbi2015"]
+        r = a["per_rater"]["reference"]
+        lines.append(f"ISBI 2015: raw score {fmt(a['raw'])}  normalized {fmt(a['normalized'])}  (dice {fmt(r['dice'])}"
+                     f"  ppv {fmt(r['ppv'])}  ltpr {fmt(r['ltpr'])}  lfpr {fmt(r['lfpr'])}  corr {fmt(r['corr'])})")
     if "ece" in pooled:
-        lines.append(f"soft: dice {fmt(mean['soft_dice'])}  brier {fmt(mean['brier'])}  ipe {fmt(mean['ipe'])}  "
-                     f"ECE (pooled) {fmt(pooled['ece'])}")
+        lines.append(f"soft: dice {fmt(mean['soft_dice'])}  brier {fmt(mean['brier'])}  entropy MAE "
+                     f"{fmt(mean['entropy_mae'])}  ECE (10 bins on [0,1], pooled) {fmt(pooled['ece'])}")
     return "\n".join(lines)

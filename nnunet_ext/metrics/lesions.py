@@ -1,24 +1,36 @@
-"""Voxel- and lesion-wise metrics of one case (binary masks, array order ``(z, y, x)``).
+"""Voxel- and lesion-wise metrics of one case (binary masks, array order ``(z, y, x)``, spacing in mm in the
+same order).
 
 Definitions (also in docs/evaluation.md):
 
 * Lesions are connected components of a binary mask (``connectivity`` 6, 18 or 26; default 26, the
   WMH 2017 challenge's "fully connected" components).
-* Detection rule (WMH 2017 challenge evaluation): a reference lesion is *detected* when the predicted mask
-  covers at least ``max(1, ceil(min_overlap * |lesion|))`` of its voxels (``min_overlap=0``: any voxel).
-  A predicted component that touches no reference-lesion voxel is a *false positive*. This is
-  many-to-many: one predicted component can detect several reference lesions (merged lesions) and one
-  reference lesion can be covered by several components (split lesion, no FP counted). Libraries that
-  match one-to-one (panoptica, picai-eval) or by overlap ratio (Anima / MSSEG) count such cases
-  differently; medpy and Anima use 6-connectivity by default.
-* ``lesion_tpr`` = detected / reference lesions; ``lesion_ppv`` = predicted components touching a reference
-  lesion / predicted components; ``lesion_fdr`` = 1 - ``lesion_ppv``;
-  ``lesion_f1`` = 2 P R / (P + R) (0 when P + R = 0).
+* Detection rule (:class:`DetectionRule`, text form parsed by :func:`parse_detection`): a reference lesion
+  of ``n`` voxels of which ``c`` are covered by the prediction is *detected* when ``c >= 1`` and the rule's
+  clauses hold, combined with ``or`` / ``and``; a clause is ``voxels OP k`` (on ``c``) or
+  ``fraction OP f`` (on ``c / n``), ``OP`` one of ``>= > <= <``. ``"any"`` (default, WMH 2017) is
+  ``voxels>=1``; the LSR thesis rule is ``"voxels>=3 or fraction>0.5"``; the focal-Tversky thesis rule
+  ``"fraction>=0.6"``. The legacy ``min_overlap=f`` is ``fraction>=f`` (``c >= max(1, ceil(f n))``).
+* A predicted component is a *false positive* when it touches no reference-lesion voxel (WMH 2017);
+  with ``symmetric=True`` the detection rule is applied to it against the reference instead.
+  This is many-to-many: one predicted component can detect several reference lesions (merged lesions) and
+  one reference lesion can be covered by several components (split lesion, no FP counted).
+* Rates: :func:`lesion_rates` is the one place computing lesion TPR / PPV / FDR / F1 and their empty-case
+  conventions (``"wmh"``: TPR 1 without reference lesions, PPV 1 without predicted lesions, F1 = 2PR/(P+R),
+  0 when P + R = 0; ``"bin"``: missing sides are ``None`` and F1 takes a missing side as 1; ``"anima"``:
+  Anima's: PPV 0 without predicted lesions, sensitivity undefined (``None``; Anima NaN) without reference
+  lesions, F1 0 unless P + S > 0).
 * Size bins: reference lesions are binned by their size for TP/FN/TPR, predicted components by theirs for
-  FP/PPV; the bin's F1 combines the two. Lesions smaller than the first bin are counted in the totals only.
-* HD95 (MetricsReloaded / WMH definition): surface voxels are mask voxels with a 6-neighbour outside the
-  mask; for each surface voxel of one mask the Euclidean distance in mm (spacing honoured) to the nearest
-  surface voxel of the other; the 95th percentile of each directed set; HD95 is the larger of the two.
+  FP/PPV; the bin's F1 combines the two (``"bin"`` convention). Sizes are in voxels or, with
+  ``size_unit="mm3"``, in mm^3. A bin is ``(lo, hi)`` (inclusive, ``hi=None`` open; text ``3-10``,
+  ``51+``) or ``(lo, hi, "[)")`` half-open ``[lo, hi)`` (text ``[0,10)``, ``[1000,inf)``). Lesions outside
+  every bin are counted in the totals only.
+* HD95: for each surface voxel of one mask the Euclidean distance in mm to the nearest surface voxel of the
+  other; the 95th percentile (numpy's linear interpolation) of each directed set; HD95 is the larger.
+  Surfaces: ``"face"`` (default, MetricsReloaded): mask voxels with a face (6-)neighbour outside the mask,
+  outside the image counting as background; ``"wmh2017"`` (the WMH 2017 organisers' evaluation.py:
+  original minus ``sitk.BinaryErode(image, (1, 1, 0))``): mask voxels with any of their 8 in-plane
+  (3 x 3 square, y/x) neighbours outside the mask, outside the image counting as *foreground*.
 * Empty masks (undefined values are ``None`` in JSON and skipped, with a count, in means):
 
   ============ ========= ==== ==== ==== ==== ===== ========================
@@ -29,12 +41,13 @@ Definitions (also in docs/evaluation.md):
   non-empty    empty     0    None 0    100  None  0 / 1
   ============ ========= ==== ==== ==== ==== ===== ========================
 
-  (lesion_tpr 1 with no reference lesion and lesion_ppv 1 with no predicted lesion follow the WMH 2017
-  evaluation script.) For an empty reference the false-positive lesion count and volume are reported
-  (``fp_volume_mm3``), as in MSSEG-2.
+  For an empty reference the false-positive lesion count and volume are reported (``fp_volume_mm3``).
 """
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import cc3d
@@ -42,32 +55,212 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from nnunet_ext.metrics.cases import as_binary  # noqa: F401  (re-exported: older imports use lesions.as_binary)
+
 DEFAULT_BINS: tuple[tuple[int, int | None], ...] = ((3, 10), (11, 50), (51, None))
+SIZE_UNITS = ("voxels", "mm3")
+CONVENTIONS = ("wmh", "bin", "anima")
 
 
-def bin_name(lo: int, hi: int | None) -> str:
-    return f"{lo}-{hi}" if hi is not None else f"{lo}+"
+# ----------------------------------------------------------------------------------------------- size bins
+def bin_name(lo, hi=None, kind: str | None = None) -> str:
+    if kind == "[)":
+        return f"[{_num(lo)},{'inf' if hi is None else _num(hi)})"
+    return f"{_num(lo)}-{_num(hi)}" if hi is not None else f"{_num(lo)}+"
 
 
-def parse_bins(text: str) -> tuple[tuple[int, int | None], ...]:
-    """Parse ``"3-10,11-50,51+"`` into ``((3, 10), (11, 50), (51, None))``."""
+def _num(v) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{float(v):g}"
+
+
+def _bin_key(b) -> str:
+    return bin_name(b[0], b[1], b[2] if len(b) > 2 else None)
+
+
+def parse_bins(text: str) -> tuple:
+    """Parse ``"3-10,11-50,51+"`` (inclusive) into ``((3, 10), (11, 50), (51, None))`` or
+    ``"[0,10),[10,400),[400,1000),[1000,inf)"`` (half-open) into ``((0, 10, "[)"), ..., (1000, None, "[)"))``.
+    Bounds may be decimals (mm^3 bins)."""
+    text = text.strip()
+    if text.startswith("["):
+        parts = re.findall(r"\[\s*([^,\]\)]+)\s*,\s*([^,\]\)]+)\s*\)", text)
+        rebuilt = ",".join(f"[{a},{b})" for a, b in parts)
+        if not parts or rebuilt.replace(" ", "") != text.replace(" ", ""):
+            raise ValueError(f"bad size bins {text!r}: use [LO,HI) intervals, comma-separated, e.g. "
+                             f"[0,10),[10,400),[400,inf)")
+        bins = []
+        for a, b in parts:
+            try:
+                lo, hi = float(a), (None if b.strip() in ("inf", "+inf") else float(b))
+            except ValueError:
+                raise ValueError(f"bad size bin [{a},{b}): bounds must be numbers or inf") from None
+            if lo < 0 or (hi is not None and hi <= lo):
+                raise ValueError(f"bad size bin [{a},{b}): need 0 <= LO < HI")
+            bins.append((lo, hi, "[)"))
+        return tuple(bins)
     bins = []
     for part in text.split(","):
         part = part.strip()
         try:
             if part.endswith("+"):
-                bins.append((int(part[:-1]), None))
+                bins.append((_int_or_float(part[:-1]), None))
             else:
                 lo, hi = part.split("-")
-                bins.append((int(lo), int(hi)))
+                bins.append((_int_or_float(lo), _int_or_float(hi)))
         except ValueError:
-            raise ValueError(f"bad size bin {part!r}: use LO-HI or LO+ (voxels), comma-separated")
-    for lo, hi in bins:
+            raise ValueError(f"bad size bin {part!r}: use LO-HI or LO+ (inclusive), comma-separated, "
+                             f"or [LO,HI) intervals") from None
+    for b in bins:
+        lo, hi = b
         if lo < 1 or (hi is not None and hi < lo):
             raise ValueError(f"bad size bin {bin_name(lo, hi)}: need 1 <= LO <= HI")
     return tuple(bins)
 
 
+def _int_or_float(s: str):
+    s = s.strip()
+    v = float(s)
+    return int(v) if v.is_integer() and "." not in s else v
+
+
+def _in_bin(sizes: np.ndarray, b) -> np.ndarray:
+    lo, hi = b[0], b[1]
+    upper = np.inf if hi is None else hi
+    if len(b) > 2 and b[2] == "[)":
+        return (sizes >= lo) & (sizes < upper)
+    return (sizes >= lo) & (sizes <= upper)
+
+
+# ------------------------------------------------------------------------------------------ detection rule
+_OPS = {">=": np.greater_equal, ">": np.greater, "<=": np.less_equal, "<": np.less}
+_CLAUSE = re.compile(r"^\s*(voxels|fraction)\s*(>=|>|<=|<)\s*([0-9.eE+-]+)\s*(%?)\s*$")
+
+
+@dataclass(frozen=True)
+class DetectionRule:
+    """When a lesion counts as detected: clauses ``(quantity, op, value)`` combined with ``combine``; a lesion
+    with no covered voxel is never detected. ``quantity`` is ``"voxels"`` (covered voxels) or
+    ``"fraction"`` (covered / lesion size)."""
+    clauses: tuple = (("voxels", ">=", 1.0),)
+    combine: str = "or"
+
+    def __post_init__(self):
+        if self.combine not in ("or", "and"):
+            raise ValueError(f"detection rule: combine must be 'or' or 'and', got {self.combine!r}")
+        if not self.clauses:
+            raise ValueError("detection rule: needs at least one clause")
+        for q, op, v in self.clauses:
+            if q not in ("voxels", "fraction") or op not in _OPS:
+                raise ValueError(f"detection rule: bad clause {q} {op} {v}")
+            if q == "fraction" and not 0.0 <= v <= 1.0:
+                raise ValueError(f"detection rule: fraction must be in [0, 1], got {v}")
+            if q == "voxels" and v < 0:
+                raise ValueError(f"detection rule: voxels must be >= 0, got {v}")
+
+    def detected(self, covered: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """Per lesion: ``covered`` voxels of ``sizes`` voxels -> detected (bool array)."""
+        covered = np.asarray(covered, np.float64)
+        sizes = np.asarray(sizes, np.float64)
+        frac = np.divide(covered, sizes, out=np.zeros_like(covered), where=sizes > 0)
+        results = []
+        for q, op, v in self.clauses:
+            x = covered if q == "voxels" else frac
+            # a tolerance so that 0.6 * 5 voxels = 3 covered voxels counts as ">= 60 %"
+            if op in (">=", "<"):
+                results.append(_OPS[op](x, v - 1e-9) if op == ">=" else x < v - 1e-9)
+            else:
+                results.append(x > v + 1e-9 if op == ">" else x <= v + 1e-9)
+        out = np.logical_or.reduce(results) if self.combine == "or" else np.logical_and.reduce(results)
+        return out & (covered >= 1)
+
+    def text(self) -> str:
+        return f" {self.combine} ".join(f"{q}{op}{_num(v)}" for q, op, v in self.clauses)
+
+
+def parse_detection(text: str | DetectionRule | None) -> DetectionRule:
+    """``"any"``, ``"voxels>=3 or fraction>0.5"``, ``"fraction>=60%"``, ``"voxels>=2 and fraction>0.1"``."""
+    if isinstance(text, DetectionRule):
+        return text
+    if text is None or str(text).strip().lower() in ("", "any"):
+        return DetectionRule()
+    s = str(text).strip().lower()
+    has_or, has_and = " or " in f" {s} ", " and " in f" {s} "
+    if has_or and has_and:
+        raise ValueError(f"detection rule {text!r}: use either 'or' or 'and', not both")
+    combine = "and" if has_and else "or"
+    clauses = []
+    for part in re.split(r"\s+(?:or|and)\s+", s):
+        m = _CLAUSE.match(part)
+        if not m:
+            raise ValueError(f"detection rule {text!r}: bad clause {part!r}; use e.g. 'voxels>=3', "
+                             f"'fraction>0.5' or '50%' forms, joined by 'or'/'and'")
+        q, op, v, pct = m.groups()
+        try:
+            val = float(v) / (100.0 if pct else 1.0)
+        except ValueError:
+            raise ValueError(f"detection rule {text!r}: bad number {v!r}") from None
+        if pct and q != "fraction":
+            raise ValueError(f"detection rule {text!r}: % only applies to fraction")
+        clauses.append((q, op, val))
+    return DetectionRule(tuple(clauses), combine)
+
+
+def rule_from_min_overlap(min_overlap: float) -> DetectionRule:
+    """The legacy ``min_overlap`` (fraction of the lesion that must be covered, 0 = any voxel)."""
+    if not 0.0 <= min_overlap <= 1.0:
+        raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}")
+    return DetectionRule() if min_overlap == 0 else DetectionRule((("fraction", ">=", float(min_overlap)),))
+
+
+# Lesion rules of the seed papers/challenges (``nnunet-ext evaluate --preset NAME``; see docs/evaluation.md).
+RULE_PRESETS = {
+    "wmh2017": {"connectivity": 26, "detection": "any"},
+    "lsr": {"connectivity": 18, "detection": "voxels>=3 or fraction>0.5"},
+    "focal_tversky": {"connectivity": 26, "detection": "fraction>=0.6",
+                      "bins": ((0, 10, "[)"), (10, 400, "[)"), (400, 1000, "[)"), (1000, None, "[)"))},
+}
+
+
+# ----------------------------------------------------------------------------------------------- rates
+def lesion_rates(tp_ref: int, n_ref: int, tp_pred: int, n_pred: int, convention: str = "wmh") -> dict:
+    """Lesion TPR (sensitivity), PPV, FDR and F1 from counts: ``tp_ref`` detected of ``n_ref`` reference
+    lesions, ``tp_pred`` true-positive of ``n_pred`` predicted lesions. ``convention`` decides the empty
+    cases (module docstring): ``"wmh"``, ``"bin"`` or ``"anima"``."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if min(tp_ref, n_ref, tp_pred, n_pred) < 0 or tp_ref > n_ref or tp_pred > n_pred:
+        raise ValueError(f"bad lesion counts: tp_ref {tp_ref} of {n_ref}, tp_pred {tp_pred} of {n_pred}")
+    tpr = tp_ref / n_ref if n_ref else None
+    ppv = tp_pred / n_pred if n_pred else None
+    if convention == "wmh":
+        tpr = 1.0 if tpr is None else tpr
+        ppv = 1.0 if ppv is None else ppv
+        f1 = 0.0 if ppv + tpr == 0 else 2 * ppv * tpr / (ppv + tpr)
+    elif convention == "bin":
+        if tpr is None and ppv is None:
+            f1 = None
+        else:
+            p, r = (1.0 if ppv is None else ppv), (1.0 if tpr is None else tpr)
+            f1 = 0.0 if p + r == 0 else 2 * p * r / (p + r)
+    else:  # anima: PPV 0 without predicted lesions; sensitivity NaN (None) without reference lesions
+        ppv = 0.0 if ppv is None else ppv
+        f1 = 2 * ppv * tpr / (ppv + tpr) if tpr is not None and ppv + tpr > 0 else 0.0
+    return {"lesion_tpr": tpr, "lesion_ppv": ppv, "lesion_fdr": None if ppv is None else 1.0 - ppv,
+            "lesion_f1": f1}
+
+
+def _f1(p: float | None, r: float | None) -> float | None:
+    """F1 of a precision and a recall (``None`` when either is undefined, 0 when both are 0)."""
+    if p is None or r is None:
+        return None
+    return 0.0 if p + r == 0 else 2 * p * r / (p + r)
+
+
+def _safe_div(a: float, b: float, empty: float | None) -> float | None:
+    return float(a) / float(b) if b > 0 else empty
+
+
+# --------------------------------------------------------------------------------------------- components
 def check_connectivity(connectivity: int) -> int:
     if connectivity not in (6, 18, 26):
         raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
@@ -81,111 +274,145 @@ def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarr
     return lab, int(n)
 
 
-def _in_bin(sizes: np.ndarray, lo: int, hi: int | None) -> np.ndarray:
-    return (sizes >= lo) & (sizes <= (hi if hi is not None else np.iinfo(np.int64).max))
+def voxel_volume(spacing: Sequence[float]) -> float:
+    return float(np.prod(np.asarray(spacing, dtype=np.float64)))
 
 
-def _safe_div(a: float, b: float, empty: float | None) -> float | None:
-    return float(a) / float(b) if b > 0 else empty
-
-
-def _f1(p: float | None, r: float | None) -> float | None:
-    if p is None or r is None:
-        return None
-    return 0.0 if p + r == 0 else 2 * p * r / (p + r)
-
-
-def _bin_rates(b: dict) -> dict:
-    """Add TPR/PPV/F1 of one size bin from its counts. A bin without reference lesions has no TPR and one
-    without predicted lesions no PPV (``None``); F1 then takes the missing one as 1 (WMH convention), and is
-    ``None`` when the bin is empty on both sides."""
-    tpr = _safe_div(b["lesion_tp"], b["ref_lesions"], None)
-    ppv = _safe_div(b["pred_lesions"] - b["lesion_fp"], b["pred_lesions"], None)
-    f1 = None if tpr is None and ppv is None else _f1(1.0 if ppv is None else ppv, 1.0 if tpr is None else tpr)
-    return {**b, "lesion_tpr": tpr, "lesion_ppv": ppv, "lesion_f1": f1}
+def remove_small_lesions(mask: np.ndarray, spacing: Sequence[float], min_lesion_mm3: float,
+                         connectivity: int = 26) -> np.ndarray:
+    """``mask`` without its connected components smaller than ``min_lesion_mm3`` (volume = voxels x voxel
+    volume; 0 keeps everything). The post-processing stored in the model contract."""
+    if not (min_lesion_mm3 >= 0) or math.isinf(min_lesion_mm3):
+        raise ValueError(f"min_lesion_mm3 must be a finite number >= 0, got {min_lesion_mm3}")
+    mask = np.asarray(mask, bool)
+    if min_lesion_mm3 == 0 or not mask.any():
+        return mask
+    lab, n = label_components(mask, connectivity)
+    vol = np.bincount(lab.ravel(), minlength=n + 1) * voxel_volume(spacing)
+    keep = vol >= min_lesion_mm3 - 1e-9
+    keep[0] = False
+    return keep[lab]
 
 
 def lesion_counts(ref: np.ndarray, pred: np.ndarray, connectivity: int = 26, min_overlap: float = 0.0,
-                  bins: Sequence[tuple[int, int | None]] = DEFAULT_BINS, ref_labels=None, pred_labels=None) -> dict:
-    """Lesion-wise detection counts and rates (see module docstring). ``ref_labels``/``pred_labels`` are
-    precomputed ``(labels, n)`` to reuse."""
-    if not 0.0 <= min_overlap <= 1.0:
-        raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}")
+                  bins: Sequence = DEFAULT_BINS, ref_labels=None, pred_labels=None,
+                  detection: str | DetectionRule | None = None, size_unit: str = "voxels",
+                  spacing: Sequence[float] | None = None, symmetric: bool = False) -> dict:
+    """Lesion-wise detection counts and rates of binary ``ref``/``pred`` (see module docstring).
+    ``ref_labels``/``pred_labels`` are precomputed ``(labels, n)`` to reuse; ``detection`` (text or
+    :class:`DetectionRule`) overrides ``min_overlap``; ``size_unit="mm3"`` bins by volume (needs ``spacing``)."""
+    rule = parse_detection(detection) if detection is not None else rule_from_min_overlap(min_overlap)
+    if size_unit not in SIZE_UNITS:
+        raise ValueError(f"size_unit must be one of {SIZE_UNITS}, got {size_unit!r}")
+    if size_unit == "mm3" and spacing is None:
+        raise ValueError("size_unit='mm3' needs the voxel spacing")
     rl, nr = ref_labels if ref_labels is not None else label_components(ref, connectivity)
     pl, npred = pred_labels if pred_labels is not None else label_components(pred, connectivity)
     ref_sizes = np.bincount(rl.ravel(), minlength=nr + 1)[1:]
     pred_sizes = np.bincount(pl.ravel(), minlength=npred + 1)[1:]
-    predm = pl > 0
-    covered = np.bincount(rl[predm], minlength=nr + 1)[1:]  # predicted voxels in each reference lesion
-    need = np.maximum(1, np.ceil(min_overlap * ref_sizes - 1e-9))
-    detected = covered >= need
-    touching = np.bincount(pl[rl > 0], minlength=npred + 1)[1:] > 0  # pred components touching a ref lesion
-    tp, fn, fp = int(detected.sum()), int((~detected).sum()), int((~touching).sum())
-    tpr = _safe_div(tp, nr, 1.0)
-    ppv = _safe_div(int(touching.sum()), npred, 1.0)
+    covered = np.bincount(rl[pl > 0], minlength=nr + 1)[1:]  # predicted voxels in each reference lesion
+    detected = rule.detected(covered, ref_sizes)
+    in_ref = np.bincount(pl[rl > 0], minlength=npred + 1)[1:]  # reference voxels in each predicted component
+    true_pred = rule.detected(in_ref, pred_sizes) if symmetric else in_ref > 0
+    tp, fn, fp = int(detected.sum()), int((~detected).sum()), int((~true_pred).sum())
     out = {"ref_lesions": nr, "pred_lesions": npred, "lesion_tp": tp, "lesion_fn": fn, "lesion_fp": fp,
-           "lesion_tpr": tpr, "lesion_ppv": ppv, "lesion_fdr": 1.0 - ppv, "lesion_f1": _f1(ppv, tpr), "bins": {}}
-    for lo, hi in bins:
-        rb, pb = _in_bin(ref_sizes, lo, hi), _in_bin(pred_sizes, lo, hi)
-        out["bins"][bin_name(lo, hi)] = _bin_rates({
+           **lesion_rates(tp, nr, npred - fp, npred, "wmh"), "bins": {}}
+    scale = voxel_volume(spacing) if size_unit == "mm3" else 1.0
+    rs, ps = ref_sizes * scale, pred_sizes * scale
+    for b in bins:
+        rb, pb = _in_bin(rs, b), _in_bin(ps, b)
+        out["bins"][_bin_key(b)] = _bin_rates({
             "ref_lesions": int(rb.sum()), "pred_lesions": int(pb.sum()), "lesion_tp": int((detected & rb).sum()),
-            "lesion_fn": int((~detected & rb).sum()), "lesion_fp": int((~touching & pb).sum())})
+            "lesion_fn": int((~detected & rb).sum()), "lesion_fp": int((~true_pred & pb).sum())})
     return out
 
 
+def _bin_rates(b: dict) -> dict:
+    """TPR/PPV/F1 of one size bin from its counts (``"bin"`` convention)."""
+    r = lesion_rates(b["lesion_tp"], b["ref_lesions"], b["pred_lesions"] - b["lesion_fp"], b["pred_lesions"], "bin")
+    return {**b, "lesion_tpr": r["lesion_tpr"], "lesion_ppv": r["lesion_ppv"], "lesion_f1": r["lesion_f1"]}
+
+
+# ------------------------------------------------------------------------------------------------- HD95
 _FACE_3D = ndimage.generate_binary_structure(3, 1)
 _FACE_INPLANE = np.zeros((3, 3, 3), bool)
 _FACE_INPLANE[1] = ndimage.generate_binary_structure(2, 1)
+_SQUARE_INPLANE = np.zeros((3, 3, 3), bool)
+_SQUARE_INPLANE[1] = True
+SURFACES = ("face", "face_inplane", "wmh2017")
 
 
-def _surface_points(mask: np.ndarray, spacing, inplane: bool = False) -> np.ndarray:
-    """Coordinates in mm of the surface voxels (mask voxels with a 6-neighbour outside; with ``inplane``
-    only the 4 in-plane (y, x) neighbours count, as the WMH 2017 script's 2D erosion)."""
+def surface_mask(mask: np.ndarray, surface: str = "face") -> np.ndarray:
+    """Boolean surface voxels of ``mask`` (same shape): ``"face"`` 6-neighbour surface, outside the image
+    = background; ``"face_inplane"`` 4 in-plane neighbours, outside = background (our pre-issue-15 reading of
+    the WMH script); ``"wmh2017"`` the organisers' ``mask - BinaryErode(mask, (1, 1, 0))``: 3 x 3 in-plane
+    square, outside the image = foreground."""
+    if surface not in SURFACES:
+        raise ValueError(f"surface must be one of {SURFACES}, got {surface!r}")
+    mask = np.asarray(mask, bool)
+    out = np.zeros(mask.shape, bool)
     idx = np.argwhere(mask)
+    if len(idx) == 0:
+        return out
     lo, hi = idx.min(0), idx.max(0) + 1
-    crop = np.pad(mask[tuple(slice(a, b) for a, b in zip(lo, hi))], 1)
-    surf = crop & ~ndimage.binary_erosion(crop, _FACE_INPLANE if inplane else _FACE_3D)
-    return (np.argwhere(surf) - 1 + lo) * np.asarray(spacing, dtype=np.float64)
+    crop = mask[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    if surface == "wmh2017":
+        # outside the image counts as foreground: pad True where the crop touches the image border
+        pads = [((1, 1)) for _ in range(3)]
+        padded = np.pad(crop, pads, constant_values=False)
+        for ax in range(3):
+            if lo[ax] == 0:
+                padded[(slice(None),) * ax + (0,)] = True
+            if hi[ax] == mask.shape[ax]:
+                padded[(slice(None),) * ax + (-1,)] = True
+        kernel = _SQUARE_INPLANE
+    else:
+        padded = np.pad(crop, 1, constant_values=False)
+        kernel = _FACE_3D if surface == "face" else _FACE_INPLANE
+    eroded = ndimage.binary_erosion(padded, kernel, border_value=1)[1:-1, 1:-1, 1:-1]
+    out[tuple(slice(a, b) for a, b in zip(lo, hi))] = crop & ~eroded
+    return out
+
+
+def _surface_points(mask: np.ndarray, spacing, inplane: bool = False, surface: str | None = None) -> np.ndarray:
+    """Coordinates in mm of the surface voxels (``surface`` as :func:`surface_mask`; ``inplane=True`` is the
+    WMH 2017 surface)."""
+    s = surface or ("wmh2017" if inplane else "face")
+    return np.argwhere(surface_mask(mask, s)) * np.asarray(spacing, dtype=np.float64)
 
 
 def hd95(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-         inplane_surface: bool = False) -> float | None:
+         inplane_surface: bool = False, surface: str | None = None) -> float | None:
     """95th-percentile Hausdorff distance in mm (max of the two directed 95th percentiles).
 
-    0 when both masks are empty, ``None`` when exactly one is."""
-    r_any, p_any = bool(ref.any()), bool(pred.any())
+    0 when both masks are empty, ``None`` when exactly one is (or when a non-empty mask has no surface voxel,
+    possible with the WMH surface when a mask fills whole slices; the organisers' script crashes there)."""
+    r_any, p_any = bool(np.any(ref)), bool(np.any(pred))
     if not r_any and not p_any:
         return 0.0
     if not r_any or not p_any:
         return None
-    rs = _surface_points(ref.astype(bool), spacing, inplane_surface)
-    ps = _surface_points(pred.astype(bool), spacing, inplane_surface)
+    s = surface or ("wmh2017" if inplane_surface else "face")
+    rs = _surface_points(ref, spacing, surface=s)
+    ps = _surface_points(pred, spacing, surface=s)
+    if len(rs) == 0 or len(ps) == 0:
+        return None
     d_pr = cKDTree(rs).query(ps, k=1)[0]
     d_rp = cKDTree(ps).query(rs, k=1)[0]
     return float(max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)))
 
 
-def as_binary(arr: np.ndarray, what: str) -> np.ndarray:
-    """Binary view of a 0/1 mask; anything else is a ValueError naming ``what``."""
-    if arr.dtype == bool:
-        return arr
-    vals = np.unique(arr)
-    if not np.all(np.isin(vals, (0, 1))):
-        shown = ", ".join(str(v) for v in vals[:6]) + (" ..." if len(vals) > 6 else "")
-        raise ValueError(f"{what}: expected a binary mask (values 0/1), found values {shown}; "
-                         f"use --label to select one label")
-    return arr.astype(bool)
-
-
+# ----------------------------------------------------------------------------------------------- per case
 def case_metrics(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                 connectivity: int = 26, min_overlap: float = 0.0,
-                 bins: Sequence[tuple[int, int | None]] = DEFAULT_BINS, inplane_surface: bool = False) -> dict:
+                 connectivity: int = 26, min_overlap: float = 0.0, bins: Sequence = DEFAULT_BINS,
+                 inplane_surface: bool = False, detection: str | DetectionRule | None = None,
+                 size_unit: str = "voxels", symmetric: bool = False, surface: str | None = None) -> dict:
     """All per-case metrics for binary ``ref`` and ``pred`` (same shape) with voxel ``spacing`` (array
     order, mm)."""
     if ref.shape != pred.shape:
         raise ValueError(f"shape mismatch: reference {ref.shape} vs prediction {pred.shape}")
     ref, pred = ref.astype(bool, copy=False), pred.astype(bool, copy=False)
-    voxel_mm3 = float(np.prod(spacing))
+    voxel_mm3 = voxel_volume(spacing)
     tp = int(np.count_nonzero(ref & pred))
     n_ref, n_pred = int(np.count_nonzero(ref)), int(np.count_nonzero(pred))
     fp, fn = n_pred - tp, n_ref - tp
@@ -196,17 +423,32 @@ def case_metrics(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] = (
         ppv = _safe_div(tp, n_pred, None)
         tpr = _safe_div(tp, n_ref, None)
         avd = abs(n_pred - n_ref) / n_ref * 100.0 if n_ref else None
-    out = {"dice": dice, "ppv": ppv, "tpr": tpr, "avd": avd, "hd95": hd95(ref, pred, spacing, inplane_surface),
+    out = {"dice": dice, "ppv": ppv, "tpr": tpr, "avd": avd,
+           "hd95": hd95(ref, pred, spacing, inplane_surface, surface),
            "voxel_tp": tp, "voxel_fp": fp, "voxel_fn": fn,
            "ref_volume_mm3": n_ref * voxel_mm3, "pred_volume_mm3": n_pred * voxel_mm3}
-    lc = lesion_counts(ref, pred, connectivity, min_overlap, bins)
-    out.update(lc)
+    out.update(lesion_counts(ref, pred, connectivity, min_overlap, bins, detection=detection, size_unit=size_unit,
+                             spacing=spacing, symmetric=symmetric))
     if n_ref == 0:
         out["fp_volume_mm3"] = n_pred * voxel_mm3
     return out
 
 
-def aggregate(per_case: dict[str, dict], bins: Sequence[tuple[int, int | None]] = DEFAULT_BINS) -> dict:
+POOLED_COUNTS = ("voxel_tp", "voxel_fp", "voxel_fn", "ref_lesions", "pred_lesions", "lesion_tp", "lesion_fn",
+                 "lesion_fp")
+BIN_COUNTS = ("ref_lesions", "pred_lesions", "lesion_tp", "lesion_fn", "lesion_fp")
+
+
+def pooled_rates(counts: dict, bins_convention: bool = False) -> dict:
+    """Pooled Dice and lesion rates from summed counts (``POOLED_COUNTS``)."""
+    tp, fp, fn = counts["voxel_tp"], counts["voxel_fp"], counts["voxel_fn"]
+    out = {"dice": 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0}
+    out.update(lesion_rates(counts["lesion_tp"], counts["ref_lesions"], counts["pred_lesions"] - counts["lesion_fp"],
+                            counts["pred_lesions"], "bin" if bins_convention else "wmh"))
+    return out
+
+
+def aggregate(per_case: dict[str, dict], bins: Sequence = DEFAULT_BINS) -> dict:
     """Mean over cases of each metric (``None`` skipped, ``n_undefined`` counts them) and pooled lesion
     and voxel counts with rates recomputed from the pooled counts."""
     keys = ["dice", "ppv", "tpr", "avd", "hd95", "lesion_tpr", "lesion_ppv", "lesion_fdr", "lesion_f1"]
@@ -217,23 +459,16 @@ def aggregate(per_case: dict[str, dict], bins: Sequence[tuple[int, int | None]] 
         undefined = len(per_case) - len(vals)
         if undefined:
             mean.setdefault("n_undefined", {})[k] = undefined
-    pooled = {k: int(sum(c[k] for c in per_case.values()))
-              for k in ("voxel_tp", "voxel_fp", "voxel_fn", "ref_lesions", "pred_lesions",
-                        "lesion_tp", "lesion_fn", "lesion_fp")}
-    tp, fp, fn = pooled["voxel_tp"], pooled["voxel_fp"], pooled["voxel_fn"]
-    pooled["dice"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
-    pooled["lesion_tpr"] = _safe_div(pooled["lesion_tp"], pooled["ref_lesions"], 1.0)
-    pooled["lesion_ppv"] = _safe_div(pooled["pred_lesions"] - pooled["lesion_fp"], pooled["pred_lesions"], 1.0)
-    pooled["lesion_fdr"] = 1.0 - pooled["lesion_ppv"]
-    pooled["lesion_f1"] = _f1(pooled["lesion_ppv"], pooled["lesion_tpr"])
+    pooled = {k: int(sum(c[k] for c in per_case.values())) for k in POOLED_COUNTS}
+    pooled.update(pooled_rates(pooled))
     pooled["bins"] = {}
-    for lo, hi in bins:
-        name = bin_name(lo, hi)
-        b = {k: int(sum(c["bins"][name][k] for c in per_case.values()))
-             for k in ("ref_lesions", "pred_lesions", "lesion_tp", "lesion_fn", "lesion_fp")}
-        pooled["bins"][name] = _bin_rates(b)
+    for b in bins:
+        name = _bin_key(b)
+        pooled["bins"][name] = _bin_rates({k: int(sum(c["bins"][name][k] for c in per_case.values()))
+                                           for k in BIN_COUNTS})
     return {"mean": mean, "pooled": pooled, "n_cases": len(per_case)}
 
 
-__all__ = ["DEFAULT_BINS", "parse_bins", "label_components", "lesion_counts", "hd95", "case_metrics",
+__all__ = ["DEFAULT_BINS", "RULE_PRESETS", "DetectionRule", "parse_detection", "parse_bins", "label_components",
+           "lesion_counts", "lesion_rates", "remove_small_lesions", "surface_mask", "hd95", "case_metrics",
            "aggregate", "as_binary", "bin_name"]

@@ -14,55 +14,32 @@ from typing import Sequence
 
 import numpy as np
 
-from nnunet_ext.io import read_image
-from nnunet_ext.metrics.evaluate import check_same_grid, list_cases, load_mask
-from nnunet_ext.metrics.lesions import DEFAULT_BINS, _f1, bin_name, label_components, lesion_counts
+from nnunet_ext.metrics.cases import check_same_grid, list_cases, load_mask, load_probabilities, prob_files
+from nnunet_ext.metrics.lesions import DEFAULT_BINS, _bin_key, label_components, lesion_counts, lesion_rates
+
+_prob_files = prob_files  # old private name
 
 
 def default_thresholds() -> list[float]:
     return [round(t, 3) for t in np.concatenate([[0.01, 0.02, 0.05], np.arange(0.1, 0.91, 0.05), [0.95, 0.98]])]
 
 
-def load_probabilities(path: Path, class_index: int = 1) -> np.ndarray:
-    """Foreground probability map of one case, array order (z, y, x)."""
-    if path.suffix == ".npz":
-        with np.load(path) as f:
-            if "probabilities" not in f:
-                raise ValueError(f"{path}: no 'probabilities' array (expected nnU-Net --save_probabilities output)")
-            p = f["probabilities"]
-        if p.ndim != 4 or class_index >= p.shape[0]:
-            raise ValueError(f"{path}: expected (classes, z, y, x) probabilities with class {class_index}, "
-                             f"got shape {p.shape}")
-        p = p[class_index]
-    else:
-        p = read_image(path)[0]
-    if not np.isfinite(p).all() or p.min() < -1e-6 or p.max() > 1 + 1e-6:
-        raise ValueError(f"{path}: probabilities must be finite and in [0, 1]")
-    return p.astype(np.float32, copy=False)
-
-
-def _prob_files(prob_dir: Path) -> dict[str, Path]:
-    files = {p.name[:-4]: p for p in sorted(Path(prob_dir).glob("*.npz"))}
-    if not files:
-        files = list_cases(prob_dir)
-    if not files:
-        raise ValueError(f"no probability maps (*.npz or *.nii.gz) in {prob_dir}")
-    return files
-
-
 def sweep(ref_dir, prob_dir, thresholds: Sequence[float] | None = None, connectivity: int = 26,
           min_overlap: float = 0.0, bins=DEFAULT_BINS, class_index: int = 1, label: int | None = None,
-          allow_missing: bool = False, progress: bool = True) -> dict:
-    """Pooled voxel and lesion rates at each threshold (a voxel is foreground when p >= threshold)."""
+          allow_missing: bool = False, progress: bool = True, detection=None, size_unit: str = "voxels",
+          symmetric: bool = False) -> dict:
+    """Pooled voxel and lesion rates at each threshold (a voxel is foreground when p >= threshold); the lesion
+    rule (``connectivity``, ``detection`` / ``min_overlap``, ``bins``, ``size_unit``) as in
+    :func:`nnunet_ext.metrics.evaluate.evaluate_folders`."""
     thresholds = sorted(float(t) for t in (thresholds if thresholds is not None else default_thresholds()))
     if not thresholds or thresholds[0] <= 0 or thresholds[-1] > 1:
         raise ValueError("thresholds must be in (0, 1]")
-    refs, probs = list_cases(ref_dir), _prob_files(prob_dir)
+    refs, probs = list_cases(ref_dir), prob_files(prob_dir)
     missing = [c for c in refs if c not in probs]
     if missing and not allow_missing:
         raise FileNotFoundError(f"no probability map for reference case {missing[0]} in {prob_dir}")
     keys = ("voxel_tp", "voxel_fp", "voxel_fn", "ref_lesions", "pred_lesions", "lesion_tp", "lesion_fn", "lesion_fp")
-    acc = [{k: 0 for k in keys} | {"bins": {bin_name(*b): {k: 0 for k in keys[3:]} for b in bins}}
+    acc = [{k: 0 for k in keys} | {"bins": {_bin_key(b): {k: 0 for k in keys[3:]} for b in bins}}
            for _ in thresholds]
     cases = [c for c in refs if c in probs]
     for n, c in enumerate(cases, 1):
@@ -77,7 +54,8 @@ def sweep(ref_dir, prob_dir, thresholds: Sequence[float] | None = None, connecti
             a["voxel_tp"] += tp
             a["voxel_fp"] += int(np.count_nonzero(pred)) - tp
             a["voxel_fn"] += n_ref - tp
-            lc = lesion_counts(ref, pred, connectivity, min_overlap, bins, ref_labels=ref_labels)
+            lc = lesion_counts(ref, pred, connectivity, min_overlap, bins, ref_labels=ref_labels, detection=detection,
+                               size_unit=size_unit, spacing=spacing, symmetric=symmetric)
             for k in keys[3:]:
                 a[k] += lc[k]
                 for b in a["bins"]:
@@ -103,17 +81,16 @@ def sweep(ref_dir, prob_dir, thresholds: Sequence[float] | None = None, connecti
 
 
 def _rates(a: dict, voxel: bool = True) -> dict:
+    """Voxel TPR/FDR/F1 and lesion TPR/FDR/F1 of pooled counts (lesion rates: ``"bin"`` convention of
+    :func:`nnunet_ext.metrics.lesions.lesion_rates`)."""
     out = {}
     if voxel:
         tp, fp, fn = a["voxel_tp"], a["voxel_fp"], a["voxel_fn"]
         out["voxel_tpr"] = tp / (tp + fn) if tp + fn else None
         out["voxel_fdr"] = fp / (tp + fp) if tp + fp else 0.0
         out["voxel_f1"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
-    tpr = a["lesion_tp"] / a["ref_lesions"] if a["ref_lesions"] else None
-    ppv = (a["pred_lesions"] - a["lesion_fp"]) / a["pred_lesions"] if a["pred_lesions"] else None
-    out["lesion_tpr"], out["lesion_fdr"] = tpr, (None if ppv is None else 1 - ppv)
-    out["lesion_f1"] = None if tpr is None and ppv is None else _f1(1.0 if ppv is None else ppv,
-                                                                     1.0 if tpr is None else tpr)
+    r = lesion_rates(a["lesion_tp"], a["ref_lesions"], a["pred_lesions"] - a["lesion_fp"], a["pred_lesions"], "bin")
+    out["lesion_tpr"], out["lesion_fdr"], out["lesion_f1"] = r["lesion_tpr"], r["lesion_fdr"], r["lesion_f1"]
     return out
 
 

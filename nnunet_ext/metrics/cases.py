@@ -1,0 +1,82 @@
+"""Case files of an evaluation: folders matched by case name, masks, probability maps, grid checks.
+
+Shared by :mod:`nnunet_ext.metrics.evaluate`, :mod:`nnunet_ext.metrics.operating_points`,
+:mod:`nnunet_ext.metrics.validation` and :mod:`nnunet_ext.selection` (no module here imports another
+evaluation module, so there is no import cycle). Arrays are in SimpleITK order ``(z, y, x)``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_ext.io import case_name, read_image
+
+
+def list_cases(folder: str | os.PathLike, file_ending: str = ".nii.gz") -> dict[str, Path]:
+    """``{case: path}`` of the files ending in ``file_ending`` in ``folder`` (hidden files skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder not found: {folder}")
+    return {case_name(p, file_ending): p for p in sorted(folder.iterdir())
+            if p.name.endswith(file_ending) and not p.name.startswith(".")}
+
+
+def as_binary(arr: np.ndarray, what: str) -> np.ndarray:
+    """Binary view of a 0/1 mask; anything else is a ValueError naming ``what``."""
+    if arr.dtype == bool:
+        return arr
+    vals = np.unique(arr)
+    if not np.all(np.isin(vals, (0, 1))):
+        shown = ", ".join(str(v) for v in vals[:6]) + (" ..." if len(vals) > 6 else "")
+        raise ValueError(f"{what}: expected a binary mask (values 0/1), found values {shown}; "
+                         f"use --label to select one label")
+    return arr.astype(bool)
+
+
+def load_mask(path: Path, label: int | None) -> tuple[np.ndarray, tuple[float, ...]]:
+    """``(mask, spacing_zyx)``: voxels equal to ``label``, or the binary (0/1) mask when ``label`` is None."""
+    arr, spacing = read_image(path)
+    if label is not None:
+        return arr == label, spacing
+    return as_binary(arr, str(path)), spacing
+
+
+def check_same_grid(ref_path, ref_shape, ref_spacing, other_path, shape, spacing, rtol: float = 1e-3) -> None:
+    if tuple(ref_shape) != tuple(shape):
+        raise ValueError(f"shape mismatch: {other_path} has shape {tuple(shape)} but reference {ref_path} has "
+                         f"{tuple(ref_shape)} (array order z, y, x)")
+    if not np.allclose(ref_spacing, spacing, rtol=rtol):
+        raise ValueError(f"spacing mismatch: {other_path} has spacing {tuple(spacing)} but reference {ref_path} "
+                         f"has {tuple(ref_spacing)} (mm, array order z, y, x)")
+
+
+def load_probabilities(path: Path, class_index: int = 1) -> np.ndarray:
+    """Foreground probability map of one case, array order (z, y, x): nnU-Net's ``<case>.npz`` (key
+    ``probabilities``, classes first) or a NIfTI map."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            if "probabilities" not in f:
+                raise ValueError(f"{path}: no 'probabilities' array (expected nnU-Net --save_probabilities output)")
+            p = f["probabilities"]
+        if p.ndim != 4 or class_index >= p.shape[0]:
+            raise ValueError(f"{path}: expected (classes, z, y, x) probabilities with class {class_index}, "
+                             f"got shape {p.shape}")
+        p = p[class_index]
+    else:
+        p = read_image(path)[0]
+    if not np.isfinite(p).all() or p.min() < -1e-6 or p.max() > 1 + 1e-6:
+        raise ValueError(f"{path}: probabilities must be finite and in [0, 1]")
+    return p.astype(np.float32, copy=False)
+
+
+def prob_files(prob_dir) -> dict[str, Path]:
+    """``{case: path}`` of the probability maps in ``prob_dir`` (``*.npz``, else ``*.nii.gz``)."""
+    files = {p.name[:-4]: p for p in sorted(Path(prob_dir).glob("*.npz"))}
+    if not files:
+        files = list_cases(prob_dir)
+    if not files:
+        raise ValueError(f"no probability maps (*.npz or *.nii.gz) in {prob_dir}")
+    return files
