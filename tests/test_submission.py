@@ -1,50 +1,28 @@
-"""Challenge submissions: safe archive extraction, input layouts, and every challenge layout built from a
-tiny phantom model and run through `nnunet-ext submission test`."""
+"""Challenge submissions: input layouts, `submission test` probes on hand-made entrypoints (timeout, fresh
+output folder, read-only input, cleanup, clear errors), install() of a packaged model, and every challenge
+layout built from a tiny phantom model and run through `nnunet-ext submission test` (slow).
+safe_extract: tests/test_submission_archive.py; the container: tests/test_submission_docker.py."""
+import hashlib
 import json
+import os
 import shutil
 import subprocess
+import sys
+import tempfile
+import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from nnunet_ext.cli import run
+from nnunet_ext.cli import main, run
 from nnunet_ext.io import read_image, write_image
 from nnunet_ext.paths import nnunet_command, nnunet_env
 from nnunet_ext.phantom import PhantomConfig, write_phantom_dataset
-from nnunet_ext.submission import check_submission, safe_extract
+from nnunet_ext.submission import check_submission
+from nnunet_ext.submission.runner import install
 from nnunet_ext.submission.layouts import cases_for
-
-
-@pytest.mark.parametrize("member", ["../evil.txt", "/abs/evil.txt", "a/../../evil.txt"])
-def test_safe_extract_refuses_traversal(tmp_path, member):
-    z = tmp_path / "bad.zip"
-    with zipfile.ZipFile(z, "w") as f:
-        f.writestr("ok/file.txt", "fine")
-        f.writestr(member, "evil")
-    target = tmp_path / "target"
-    target.mkdir()
-    with pytest.raises(ValueError, match="refusing|outside"):
-        safe_extract(z, target)
-    assert not any(target.rglob("*")) and not (tmp_path / "evil.txt").exists()
-
-
-def test_safe_extract_refuses_symlink(tmp_path):
-    z = tmp_path / "link.zip"
-    info = zipfile.ZipInfo("model/link")
-    info.external_attr = (0o120777 << 16)
-    with zipfile.ZipFile(z, "w") as f:
-        f.writestr(info, "/etc/passwd")
-    with pytest.raises(ValueError, match="symbolic link"):
-        safe_extract(z, tmp_path / "t")
-
-
-def test_safe_extract_normal(tmp_path):
-    z = tmp_path / "ok.zip"
-    with zipfile.ZipFile(z, "w") as f:
-        f.writestr("Dataset001_X/fold_0/a.txt", "A")
-    assert safe_extract(z, tmp_path / "t") == ["Dataset001_X/fold_0/a.txt"]
-    assert (tmp_path / "t" / "Dataset001_X" / "fold_0" / "a.txt").read_text() == "A"
 
 
 def _touch(p):
@@ -73,13 +51,238 @@ def test_layouts(tmp_path):
         cases_for("generic", tmp_path / "gen", tmp_path / "out", 2)
 
 
+def _digest(root):
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def _cli(monkeypatch, capsys, *argv):
+    """(exit code, stdout, stderr) of `nnunet-ext ARGV` run in-process through main()."""
+    monkeypatch.setattr(sys, "argv", ["nnunet-ext", *map(str, argv)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+# ------------------------------------------------------------------ submission test on hand-made entrypoints
+
+WRITE_RESULT = (
+    "import sys, pathlib, SimpleITK as sitk\n"
+    "a = sys.argv; i, o = pathlib.Path(a[a.index('--input') + 1]), pathlib.Path(a[a.index('--output') + 1])\n"
+    "img = sitk.ReadImage(str(i / 'pre' / 'FLAIR.nii.gz'))\n"
+    "sitk.WriteImage(sitk.Cast(img > 1e9, sitk.sitkUInt8), str(o / 'result.nii.gz'))\n")
+
+
+def _fake_submission(dest, entrypoint: str):
+    dest.mkdir(parents=True)
+    (dest / "submission.json").write_text(json.dumps({"challenge": "wmh2017", "n_channels": 2,
+                                                       "file_ending": ".nii.gz"}))
+    (dest / "entrypoint.py").write_text(entrypoint)
+    return dest
+
+
+@pytest.fixture
+def wmh_input(tmp_path):
+    inp = tmp_path / "in"
+    img = np.zeros((8, 9, 10), np.float32)
+    img[2:4, 3:5, 4:6] = 5
+    write_image(img, (1.0, 1.0, 1.0), inp / "pre" / "FLAIR.nii.gz")
+    write_image(img * 2, (1.0, 1.0, 1.0), inp / "pre" / "T1.nii.gz")
+    return inp
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """TMPDIR of this test only, to see that `submission test` leaves no temporary folder behind."""
+    t = tmp_path / "tmpdir"
+    t.mkdir()
+    monkeypatch.setenv("TMPDIR", str(t))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    return t
+
+
+def test_fake_entrypoint_passes_and_cleans_up(tmp_path, wmh_input, private_tmp, monkeypatch, capsys):
+    sub = _fake_submission(tmp_path / "sub", WRITE_RESULT)
+    before = _digest(wmh_input)
+    code, out, err = _cli(monkeypatch, capsys, "submission", "test", sub, "--input", wmh_input)
+    assert code == 0, out + err
+    assert out.strip().splitlines()[-1] == "PASS" and "input untouched" in out
+    assert list(private_tmp.iterdir()) == []  # input copy, model install, output: all removed
+    assert _digest(wmh_input) == before
+
+
+def test_entrypoint_writing_nothing_fails_even_over_old_outputs(tmp_path, wmh_input, monkeypatch, capsys):
+    good = _fake_submission(tmp_path / "good", WRITE_RESULT)
+    work = tmp_path / "w"
+    assert _cli(monkeypatch, capsys, "submission", "test", good, "--input", wmh_input, "--work", work)[0] == 0
+    assert (work / "run_001" / "output" / "result.nii.gz").is_file()
+    (work / "output").mkdir()  # outputs an older version of the command left at the old place
+    shutil.copyfile(work / "run_001" / "output" / "result.nii.gz", work / "output" / "result.nii.gz")
+    lazy = _fake_submission(tmp_path / "lazy", "print('did nothing')\n")
+    code, out, _ = _cli(monkeypatch, capsys, "submission", "test", lazy, "--input", wmh_input, "--work", work)
+    assert code == 1 and "result.nii.gz written" in out and out.strip().splitlines()[-1] == "FAIL"
+    assert "run_002" in out and not any((work / "run_002" / "output").iterdir())
+    res = check_submission(lazy, wmh_input, work)
+    assert not res.ok and res.run_dir == work / "run_003"
+
+
+def test_timeout_kills_the_entrypoint_and_its_children(tmp_path, wmh_input, private_tmp, monkeypatch, capsys):
+    marker = tmp_path / "child_alive"
+    child = tmp_path / "child.py"
+    child.write_text(f"import time, pathlib\ntime.sleep(3)\npathlib.Path({str(marker)!r}).write_text('x')\n")
+    sub = _fake_submission(tmp_path / "sub", (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, {str(child)!r}])\n"
+        "time.sleep(60)\n"))
+    t = time.monotonic()
+    code, out, _ = _cli(monkeypatch, capsys, "submission", "test", sub, "--input", wmh_input, "--timeout", "1")
+    assert code == 1 and "timed out after 1 s (killed)" in out
+    assert time.monotonic() - t < 30
+    time.sleep(4)
+    assert not marker.exists()  # the whole process group was killed
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_entrypoint_gets_a_read_only_copy_of_the_input(tmp_path, wmh_input, private_tmp, monkeypatch, capsys):
+    sub = _fake_submission(tmp_path / "sub", WRITE_RESULT + (
+        "import os\n"
+        "f = i / 'pre' / 'FLAIR.nii.gz'\n"
+        "print('writable' if os.access(f, os.W_OK) else 'read-only', oct(f.stat().st_mode & 0o777))\n"
+        "if os.getuid() == 0:\n"
+        "    f.write_bytes(b'overwritten')  # root ignores permission bits: the check must catch it\n"
+        "else:\n"
+        "    try:\n"
+        "        f.write_bytes(b'overwritten')\n"
+        "    except PermissionError:\n"
+        "        (o / 'denied').write_text('x')\n"))
+    before = _digest(wmh_input)
+    work = tmp_path / "w"
+    code, out, _ = _cli(monkeypatch, capsys, "submission", "test", sub, "--input", wmh_input, "--work", work)
+    log = (work / "run_001" / "entrypoint.log").read_text()
+    assert "0o444" in log
+    if os.getuid() == 0:
+        assert code == 1 and "input untouched" in out and "changed its (read-only) input" in out
+    else:
+        assert code == 0 and (work / "run_001" / "output" / "denied").exists()
+    assert _digest(wmh_input) == before  # the user's input is never touched
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_failing_entrypoint_shows_its_last_lines(tmp_path, wmh_input, monkeypatch, capsys):
+    sub = _fake_submission(tmp_path / "sub", "raise SystemExit('model.zip: something is wrong')\n")
+    code, out, _ = _cli(monkeypatch, capsys, "submission", "test", sub, "--input", wmh_input)
+    assert code == 1 and "exit code 1: model.zip: something is wrong" in out
+
+
+@pytest.mark.parametrize("case", ["no_json", "bad_json", "no_folder", "missing_input_file", "input_not_dir",
+                                  "timeout_zero", "timeout_nan", "work_inside_input"])
+def test_submission_test_argument_errors(tmp_path, wmh_input, monkeypatch, capsys, case):
+    sub = _fake_submission(tmp_path / "sub", WRITE_RESULT)
+    args = ["submission", "test", sub, "--input", wmh_input]
+    expect = None
+    if case == "no_json":
+        (sub / "submission.json").unlink()
+        expect = f"{sub / 'submission.json'} not found"
+    elif case == "bad_json":
+        (sub / "submission.json").write_text("{not json")
+        expect = f"{sub / 'submission.json'}: not a valid submission.json"
+    elif case == "no_folder":
+        args[2] = tmp_path / "nope"
+        expect = f"submission folder {tmp_path / 'nope'} not found"
+    elif case == "missing_input_file":
+        (wmh_input / "pre" / "T1.nii.gz").unlink()
+        expect = f"expected input file {wmh_input / 'pre' / 'T1.nii.gz'} is missing"
+    elif case == "input_not_dir":
+        args[4] = wmh_input / "pre" / "FLAIR.nii.gz"
+        expect = "is not a folder"
+    elif case == "timeout_zero":
+        args += ["--timeout", "0"]
+        expect = "--timeout must be a finite number"
+    elif case == "timeout_nan":
+        args += ["--timeout", "nan"]
+        expect = "--timeout must be a finite number"
+    else:
+        args += ["--work", wmh_input / "w"]
+        expect = "overlaps the input"
+    before = _digest(wmh_input)
+    code, out, err = _cli(monkeypatch, capsys, *args)
+    assert code == 2 and expect in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert _digest(wmh_input) == before and not (wmh_input / "w").exists()
+
+
+# ------------------------------------------------------------------------------------- install()
+
+def _fake_package(tmp_path, extras=True):
+    """A submission folder with a model.zip (fake checkpoint) and model extras, as build writes them."""
+    sub = tmp_path / "sub"
+    (sub / "model_extras" / "fold_0").mkdir(parents=True)
+    with zipfile.ZipFile(sub / "model.zip", "w") as z:
+        z.writestr("Dataset521_X/T__P__2d/plans.json", "{}")
+        z.writestr("Dataset521_X/T__P__2d/fold_0/checkpoint_final.pth", "weights")
+    if extras:
+        (sub / "model_extras" / "nnunet_ext_model.json").write_text('{"version": 1, "condition": "cohort"}')
+        (sub / "model_extras" / "fold_0" / "nnunet_ext_threshold.json").write_text('{"tp": []}')
+    cfg = {"dataset": "Dataset521_X", "trainer": "T", "plans": "P", "configuration": "2d", "folds": [0],
+           "checkpoint": "checkpoint_final.pth"}
+    return sub, cfg
+
+
+def test_install_puts_contract_and_fold_extras_beside_the_folds(tmp_path):
+    sub, cfg = _fake_package(tmp_path)
+    results = tmp_path / "results"
+    mdir = install(sub, results, cfg)
+    assert mdir == results / "Dataset521_X" / "T__P__2d"
+    assert (mdir / "nnunet_ext_model.json").read_text() == '{"version": 1, "condition": "cohort"}'
+    assert (mdir / "fold_0" / "nnunet_ext_threshold.json").is_file()
+    assert (mdir / "fold_0" / "checkpoint_final.pth").read_text() == "weights"
+    assert sorted(p.name for p in results.iterdir()) == ["Dataset521_X"]  # no staging folder left
+    # a second call on the installed (read-only) model writes nothing
+    stamp = {p: p.stat().st_mtime_ns for p in mdir.rglob("*")}
+    for p in [results, *results.rglob("*")]:
+        os.chmod(p, 0o555 if p.is_dir() else 0o444)
+    try:
+        assert install(sub, results, cfg) == mdir
+    finally:
+        for p in [results, *results.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    assert stamp == {p: p.stat().st_mtime_ns for p in mdir.rglob("*")}
+    # a half installed model (extras missing, e.g. an interrupted older install) is replaced as a whole
+    (mdir / "nnunet_ext_model.json").unlink()
+    (mdir / "stale.txt").write_text("stale")
+    install(sub, results, cfg)
+    assert (mdir / "nnunet_ext_model.json").is_file() and not (mdir / "stale.txt").exists()
+
+
+def test_install_refuses_unsafe_or_incomplete_zip(tmp_path):
+    sub, cfg = _fake_package(tmp_path)
+    with zipfile.ZipFile(sub / "model.zip", "w") as z:
+        z.writestr("Dataset521_X/T__P__2d/fold_0/checkpoint_final.pth", "w")
+        z.writestr("../escape.txt", "evil")
+    results = tmp_path / "results"
+    with pytest.raises(ValueError, match="model.zip: refusing path with '..'"):
+        install(sub, results, cfg)
+    assert not (tmp_path / "escape.txt").exists() and list(results.iterdir()) == []
+    with zipfile.ZipFile(sub / "model.zip", "w") as z:
+        z.writestr("Dataset521_X/T__P__2d/plans.json", "{}")
+    with pytest.raises(ValueError, match="has no Dataset521_X/T__P__2d/fold_0/checkpoint_final.pth"):
+        install(sub, results, cfg)
+    assert list(results.iterdir()) == []
+
+
+# ------------------------------------------------------------------ real models (slow: nnU-Net training)
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Tiny 2-channel (two time points) and 4-channel phantom models, 1 epoch of 2 iterations each."""
+    """Tiny 2-channel (two time points, two cohorts) and 4-channel phantom models, 1 epoch of 2 iterations:
+    LSRTrainer on both, SCINTrainer on the first."""
     work = tmp_path_factory.mktemp("sub")
     env = nnunet_env(work, n_proc=2)
     env.update({"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERATIONS": "2", "NNUNET_EXT_VAL_ITERATIONS": "1"})
-    write_phantom_dataset(env["nnUNet_raw"], 521, 5, PhantomConfig(shape=(32, 32, 32), timepoints=2, seed=8),
+    write_phantom_dataset(env["nnUNet_raw"], 521, 5, PhantomConfig(shape=(32, 32, 32), timepoints=2, seed=8,
+                                                                   cohorts=("all", "no_small")),
                           n_test=1, progress=False)
     four = write_phantom_dataset(env["nnUNet_raw"], 522, 5, PhantomConfig(shape=(32, 32, 32), seed=9), n_test=1,
                                  progress=False)
@@ -91,21 +294,29 @@ def models(tmp_path_factory):
     ds = json.loads((four / "dataset.json").read_text())
     ds["channel_names"] = {"0": "FLAIR", "1": "T2", "2": "PD", "3": "MPRAGE"}
     (four / "dataset.json").write_text(json.dumps(ds))
-    for d in ("521", "522"):
+    for d, trainers in (("521", ("LSRTrainer", "SCINTrainer")), ("522", ("LSRTrainer",))):
         subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", d, "-c", "2d", "-np", "2"], env=env,
                        check=True, capture_output=True)
-        subprocess.run([nnunet_command("nnUNetv2_train"), d, "2d", "0", "-tr", "LSRTrainer", "-device", "cpu"], env=env,
-                       check=True, capture_output=True)
+        for tr in trainers:
+            subprocess.run([nnunet_command("nnUNetv2_train"), d, "2d", "0", "-tr", tr, "-device", "cpu"], env=env,
+                           check=True, capture_output=True)
     return work, env
 
 
-def _build(models, dataset, challenge, out):
+def _build(models, dataset, challenge, out, trainer="LSRTrainer", extra=(), ok=True):
     work, env = models
     r = subprocess.run([nnunet_command("nnunet-ext"), "submission", "build", "-d", dataset, "-c", "2d", "-tr",
-                        "LSRTrainer", "-f", "0", "--challenge", challenge, "-o", str(out)], env=env,
+                        trainer, "-f", "0", "--challenge", challenge, "-o", str(out), *extra], env=env,
                        capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return out
+    if ok:
+        assert r.returncode == 0, r.stdout + r.stderr
+        return out
+    return r
+
+
+def _model_dir(models, dataset, trainer="LSRTrainer"):
+    res = models[0] / "nnUNet_results"
+    return next(res.glob(f"Dataset{dataset}_*")) / f"{trainer}__nnUNetPlans__2d"
 
 
 def _challenge_input(models, challenge, dest):
@@ -127,46 +338,94 @@ def _challenge_input(models, challenge, dest):
     return dest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("challenge,dataset,output", [("generic", "521", "phantom_005.nii.gz"),
                                                       ("wmh2017", "521", "result.nii.gz"),
                                                       ("msseg2", "521", "new_lesions.nii.gz"),
                                                       ("isbi2015", "522", "test01_01_mask.nii.gz")])
 def test_challenge_layouts_build_and_pass(models, tmp_path, capsys, challenge, dataset, output):
+    mdir = _model_dir(models, dataset)
+    model_before = _digest(mdir)
     sub = _build(models, dataset, challenge, tmp_path / "sub")
-    for f in ("model.zip", "Dockerfile", "entrypoint.py", "README.md", "submission.json",
-              "vendor/nnunet_ext/trainers/ext_lsr.py", "model_extras/fold_0/nnunet_ext_settings.json"):
+    assert _digest(mdir) == model_before  # build reads the model, never writes it
+    for f in ("model.zip", "Dockerfile", ".dockerignore", "entrypoint.py", "README.md", "submission.json",
+              "requirements.txt", "vendor/nnunet_ext/trainers/ext_lsr.py", "model_extras/nnunet_ext_model.json",
+              "model_extras/fold_0/nnunet_ext_settings.json"):
         assert (sub / f).is_file(), f
+    for j in (mdir / "fold_0").glob("nnunet_ext_*.json"):  # every per-fold extra is packaged, byte for byte
+        assert (sub / "model_extras" / "fold_0" / j.name).read_bytes() == j.read_bytes()
+    if (mdir / "nnunet_ext_model.json").is_file():
+        assert (sub / "model_extras" / "nnunet_ext_model.json").read_bytes() == (mdir / "nnunet_ext_model.json").read_bytes()
     docker = (sub / "Dockerfile").read_text()
-    assert "USER submitter" in docker and "nnunetv2==" in docker and "torch==" in docker
+    assert "USER submitter" in docker and "ARG BASE_IMAGE=python:3" in docker and "FROM ${BASE_IMAGE}" in docker
+    reqs = (sub / "requirements.txt").read_text().split()
+    assert any(r.startswith("nnunetv2==") for r in reqs) and any(r.startswith("torch==") for r in reqs)
+    cfg = json.loads((sub / "submission.json").read_text())
+    assert cfg["cohort"] is None and cfg["condition"] is None
     assert "--network none" in (sub / "README.md").read_text()
     inp = _challenge_input(models, challenge, tmp_path / "in")
+    inp_before = _digest(inp)
     assert run(["submission", "test", str(sub), "--input", str(inp), "--work", str(tmp_path / "w")]) == 0
     printed = capsys.readouterr().out
-    assert "PASS" in printed.splitlines()[-1] and "FAIL" not in printed
-    out = tmp_path / "w" / "output" / output
+    assert printed.strip().splitlines()[-1] == "PASS" and "FAIL" not in printed
+    out = tmp_path / "w" / "run_001" / "output" / output
     ref = next(p for p in sorted(inp.rglob("*.nii.gz")))
     assert read_image(out)[0].shape == read_image(ref)[0].shape
+    assert _digest(inp) == inp_before
 
 
+@pytest.mark.slow
 def test_geometry_mismatch_is_caught(models, tmp_path, capsys):
     sub = _build(models, "521", "wmh2017", tmp_path / "sub")
     # an entrypoint that writes the right names but loses the origin
     (sub / "entrypoint.py").write_text(
         "import sys, SimpleITK as sitk, pathlib\n"
         "a = sys.argv; i, o = pathlib.Path(a[a.index('--input') + 1]), pathlib.Path(a[a.index('--output') + 1])\n"
-        "o.mkdir(parents=True, exist_ok=True)\n"
         "img = sitk.ReadImage(str(i / 'pre' / 'FLAIR.nii.gz'))\n"
         "out = sitk.Cast(img > 1e9, sitk.sitkUInt8); out.SetOrigin((5.0, 5.0, 5.0))\n"
         "sitk.WriteImage(out, str(o / 'result.nii.gz'))\n")
     inp = _challenge_input(models, "wmh2017", tmp_path / "in")
-    ok, rows = check_submission(sub, inp, tmp_path / "w")
-    assert not ok and [r["check"] for r in rows if not r["ok"]] == ["origin = reference"]
+    res = check_submission(sub, inp, tmp_path / "w")
+    assert not res.ok and [r["check"] for r in res.rows if not r["ok"]] == ["origin = reference"]
     assert run(["submission", "test", str(sub), "--input", str(inp), "--work", str(tmp_path / "w2")]) == 1
 
 
-def test_build_refuses_channel_mismatch(models, tmp_path):
-    work, env = models
-    r = subprocess.run([nnunet_command("nnunet-ext"), "submission", "build", "-d", "522", "-c", "2d", "-tr", "LSRTrainer",
-                        "-f", "0", "--challenge", "wmh2017", "-o", str(tmp_path / "s")], env=env, capture_output=True,
-                       text=True)
+@pytest.mark.slow
+def test_build_refusals(models, tmp_path):
+    mdir = _model_dir(models, "522")
+    before = _digest(mdir)
+    r = _build(models, "522", "wmh2017", tmp_path / "s", ok=False)
     assert r.returncode == 2 and "wmh2017 provides 2 input images per case" in r.stderr
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("keep")
+    r = _build(models, "522", "isbi2015", tmp_path / "full", ok=False)
+    assert r.returncode == 2 and f"-o {tmp_path / 'full'} exists and is not empty" in r.stderr
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+    r = _build(models, "522", "isbi2015", mdir / "sub", ok=False)
+    assert r.returncode == 2 and "overlaps the model folder" in r.stderr
+    r = _build(models, "522", "isbi2015", tmp_path / "s", extra=("-chk", "../x.pth"), ok=False)
+    assert r.returncode == 2 and "-chk" in r.stderr
+    r = _build(models, "522", "isbi2015", tmp_path / "s", extra=("--cohort", "cohort0_all"), ok=False)
+    assert r.returncode == 2 and "--cohort cohort0_all with LSRTrainer" in r.stderr and "SCIN" in r.stderr
+    for r in [r]:
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "s").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".s.")]
+    assert _digest(mdir) == before
+
+
+@pytest.mark.slow
+def test_scin_model_is_packaged_with_its_cohort(models, tmp_path):
+    mdir = _model_dir(models, "521", "SCINTrainer")
+    r = _build(models, "521", "wmh2017", tmp_path / "s", trainer="SCINTrainer", ok=False)
+    assert r.returncode == 2 and "pass --cohort NAME" in r.stderr and "cohort1_no_small" in r.stderr
+    r = _build(models, "521", "wmh2017", tmp_path / "s", trainer="SCINTrainer", extra=("--cohort", "siteZ"), ok=False)
+    assert r.returncode == 2 and "--cohort 'siteZ': unknown cohort" in r.stderr
+    sub = _build(models, "521", "wmh2017", tmp_path / "sub", trainer="SCINTrainer", extra=("--cohort", "cohort1_no_small"))
+    cfg = json.loads((sub / "submission.json").read_text())
+    assert cfg["cohort"] == "cohort1_no_small" and cfg["condition"] == "cohort"
+    contract = json.loads((sub / "model_extras" / "nnunet_ext_model.json").read_text())
+    assert contract["condition"] == "cohort" and "cohort1_no_small" in contract["cohorts"]
+    installed = install(sub, tmp_path / "results", cfg)
+    assert json.loads((installed / "nnunet_ext_model.json").read_text()) == contract
+    for j in (mdir / "fold_0").glob("nnunet_ext_*.json"):
+        assert (installed / "fold_0" / j.name).read_bytes() == j.read_bytes()

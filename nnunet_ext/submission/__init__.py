@@ -1,59 +1,55 @@
 """Challenge submission packaging: a trained model into a folder that builds a runnable, offline container.
 
-``build`` writes ``OUT/``:
+``build`` writes ``OUT/`` (through a hidden staging folder beside it, renamed into place at the end):
 
 * ``model.zip`` -- nnU-Net's own export (``nnUNetv2_export_model_to_zip``) of the selected folds,
-* ``model_extras/fold_<k>/`` -- what our trainers store beside the weights (thresholds, settings),
+* ``model_extras/`` -- what prediction needs beyond the weights: the model contract
+  (``nnunet_ext_model.json``, :mod:`nnunet_ext.contract`) and every ``fold_<k>/nnunet_ext_*.json``
+  (thresholds, settings) our trainers store beside the checkpoints,
 * ``vendor/nnunet_ext/`` -- this package's code (the trainer classes must be importable to load the model),
-* ``submission.json`` -- challenge, model selection, versions,
-* ``entrypoint.py``, ``Dockerfile``, ``README.md``.
+* ``submission.json`` -- challenge, model selection, condition and cohort, versions,
+* ``requirements.txt`` -- every Python package prediction imports, pinned to the versions in use here,
+* ``entrypoint.py``, ``Dockerfile`` (base image and pip options as build arguments), ``README.md``.
+
+``check_submission`` (``nnunet-ext submission test``) runs the entrypoint on a read-only copy of a sample
+input, with a timeout, in a fresh folder per run, and checks every expected output.
 
 Trust model: a PyTorch checkpoint can run code when loaded; only package and load models you trust.
-Model archives are extracted only inside their target folder (absolute paths, ``..`` and links refused).
+Archives are extracted by :func:`safe_extract` (:mod:`nnunet_ext.submission.archive`).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
-import stat
+import signal
 import subprocess
 import sys
-import zipfile
+import tempfile
+import time
+import uuid
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
+from nnunet_ext.submission.archive import safe_extract  # noqa: F401 - re-exported
 from nnunet_ext.submission.layouts import CHALLENGES
 
 CHANNELS_NEEDED = {"wmh2017": 2, "msseg2": 2, "isbi2015": 4}
-
-
-def safe_extract(zip_path, target) -> list[str]:
-    """Extract ``zip_path`` into ``target``; refuse members with absolute paths, ``..`` components, or that
-    are symbolic links, before writing anything."""
-    target = Path(target).resolve()
-    with zipfile.ZipFile(zip_path) as z:
-        members = z.infolist()
-        for m in members:
-            name = m.filename
-            mode = m.external_attr >> 16
-            if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-                raise ValueError(f"{zip_path}: refusing absolute path {name!r}")
-            if ".." in Path(name.replace("\\", "/")).parts:
-                raise ValueError(f"{zip_path}: refusing path with '..': {name!r}")
-            if stat.S_ISLNK(mode):
-                raise ValueError(f"{zip_path}: refusing symbolic link {name!r}")
-            dest = (target / name).resolve()
-            if dest != target and target not in dest.parents:
-                raise ValueError(f"{zip_path}: member {name!r} would land outside {target}")
-        z.extractall(target, members)
-    return [m.filename for m in members]
+CONTRACT_FILE = "nnunet_ext_model.json"  # = nnunet_ext.contract.CONTRACT_FILE (kept import-free for the runner)
+# what the packaged code imports at prediction time; requirements.txt pins these and everything they need
+RUNTIME_PACKAGES = ("nnunetv2", "torch", "SimpleITK", "numpy", "scipy", "connected-components-3d", "acvl-utils",
+                    "matplotlib")
+DEFAULT_TIMEOUT_S = 3600.0
 
 
 def _versions() -> dict:
     out = {"python": f"{sys.version_info.major}.{sys.version_info.minor}"}
-    for pkg in ("nnunetv2", "torch", "SimpleITK", "numpy", "scipy", "connected-components-3d", "acvl-utils",
-                "matplotlib", "nnunet-ext"):
+    for pkg in RUNTIME_PACKAGES + ("nnunet-ext",):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -61,19 +57,77 @@ def _versions() -> dict:
     return out
 
 
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirements(roots=RUNTIME_PACKAGES) -> list[str]:
+    """``name==version`` of ``roots`` and of everything they require in this environment (environment
+    markers and extras evaluated here), sorted: the complete set pip installs in the image with
+    ``--no-deps``, so the container runs exactly the versions ``submission test`` runs."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    env = default_environment()
+    found: dict[str, str] = {}
+    done: set[tuple[str, str]] = set()
+    todo = [(r, "") for r in roots]
+    while todo:
+        name, extra = todo.pop()
+        if (_canonical(name), extra) in done:
+            continue
+        done.add((_canonical(name), extra))
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            if not extra and name in roots:
+                raise RuntimeError(f"{name} is not installed in this environment ({sys.executable})") from None
+            continue
+        found[_canonical(name)] = f"{dist.metadata['Name']}=={dist.version}"
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None and extra:
+                continue  # already taken with the base package
+            if req.marker is not None and not req.marker.evaluate({**env, "extra": extra}):
+                continue
+            todo.append((req.name, ""))
+            todo.extend((req.name, e) for e in req.extras)
+    return sorted(found.values(), key=str.lower)
+
+
 DOCKERFILE = """# Built by nnunet-ext submission build. Offline at run time: everything is installed while building.
-FROM python:{python}-slim
-RUN pip install --no-cache-dir {pins}
+#
+# Build arguments:
+#   BASE_IMAGE  an image with Python {python} and its venv module. Default: python:{python}-slim (Docker Hub).
+#               Without registry access use a local one, e.g. Debian bookworm (Python 3.11) made with
+#               debootstrap --variant=minbase --include=python3,python3-venv,python3-pip bookworm DIR
+#               tar -C DIR -c . | docker import - nnunet-ext-base:bookworm
+#   PIP_ARGS    extra pip options, e.g. a local wheelhouse (pip wheel --no-deps -r requirements.txt -w WH)
+#               served with python3 -m http.server -d WH 8765 and built with --network host:
+#               --build-arg PIP_ARGS="--no-index --find-links http://127.0.0.1:8765/"
+ARG BASE_IMAGE=python:{python}-slim
+FROM ${{BASE_IMAGE}}
+ARG PIP_ARGS=
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+COPY requirements.txt /opt/submission/requirements.txt
+RUN python3 -m venv /opt/venv \\
+ && /opt/venv/bin/pip install --no-deps $PIP_ARGS -r /opt/submission/requirements.txt \\
+ && /opt/venv/bin/python -c "import torch, nnunetv2, SimpleITK, cc3d, scipy"
 RUN useradd --create-home --uid 1000 submitter
-COPY --chown=submitter:submitter . /opt/submission
-ENV PYTHONPATH=/opt/submission/vendor \\
+COPY . /opt/submission
+ENV PATH=/opt/venv/bin:$PATH \\
+    PYTHONPATH=/opt/submission/vendor \\
     nnUNet_results=/opt/submission/results \\
     nnUNet_raw=/tmp/nnunet_raw nnUNet_preprocessed=/tmp/nnunet_preprocessed \\
-    nnUNet_extTrainer=/opt/submission/vendor/nnunet_ext/trainers
-RUN python /opt/submission/entrypoint.py --install-only && chown -R submitter:submitter /opt/submission
+    nnUNet_extTrainer=/opt/submission/vendor/nnunet_ext/trainers \\
+    MPLCONFIGDIR=/tmp/matplotlib
+# the model is installed as root and stays read-only for the user the container runs as
+RUN /opt/venv/bin/python /opt/submission/entrypoint.py --install-only && chmod -R a+rX,go-w /opt/submission
 USER submitter
-ENTRYPOINT ["python", "/opt/submission/entrypoint.py", "--input", "/input", "--output", "/output"]
+ENTRYPOINT ["/opt/venv/bin/python", "/opt/submission/entrypoint.py", "--input", "/input", "--output", "/output"]
 """
+
+DOCKERIGNORE = "results/\n**/__pycache__\n**/*.pyc\n"
 
 ENTRYPOINT = '''#!/usr/bin/env python3
 """Submission entrypoint (written by nnunet-ext submission build): reads the challenge's input layout,
@@ -94,10 +148,10 @@ if __name__ == "__main__":
 
 README = """# Submission: {challenge}
 
-Model: `{trainer}__{plans}__{configuration}` of `{dataset}`, folds {folds}, checkpoint `{checkpoint}`
+Model: `{trainer}__{plans}__{configuration}` of `{dataset}`, folds {folds}, checkpoint `{checkpoint}`{cohort_line}
 (nnunet-ext {ext_version}, nnU-Net {nnunet_version}, PyTorch {torch_version}).
 
-Test locally without Docker (same entrypoint):
+Test locally without Docker (same entrypoint; read-only copy of the input, fresh output folder, timeout):
 
     nnunet-ext submission test {out} --input SAMPLE_INPUT_DIR
 
@@ -106,27 +160,79 @@ Build and run the container (no network at run time, runs as the non-root user `
     docker build -t {tag} {out}
     docker run --rm --network none -v "$PWD/input":/input:ro -v "$PWD/output":/output {tag}
 
+The output folder must be writable by the container's user (uid 1000). Without access to Docker Hub,
+build on a local base image and a local wheelhouse (see the comments at the top of the Dockerfile):
+
+    docker build --network host --build-arg BASE_IMAGE=nnunet-ext-base:bookworm \\
+        --build-arg PIP_ARGS="--no-index --find-links http://127.0.0.1:8765/" -t {tag} {out}
+
 Input/output layout ({challenge}): see `vendor/nnunet_ext/submission/layouts.py`.
 
 Trust model: a PyTorch checkpoint can execute code when it is loaded. Only build submissions from models
-you trained or trust. `model.zip` is extracted only inside the results folder (absolute paths, `..` and
-links are refused).
+you trained or trust. `model.zip` is extracted only inside the results folder (absolute paths, `..`,
+links, duplicates and oversized archives are refused before anything is written).
 """
 
 
+def _check_build_args(folds, challenge: str, checkpoint: str, tag: str) -> list[int]:
+    if challenge not in CHALLENGES:
+        raise ValueError(f"unknown challenge {challenge!r}; known: {', '.join(CHALLENGES)}")
+    folds = list(folds)
+    if not folds:
+        raise ValueError("-f: give at least one fold")
+    for f in folds:
+        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+            raise ValueError(f"-f: folds are non-negative integers, got {f!r}")
+    if len(set(folds)) != len(folds):
+        raise ValueError(f"-f: fold listed twice in {folds}")
+    if not checkpoint or "/" in checkpoint or "\\" in checkpoint or checkpoint in (".", ".."):
+        raise ValueError(f"-chk: a checkpoint file name inside fold_<k>/ (e.g. checkpoint_final.pth), got {checkpoint!r}")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._/:-]*", tag or ""):
+        raise ValueError(f"--tag {tag!r}: a docker image tag is lower-case letters, digits and . _ / : -")
+    return folds
+
+
+def _model_condition(mdir: Path, folds, checkpoint: str, cohort, trainer: str):
+    """(contract as JSON, condition, cohort): the model's contract (file, or derived from the checkpoint for
+    models trained before contracts existed) and the cohort checked against it."""
+    from nnunet_ext.contract import load_contract
+
+    c = load_contract(mdir, folds, checkpoint)
+    if cohort is not None and c.condition != "cohort":
+        raise NotImplementedError(f"--cohort {cohort} with {trainer} (condition: {c.condition}): only "
+                                  f"cohort-conditioned (SCIN) models take a cohort")
+    if c.condition == "cohort":
+        if cohort is None:
+            raise ValueError(f"{trainer} is cohort-conditioned: pass --cohort NAME (the labelling style the "
+                             f"submission predicts in), one of {c.cohorts}")
+        if cohort not in c.cohorts:
+            raise ValueError(f"--cohort {cohort!r}: unknown cohort; this model knows {c.cohorts}")
+    return c.to_json(), c.condition, cohort
+
+
+def _resolved(p) -> Path:
+    return Path(os.path.realpath(os.path.abspath(os.fspath(p))))
+
+
 def build(out_dir, dataset, configuration: str, trainer: str, plans: str = "nnUNetPlans", folds=(0,),
-          challenge: str = "generic", checkpoint: str = "checkpoint_final.pth", tag: str = "nnunet-ext-submission") -> Path:
+          challenge: str = "generic", checkpoint: str = "checkpoint_final.pth", tag: str = "nnunet-ext-submission",
+          cohort: str | None = None) -> Path:
+    """Write the submission folder ``out_dir`` (refused when it exists and is not empty, or overlaps the
+    model folder); see the module docstring for its content."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     import nnunet_ext
     from nnunet_ext.paths import nnunet_command, nnunet_env, trainers_path
     from nnunet_ext.predict import model_folder
 
-    if challenge not in CHALLENGES:
-        raise ValueError(f"unknown challenge {challenge!r}; known: {', '.join(CHALLENGES)}")
+    folds = _check_build_args(folds, challenge, checkpoint, tag)
     mdir = model_folder(dataset, configuration, trainer, plans)
-    ds = json.loads((mdir / "dataset.json").read_text())
-    n_ch = len(ds["channel_names"])
+    ds_file = mdir / "dataset.json"
+    try:
+        ds = json.loads(ds_file.read_text())
+        n_ch, file_ending = len(ds["channel_names"]), ds["file_ending"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{ds_file}: not a readable nnU-Net dataset.json ({type(e).__name__}: {e})") from None
     if challenge in CHANNELS_NEEDED and n_ch != CHANNELS_NEEDED[challenge]:
         raise ValueError(f"{challenge} provides {CHANNELS_NEEDED[challenge]} input images per case, the model "
                          f"{mdir.name} expects {n_ch} channels ({ds['channel_names']})")
@@ -134,74 +240,237 @@ def build(out_dir, dataset, configuration: str, trainer: str, plans: str = "nnUN
         if not (mdir / f"fold_{f}" / checkpoint).is_file():
             raise FileNotFoundError(f"{mdir / f'fold_{f}' / checkpoint} not found")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([nnunet_command("nnUNetv2_export_model_to_zip"), "-d", str(dataset), "-o", str(out / "model.zip"),
-                    "-c", configuration, "-tr", trainer, "-p", plans, "-f", *map(str, folds), "-chk", checkpoint],
-                   env=nnunet_env(None), check=True, capture_output=True)
-    for f in folds:
-        for j in (mdir / f"fold_{f}").glob("nnunet_ext_*.json"):
-            (out / "model_extras" / f"fold_{f}").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(j, out / "model_extras" / f"fold_{f}" / j.name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    vendor = out / "vendor" / "nnunet_ext"
-    shutil.copytree(Path(nnunet_ext.__file__).parent, vendor, ignore=ignore, dirs_exist_ok=True)
-    shutil.copytree(trainers_path(), vendor / "trainers", ignore=ignore, dirs_exist_ok=True)
-    from nnunet_ext import dataset_conversion
+    ro, rm = _resolved(out), _resolved(mdir)
+    if ro == rm or rm in ro.parents or ro in rm.parents:
+        raise ValueError(f"-o {out} overlaps the model folder {mdir}; choose an output outside it")
+    if os.path.lexists(out) and not out.is_dir():
+        raise ValueError(f"-o {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"-o {out} exists and is not empty; choose a new folder")
+    contract, condition, cohort = _model_condition(mdir, folds, checkpoint, cohort, trainer)
 
-    shutil.copytree(Path(dataset_conversion.__file__).parent, vendor / "dataset_conversion", ignore=ignore,
-                    dirs_exist_ok=True)
-    versions = _versions()
-    cfg = {"challenge": challenge, "dataset": maybe_convert_to_dataset_name(dataset), "configuration": configuration,
-           "trainer": trainer, "plans": plans, "folds": list(folds), "checkpoint": checkpoint,
-           "file_ending": ds["file_ending"], "n_channels": n_ch, "versions": versions}
-    (out / "submission.json").write_text(json.dumps(cfg, indent=1))
-    (out / "entrypoint.py").write_text(ENTRYPOINT)
-    pins = " ".join(f"{k}=={v}" for k, v in versions.items() if k not in ("python", "nnunet-ext"))
-    (out / "Dockerfile").write_text(DOCKERFILE.format(python=versions["python"], pins=pins))
-    (out / "README.md").write_text(README.format(
-        challenge=challenge, trainer=trainer, plans=plans, configuration=configuration, dataset=cfg["dataset"],
-        folds=list(folds), checkpoint=checkpoint, ext_version=nnunet_ext.__version__,
-        nnunet_version=versions.get("nnunetv2"), torch_version=versions.get("torch"), out=out, tag=tag))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        r = subprocess.run([nnunet_command("nnUNetv2_export_model_to_zip"), "-d", str(dataset), "-o",
+                            str(stage / "model.zip"), "-c", configuration, "-tr", trainer, "-p", plans,
+                            "-f", *map(str, folds), "-chk", checkpoint],
+                           env=nnunet_env(None), capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"nnUNetv2_export_model_to_zip failed for {mdir}: {tail[0]}")
+        extras = stage / "model_extras"
+        extras.mkdir()
+        (extras / CONTRACT_FILE).write_text(json.dumps(contract, indent=1))
+        for f in folds:
+            (extras / f"fold_{f}").mkdir()
+            for j in sorted((mdir / f"fold_{f}").glob("nnunet_ext_*.json")):
+                shutil.copyfile(j, extras / f"fold_{f}" / j.name)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        vendor = stage / "vendor" / "nnunet_ext"
+        shutil.copytree(Path(nnunet_ext.__file__).parent, vendor, ignore=ignore, dirs_exist_ok=True)
+        shutil.copytree(trainers_path(), vendor / "trainers", ignore=ignore, dirs_exist_ok=True)
+        from nnunet_ext import dataset_conversion
+
+        shutil.copytree(Path(dataset_conversion.__file__).parent, vendor / "dataset_conversion", ignore=ignore,
+                        dirs_exist_ok=True)
+        versions = _versions()
+        cfg = {"challenge": challenge, "dataset": maybe_convert_to_dataset_name(dataset),
+               "configuration": configuration, "trainer": trainer, "plans": plans, "folds": folds,
+               "checkpoint": checkpoint, "file_ending": file_ending, "n_channels": n_ch,
+               "condition": condition, "cohort": cohort, "versions": versions}
+        (stage / "submission.json").write_text(json.dumps(cfg, indent=1))
+        (stage / "requirements.txt").write_text("\n".join(requirements()) + "\n")
+        (stage / "entrypoint.py").write_text(ENTRYPOINT)
+        (stage / "Dockerfile").write_text(DOCKERFILE.format(python=versions["python"]))
+        (stage / ".dockerignore").write_text(DOCKERIGNORE)
+        (stage / "README.md").write_text(README.format(
+            challenge=challenge, trainer=trainer, plans=plans, configuration=configuration, dataset=cfg["dataset"],
+            folds=folds, checkpoint=checkpoint, ext_version=nnunet_ext.__version__,
+            cohort_line=f", cohort `{cohort}`" if cohort else "",
+            nnunet_version=versions.get("nnunetv2"), torch_version=versions.get("torch"), out=out, tag=tag))
+        if out.is_dir():
+            out.rmdir()  # empty (checked above); fails if something appeared meanwhile
+        os.rename(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
     return out
 
 
-def check_submission(sub_dir, input_dir, work_dir=None, device: str = "cpu") -> tuple[bool, list[dict]]:
-    """Run the entrypoint locally (no Docker) on ``input_dir`` and check every expected output: present,
-    same size/spacing/origin/direction as its reference input image, binary values."""
-    import tempfile
+# ------------------------------------------------------------------------------------------ submission test
 
+
+class SubmissionCheck(NamedTuple):
+    ok: bool
+    rows: list
+    run_dir: Path | None  # kept with --work (output/, entrypoint.log); None when everything was temporary
+    log_tail: str
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            out[rel] = "link:" + os.readlink(p)
+        elif p.is_dir():
+            out[rel] = "dir"
+        else:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            out[rel] = h.hexdigest()
+    return out
+
+
+def _set_tree_writable(root: Path, writable: bool) -> None:
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            os.chmod(p, 0o755 if writable else 0o555)
+        else:
+            os.chmod(p, 0o644 if writable else 0o444)
+
+
+def _new_run_dir(work: Path) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 100_000):
+        d = work / f"run_{k:03d}"
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"--work {work}: no free run_<n> folder name")
+
+
+def _read_submission(sub: Path) -> dict:
+    f = sub / "submission.json"
+    if not sub.is_dir():
+        raise FileNotFoundError(f"submission folder {sub} not found")
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found: is {sub} a folder written by `nnunet-ext submission build`?")
+    try:
+        cfg = json.loads(f.read_text())
+        for k in ("challenge", "n_channels", "file_ending"):
+            cfg[k]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{f}: not a valid submission.json ({type(e).__name__}: {e})") from None
+    if not (sub / "entrypoint.py").is_file():
+        raise FileNotFoundError(f"{sub / 'entrypoint.py'} not found")
+    return cfg
+
+
+def check_submission(sub_dir, input_dir, work_dir=None, device: str = "cpu",
+                     timeout: float = DEFAULT_TIMEOUT_S) -> SubmissionCheck:
+    """Run the entrypoint locally (no Docker) on a read-only copy of ``input_dir`` and check every expected
+    output: present, same size/spacing/origin/direction as its reference input image, binary values; and
+    that the entrypoint neither changed its input nor ran past ``timeout`` seconds.
+
+    Each run has a fresh folder: ``work_dir/run_<n>/`` (kept: ``output/``, ``entrypoint.log``) or, without
+    ``work_dir``, a temporary one removed afterwards. The input copy and the installed model are always
+    removed at the end."""
     import numpy as np
     import SimpleITK as sitk
 
     from nnunet_ext.submission.layouts import cases_for
 
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"--timeout must be a finite number of seconds > 0, got {timeout!r}")
+    if device not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"-device must be cpu, cuda or mps, got {device!r}")
     sub = Path(sub_dir)
-    cfg = json.loads((sub / "submission.json").read_text())
-    work = Path(work_dir or tempfile.mkdtemp(prefix="nnunet_ext_subtest_"))
-    out = work / "output"
-    env = dict(os.environ, PYTHONPATH=str(sub / "vendor"), nnUNet_results=str(work / "results"),
-               nnUNet_extTrainer=str(sub / "vendor" / "nnunet_ext" / "trainers"))
-    r = subprocess.run([sys.executable, str(sub / "entrypoint.py"), "--input", str(input_dir), "--output", str(out),
-                        "--device", device], env=env, capture_output=True, text=True)
-    rows = []
-    if r.returncode != 0:
-        return False, [{"case": "-", "check": "entrypoint ran", "ok": False, "detail": r.stderr[-2000:]}]
-    for c in cases_for(cfg["challenge"], input_dir, out, cfg["n_channels"], cfg["file_ending"]):
-        exists = c.output.is_file()
-        rows.append({"case": c.case_id, "check": f"{c.output.name} written", "ok": exists, "detail": ""})
-        if not exists:
-            continue
-        o, ref = sitk.ReadImage(str(c.output)), sitk.ReadImage(str(c.reference))
-        for what, a, b in (("size", o.GetSize(), ref.GetSize()), ("spacing", o.GetSpacing(), ref.GetSpacing()),
-                           ("origin", o.GetOrigin(), ref.GetOrigin()), ("direction", o.GetDirection(), ref.GetDirection())):
-            ok = len(a) == len(b) and bool(np.allclose(a, b, atol=1e-4))
-            rows.append({"case": c.case_id, "check": f"{what} = reference", "ok": ok, "detail": "" if ok else f"{a} vs {b}"})
-        vals = np.unique(sitk.GetArrayViewFromImage(o))
-        ok = bool(np.isin(vals, (0, 1)).all())
-        rows.append({"case": c.case_id, "check": "binary values", "ok": ok, "detail": "" if ok else str(vals[:8])})
-    return all(r["ok"] for r in rows) and bool(rows), rows
+    cfg = _read_submission(sub)
+    inp = Path(input_dir)
+    if not inp.is_dir():
+        raise FileNotFoundError(f"--input {inp} is not a folder")
+    rs, ri = _resolved(sub), _resolved(inp)
+    if work_dir is not None:
+        rw = _resolved(work_dir)
+        for name, other in (("the submission folder", rs), ("the input", ri)):
+            if rw == other or other in rw.parents or rw in other.parents:
+                raise ValueError(f"--work {work_dir} overlaps {name} ({other}); choose a folder outside both")
+    # the layout is checked before anything runs: a wrong sample input is one clear error
+    cases_for(cfg["challenge"], inp, Path("/nonexistent-output"), cfg["n_channels"], cfg["file_ending"])
+    before = _tree_digest(inp)
+
+    run_dir = _new_run_dir(Path(work_dir)) if work_dir is not None else Path(tempfile.mkdtemp(prefix="nnunet_ext_subtest_"))
+    scratch = Path(tempfile.mkdtemp(prefix="scratch_", dir=run_dir))
+    rows: list[dict] = []
+    log_tail = ""
+    try:
+        ro_input = scratch / "input"
+        shutil.copytree(inp, ro_input, symlinks=False)
+        copied = _tree_digest(ro_input)
+        _set_tree_writable(ro_input, False)
+        out = run_dir / "output"
+        out.mkdir()
+        env = dict(os.environ, PYTHONPATH=str(sub.resolve() / "vendor"), nnUNet_results=str(scratch / "results"),
+                   nnUNet_raw=str(scratch / "nnunet_raw"), nnUNet_preprocessed=str(scratch / "nnunet_preprocessed"),
+                   nnUNet_extTrainer=str(sub.resolve() / "vendor" / "nnunet_ext" / "trainers"),
+                   MPLCONFIGDIR=str(scratch / "matplotlib"), TMPDIR=str(scratch))
+        log = run_dir / "entrypoint.log"
+        cmd = [sys.executable, str(sub / "entrypoint.py"), "--input", str(ro_input), "--output", str(out),
+               "--device", device]
+        t0 = time.monotonic()
+        with open(log, "w") as lf:
+            proc = subprocess.Popen(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = None
+            finally:  # also on Ctrl-C: the entrypoint and any workers it left behind end with the test
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        seconds = time.monotonic() - t0
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        log_tail = "\n".join(lines[-30:])
+        if rc is None:
+            rows.append({"case": "-", "check": "entrypoint ran", "ok": False,
+                         "detail": f"timed out after {timeout:g} s (killed)"})
+        else:
+            rows.append({"case": "-", "check": "entrypoint ran", "ok": rc == 0,
+                         "detail": f"{seconds:.0f} s" if rc == 0 else
+                         f"exit code {rc}: {lines[-1] if lines else 'no output'}"})
+        changed = _tree_digest(ro_input) != copied
+        rows.append({"case": "-", "check": "input untouched", "ok": not changed,
+                     "detail": "the entrypoint changed its (read-only) input" if changed else ""})
+        if rc == 0:
+            for c in cases_for(cfg["challenge"], ro_input, out, cfg["n_channels"], cfg["file_ending"]):
+                exists = c.output.is_file()
+                rows.append({"case": c.case_id, "check": f"{c.output.name} written", "ok": exists, "detail": ""})
+                if not exists:
+                    continue
+                try:
+                    o, ref = sitk.ReadImage(str(c.output)), sitk.ReadImage(str(c.reference))
+                except RuntimeError as e:
+                    rows.append({"case": c.case_id, "check": f"{c.output.name} readable", "ok": False,
+                                 "detail": str(e).strip().splitlines()[-1][:200]})
+                    continue
+                for what, a, b in (("size", o.GetSize(), ref.GetSize()), ("spacing", o.GetSpacing(), ref.GetSpacing()),
+                                   ("origin", o.GetOrigin(), ref.GetOrigin()),
+                                   ("direction", o.GetDirection(), ref.GetDirection())):
+                    ok = len(a) == len(b) and bool(np.allclose(a, b, atol=1e-4))
+                    rows.append({"case": c.case_id, "check": f"{what} = reference", "ok": ok,
+                                 "detail": "" if ok else f"{a} vs {b}"})
+                vals = np.unique(sitk.GetArrayViewFromImage(o))
+                ok = bool(np.isin(vals, (0, 1)).all())
+                rows.append({"case": c.case_id, "check": "binary values", "ok": ok, "detail": "" if ok else str(vals[:8])})
+    finally:
+        if (scratch / "input").exists():
+            _set_tree_writable(scratch / "input", True)
+        shutil.rmtree(scratch, ignore_errors=True)
+        if work_dir is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    if _tree_digest(inp) != before:  # only another process could do this: the entrypoint never saw inp
+        rows.append({"case": "-", "check": "original input untouched", "ok": False, "detail": str(inp)})
+    ok = all(r["ok"] for r in rows) and any(r["check"].endswith(" written") for r in rows)
+    return SubmissionCheck(ok, rows, run_dir if work_dir is not None else None, log_tail)
 
 
 def format_rows(rows: list[dict]) -> str:

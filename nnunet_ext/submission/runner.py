@@ -10,19 +10,56 @@ import tempfile
 from pathlib import Path
 
 
-def install(sub: Path, results: Path, cfg: dict) -> Path:
-    """Safely extract model.zip into ``results`` (if not done) and put the model extras beside the folds."""
-    from nnunet_ext.submission import safe_extract
-
-    mdir = results / cfg["dataset"] / f"{cfg['trainer']}__{cfg['plans']}__{cfg['configuration']}"
-    if not all((mdir / f"fold_{f}" / cfg["checkpoint"]).is_file() for f in cfg["folds"]):
-        results.mkdir(parents=True, exist_ok=True)
-        safe_extract(sub / "model.zip", results)
+def _extras(sub: Path, cfg: dict) -> list[tuple[Path, str]]:
+    """(packaged file, its place relative to the model folder): the model contract and every fold's
+    ``nnunet_ext_*.json`` that ``submission build`` put in ``model_extras/``."""
+    extras = sub / "model_extras"
+    out = [(p, p.name) for p in sorted(extras.glob("*.json"))] if extras.is_dir() else []
     for f in cfg["folds"]:
-        extras = sub / "model_extras" / f"fold_{f}"
-        if extras.is_dir():
-            for j in extras.glob("*.json"):
-                shutil.copyfile(j, mdir / f"fold_{f}" / j.name)
+        d = extras / f"fold_{f}"
+        if d.is_dir():
+            out += [(p, f"fold_{f}/{p.name}") for p in sorted(d.glob("*.json"))]
+    return out
+
+
+def _installed(mdir: Path, cfg: dict, extras) -> bool:
+    if not all((mdir / f"fold_{f}" / cfg["checkpoint"]).is_file() for f in cfg["folds"]):
+        return False
+    return all((mdir / rel).is_file() and (mdir / rel).read_bytes() == src.read_bytes() for src, rel in extras)
+
+
+def install(sub: Path, results: Path, cfg: dict) -> Path:
+    """Install the packaged model into ``results`` unless it is there already (checkpoints of every fold and
+    every model extra, byte for byte): ``model.zip`` is extracted by ``safe_extract`` into a temporary folder
+    inside ``results``, the extras (model contract ``nnunet_ext_model.json`` and ``fold_<k>/nnunet_ext_*.json``)
+    are put beside the folds, and the complete model folder is renamed into place (an interrupted install
+    leaves no half model behind). Returns the model folder."""
+    from nnunet_ext.submission.archive import safe_extract
+
+    sub, results = Path(sub), Path(results)
+    name = f"{cfg['trainer']}__{cfg['plans']}__{cfg['configuration']}"
+    mdir = results / cfg["dataset"] / name
+    extras = _extras(sub, cfg)
+    if _installed(mdir, cfg, extras):
+        return mdir
+    results.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=results))
+    try:
+        safe_extract(sub / "model.zip", tmp / "x")
+        new = tmp / "x" / cfg["dataset"] / name
+        for f in cfg["folds"]:
+            if not (new / f"fold_{f}" / cfg["checkpoint"]).is_file():
+                raise ValueError(f"{sub / 'model.zip'} has no {cfg['dataset']}/{name}/fold_{f}/{cfg['checkpoint']}; "
+                                 f"rebuild the submission")
+        for src, rel in extras:
+            (new / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, new / rel)
+        mdir.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(mdir):
+            os.rename(mdir, tmp / "old")
+        os.rename(new, mdir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return mdir
 
 
