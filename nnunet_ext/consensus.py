@@ -102,22 +102,40 @@ def write_splits(dataset_name: str, splits: list[dict]) -> Path:
 
 
 def _link(src: Path, dst: Path, copy: bool) -> None:
+    """Symlink (or copy) ``src`` to ``dst``; the source must exist (no dangling links). Replacing an existing
+    ``dst`` is atomic (temporary name + rename)."""
+    from nnunet_ext.safety import unique_name
+
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} is missing: cannot link it into {dst.parent}")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() or dst.is_symlink():
-        dst.unlink()
-    if copy:
-        shutil.copy2(src, dst)
-    else:
-        os.symlink(src.resolve(), dst)
+    tmp = unique_name(dst)
+    try:
+        if copy:
+            shutil.copy2(src, tmp)
+        else:
+            os.symlink(src.resolve(), tmp)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
 
 
-def _free_ids(n: int, first: int | None) -> list[int]:
-    used = {int(p.name[7:10]) for p in _raw().glob("Dataset[0-9][0-9][0-9]_*")}
+def _free_ids(n: int, first: int | None, own=()) -> list[int]:
+    """``n`` consecutive free dataset ids from ``first`` (default: after the highest used); ids in ``own``
+    (datasets this run replaces) count as free."""
+    from nnunet_ext import validate
+
+    n = validate.integer(n, "number of datasets", 1, 999)
+    if first is not None:
+        first = validate.dataset_id(first, "--first-id")
+    used = {int(p.name[7:10]) for p in _raw().glob("Dataset[0-9][0-9][0-9]_*")} - set(own)
     start = first if first is not None else max(used | {0}) + 1
     ids = list(range(start, start + n))
     clash = sorted(set(ids) & used)
     if clash or ids[-1] > 999:
-        raise ValueError(f"dataset ids {ids} are not free (used: {clash}) or exceed 999; pass another --first-id")
+        raise ValueError(f"dataset ids {ids[0]}..{ids[-1]} are not free (used: {clash}) or exceed 999; "
+                         f"pass another --first-id")
     return ids
 
 
@@ -126,8 +144,23 @@ def _free_ids(n: int, first: int | None) -> list[int]:
 
 def split_raters(dataset, first_id: int | None = None, n_folds: int = 5, copy: bool = False) -> dict:
     """One nnU-Net raw dataset per rater folder ``ratersTr/<rater>/`` of ``dataset`` (same images, that
-    rater's labels), a shared K-fold split, and ``consensus.json``. Returns the state."""
+    rater's labels), a shared K-fold split, and ``consensus.json``. Returns the state.
+
+    Checked before anything is written: every image channel of every case exists and shares the geometry
+    of the case's rater masks, which must be binary (0/1; 0/255 masks are written as 0/1). Idempotent: a
+    re-run reuses the dataset ids recorded in ``consensus.json`` and rebuilds those datasets (each in a
+    staging folder, moved into place), so it never creates a second set; the stage-1/2 records are kept
+    when the split is unchanged."""
+    from nnunet_ext import validate
+    from nnunet_ext.io import read_mask, read_sitk
+    from nnunet_ext.safety import atomic_write_text, output_lock, staged_folder
+
+    n_folds = validate.integer(n_folds, "--folds", 2, 100)
+    if first_id is not None:
+        first_id = validate.dataset_id(first_id, "--first-id")
     src = dataset_folder(dataset)
+    if not (src / "dataset.json").is_file():
+        raise FileNotFoundError(f"{src / 'dataset.json'} not found: {src} is not an nnU-Net raw dataset")
     dj = json.loads((src / "dataset.json").read_text())
     ending = dj["file_ending"]
     raters = sorted(p for p in (src / "ratersTr").glob("*") if p.is_dir()) if (src / "ratersTr").is_dir() else []
@@ -140,29 +173,61 @@ def split_raters(dataset, first_id: int | None = None, n_folds: int = 5, copy: b
         missing = sorted(set(cases) - set(_cases(r, ending)))
         if missing:
             raise FileNotFoundError(f"rater {r.name} has no mask for {len(missing)} case(s), e.g. {r / (missing[0] + ending)}")
-    splits = kfold_splits(cases, n_folds)
-    ids = _free_ids(len(raters), first_id)
-    base = src.name.split("_", 1)[1]
-    state = {"source": {"id": int(src.name[7:10]), "name": src.name}, "n_folds": n_folds, "splits": splits,
-             "raters": {}}
     n_ch = len(dj["channel_names"])
-    for r, did in zip(raters, ids):
-        name = f"Dataset{did:03d}_{base}_{r.name}"
-        out = _raw() / name
+    with output_lock(src.parent / f".{src.name}.split-raters.lock", what=f"split-raters of {src.name}"):
+        old = json.loads((src / STATE).read_text()) if (src / STATE).is_file() else {}
+        old_raters = old.get("raters", {})
+        # check every input before writing anything
+        masks = {}
         for c in cases:
+            ref_path = src / "imagesTr" / f"{c}_0000{ending}"
             for k in range(n_ch):
-                _link(src / "imagesTr" / f"{c}_{k:04d}{ending}", out / "imagesTr" / f"{c}_{k:04d}{ending}", copy)
-            (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-            shutil.copy2(r / f"{c}{ending}", out / "labelsTr" / f"{c}{ending}")
-        if (src / "imagesTs").is_dir():
-            for p in (src / "imagesTs").glob(f"*{ending}"):
-                _link(p, out / "imagesTs" / p.name, copy)
-        (out / "dataset.json").write_text(json.dumps({**dj, "name": f"{base}_{r.name}", "numTraining": len(cases),
-                                                      "description": f"rater {r.name} of {src.name} (nnunet-ext consensus)"},
-                                                     indent=2))
-        write_splits(name, splits)
-        state["raters"][r.name] = {"id": did, "name": name}
-    save_state(src, state)
+                p = src / "imagesTr" / f"{c}_{k:04d}{ending}"
+                if not p.is_file():
+                    raise FileNotFoundError(f"{p} is missing (case {c} needs {n_ch} channels)")
+            ref = read_sitk(ref_path)
+            for r in raters:
+                masks[r.name, c] = read_mask(r / f"{c}{ending}", reference=ref, reference_path=ref_path)
+        test_images = sorted((src / "imagesTs").glob(f"*{ending}")) if (src / "imagesTs").is_dir() else []
+        splits = kfold_splits(cases, n_folds)
+        base = src.name.split("_", 1)[1]
+        mapped = {r.name: old_raters[r.name]["id"] for r in raters if r.name in old_raters}
+        if first_id is not None and mapped and sorted(mapped.values())[0] != first_id:
+            raise ValueError(f"split-raters already created datasets {sorted(mapped.values())} for {src.name} "
+                             f"(recorded in {src / STATE}); re-run without --first-id to rebuild them, or remove "
+                             f"those datasets and {src / STATE} first")
+        fresh = [r for r in raters if r.name not in mapped]
+        if fresh:  # first run, or a rater folder added since: new ids (after the highest used)
+            ids = _free_ids(len(fresh), first_id if not mapped else None)
+            mapped.update({r.name: i for r, i in zip(fresh, ids)})
+        state = {"source": {"id": int(src.name[7:10]), "name": src.name}, "n_folds": n_folds, "splits": splits,
+                 "raters": {}}
+        if old.get("splits") == splits:
+            state.update({k: v for k, v in old.items() if k not in state})
+        for r in raters:
+            did = mapped[r.name]
+            name = f"Dataset{did:03d}_{base}_{r.name}"
+            final = _raw() / name
+            ours = r.name in old_raters and old_raters[r.name].get("name") == name
+            for p in _raw().glob(f"Dataset{did:03d}_*"):
+                if p != final:
+                    raise ValueError(f"dataset id {did} is already used by {p}; pass another --first-id")
+            with staged_folder(final, overwrite=ours, lock_file=_raw() / f".Dataset{did:03d}.lock",
+                               inputs=[src], what="rater dataset") as out:
+                for c in cases:
+                    for k in range(n_ch):
+                        _link(src / "imagesTr" / f"{c}_{k:04d}{ending}", out / "imagesTr" / f"{c}_{k:04d}{ending}", copy)
+                    arr, img = masks[r.name, c]
+                    write_image(arr, (), out / "labelsTr" / f"{c}{ending}", reference=img)
+                for p in test_images:
+                    _link(p, out / "imagesTs" / p.name, copy)
+                atomic_write_text(out / "dataset.json", json.dumps(
+                    {**dj, "name": f"{base}_{r.name}", "numTraining": len(cases),
+                     "description": f"rater {r.name} of {src.name} (nnunet-ext consensus)"}, indent=2))
+            split_file = _env_folder("nnUNet_preprocessed") / name / "splits_final.json"
+            atomic_write_text(split_file, json.dumps(splits, indent=1))
+            state["raters"][r.name] = {"id": did, "name": name}
+        atomic_write_text(src / STATE, json.dumps(state, indent=1))
     return state
 
 

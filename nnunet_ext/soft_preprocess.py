@@ -83,33 +83,100 @@ def preprocess_soft_dataset(dataset: str | int, configuration: str, plans: str =
         raise FileNotFoundError(f"soft label folder {src} not found")
     ending = json.loads((Path(nnUNet_raw) / name / "dataset.json").read_text())["file_ending"]
     out = soft_folder(pre) if out_name is None else pre / out_name
-    out.mkdir(parents=True, exist_ok=True)
     rw = pm.image_reader_writer_class()
     cases = sorted(p.name[:-len("_seg.b2nd")] for p in pre.glob("*_seg.b2nd"))
     if not cases:
         raise FileNotFoundError(f"no preprocessed cases in {pre}")
-    soft_bytes = hard_bytes = 0
-    for k, case in enumerate(cases, 1):
-        target = map_path(out, case)
-        hard_bytes += (pre / f"{case}_seg.b2nd").stat().st_size
-        if not target.exists() or overwrite:
+    from nnunet_ext.safety import check_output_not_input, output_lock
+
+    check_output_not_input(out, [src, Path(nnUNet_raw) / name])
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out.parent / f".{out.name}.lock", what=f"preprocess-soft output {out}"):
+        manifest_file = out / MANIFEST
+        manifest = {} if overwrite or not manifest_file.is_file() else _read_manifest(manifest_file)
+        _clean(out, cases, overwrite)
+        soft_bytes = hard_bytes = 0
+        for k, case in enumerate(cases, 1):
+            target = map_path(out, case)
+            seg_file = pre / f"{case}_seg.b2nd"
+            hard_bytes += seg_file.stat().st_size
             path = src / f"{case}{ending}"
             if not path.is_file():
                 raise FileNotFoundError(f"no soft label {path} for preprocessed case {case}")
-            soft, _ = rw.read_images([str(path)])
-            check_soft(soft, path)
-            with open(pre / f"{case}.pkl", "rb") as f:
-                props = pickle.load(f)
-            seg_file = pre / f"{case}_seg.b2nd"
-            seg_shape = blosc2.open(urlpath=str(seg_file), mode="r").shape[1:]
-            grid = soft_to_preprocessed_grid(soft[0], props, pm, cm, seg_shape)
-            save_map_like_seg(np.round(grid * SOFT_SCALE).astype(np.uint8), seg_file, target)
-        soft_bytes += target.stat().st_size
+            stamp = _fingerprint(path, seg_file)
+            if overwrite or not target.exists() or manifest.get(case) != stamp:
+                check_soft_file(path, Path(nnUNet_raw) / name, case, ending)
+                soft, _ = rw.read_images([str(path)])
+                check_soft(soft, path)
+                with open(pre / f"{case}.pkl", "rb") as f:
+                    props = pickle.load(f)
+                seg_shape = blosc2.open(urlpath=str(seg_file), mode="r").shape[1:]
+                grid = soft_to_preprocessed_grid(soft[0], props, pm, cm, seg_shape)
+                manifest.pop(case, None)
+                save_map_like_seg(np.round(grid * SOFT_SCALE).astype(np.uint8), seg_file, target)
+                manifest[case] = stamp
+                _write_manifest(manifest_file, manifest)
+            soft_bytes += target.stat().st_size
+            if progress:
+                print(f"\rpreprocess-soft: {k}/{len(cases)}", end="", flush=True)
         if progress:
-            print(f"\rpreprocess-soft: {k}/{len(cases)}", end="", flush=True)
-    if progress:
-        print()
+            print()
     return {"cases": len(cases), "folder": str(out), "soft_bytes": soft_bytes, "hard_label_bytes": hard_bytes}
+
+
+MANIFEST = "sources.json"
+
+
+def _fingerprint(source: Path, seg_file: Path) -> dict:
+    """What a stored map was made from: the soft label file and the case's preprocessed segmentation."""
+    a, b = source.stat(), seg_file.stat()
+    return {"source": str(source), "size": a.st_size, "mtime_ns": a.st_mtime_ns,
+            "seg_size": b.st_size, "seg_mtime_ns": b.st_mtime_ns}
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError:  # damaged: trust nothing, redo every case
+        return {}
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    from nnunet_ext.safety import atomic_write_text
+
+    atomic_write_text(path, json.dumps(manifest, indent=0, sort_keys=True))
+
+
+def _clean(out: Path, cases: list[str], overwrite: bool) -> None:
+    """Remove temporary files of killed runs; with ``overwrite`` also maps of cases no longer preprocessed."""
+    for p in out.glob(".tmp_*"):
+        if p.is_file():
+            p.unlink()
+    if overwrite:
+        keep = {map_path(out, c).name for c in cases}
+        for p in out.glob("*.b2nd"):
+            if p.name not in keep:
+                p.unlink()
+        if (out / MANIFEST).is_file():
+            (out / MANIFEST).unlink()
+
+
+def check_soft_file(path: Path, raw_dataset: Path, case: str, ending: str) -> None:
+    """A soft label file must be readable (no truncated gzip, no NaN/Inf), 3-D like nnU-Net's images,
+    share the geometry of the case's raw label (or first channel) and lie in [0, 1]."""
+    from nnunet_ext.io import check_3d, check_range, check_same_geometry, read_sitk
+
+    img = read_sitk(path)
+    ref_path = raw_dataset / "labelsTr" / f"{case}{ending}"
+    if not ref_path.is_file():
+        ref_path = raw_dataset / "imagesTr" / f"{case}_0000{ending}"
+    if ref_path.is_file() and ending in (".nii.gz", ".nii", ".mha", ".nrrd"):
+        ref = read_sitk(ref_path)
+        check_same_geometry(ref_path, ref, path, img)
+    check_3d(path, img)
+    import SimpleITK as sitk
+
+    check_range(sitk.GetArrayViewFromImage(img), path, 0.0, 1.0)
 
 
 def preprocess_raters(dataset: str | int, configuration: str, plans: str = "nnUNetPlans",
