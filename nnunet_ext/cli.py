@@ -25,11 +25,29 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-overlap", type=float, default=0.0,
                    help="fraction of a reference lesion that must be covered to count as detected "
                         "(default 0: any voxel, as the WMH 2017 challenge)")
-    p.add_argument("--bins", default="3-10,11-50,51+", help="lesion size bins in voxels (default 3-10,11-50,51+)")
+    p.add_argument("--bins", default="3-10,11-50,51+",
+                   help="lesion size bins: inclusive 3-10,11-50,51+ (default) or half-open [0,10),[10,400),[400,inf)")
+    p.add_argument("--size-unit", choices=("voxels", "mm3"), default="voxels",
+                   help="unit of --bins: lesion size in voxels (default) or volume in mm3")
+    p.add_argument("--detection", default=None,
+                   help="when a reference lesion counts as detected, e.g. 'any' (default), 'voxels>=3 or fraction>0.5' "
+                        "(LSR thesis), 'fraction>=0.6' (focal-Tversky thesis); overrides --min-overlap")
+    p.add_argument("--symmetric", action="store_true",
+                   help="apply the detection rule to predicted components too (default: a predicted component is a "
+                        "false positive only when it touches no reference lesion)")
     p.add_argument("--label", type=int, default=None,
                    help="evaluate this label value of multi-label masks (default: masks must be binary)")
     p.add_argument("--allow-missing", action="store_true",
                    help="count a reference case without prediction as an empty prediction instead of failing")
+
+
+def _add_rule_options(p: argparse.ArgumentParser, bins_only: bool = False) -> None:
+    """Lesion-rule options of ``lesion-metrics`` / ``select``."""
+    p.add_argument("--connectivity", type=int, default=26, choices=(6, 18, 26))
+    p.add_argument("--detection", default=None, help="detection rule, e.g. 'voxels>=3 or fraction>0.5' (default any)")
+    p.add_argument("--bins", default="3-10,11-50,51+", help="size bins (the first is the small-lesion bin)")
+    if not bins_only:
+        p.add_argument("--size-unit", choices=("voxels", "mm3"), default="voxels")
 
 
 def _fold(text: str):
@@ -86,14 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="results JSON (a CSV is written beside it)")
     _add_eval_options(p)
     p.add_argument("--prob", default=None,
-                   help="folder of probability maps (nnU-Net <case>.npz): adds soft Dice, Brier, ECE (+ reliability PNG)")
-    p.add_argument("--soft-ref", default=None, help="folder of rater-average soft references (adds IPE; soft Dice and "
-                                                    "Brier then use it)")
-    p.add_argument("--preset", choices=("wmh2017", "msseg2"), default=None,
-                   help="score as a challenge does (wmh2017: label 2 'other pathology' masked out of both images, "
-                        "26-connected lesions, in-plane HD95; msseg2: 6-connected lesions, Anima's lesion detection "
-                        "(alpha 0.1, beta 0.7, gamma 0.65, lesions > 3 mm3), Dice on cases with new lesions, "
-                        "false-positive lesions on cases without); overrides --connectivity/--min-overlap")
+                   help="folder of probability maps (nnU-Net <case>.npz): adds soft Dice, Brier, ECE (10 bins on [0,1]) "
+                        "and reliability PNGs")
+    p.add_argument("--soft-ref", default=None, help="folder of rater-average soft references (adds the image-entropy "
+                                                    "MAE; soft Dice, Brier and ECE then use it)")
+    p.add_argument("--preset", choices=("wmh2017", "msseg2", "isbi2015", "lsr", "focal_tversky"), default=None,
+                   help="score as a challenge or seed paper does (docs/evaluation.md): wmh2017 = the organisers' "
+                        "evaluation.py (label 2 masked, their thresholding of predictions, HD95 on their 3x3 in-plane "
+                        "border); msseg2 = current Anima lesion detection + MSSEG-2 summary; isbi2015 = Carass et al. "
+                        "2017 score and components; lsr = 18-connected, >=3 voxels or >50%%; focal_tversky = >=60%%, "
+                        "bins [0,10),[10,400),[400,1000),[1000,inf); overrides --connectivity/--detection")
+    p.add_argument("--isbi-rater-score", type=float, default=None,
+                   help="isbi2015: raw inter-rater score that normalises to 90 (gives the normalized score)")
     p.add_argument("-np", "--num-processes", type=int, default=1)
 
     p = sub.add_parser("operating-points", help="TPR/FDR per lesion size over probability thresholds, with a PNG",
@@ -108,6 +130,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-index", type=int, default=1, help="probability channel of the lesion class")
     p.add_argument("--title", default="")
     _add_eval_options(p)
+
+    p = sub.add_parser("lesion-metrics", help="lesion-wise metrics of a trained model's validation folds "
+                                              "(fold_k/validation/lesion_summary.json beside nnU-Net's summary.json)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  nnunet-ext lesion-metrics -d 501 -c 2d -tr ExtBaselineTrainer -f 0 1 2 3 4")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    p.add_argument("-c", "--configuration", required=True)
+    p.add_argument("-tr", "--trainer", default="nnUNetTrainer")
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("-f", "--folds", nargs="+", type=_fold, default=[0, 1, 2, 3, 4])
+    p.add_argument("--preset", choices=("wmh2017", "msseg2", "isbi2015", "lsr", "focal_tversky"), default=None)
+    _add_rule_options(p)
+
+    p = sub.add_parser("select", help="choose model/ensemble, probability threshold and minimum lesion size on "
+                                      "validation folds by a lesion metric; store them in the model contract",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  nnUNetv2_train 501 2d 0 -tr ExtBaselineTrainer --val --npz   # each fold\n"
+                              "  nnunet-ext select -d 501 -c 2d 3d_fullres -tr ExtBaselineTrainer -f 0 1 2 3 4 "
+                              "--metric small_lesion_f1")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    p.add_argument("-c", "--configurations", nargs="+", required=True)
+    p.add_argument("-tr", "--trainers", nargs="+", default=["nnUNetTrainer"])
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("-f", "--folds", nargs="+", type=_fold, default=[0, 1, 2, 3, 4])
+    p.add_argument("--metric", default="lesion_f1",
+                   choices=("lesion_f1", "small_lesion_f1", "lesion_tpr", "lesion_ppv", "dice"))
+    p.add_argument("--thresholds", type=float, nargs="+", default=None, help="default 0.05, 0.10, ..., 0.95")
+    p.add_argument("--min-sizes-mm3", type=float, nargs="+", default=None,
+                   help="candidate minimum lesion sizes in mm3 (default 0 1 2 3 4 5 6 8 10 15 20)")
+    p.add_argument("--no-ensembles", action="store_true", help="do not try pairs of models")
+    p.add_argument("--no-contract", action="store_true", help="only write the selection JSON")
+    p.add_argument("-o", "--output", default=None, help="selection JSON (default $nnUNet_results/<Dataset>/"
+                                                        "nnunet_ext_selection.json)")
+    _add_rule_options(p, bins_only=True)
 
     p = sub.add_parser("fuse", help="fuse several raters' masks (majority, STAPLE, soft labels, ...)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -399,9 +455,12 @@ def run(argv: list[str] | None = None) -> int:
         from nnunet_ext.metrics.evaluate import evaluate_folders, format_table
         from nnunet_ext.metrics.lesions import parse_bins
 
-        res = evaluate_folders(args.ref, args.pred, args.output, args.connectivity, args.min_overlap,
-                               parse_bins(args.bins), args.allow_missing, args.label, num_workers=args.num_processes,
-                               preset=args.preset, prob_dir=args.prob, soft_ref_dir=args.soft_ref,
+        res = evaluate_folders(ref_dir=args.ref, pred_dir=args.pred, output=args.output, connectivity=args.connectivity,
+                               min_overlap=args.min_overlap, bins=parse_bins(args.bins), allow_missing=args.allow_missing,
+                               label=args.label, num_workers=args.num_processes, preset=args.preset,
+                               prob_dir=args.prob, soft_ref_dir=args.soft_ref, detection=args.detection,
+                               size_unit=args.size_unit, symmetric=args.symmetric,
+                               isbi_rater_score=args.isbi_rater_score,
                                reliability_png=str(Path(args.output).with_suffix(".reliability.png")) if args.prob else None)
         print(format_table(res))
         print(f"wrote {args.output} and its .csv")
@@ -411,8 +470,10 @@ def run(argv: list[str] | None = None) -> int:
         from nnunet_ext.metrics.lesions import parse_bins
         from nnunet_ext.metrics.operating_points import sweep, write_sweep
 
-        res = sweep(args.ref, args.prob, args.thresholds, args.connectivity, args.min_overlap, parse_bins(args.bins),
-                    args.class_index, args.label, args.allow_missing)
+        res = sweep(ref_dir=args.ref, prob_dir=args.prob, thresholds=args.thresholds, connectivity=args.connectivity,
+                    min_overlap=args.min_overlap, bins=parse_bins(args.bins), class_index=args.class_index,
+                    label=args.label, allow_missing=args.allow_missing, detection=args.detection,
+                    size_unit=args.size_unit, symmetric=args.symmetric)
         png = args.png or str(Path(args.output).with_suffix(".png"))
         write_sweep(res, args.output, png, args.title)
         bs, bd = res["best_segmentation"], res["best_detection"]
@@ -421,6 +482,29 @@ def run(argv: list[str] | None = None) -> int:
         print(f"best detection threshold {bd['threshold']:g}: voxel F1 {bd['voxel_f1']:.3f}, "
               f"lesion F1 {bd['lesion_f1']:.3f}")
         print(f"wrote {args.output} and {png}")
+    elif args.command == "lesion-metrics":
+        from nnunet_ext.metrics.lesions import parse_bins
+        from nnunet_ext.metrics.validation import lesion_metrics_for_model
+
+        out = lesion_metrics_for_model(dataset=args.dataset, configuration=args.configuration, trainer=args.trainer,
+                                       plans=args.plans, folds=args.folds, preset=args.preset,
+                                       connectivity=args.connectivity, detection=args.detection,
+                                       bins=parse_bins(args.bins), size_unit=args.size_unit)
+        for f, s in out.items():
+            p = s["pooled"]
+            f1 = "n/a" if p["lesion_f1"] is None else f"{p['lesion_f1']:.3f}"
+            print(f"fold {f}: {s['n_cases']} cases, lesion F1 {f1}, TP {p['lesion_tp']} FN {p['lesion_fn']} "
+                  f"FP {p['lesion_fp']}, Dice (pooled) {p['dice']:.3f} -> {s['path']}")
+    elif args.command == "select":
+        from nnunet_ext.metrics.lesions import parse_bins
+        from nnunet_ext.selection import format_selection, select
+
+        res = select(dataset=args.dataset, configurations=args.configurations, trainers=args.trainers,
+                     plans=args.plans, folds=args.folds, metric=args.metric, thresholds=args.thresholds,
+                     min_sizes_mm3=args.min_sizes_mm3, connectivity=args.connectivity, detection=args.detection,
+                     bins=parse_bins(args.bins), ensembles=not args.no_ensembles,
+                     write_contract=not args.no_contract, output=args.output)
+        print(format_selection(res))
     elif args.command == "fuse":
         from nnunet_ext.fusion import fuse_folders
 

@@ -289,7 +289,7 @@ def remove_small_lesions(mask: np.ndarray, spacing: Sequence[float], min_lesion_
         return mask
     lab, n = label_components(mask, connectivity)
     vol = np.bincount(lab.ravel(), minlength=n + 1) * voxel_volume(spacing)
-    keep = vol >= min_lesion_mm3 - 1e-9
+    keep = ~(vol < min_lesion_mm3)  # the same comparison as the predictor's post-processing
     keep[0] = False
     return keep[lab]
 
