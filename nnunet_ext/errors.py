@@ -84,6 +84,7 @@ def run_cli(run, argv: list[str]) -> int:
     debug = "--debug" in argv or os.environ.get("NNUNET_EXT_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     install_termination_handlers()
+    saved_format = warnings.formatwarning
     if not debug:
         warnings.formatwarning = _warning_line
     try:
@@ -110,3 +111,6 @@ def run_cli(run, argv: list[str]) -> int:
         print(f"nnunet-ext: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the "
               f"traceback and report it)", file=sys.stderr)
         return EXIT_BUG
+    finally:
+        warnings.formatwarning = saved_format
+        sys.stdout.flush()

@@ -122,3 +122,61 @@ def test_fuse_cli_missing_case_names_folder(rater_dirs, tmp_path):
     write_image(R[0], (2.0, 1.0, 1.0), rater_dirs[0] / "case2.nii.gz")
     with pytest.raises(FileNotFoundError, match=r"rater2 has no case2.nii.gz"):
         run(["fuse", "--method", "union", "--raters", *map(str, rater_dirs), "-o", str(tmp_path / "out")])
+
+
+def test_soft_rim_core_is_strict_majority_intersection_for_two_raters():
+    a = np.zeros((1, 1, 9), np.uint8)
+    b = np.zeros_like(a)
+    a[0, 0, 3:6] = 1
+    b[0, 0, 4:7] = 1
+    img = np.zeros((1, 1, 9), np.float32)
+    out = fuse("soft_rim", [a, b], gamma=0.5, image=img)
+    # two raters: majority (more than half) = intersection = voxels 4, 5; the dark rim gets 0
+    assert out.ravel().tolist() == [0, 0, 0, 0, 1, 1, 0, 0, 0]
+
+
+def _isur_case():
+    """3 x 3 x 9 volume (z, y, x), masks on the middle row (z=1, y=1):
+    rater A x = 3..5, rater B x = 4..6 -> intersection x = 4, 5; disagreement x = 3, 6; union x = 3..6
+    (one lesion, image mean 4 inside). The 1 mm rim (6-neighbourhood at 1 mm spacing) around the union has
+    18 voxels: (1,1,2), (1,1,7) and 4 lateral neighbours of each of the 4 union voxels. Bright (10 > 4):
+    (1,1,2) and the 4 voxels above the union at z=0 -> 5 rim voxels get gamma; the other 13 stay 0."""
+    a = np.zeros((3, 3, 9), np.uint8)
+    b = np.zeros_like(a)
+    a[1, 1, 3:6] = 1
+    b[1, 1, 4:7] = 1
+    img = np.zeros((3, 3, 9), np.float32)
+    img[1, 1, 3:7] = 4.0
+    img[1, 1, 2] = 10.0
+    img[0, 1, 3:7] = 10.0
+    img[1, 1, 7] = 1.0  # rim, darker than the lesion: 0
+    return a, b, img
+
+
+def test_inter_soft_union_rim_by_hand():
+    a, b, img = _isur_case()
+    g = 0.3
+    out = fuse("inter_soft_union_rim", [a, b], gamma=g, image=img)
+    assert out.dtype == np.float32
+    assert (out == 1).sum() == 2 and out[1, 1, 4] == 1 and out[1, 1, 5] == 1
+    assert np.isclose(out, g).sum() == 2 + 5
+    assert np.isclose(out[1, 1, 3], g) and np.isclose(out[1, 1, 6], g)  # disagreement
+    assert np.isclose(out[1, 1, 2], g) and np.allclose(out[0, 1, 3:7], g)  # bright rim
+    assert out[1, 1, 7] == 0 and out[2, 1, 3:7].sum() == 0  # dark rim
+    assert np.isclose(out.sum(), 2 + 7 * g)
+    # one rater: equals soft_rim of that rater
+    assert np.array_equal(fuse("inter_soft_union_rim", [a], gamma=g, image=img),
+                          fuse("soft_rim", [a], gamma=g, image=img))
+
+
+def test_inter_soft_union_rim_cli(tmp_path):
+    a, b, img = _isur_case()
+    for k, m in enumerate((a, b), 1):
+        write_image(m, (1.0, 1.0, 1.0), tmp_path / f"r{k}" / "c.nii.gz")
+    write_image(img, (1.0, 1.0, 1.0), tmp_path / "img" / "c_0000.nii.gz")
+    assert run(["fuse", "--method", "inter_soft_union_rim", "--raters", str(tmp_path / "r1"), str(tmp_path / "r2"),
+                "--images", str(tmp_path / "img"), "--gamma", "0.5", "-o", str(tmp_path / "out")]) == 0
+    out, _ = read_image(tmp_path / "out" / "c.nii.gz")
+    assert (out == 1).sum() == 2 and (out == 0.5).sum() == 7
+    with pytest.raises(ValueError, match="needs --images"):
+        run(["fuse", "--method", "inter_soft_union_rim", "--raters", str(tmp_path / "r1"), "-o", str(tmp_path / "o2")])
