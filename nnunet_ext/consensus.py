@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.io import write_image
-from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
+from nnunet_ext.paths import NNUNET_FOLDERS, nnunet_command, nnunet_env, run_logged
 
 STATE = "consensus.json"
 
@@ -238,49 +238,158 @@ def _model_dir(dataset_name: str, trainer: str, plans: str, configuration: str) 
     return _env_folder("nnUNet_results") / dataset_name / f"{trainer}__{plans}__{configuration}"
 
 
-def train(dataset, stage: int, configuration: str, trainer: str = "nnUNetTrainer", plans: str = "nnUNetPlans",
-          folds=None, device: str = "cuda", n_proc: int = 2, log: Path | None = None) -> dict:
-    """Plan/preprocess (if needed) and train every fold of the stage-1 rater datasets or the stage-2
-    dataset with nnU-Net's own commands (``--npz``: validation probabilities feed stage 2). Finished folds
-    are skipped; an interrupted fold resumes with ``--c``."""
-    src, state = load_state(dataset)
+def _targets(dataset, state: dict, stage: int, raters=None) -> list[dict]:
     if stage == 1:
-        targets = [v for v in state["raters"].values()]
-    elif stage == 2:
+        names = list(state["raters"]) if raters is None else list(raters)
+        unknown = sorted(set(names) - set(state["raters"]))
+        if unknown:
+            raise ValueError(f"unknown rater(s) {unknown}; the cascade has {sorted(state['raters'])}")
+        return [{**state["raters"][r], "rater": r} for r in names]
+    if stage == 2:
         if "stage2" not in state:
             raise RuntimeError(f"no stage-2 dataset yet: run `nnunet-ext consensus build-stage2 -d {dataset}`")
-        targets = [state["stage2"]]
-    else:
-        raise ValueError(f"stage must be 1 or 2, got {stage}")
-    folds = list(range(state["n_folds"])) if folds is None else list(folds)
+        return [state["stage2"]]
+    raise ValueError(f"stage must be 1 or 2, got {stage}")
+
+
+def prepare(dataset, stage: int, configuration: str, plans: str = "nnUNetPlans", raters=None, n_proc: int = 2,
+            log: Path | None = None) -> list[str]:
+    """Everything the concurrent fold trainings of a stage must not do at the same time: plan/preprocess
+    (when missing), the shared split, and nnU-Net's one-off unpacking of the preprocessed data (a no-op for
+    the blosc2 format of nnU-Net >= 2.6; legacy ``.npz`` datasets are unpacked to ``.npy`` here, once).
+    Returns the prepared dataset names."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    src, state = load_state(dataset)
     env = nnunet_env(None, n_proc)
     log = log or src / "consensus.log"
-    for t in targets:
+    done = []
+    for t in _targets(dataset, state, stage, raters):
         pre = _env_folder("nnUNet_preprocessed") / t["name"]
         if not (pre / f"{plans}.json").is_file():
             run_logged([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(t["id"]), "-c", configuration,
                         "-np", str(n_proc)], env, log)
-        elif not (pre / json.loads((pre / f"{plans}.json").read_text())["configurations"][configuration]
-                  .get("data_identifier", f"{plans}_{configuration}")).is_dir():
+        plan = json.loads((pre / f"{plans}.json").read_text())
+        if configuration not in plan["configurations"]:
+            raise ValueError(f"configuration {configuration!r} is not in {pre / (plans + '.json')}")
+        data = pre / plan["configurations"][configuration].get("data_identifier", f"{plans}_{configuration}")
+        if not data.is_dir() or not any(data.iterdir()):
             run_logged([nnunet_command("nnUNetv2_preprocess"), "-d", str(t["id"]), "-c", configuration, "-plans_name",
                         plans, "-np", str(n_proc)], env, log)
         write_splits(t["name"], state["splits"])
-        for f in folds:
-            fold_dir = _model_dir(t["name"], trainer, plans, configuration) / f"fold_{f}"
-            if (fold_dir / "checkpoint_final.pth").is_file():
-                print(f"{t['name']} fold {f}: done already")
-                continue
-            cmd = [nnunet_command("nnUNetv2_train"), str(t["id"]), configuration, str(f), "-tr", trainer, "-p", plans,
-                   "--npz", "-device", device]
-            if (fold_dir / "checkpoint_latest.pth").is_file():
-                cmd.append("--c")
-            print(f"training {t['name']} fold {f} ({trainer}, {configuration})", flush=True)
-            run_logged(cmd, env, log)
+        infer_dataset_class(str(data)).unpack_dataset(str(data), overwrite_existing=False, num_processes=n_proc,
+                                                      verify=True)
+        done.append(t["name"])
+    return done
+
+
+def record_training(dataset, stage: int, configuration: str, trainer: str = "nnUNetTrainer",
+                    plans: str = "nnUNetPlans", folds=None) -> dict:
+    """Write the settings of a finished stage into ``consensus.json`` (what build-stage2 and predict read);
+    every fold of every model of the stage must have its ``checkpoint_final.pth``."""
+    src, state = load_state(dataset)
+    folds = list(range(state["n_folds"])) if folds is None else list(folds)
+    missing = [str(_model_dir(t["name"], trainer, plans, configuration) / f"fold_{f}" / "checkpoint_final.pth")
+               for t in _targets(dataset, state, stage) for f in folds
+               if not (_model_dir(t["name"], trainer, plans, configuration) / f"fold_{f}" / "checkpoint_final.pth").is_file()]
+    if missing:
+        raise FileNotFoundError(f"stage {stage} is not fully trained: {len(missing)} checkpoint(s) missing, e.g. {missing[0]}")
     key = "stage1" if stage == 1 else "stage2_training"
-    state[key] = {"configuration": configuration, "trainer": trainer, "plans": plans,
+    state[key] = {**({k: v for k, v in state.get(key, {}).items() if k != "folds"}),
+                  "configuration": configuration, "trainer": trainer, "plans": plans,
                   "folds": sorted(set(state.get(key, {}).get("folds", [])) | set(folds))}
     save_state(src, state)
     return state
+
+
+def train_stages(dataset, stage, configuration: str, trainer: str = "nnUNetTrainer", plans: str = "nnUNetPlans",
+                 folds=None, device: str = "cuda", n_proc: int = 2, stage2_id: int | None = None):
+    """The launcher stages of ``consensus train``: per training stage a ``prepare`` step (plan/preprocess,
+    split, one-off unpacking), the fold trainings (``nnUNetv2_train ... --npz --c``, done when
+    ``checkpoint_final.pth`` exists) and a ``record`` step; ``stage="all"`` chains stage 1, build-stage2
+    and stage 2 (the stage-2 dataset id is fixed now, so its folds can be scheduled before it exists)."""
+    from nnunet_ext.launcher import Stage, Task, task_env
+
+    if stage not in (1, 2, "all"):
+        raise ValueError(f"stage must be 1, 2 or 'all', got {stage!r}")
+    src, state = load_state(dataset)
+    folds = list(range(state["n_folds"])) if folds is None else list(folds)
+    bad = [f for f in folds if not 0 <= int(f) < state["n_folds"]]
+    if bad or not folds:
+        raise ValueError(f"folds must be in 0..{state['n_folds'] - 1} (the shared split), got {folds}")
+    ext = nnunet_command("nnunet-ext")
+    # nnU-Net's folders and our trainers (absolute, written into the scripts); thread and process counts
+    # come from the task's CPUs unless nnUNet_def_n_proc/nnUNet_n_proc_DA are set in this shell
+    env = task_env({k: v for k, v in nnunet_env(None, n_proc).items() if k in NNUNET_FOLDERS + ("nnUNet_extTrainer",)})
+    common = ["-c", configuration, "-p", plans, "-np", str(n_proc)]
+    f_args = ["-f", *map(str, folds)]
+    stages = []
+
+    def block(s: int, targets: list[dict], after: list[str]) -> list:
+        pre = f"stage{s}_prepare"
+        if s == 1:
+            prep = [Task(t["rater"], [ext, "consensus", "prepare", "-d", str(dataset), "--stage", "1", "--rater",
+                                      t["rater"], *common], env) for t in targets]
+        else:
+            prep = [Task("consensus", [ext, "consensus", "prepare", "-d", str(dataset), "--stage", "2", *common], env)]
+        fold_tasks = []
+        for t in targets:
+            for f in folds:
+                fold_tasks.append(Task(
+                    f"{t.get('rater', 'consensus')}_fold{f}",
+                    [nnunet_command("nnUNetv2_train"), str(t["id"]), configuration, str(f), "-tr", trainer, "-p", plans,
+                     "--npz", "-device", device, "--c"], env,
+                    done=str(_model_dir(t["name"], trainer, plans, configuration) / f"fold_{f}" / "checkpoint_final.pth")))
+        out = [Stage(pre, prep, after), Stage(f"stage{s}_train", fold_tasks, [pre])]
+        out.append(Stage(f"stage{s}_record", [Task("record", [ext, "consensus", "train", "-d", str(dataset), "--stage",
+                                                               str(s), "-c", configuration, "-tr", trainer, "-p", plans,
+                                                               *f_args, "--record-only"], env)], [f"stage{s}_train"]))
+        return out
+
+    if stage in (1, "all"):
+        stages += block(1, _targets(dataset, state, 1), [])
+    if stage == 2:
+        stages += block(2, _targets(dataset, state, 2), [])
+    if stage == "all":
+        if "stage2" in state:
+            s2 = state["stage2"]
+        else:
+            did = _free_ids(1, stage2_id)[0]
+            s2 = {"id": did, "name": f"Dataset{did:03d}_{src.name.split('_', 1)[1]}_consensus"}
+        stages.append(Stage("build_stage2", [Task("build_stage2", [
+            ext, "consensus", "build-stage2", "-d", str(dataset), "-c", configuration, "-tr", trainer, "-p", plans,
+            "--id", str(s2["id"]), "-device", device, "-np", str(n_proc)], env,
+            done=None)], ["stage1_record"]))
+        stages += block(2, [s2], ["build_stage2"])
+    return stages
+
+
+def default_workdir(dataset, name: str) -> Path:
+    """``$nnUNet_results/nnunet_ext_jobs/<source dataset>/<name>``: where a command's launcher scripts,
+    markers and logs go unless ``--workdir`` says otherwise."""
+    return _env_folder("nnUNet_results") / "nnunet_ext_jobs" / dataset_folder(dataset).name / name
+
+
+def train(dataset, stage, configuration: str, trainer: str = "nnUNetTrainer", plans: str = "nnUNetPlans",
+          folds=None, device: str = "cuda", n_proc: int = 2, launcher=None, workdir=None,
+          stage2_id: int | None = None) -> dict:
+    """Plan/preprocess (if needed) and train every fold of the stage-1 rater datasets, the stage-2 dataset,
+    or (``stage="all"``) stage 1, build-stage2 and stage 2, with nnU-Net's own commands (``--npz``:
+    validation probabilities feed stage 2), through the launcher (``launcher``: LauncherOptions; default
+    local, one task at a time). Finished folds are skipped; an interrupted fold resumes (``--c``).
+
+    Per-task logs: ``WORKDIR/<stage>/logs/<task>.log``. Returns ``{"launcher", "workdir", "stages"}``
+    (run_stages' result) and, after a local run, ``"state"``."""
+    from nnunet_ext.launcher import LauncherOptions, run_stages
+
+    options = launcher or LauncherOptions()
+    stages = train_stages(dataset, stage, configuration, trainer, plans, folds, device, n_proc, stage2_id)
+    workdir = Path(workdir) if workdir else default_workdir(dataset, f"consensus_train_stage{stage}")
+    res = run_stages(stages, workdir, options)
+    out = {"launcher": options.launcher, "workdir": str(workdir), "stages": res}
+    if options.launcher == "local" and not options.dry_run:
+        out["state"] = load_state(dataset)[1]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- stage 2

@@ -113,7 +113,7 @@ def _write_dataset_json(root: Path, teacher_ds: dict, ignore: bool) -> None:
     ds = {k: v for k, v in teacher_ds.items() if k not in ("labels", "numTraining")}
     ds.update({"labels": labels, "numTraining": n,
                "description": "nnunet-ext student dataset: teacher's labeled cases + kept pseudo-labeled cases"})
-    tmp = root / ".tmp_dataset.json"
+    tmp = root / f".tmp_dataset.json.{os.getpid()}"  # one per process: shards run at the same time
     tmp.write_text(json.dumps(ds, indent=2))
     os.replace(tmp, root / "dataset.json")
 
@@ -226,6 +226,66 @@ def _merge_provenance(root: Path, prov: dict) -> None:
         merged["cases"].update(json.loads(f.read_text())["cases"])
     merged["kept"] = sorted(c for c, v in merged["cases"].items() if v["kept"])
     merged["dropped"] = sorted(c for c, v in merged["cases"].items() if not v["kept"])
-    tmp = root / ".tmp_provenance.json"
+    tmp = root / f".tmp_provenance.json.{os.getpid()}"  # one per process: shards run at the same time
     tmp.write_text(json.dumps(merged, indent=1))
     os.replace(tmp, root / "provenance.json")
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+
+def merge_parts(output_dataset: str, num_parts: int) -> dict:
+    """After all ``num_parts`` shards finished: ``provenance.json`` and ``dataset.json`` of the student
+    dataset from every part's ``provenance_part<K>of<N>.json`` (the launcher's last step; each shard also
+    updates them, but concurrent shards only see what had finished). Returns the merged provenance."""
+    from nnunetv2.paths import nnUNet_raw
+
+    if num_parts < 1:
+        raise ValueError(f"num_parts must be >= 1, got {num_parts}")
+    root = Path(nnUNet_raw) / output_dataset
+    parts = [root / f"provenance_part{k}of{num_parts}.json" for k in range(num_parts)]
+    missing = [p for p in parts if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {num_parts} part(s) have not finished, e.g. {missing[0]}")
+    provs = [json.loads(p.read_text()) for p in parts]
+    first = provs[0]
+    for p, prov in zip(parts[1:], provs[1:]):
+        if prov["teacher"] != first["teacher"] or prov["parameters"] != first["parameters"]:
+            raise ValueError(f"{p} was written with another teacher or other parameters than {parts[0]}")
+    _merge_provenance(root, first)
+    teacher_ds = json.loads((Path(first["teacher"]["model"]) / "dataset.json").read_text())
+    _write_dataset_json(root, teacher_ds, first["parameters"]["ignore_uncertain"])
+    return json.loads((root / "provenance.json").read_text())
+
+
+def pseudolabel_stages(argv: list[str], output_dataset: str, num_parts: int):
+    """Launcher stages: ``num_parts`` shards (``nnunet-ext pseudolabel ARGV -num_parts N -part_id K``, one
+    task each), then one merge task. ``argv``: the pseudolabel arguments without -num_parts/-part_id and
+    without launcher options."""
+    from nnunet_ext.launcher import Stage, Task, task_env
+    from nnunet_ext.paths import nnunet_command, nnunet_env
+
+    if num_parts < 1:
+        raise ValueError(f"num_parts must be >= 1, got {num_parts}")
+    ext = nnunet_command("nnunet-ext")
+    env = task_env({k: v for k, v in nnunet_env(None).items()
+                    if k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")})
+    shards = [Task(f"part{k}of{num_parts}", [ext, "pseudolabel", *argv, "-num_parts", str(num_parts), "-part_id", str(k)],
+                   env) for k in range(num_parts)]
+    merge = Task("merge", [ext, "pseudolabel", *argv, "-num_parts", str(num_parts), "--merge"], env)
+    return [Stage("pseudolabel_parts", shards), Stage("pseudolabel_merge", [merge], ["pseudolabel_parts"])]
+
+
+def launch(argv: list[str], output_dataset: str, num_parts: int, launcher, workdir=None) -> dict:
+    """Run the shards and the merge through the launcher (``launcher``: LauncherOptions); scripts, markers
+    and logs in ``workdir`` (default ``$nnUNet_results/nnunet_ext_jobs/<output_dataset>/pseudolabel``).
+    Returns ``{"launcher", "workdir", "stages"}``."""
+    from nnunetv2.paths import nnUNet_results
+
+    from nnunet_ext.launcher import run_stages
+
+    if not nnUNet_results and workdir is None:
+        raise ValueError("set nnUNet_results or pass a work folder for the launcher")
+    workdir = Path(workdir) if workdir else Path(nnUNet_results) / "nnunet_ext_jobs" / output_dataset / "pseudolabel"
+    res = run_stages(pseudolabel_stages(argv, output_dataset, num_parts), workdir, launcher)
+    return {"launcher": launcher.launcher, "workdir": str(workdir), "stages": res}
