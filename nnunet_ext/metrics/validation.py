@@ -54,12 +54,23 @@ def write_fold_lesion_metrics(fold_dir, gt_dir, file_ending: str = ".nii.gz", **
 
 
 def _dataset_name(dataset) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
+    """``Dataset<ID>_<Name>`` of a dataset id or name, looked up in the folders of ``nnUNet_results``,
+    ``nnUNet_preprocessed`` and ``nnUNet_raw`` (read from the environment at call time)."""
+    text = str(dataset)
+    if text.startswith("Dataset"):
+        return text
     try:
-        return maybe_convert_to_dataset_name(dataset)
-    except RuntimeError as e:
-        raise FileNotFoundError(f"dataset {dataset}: {e}") from None
+        did = int(text)
+    except ValueError:
+        raise ValueError(f"dataset must be an id or a Dataset<ID>_<Name> name, got {dataset!r}") from None
+    for var in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
+        root = os.environ.get(var)
+        if root and Path(root).is_dir():
+            hits = sorted(p.name for p in Path(root).glob(f"Dataset{did:03d}_*") if p.is_dir())
+            if hits:
+                return hits[0]
+    raise FileNotFoundError(f"dataset {dataset}: no Dataset{did:03d}_* folder under $nnUNet_results, "
+                            f"$nnUNet_preprocessed or $nnUNet_raw")
 
 
 def model_folder(dataset, configuration: str, trainer: str, plans: str = "nnUNetPlans") -> Path:
