@@ -98,7 +98,7 @@ def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mem", default=None, help="slurm: memory per task, e.g. 32G (sbatch --mem)")
     g.add_argument("--time", default=None, help="slurm: time limit per task, e.g. 1-00:00:00 (sbatch --time)")
     g.add_argument("--sbatch-arg", action="append", default=[], dest="sbatch_args", metavar="ARG",
-                   help="extra sbatch option written into every script, e.g. --sbatch-arg=--qos=long (repeatable)")
+                   help="extra sbatch option written into every script; use the = form: --sbatch-arg=--qos=long (repeatable)")
     g.add_argument("--dry-run", action="store_true", help="write and print the scripts, run/submit nothing")
 
 
@@ -205,6 +205,7 @@ def stage_script(stage: Stage, workdir: Path, options: LauncherOptions) -> str:
         'N="${SLURM_CPUS_PER_TASK:-${NNUNET_EXT_TASK_CPUS:-1}}"',
         'export OMP_NUM_THREADS="$N" MKL_NUM_THREADS="$N" OPENBLAS_NUM_THREADS="$N"',
         'export nnUNet_def_n_proc="${nnUNet_def_n_proc:-$N}" nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-$N}"',
+        "export PYTHONUNBUFFERED=1  # the log shows progress as it happens",
         'ST="$STAGE_DIR/status"; LOG="$STAGE_DIR/logs/$TASK.log"',
         'mkdir -p "$ST" "$STAGE_DIR/logs"',
         'if [ -n "$DONE" ] && [ -e "$DONE" ]; then echo "$TASK: finished already ($DONE)"; exit 0; fi',
