@@ -91,7 +91,9 @@ def preprocess_soft_dataset(dataset: str | int, configuration: str, plans: str =
 
     check_output_not_input(out, [src, Path(nnUNet_raw) / name])
     out.mkdir(parents=True, exist_ok=True)
-    with output_lock(out.parent / f".{out.name}.lock", what=f"preprocess-soft output {out}"):
+    # the lock lives inside the output folder: nnU-Net infers its dataset class from every file ending in
+    # the configuration folder, so nothing of ours may sit there beside the cases
+    with output_lock(out / ".nnunet_ext.lock", what=f"preprocess-soft output {out}"):
         manifest_file = out / MANIFEST
         manifest = {} if overwrite or not manifest_file.is_file() else _read_manifest(manifest_file)
         _clean(out, cases, overwrite)
