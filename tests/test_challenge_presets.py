@@ -87,6 +87,13 @@ def test_wmh_preset_float_prediction_file(tmp_path):
     write_image(pred, (3.0, 1.0, 1.0), tmp_path / "pred" / "c.nii.gz")
     m = evaluate_folders(tmp_path / "ref", tmp_path / "pred", preset="wmh2017", progress=False)["per_case"]["c"]
     assert (m["dice"], m["hd95"], m["avd"], m["lesion_tpr"], m["lesion_f1"]) == (1.0, 0.0, 0.0, 1.0, 1.0)
+    # another spacing in the prediction's header: the organisers copy the reference's geometry and score it
+    pred2 = np.zeros(ref.shape, np.float32)
+    pred2[1, 2:5, 2:4] = 0.7  # 6 of 9 voxels
+    write_image(pred2, (1.0, 1.0, 1.0), tmp_path / "pred" / "c.nii.gz")
+    m = evaluate_folders(tmp_path / "ref", tmp_path / "pred", preset="wmh2017", progress=False)["per_case"]["c"]
+    assert m["dice"] == pytest.approx(12 / 15) and m["avd"] == pytest.approx(100 / 3)
+    write_image(pred, (3.0, 1.0, 1.0), tmp_path / "pred" / "c.nii.gz")
     # without the preset a float prediction is not a binary mask: a clear error naming the file
     write_image((ref == 1).astype(np.uint8), (3.0, 1.0, 1.0), tmp_path / "ref" / "c.nii.gz")
     with pytest.raises(ValueError, match="pred/c.nii.gz: expected a binary mask"):

@@ -39,8 +39,9 @@ def _read_case(ref_path, pred_path, label, reader):
         ref_raw, spacing = read_image(ref_path)
         if pred_path is None:
             return prepare_case(ref_raw, np.zeros(ref_raw.shape, np.uint8)) + (spacing,)
-        pred_raw, p_spacing = read_image(pred_path)
-        check_same_grid(ref_path, ref_raw.shape, spacing, pred_path, pred_raw.shape, p_spacing)
+        pred_raw, _ = read_image(pred_path)
+        # the organisers only require the same size and copy the reference's geometry onto the prediction
+        check_same_grid(ref_path, ref_raw.shape, spacing, pred_path, pred_raw.shape, spacing)
         return prepare_case(ref_raw, pred_raw) + (spacing,)
     if reader == "anima":
         from nnunet_ext.metrics.anima import binarize
