@@ -17,3 +17,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -c "import nnunetv2, nnunet_ext, cc3d" # fails loudly if the install did not work
   echo "$want" > "$stamp"
 fi
+# Slurm for the launcher's tests (tests/test_slurm.py start a private single-node cluster): slurm-wlm and
+# munge from apt when running as root with apt; quiet, idempotent, and never a reason to fail the set-up
+# (without them those tests are skipped with the reason).
+have_slurm() { for p in sbatch squeue slurmctld slurmd munged; do command -v "$p" >/dev/null 2>&1 || [ -x "/usr/sbin/$p" ] || return 1; done; }
+if ! have_slurm && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing slurm-wlm and munge (Slurm tests)"
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null 2>&1; }; } ||
+    echo "note: apt could not install slurm-wlm/munge; the Slurm tests will be skipped" >&2
+fi
