@@ -243,9 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-uncertain", action="store_true",
                    help="voxels with VPT <= m < 0.5 become nnU-Net's ignore label instead of background")
     p.add_argument("--no-labeled", action="store_true", help="do not copy the teacher's labeled cases")
-    p.add_argument("-num_parts", type=int, default=1)
-    p.add_argument("-part_id", type=int, default=0)
+    p.add_argument("-num_parts", type=int, default=None,
+                   help="shards (default 1; with --launcher slurm or -j N the launcher runs them all, default N = -j)")
+    p.add_argument("-part_id", type=int, default=None, help="run only this shard (default 0)")
     p.add_argument("-device", default="cuda")
+    p.add_argument("--merge", action="store_true",
+                   help="only merge the finished shards' provenance into provenance.json/dataset.json (the launcher's last step)")
+    p.add_argument("--workdir", default=None, help="launcher scripts, markers and logs (default: "
+                                                   "$nnUNet_results/nnunet_ext_jobs/<output>/pseudolabel)")
+    add_launcher_arguments(p)
 
     p = sub.add_parser("submission", help="package a trained model as a challenge submission; test it locally",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -347,10 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", required=True, dest="output")
     c.add_argument("-chk", default="checkpoint_final.pth", dest="checkpoint")
     c.add_argument("-device", default="cuda")
-    c.add_argument("-j", "--jobs", type=int, default=1, help="rater models predicted in parallel (default 1)")
     c.add_argument("--save_probabilities", action="store_true")
     c.add_argument("--keep-rater-predictions", action="store_true", help="also write <out>/raters/<rater>/ masks")
     c.add_argument("-np", "--num-processes", type=int, default=2)
+    c.add_argument("--workdir", default=None, help="--launcher slurm: scripts, markers, logs (default <output>/.nnunet_ext_jobs)")
+    add_launcher_arguments(c)  # -j N: rater models predicted at once (also inside the one Slurm job)
     c = csub.add_parser("evaluate", help="each rater model and the consensus model vs the consensus and each rater")
     c.add_argument("-d", required=True, dest="dataset")
     c.add_argument("--pred", required=True, help="output folder of `consensus predict --keep-rater-predictions`")
@@ -388,6 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write nnU-Net's default 5-fold split when splits_final.json is missing")
     p.add_argument("--cohort", default=None, help="cohort to predict SCIN arms in")
     add_launcher_arguments(p)
+
+    p = sub.add_parser("jobs", help="state of a launcher work folder (local or Slurm); resume its unfinished tasks",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  nnunet-ext jobs status WORKDIR          # done / running / pending / failed (+ log)\n"
+                              "  nnunet-ext jobs status WORKDIR --wait   # until nothing is pending or running\n"
+                              "  nnunet-ext jobs resume WORKDIR          # re-run/re-submit only unfinished or failed tasks\n"
+                              "See docs/cluster.md.")
+    p.add_argument("action", choices=("status", "resume"))
+    p.add_argument("workdir", help="the work folder a command printed (it holds jobs.json)")
+    p.add_argument("--wait", action="store_true", help="status: poll until no task is pending or running")
+    p.add_argument("--dry-run", action="store_true", help="resume: print what would be run/submitted")
 
     p = sub.add_parser("demo", help="nnU-Net's default trainer vs LSRDiceTrainer on the phantom, same CPU budget: "
                                     "comparison table, report and overlaid curves",
@@ -533,13 +551,34 @@ def run(argv: list[str] | None = None) -> int:
                       npp=args.npp, nps=args.nps, min_lesion_mm3=args.min_lesion_mm3, threshold=args.threshold)
         print(f"{len(res['cases'])} cases -> {args.output} (threshold: {res['threshold']}, {res['threshold_source']})")
     elif args.command == "pseudolabel":
-        from nnunet_ext.pseudolabel import pseudolabel
+        from nnunet_ext import pseudolabel as pl
 
-        prov = pseudolabel(args.dataset, args.configuration, args.input, args.output, args.trainer, args.plans,
-                           args.folds, args.checkpoint, args.alpha, args.vpt, args.tst, args.ignore_uncertain,
-                           args.num_parts, args.part_id, args.device, include_labeled=not args.no_labeled)
-        kept = sum(v["kept"] for v in prov["cases"].values())
-        print(f"part {args.part_id}: {kept} of {len(prov['cases'])} cases kept -> {args.output}")
+        options = launcher_options(args)
+        fan_out = options.launcher == "slurm" or options.jobs > 1 or options.dry_run
+        if args.merge:
+            prov = pl.merge_parts(output_dataset=args.output, num_parts=args.num_parts or 1)
+            print(f"merged {args.num_parts or 1} part(s): {len(prov['kept'])} of {len(prov['cases'])} cases kept "
+                  f"-> {args.output}")
+        elif fan_out:
+            if args.part_id is not None:
+                raise ValueError("-part_id is chosen by the launcher; drop it (or drop --launcher/-j to run one shard)")
+            from pathlib import Path
+
+            argv = ["-d", str(args.dataset), "-c", args.configuration, "-tr", args.trainer, "-p", args.plans,
+                    "-f", *map(str, args.folds), "-chk", args.checkpoint, "-i", str(Path(args.input).resolve()),
+                    "-o", args.output, "--alpha", repr(args.alpha), "--vpt", repr(args.vpt), "--tst", repr(args.tst),
+                    "-device", args.device] + (["--ignore-uncertain"] if args.ignore_uncertain else []) \
+                + (["--no-labeled"] if args.no_labeled else [])
+            res = pl.launch(argv=argv, output_dataset=args.output, num_parts=args.num_parts or options.jobs,
+                            launcher=options, workdir=args.workdir)
+            _print_launched(res)
+        else:
+            prov = pl.pseudolabel(args.dataset, args.configuration, args.input, args.output, args.trainer, args.plans,
+                                  args.folds, args.checkpoint, args.alpha, args.vpt, args.tst, args.ignore_uncertain,
+                                  args.num_parts or 1, args.part_id or 0, args.device,
+                                  include_labeled=not args.no_labeled)
+            kept = sum(v["kept"] for v in prov["cases"].values())
+            print(f"part {args.part_id or 0}: {kept} of {len(prov['cases'])} cases kept -> {args.output}")
     elif args.command == "submission":
         from nnunet_ext import submission
 
@@ -605,10 +644,22 @@ def run(argv: list[str] | None = None) -> int:
                                          args.device, args.num_processes)
             print(f"wrote {out}")
         elif args.consensus_command == "predict":
-            res = consensus.predict(args.dataset, args.input, args.output, args.device, args.jobs,
-                                    args.keep_rater_predictions, args.save_probabilities, args.num_processes,
-                                    args.checkpoint)
-            print(f"{len(res['cases'])} case(s) -> {args.output}")
+            options = launcher_options(args)
+            if options.launcher == "slurm" or options.dry_run:
+                from pathlib import Path
+
+                inner = ["-i", str(Path(args.input).resolve()), "-o", str(Path(args.output).resolve()), "-chk",
+                         args.checkpoint, "-device", args.device, "-j", str(args.jobs), "-np", str(args.num_processes)] \
+                    + (["--save_probabilities"] if args.save_probabilities else []) \
+                    + (["--keep-rater-predictions"] if args.keep_rater_predictions else [])
+                res = consensus.launch_predict(dataset=args.dataset, predict_args=inner, output_dir=args.output,
+                                               launcher=options, workdir=args.workdir)
+                _print_launched(res)
+            else:
+                res = consensus.predict(args.dataset, args.input, args.output, args.device, args.jobs,
+                                        args.keep_rater_predictions, args.save_probabilities, args.num_processes,
+                                        args.checkpoint)
+                print(f"{len(res['cases'])} case(s) -> {args.output}")
         else:
             res = consensus.evaluate(args.dataset, args.pred, args.output, args.ref, args.raters)
             print(consensus.format_table(res))
@@ -621,6 +672,15 @@ def run(argv: list[str] | None = None) -> int:
                             iterations=args.iterations, train_cases=args.cases, test_cases=args.test_cases,
                             shape=tuple(args.shape), difficulty=parse_difficulty(args.difficulty), device=args.device,
                             n_proc=args.num_processes))
+    elif args.command == "jobs":
+        from nnunet_ext import jobs
+
+        if args.action == "status":
+            st = jobs.wait(args.workdir) if args.wait else jobs.status(args.workdir)
+            print(jobs.format_status(st))
+            return 1 if jobs.failed_tasks(st) else 0
+        res = jobs.resume(args.workdir, dry_run=args.dry_run)
+        _print_launched(res)
     elif args.command == "compare":
         import shlex
 
@@ -647,7 +707,12 @@ def main(argv: list[str] | None = None) -> None:
     (anywhere) keeps the traceback (see :mod:`nnunet_ext.errors`)."""
     from nnunet_ext.errors import run_cli
 
-    sys.exit(run_cli(run, list(sys.argv[1:] if argv is None else argv)))
+    rc = run_cli(run, list(sys.argv[1:] if argv is None else argv))
+    import signal
+
+    for s in (signal.SIGINT, signal.SIGTERM):  # finished: a late Ctrl-C must not turn success into a traceback
+        signal.signal(s, signal.SIG_IGN)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -547,6 +547,21 @@ def predict(dataset, input_dir, output_dir, device: str = "cuda", jobs: int = 1,
     return summary
 
 
+def launch_predict(dataset, predict_args: list[str], output_dir, launcher, workdir=None) -> dict:
+    """``consensus predict`` as one launcher task (one Slurm job holding every rater model and the consensus
+    model; ``-j`` inside it still runs rater models at once): ``nnunet-ext consensus predict -d D
+    PREDICT_ARGS``. Scripts, markers and logs in ``workdir`` (default ``<output>/.nnunet_ext_jobs``).
+    Returns ``{"launcher", "workdir", "stages"}``."""
+    from nnunet_ext.launcher import Stage, Task, run_stages, task_env
+
+    load_state(dataset)  # fails early when the cascade does not exist
+    env = task_env({k: v for k, v in nnunet_env(None).items() if k in NNUNET_FOLDERS + ("nnUNet_extTrainer",)})
+    task = Task("predict", [nnunet_command("nnunet-ext"), "consensus", "predict", "-d", str(dataset), *predict_args], env)
+    workdir = Path(workdir) if workdir else Path(output_dir).resolve() / ".nnunet_ext_jobs"
+    res = run_stages([Stage("consensus_predict", [task])], workdir, launcher)
+    return {"launcher": launcher.launcher, "workdir": str(workdir), "stages": res}
+
+
 # ---------------------------------------------------------------------------------------------- evaluate
 
 
