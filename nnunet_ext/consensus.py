@@ -305,9 +305,10 @@ def record_training(dataset, stage: int, configuration: str, trainer: str = "nnU
 def train_stages(dataset, stage, configuration: str, trainer: str = "nnUNetTrainer", plans: str = "nnUNetPlans",
                  folds=None, device: str = "cuda", n_proc: int = 2, stage2_id: int | None = None):
     """The launcher stages of ``consensus train``: per training stage a ``prepare`` step (plan/preprocess,
-    split, one-off unpacking), the fold trainings (``nnUNetv2_train ... --npz --c``, done when
-    ``checkpoint_final.pth`` exists) and a ``record`` step; ``stage="all"`` chains stage 1, build-stage2
-    and stage 2 (the stage-2 dataset id is fixed now, so its folds can be scheduled before it exists)."""
+    split, one-off unpacking), the fold trainings (``nnUNetv2_train ... --npz --c``, done when the fold's
+    ``validation/summary.json`` exists: nnU-Net writes it after the final checkpoint and the validation)
+    and a ``record`` step; ``stage="all"`` chains stage 1, build-stage2 and stage 2 (the stage-2 dataset id
+    is fixed now, so its folds can be scheduled before it exists)."""
     from nnunet_ext.launcher import Stage, Task, task_env
 
     if stage not in (1, 2, "all"):
@@ -339,7 +340,10 @@ def train_stages(dataset, stage, configuration: str, trainer: str = "nnUNetTrain
                     f"{t.get('rater', 'consensus')}_fold{f}",
                     [nnunet_command("nnUNetv2_train"), str(t["id"]), configuration, str(f), "-tr", trainer, "-p", plans,
                      "--npz", "-device", device, "--c"], env,
-                    done=str(_model_dir(t["name"], trainer, plans, configuration) / f"fold_{f}" / "checkpoint_final.pth")))
+                    # nnU-Net validates (and writes the --npz probabilities stage 2 reads) after saving
+                    # checkpoint_final.pth; summary.json is the last file a fold writes
+                    done=str(_model_dir(t["name"], trainer, plans, configuration) / f"fold_{f}" / "validation" /
+                             "summary.json")))
         out = [Stage(pre, prep, after), Stage(f"stage{s}_train", fold_tasks, [pre])]
         out.append(Stage(f"stage{s}_record", [Task("record", [ext, "consensus", "train", "-d", str(dataset), "--stage",
                                                                str(s), "-c", configuration, "-tr", trainer, "-p", plans,
