@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-device", default="cuda")
     c.add_argument("-np", "--num-processes", type=int, default=2, help="planning/preprocessing processes")
     c.add_argument("--id", type=int, default=None, dest="stage2_id", help="--stage all: id of the consensus dataset")
+    c.add_argument("-num_gpus", type=int, default=1, help="nnU-Net DDP: GPUs per fold training, inside one task "
+                                                          "(with --gpus-per-task N on Slurm)")
     c.add_argument("--workdir", default=None, help="launcher scripts, markers and logs (default: "
                                                    "$nnUNet_results/nnunet_ext_jobs/<dataset>/consensus_train_stage<S>)")
     c.add_argument("--record-only", action="store_true",
@@ -633,7 +635,7 @@ def run(argv: list[str] | None = None) -> int:
                 res = consensus.train(dataset=args.dataset, stage=stage, configuration=args.configuration,
                                       trainer=args.trainer, plans=args.plans, folds=args.folds, device=args.device,
                                       n_proc=args.num_processes, launcher=launcher_options(args), workdir=args.workdir,
-                                      stage2_id=args.stage2_id)
+                                      stage2_id=args.stage2_id, num_gpus=args.num_gpus)
                 _print_launched(res)
         elif args.consensus_command == "prepare":
             names = consensus.prepare(dataset=args.dataset, stage=args.stage, configuration=args.configuration,

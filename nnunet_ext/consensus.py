@@ -303,7 +303,7 @@ def record_training(dataset, stage: int, configuration: str, trainer: str = "nnU
 
 
 def train_stages(dataset, stage, configuration: str, trainer: str = "nnUNetTrainer", plans: str = "nnUNetPlans",
-                 folds=None, device: str = "cuda", n_proc: int = 2, stage2_id: int | None = None):
+                 folds=None, device: str = "cuda", n_proc: int = 2, stage2_id: int | None = None, num_gpus: int = 1):
     """The launcher stages of ``consensus train``: per training stage a ``prepare`` step (plan/preprocess,
     split, one-off unpacking), the fold trainings (``nnUNetv2_train ... --npz --c``, done when the fold's
     ``validation/summary.json`` exists: nnU-Net writes it after the final checkpoint and the validation)
@@ -313,6 +313,10 @@ def train_stages(dataset, stage, configuration: str, trainer: str = "nnUNetTrain
 
     if stage not in (1, 2, "all"):
         raise ValueError(f"stage must be 1, 2 or 'all', got {stage!r}")
+    if num_gpus < 1:
+        raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
+    if num_gpus > 1 and device != "cuda":
+        raise NotImplementedError("nnU-Net's DDP training (-num_gpus > 1) needs -device cuda")
     src, state = load_state(dataset)
     folds = list(range(state["n_folds"])) if folds is None else list(folds)
     bad = [f for f in folds if not 0 <= int(f) < state["n_folds"]]
@@ -339,7 +343,7 @@ def train_stages(dataset, stage, configuration: str, trainer: str = "nnUNetTrain
                 fold_tasks.append(Task(
                     f"{t.get('rater', 'consensus')}_fold{f}",
                     [nnunet_command("nnUNetv2_train"), str(t["id"]), configuration, str(f), "-tr", trainer, "-p", plans,
-                     "--npz", "-device", device, "--c"], env,
+                     "--npz", "-device", device, "--c"] + (["-num_gpus", str(num_gpus)] if num_gpus > 1 else []), env,
                     # nnU-Net validates (and writes the --npz probabilities stage 2 reads) after saving
                     # checkpoint_final.pth; summary.json is the last file a fold writes
                     done=str(_model_dir(t["name"], trainer, plans, configuration) / f"fold_{f}" / "validation" /
@@ -376,7 +380,7 @@ def default_workdir(dataset, name: str) -> Path:
 
 def train(dataset, stage, configuration: str, trainer: str = "nnUNetTrainer", plans: str = "nnUNetPlans",
           folds=None, device: str = "cuda", n_proc: int = 2, launcher=None, workdir=None,
-          stage2_id: int | None = None) -> dict:
+          stage2_id: int | None = None, num_gpus: int = 1) -> dict:
     """Plan/preprocess (if needed) and train every fold of the stage-1 rater datasets, the stage-2 dataset,
     or (``stage="all"``) stage 1, build-stage2 and stage 2, with nnU-Net's own commands (``--npz``:
     validation probabilities feed stage 2), through the launcher (``launcher``: LauncherOptions; default
@@ -387,7 +391,9 @@ def train(dataset, stage, configuration: str, trainer: str = "nnUNetTrainer", pl
     from nnunet_ext.launcher import LauncherOptions, run_stages
 
     options = launcher or LauncherOptions()
-    stages = train_stages(dataset, stage, configuration, trainer, plans, folds, device, n_proc, stage2_id)
+    if num_gpus > 1 and options.gpus_per_task is not None and options.gpus_per_task < num_gpus:
+        raise ValueError(f"-num_gpus {num_gpus} needs --gpus-per-task >= {num_gpus} (one task runs nnU-Net's DDP)")
+    stages = train_stages(dataset, stage, configuration, trainer, plans, folds, device, n_proc, stage2_id, num_gpus)
     workdir = Path(workdir) if workdir else default_workdir(dataset, f"consensus_train_stage{stage}")
     res = run_stages(stages, workdir, options)
     out = {"launcher": options.launcher, "workdir": str(workdir), "stages": res}
