@@ -7,13 +7,11 @@ without accounting. ``resume`` re-runs or re-submits only unfinished and failed 
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from nnunet_ext.launcher import (LauncherOptions, _finished, _latest_submissions, _marker, _run, _slurm_final_state,
-                                 _squeue, _stages_of, _submit, _write_scripts, _run_local, load_manifest, run_stages,
-                                 task_log)
+from nnunet_ext.launcher import (LauncherOptions, _finished, _latest_submissions, _marker, _run, _run_local,
+                                 _slurm_final_state, _squeue, _stages_of, _submit, _write_scripts, load_manifest, task_log)
 
 
 def status(workdir) -> dict:
@@ -45,8 +43,11 @@ def status(workdir) -> dict:
                     row["state"], row["reason"] = "running", state.lower()
             elif ex is not None:
                 row["state"], row["reason"] = "failed", ex
+            elif started is not None and manifest.get("launcher") != "slurm":
+                row["state"] = "failed"
+                row["reason"] = "started, no exit code: still running in another process, or that run was interrupted"
             elif started is not None:
-                final = _slurm_final_state(*sub) if sub and manifest.get("launcher") == "slurm" else None
+                final = _slurm_final_state(*sub) if sub else None
                 row["state"] = "failed"
                 row["reason"] = ("ended without writing its exit code (node failure, SIGKILL/out of memory or "
                                  "time limit)" + (f"; Slurm: {final}" if final else ""))
@@ -76,23 +77,24 @@ def format_status(st: dict) -> str:
     return "\n".join(lines)
 
 
-def resume(workdir, options: LauncherOptions | None = None) -> dict:
-    """Run or re-submit only the unfinished and failed tasks of ``workdir`` (finished ones are never
-    re-run). Slurm: tasks still queued or running are left alone (later stages wait for them), tasks
-    blocked by a failed dependency are cancelled and submitted again."""
+def resume(workdir, dry_run: bool = False) -> dict:
+    """Run (local) or re-submit (slurm) only the unfinished and failed tasks of ``workdir``, with the
+    options it was started with; finished tasks are never run again. Slurm: tasks still queued or running
+    are left alone (later stages wait for them); tasks blocked by a failed dependency are cancelled and
+    submitted again. Returns ``{"launcher", "workdir", "stages"}`` like the commands that started it."""
     workdir = Path(workdir).resolve()
     manifest = load_manifest(workdir)
     stages = _stages_of(manifest)
-    saved = LauncherOptions(**manifest["options"])
-    if options is not None and options.launcher != saved.launcher:
-        raise NotImplementedError(f"{workdir} was started with --launcher {saved.launcher}; resume it with the same launcher")
-    options = options or saved
-    scripts = _write_scripts(stages, workdir, options) if options != saved else \
-        {s["name"]: Path(s["script"]) for s in manifest["stages"]}
-    if options.dry_run:
-        return run_stages(stages, workdir, options)
+    options = LauncherOptions(**manifest["options"])
+    scripts = _write_scripts(stages, workdir, options)  # the same scripts again (also if one was deleted)
+    out = {"launcher": options.launcher, "workdir": str(workdir)}
     if options.launcher == "local":
-        return _run_local(stages, workdir, options, scripts)
+        if dry_run:
+            for st in stages:
+                todo = [k for k, t in enumerate(st.tasks) if not _finished(workdir, st, t)]
+                print(f"[{st.name}] would run tasks {todo}" if todo else f"[{st.name}] finished")
+            return {**out, "stages": {st.name: None for st in stages}}
+        return {**out, "stages": _run_local(stages, workdir, options, scripts)}
     latest = _latest_submissions(manifest)
     queued = _squeue({j for j, _ in latest.values()})
     active: dict[str, set[str]] = {}
@@ -101,18 +103,30 @@ def resume(workdir, options: LauncherOptions | None = None) -> dict:
     for (stage, k), (job, idx) in latest.items():
         if (job, idx) not in queued:
             continue
-        state, reason = queued[(job, idx)]
-        if "DependencyNeverSatisfied" in reason:
+        if "DependencyNeverSatisfied" in queued[(job, idx)][1]:
             cancel.append(f"{job}_{idx}")
         else:
             active.setdefault(stage, set()).add(job)
             skip.add((stage, k))
+    if dry_run:
+        for st in stages:
+            todo = [k for k, t in enumerate(st.tasks) if not _finished(workdir, st, t) and (st.name, k) not in skip]
+            print(f"[{st.name}] would submit tasks {todo}" if todo else f"[{st.name}] nothing to submit")
+        if cancel:
+            print(f"would cancel blocked tasks {', '.join(cancel)}")
+        return {**out, "stages": {st.name: None for st in stages}}
     if cancel:
         r = _run(["scancel", *cancel])
         if r.returncode != 0:
             raise RuntimeError(f"scancel {' '.join(cancel)} failed: {r.stderr.strip()}")
         print(f"cancelled blocked tasks {', '.join(cancel)}", flush=True)
-    return _submit(manifest, stages, workdir, scripts, active, skip)
+    return {**out, "stages": _submit(manifest, stages, workdir, scripts, active, skip)}
+
+
+def failed_tasks(st: dict) -> list[tuple[str, str, dict]]:
+    """(stage, task, row) of every failed or blocked task in a :func:`status` result."""
+    return [(stage, name, r) for stage, rows in st["stages"].items() for name, r in rows.items()
+            if r["state"] in ("failed", "blocked")]
 
 
 def wait(workdir, poll: float = 5.0, timeout: float | None = None) -> dict:
@@ -127,17 +141,3 @@ def wait(workdir, poll: float = 5.0, timeout: float | None = None) -> dict:
         if timeout is not None and time.time() - t0 > timeout:
             raise TimeoutError(f"{workdir}: tasks still pending/running after {timeout:.0f} s")
         time.sleep(poll)
-
-
-def main_jobs(action: str, workdir, options: LauncherOptions | None = None) -> int:
-    """``nnunet-ext jobs status|resume WORKDIR``; exit code 1 when a task failed or is blocked."""
-    if action == "status":
-        st = status(workdir)
-        print(format_status(st))
-        bad = [r for rows in st["stages"].values() for r in rows.values() if r["state"] in ("failed", "blocked")]
-        return 1 if bad else 0
-    if action == "resume":
-        res = resume(workdir, options)
-        print(json.dumps(res))
-        return 0
-    raise ValueError(f"jobs action must be status or resume, got {action!r}")
