@@ -159,9 +159,11 @@ def split_raters(dataset, first_id: int | None = None, n_folds: int = 5, copy: b
     if first_id is not None:
         first_id = validate.dataset_id(first_id, "--first-id")
     src = dataset_folder(dataset)
+    from nnunet_ext.io import read_json
+
     if not (src / "dataset.json").is_file():
         raise FileNotFoundError(f"{src / 'dataset.json'} not found: {src} is not an nnU-Net raw dataset")
-    dj = json.loads((src / "dataset.json").read_text())
+    dj = read_json(src / "dataset.json", required=("file_ending", "channel_names"))
     ending = dj["file_ending"]
     raters = sorted(p for p in (src / "ratersTr").glob("*") if p.is_dir()) if (src / "ratersTr").is_dir() else []
     if not raters:
@@ -175,7 +177,7 @@ def split_raters(dataset, first_id: int | None = None, n_folds: int = 5, copy: b
             raise FileNotFoundError(f"rater {r.name} has no mask for {len(missing)} case(s), e.g. {r / (missing[0] + ending)}")
     n_ch = len(dj["channel_names"])
     with output_lock(src.parent / f".{src.name}.split-raters.lock", what=f"split-raters of {src.name}"):
-        old = json.loads((src / STATE).read_text()) if (src / STATE).is_file() else {}
+        old = read_json(src / STATE) if (src / STATE).is_file() else {}
         old_raters = old.get("raters", {})
         # check every input before writing anything
         masks = {}

@@ -281,3 +281,20 @@ def check_same_geometry(reference, ref_img: sitk.Image, other, img: sitk.Image) 
                          f"{tuple(round(v, 3) for v in img.GetOrigin())}) does not match {reference} (size "
                          f"{ref_img.GetSize()}, spacing {ref_img.GetSpacing()}, origin "
                          f"{tuple(round(v, 3) for v in ref_img.GetOrigin())}); resample one onto the other's grid")
+
+
+def read_json(path: str | os.PathLike, required: Sequence[str] = ()):
+    """A JSON file; ValueError naming the file when it is damaged or lacks one of the ``required`` keys."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        obj = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); fix or re-create it") from None
+    missing = [k for k in required if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise ValueError(f"{path}: missing key {missing[0]!r}; fix or re-create it")
+    return obj

@@ -81,7 +81,9 @@ def preprocess_soft_dataset(dataset: str | int, configuration: str, plans: str =
     src = Path(nnUNet_raw) / name / soft_dir
     if not src.is_dir():
         raise FileNotFoundError(f"soft label folder {src} not found")
-    ending = json.loads((Path(nnUNet_raw) / name / "dataset.json").read_text())["file_ending"]
+    from nnunet_ext.io import read_json
+
+    ending = read_json(Path(nnUNet_raw) / name / "dataset.json", required=("file_ending",))["file_ending"]
     out = soft_folder(pre) if out_name is None else pre / out_name
     rw = pm.image_reader_writer_class()
     cases = sorted(p.name[:-len("_seg.b2nd")] for p in pre.glob("*_seg.b2nd"))

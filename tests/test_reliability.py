@@ -632,3 +632,15 @@ def test_check_output_not_input(tmp_path):
     (tmp_path / "link").symlink_to(d)
     with pytest.raises(ValueError, match="also an input"):
         check_output_not_input(tmp_path / "link", [d])
+
+
+def test_split_raters_damaged_dataset_json(capsys, cascade_src):
+    raw, src = cascade_src
+    (src / "dataset.json").write_text('{"channel_names": {"0": "FLAIR"}, ')
+    rc, err = cli(capsys, "consensus", "split-raters", "-d", 560, "--folds", 2)
+    assert rc == 2
+    one_line_error(err, "dataset.json", "not valid JSON")
+    (src / "dataset.json").write_text('{"channel_names": {"0": "FLAIR"}}')
+    rc, err = cli(capsys, "consensus", "split-raters", "-d", 560, "--folds", 2)
+    assert rc == 2
+    one_line_error(err, "dataset.json", "file_ending")
