@@ -644,3 +644,11 @@ def test_split_raters_damaged_dataset_json(capsys, cascade_src):
     rc, err = cli(capsys, "consensus", "split-raters", "-d", 560, "--folds", 2)
     assert rc == 2
     one_line_error(err, "dataset.json", "file_ending")
+
+
+def test_phantom_raw_under_a_file(capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    rc, err = cli(capsys, "phantom", "-d", 531, *PH, "--raw", tmp_path / "afile" / "raw")
+    assert rc == 2
+    one_line_error(err, "afile")
+    assert (tmp_path / "afile").read_text() == "x"
