@@ -153,3 +153,21 @@ class export_function:
     def __exit__(self, *exc):
         self._module.export_prediction_from_logits = self._saved
         return False
+
+
+def build_trainer(trainer_cls, dataset, configuration: str, fold, plans: str = "nnUNetPlans",
+                  device: str = "cpu"):
+    """An instance of ``trainer_cls`` for a planned dataset, built as nnU-Net's ``get_trainer_from_args``
+    builds it (without looking the class up by name)."""
+    import json
+
+    import torch
+
+    pre = preprocessed_folder(dataset)
+    plans_file, ds_file = pre / f"{plans}.json", pre / "dataset.json"
+    if not plans_file.is_file():
+        raise FileNotFoundError(f"{plans_file} not found: run nnUNetv2_plan_and_preprocess -d {dataset} first")
+    plans_dict = json.loads(plans_file.read_text())
+    plans_dict["continue_training"] = False  # nnU-Net 2.8 passes this through the plans
+    return trainer_cls(plans=plans_dict, configuration=configuration, fold=fold,
+                       dataset_json=json.loads(ds_file.read_text()), device=torch.device(device))

@@ -33,7 +33,7 @@ from nnunet_ext.training.targets import SOFT_SCALE, MapSpec
 
 
 def part_name(part) -> str:
-    args = ", ".join(f"{k}={v!r}" for k, v in vars(part).items() if not k.startswith("_"))
+    args = ", ".join(f"{k}={v!r}" for k, v in vars(part).items() if not k.startswith("_") and k != "needs")
     return f"{type(part).__name__}({args})"
 
 
