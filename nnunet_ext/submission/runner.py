@@ -80,27 +80,20 @@ def main(sub_dir) -> int:
 
     import numpy as np
     import SimpleITK as sitk
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    from nnunet_ext.predictor import predict_cases
     from nnunet_ext.submission.layouts import cases_for
-    from nnunet_ext.thresholds import combined_threshold, soft_output
 
     cases = cases_for(cfg["challenge"], args.input, args.output, cfg["n_channels"], cfg["file_ending"])
     Path(args.output).mkdir(parents=True, exist_ok=True)
-    th = combined_threshold(mdir, cfg["folds"])
-    predictor = nnUNetPredictor(device=torch.device(args.device), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(mdir), tuple(cfg["folds"]), cfg["checkpoint"])
     with tempfile.TemporaryDirectory() as tmp:
-        predictor.predict_from_files([[str(p) for p in c.channels] for c in cases],
-                                     [str(Path(tmp) / c.case_id) for c in cases], save_probabilities=th is not None,
-                                     overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
+        # the one predictor: the model's contract (condition, cohort, TTA, threshold, post-processing)
+        res = predict_cases(mdir, cfg["folds"], [[str(p) for p in c.channels] for c in cases], tmp,
+                            checkpoint=cfg["checkpoint"], device=args.device, cohort=cfg.get("cohort"),
+                            write_soft=False, npp=1, nps=1)
         for c in cases:
             ref = sitk.ReadImage(str(c.reference))
             seg = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(tmp) / f"{c.case_id}{cfg['file_ending']}")))
-            if th is not None:
-                with np.load(Path(tmp) / f"{c.case_id}.npz") as f:
-                    seg = soft_output(f["probabilities"], th["activation"]) >= th["threshold"]
             seg = (np.asarray(seg) == 1).astype(np.uint8)  # lesion label 1; ignore-label models never predict it
             if seg.shape != sitk.GetArrayViewFromImage(ref).shape:
                 raise RuntimeError(f"{c.case_id}: prediction shape {seg.shape} differs from {c.reference}")
@@ -108,7 +101,8 @@ def main(sub_dir) -> int:
             out.CopyInformation(ref)
             c.output.parent.mkdir(parents=True, exist_ok=True)
             sitk.WriteImage(out, str(c.output), True)
-            print(f"{c.case_id} -> {c.output}" + (f" (threshold {th['threshold']})" if th else ""))
+            print(f"{c.case_id} -> {c.output} (threshold: {res['threshold']}, {res['threshold_source']}; "
+                  f"min lesion {res['postprocessing']['min_lesion_mm3']} mm3)")
     return 0
 
 
