@@ -58,6 +58,12 @@ def status(workdir) -> dict:
             else:
                 row["state"] = "not run"
             rows[t.name] = row
+        # pending behind a stage that failed or is blocked: it would wait for ever (Slurm only flags the
+        # direct dependents with DependencyNeverSatisfied)
+        stuck = [a for a in st.after if any(r["state"] in ("failed", "blocked") for r in result["stages"][a].values())]
+        for row in rows.values():
+            if stuck and row["state"] == "pending":
+                row["state"], row["reason"] = "blocked", f"waits for stage {', '.join(stuck)}, which failed or is blocked"
         result["stages"][st.name] = rows
     return result
 
@@ -79,9 +85,9 @@ def format_status(st: dict) -> str:
 
 def resume(workdir, dry_run: bool = False) -> dict:
     """Run (local) or re-submit (slurm) only the unfinished and failed tasks of ``workdir``, with the
-    options it was started with; finished tasks are never run again. Slurm: tasks still queued or running
-    are left alone (later stages wait for them); tasks blocked by a failed dependency are cancelled and
-    submitted again. Returns ``{"launcher", "workdir", "stages"}`` like the commands that started it."""
+    options it was started with; finished tasks are never run again. Slurm: running tasks are left alone
+    (later stages wait for them); pending ones (some may wait behind a failed stage for ever) are cancelled
+    and submitted again in the new chain. Returns ``{"launcher", "workdir", "stages"}`` like the commands that started it."""
     workdir = Path(workdir).resolve()
     manifest = load_manifest(workdir)
     stages = _stages_of(manifest)
@@ -100,10 +106,12 @@ def resume(workdir, dry_run: bool = False) -> dict:
     active: dict[str, set[str]] = {}
     skip: set[tuple[str, int]] = set()
     cancel = []
+    # running tasks go on (later stages wait for them); pending ones are cancelled and submitted again
+    # in the new chain: one of them may wait behind a failed stage, and Slurm never starts those
     for (stage, k), (job, idx) in latest.items():
         if (job, idx) not in queued:
             continue
-        if "DependencyNeverSatisfied" in queued[(job, idx)][1]:
+        if queued[(job, idx)][0] == "PENDING":
             cancel.append(f"{job}_{idx}")
         else:
             active.setdefault(stage, set()).add(job)
@@ -113,13 +121,13 @@ def resume(workdir, dry_run: bool = False) -> dict:
             todo = [k for k, t in enumerate(st.tasks) if not _finished(workdir, st, t) and (st.name, k) not in skip]
             print(f"[{st.name}] would submit tasks {todo}" if todo else f"[{st.name}] nothing to submit")
         if cancel:
-            print(f"would cancel blocked tasks {', '.join(cancel)}")
+            print(f"would cancel pending tasks {', '.join(cancel)} and submit them again")
         return {**out, "stages": {st.name: None for st in stages}}
     if cancel:
         r = _run(["scancel", *cancel])
         if r.returncode != 0:
             raise RuntimeError(f"scancel {' '.join(cancel)} failed: {r.stderr.strip()}")
-        print(f"cancelled blocked tasks {', '.join(cancel)}", flush=True)
+        print(f"cancelled pending tasks {', '.join(cancel)} (submitted again below)", flush=True)
     return {**out, "stages": _submit(manifest, stages, workdir, scripts, active, skip)}
 
 

@@ -213,7 +213,7 @@ def test_slurm_cascade_kill_and_resume(cascades):
     assert [s["stage"] for s in again] == ["stage1_train", "stage1_record", "build_stage2", "stage2_prepare",
                                            "stage2_train", "stage2_record"]
     assert again[0]["indices"] == [c["victim_index"]] and again[1]["dependency"] == [again[0]["job_id"]]
-    assert "cancelled blocked tasks" in c["resume_out"]
+    assert "cancelled pending tasks" in c["resume_out"]
     for name in others:
         assert (wd / "stage1_train" / "logs" / f"{name}.log").read_text().count("=== " + name + ": start") == 1
     assert (wd / "stage1_train" / "logs" / f"{c['victim']}.log").read_text().count(": start") == 2
