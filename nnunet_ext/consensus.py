@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_ext.io import write_image
+from nnunet_ext.io import read_image, write_image
 from nnunet_ext.paths import NNUNET_FOLDERS, nnunet_command, nnunet_env, run_logged
 
 STATE = "consensus.json"
@@ -407,13 +407,30 @@ def train(dataset, stage, configuration: str, trainer: str = "nnUNetTrainer", pl
 # ---------------------------------------------------------------------------------------------- stage 2
 
 
-def _lesion_probability(npz: Path) -> np.ndarray:
+def _lesion_probability(npz: Path, activation: str = "softmax") -> np.ndarray:
+    """The stage-1 model's soft lesion map (its contract's activation) from nnU-Net's probabilities."""
+    from nnunet_ext.thresholds import soft_output
+
     with np.load(npz) as f:
         prob = f["probabilities"]
     if prob.shape[0] != 2:
         raise NotImplementedError(f"{npz}: the consensus cascade handles binary (background/lesion) models, "
                                   f"got {prob.shape[0]} classes")
-    return prob[1].astype(np.float32)
+    return soft_output(prob, activation)
+
+
+def _stage1_contract(state: dict, s1: dict):
+    """The stage-1 models' contract (every rater model is trained with the same trainer)."""
+    from nnunet_ext.contract import load_contract
+
+    r = next(iter(state["raters"].values()))
+    mdir = _model_dir(r["name"], s1["trainer"], s1["plans"], s1["configuration"])
+    c = load_contract(mdir, list(range(state["n_folds"])))
+    if c.condition == "cohort":
+        raise NotImplementedError(f"the consensus cascade with cohort-conditioned stage-1 models ({s1['trainer']}): "
+                                  f"a rater model has no cohort to predict new cases in; use an unconditioned or "
+                                  f"spacing-conditioned (FiLM) stage-1 trainer")
+    return c
 
 
 def _write_prob(prob: np.ndarray, reference_image: Path, out: Path) -> None:
@@ -428,7 +445,9 @@ def _write_prob(prob: np.ndarray, reference_image: Path, out: Path) -> None:
 
 def _predict(model: dict, input_dir: Path, output_dir: Path, folds, env, log, device, checkpoint="checkpoint_final.pth",
              probabilities=True) -> None:
-    cmd = [nnunet_command("nnUNetv2_predict"), "-i", str(input_dir), "-o", str(output_dir), "-d", str(model["id"]),
+    """``nnunet-ext predict`` (the one predictor, with the model's contract) in its own process, so that
+    rater models can run in parallel: ``<case><ending>`` masks, ``soft/`` maps, ``.npz`` on request."""
+    cmd = [nnunet_command("nnunet-ext"), "predict", "-i", str(input_dir), "-o", str(output_dir), "-d", str(model["id"]),
            "-c", model["configuration"], "-tr", model["trainer"], "-p", model["plans"], "-f", *map(str, folds),
            "-chk", checkpoint, "-device", device, "-npp", env["nnUNet_def_n_proc"], "-nps", env["nnUNet_def_n_proc"]]
     if probabilities:
@@ -458,6 +477,7 @@ def build_stage2(dataset, configuration: str | None = None, trainer: str | None 
     out = _raw() / name
     provenance = {}
     raters = list(state["raters"])
+    activation = _stage1_contract(state, s1).activation
     for r_idx, r in enumerate(raters):
         rds = state["raters"][r]
         mdir = _model_dir(rds["name"], s1["trainer"], s1["plans"], s1["configuration"])
@@ -476,7 +496,7 @@ def build_stage2(dataset, configuration: str | None = None, trainer: str | None 
                 _predict({**rds, **s1}, tmp_in, tmp_out, [f], env, log, device)
             for c in split["val"]:
                 npz = val_dir / f"{c}.npz" if c not in lacking else out / ".oof" / r / f"fold_{f}" / f"{c}.npz"
-                _write_prob(_lesion_probability(npz), src / "imagesTr" / f"{c}_0000{ending}",
+                _write_prob(_lesion_probability(npz, activation), src / "imagesTr" / f"{c}_0000{ending}",
                             out / "imagesTr" / f"{c}_{n_ch + r_idx:04d}{ending}")
                 provenance.setdefault(c, {})[r] = {"fold": f, "model": str(ckpt),
                                                    "source": "validation npz" if c not in lacking else "re-predicted",
@@ -530,11 +550,13 @@ def predict(dataset, input_dir, output_dir, device: str = "cuda", jobs: int = 1,
     log = out / "consensus_predict.log"
     raters = state["stage2"]["rater_order"]
     s1_folds = list(range(state["n_folds"]))
+    _stage1_contract(state, s1)
 
     def run_rater(i_r):
         i, r = i_r
         print(f"[{i + 1}/{len(raters) + 1}] rater model {r} (folds {s1_folds}) on {len(cases)} case(s)", flush=True)
-        _predict({**state["raters"][r], **s1}, input_dir, work / r, s1_folds, env, log, device, checkpoint)
+        _predict({**state["raters"][r], **s1}, input_dir, work / r, s1_folds, env, log, device, checkpoint,
+                 probabilities=False)
         return r
 
     with ThreadPoolExecutor(max(1, jobs)) as ex:
@@ -543,9 +565,9 @@ def predict(dataset, input_dir, output_dir, device: str = "cuda", jobs: int = 1,
     for c in cases:
         for k in range(n_ch):
             _link(input_dir / f"{c}_{k:04d}{ending}", s2_in / f"{c}_{k:04d}{ending}", False)
-        for i, r in enumerate(raters):
-            _write_prob(_lesion_probability(work / r / f"{c}.npz"), input_dir / f"{c}_0000{ending}",
-                        s2_in / f"{c}_{n_ch + i:04d}{ending}")
+        for i, r in enumerate(raters):  # the rater model's soft lesion map, as in build-stage2
+            soft, _ = read_image(work / r / "soft" / f"{c}{ending}")
+            _write_prob(soft.astype(np.float32), input_dir / f"{c}_0000{ending}", s2_in / f"{c}_{n_ch + i:04d}{ending}")
     print(f"[{len(raters) + 1}/{len(raters) + 1}] consensus model on {len(cases)} case(s)", flush=True)
     _predict(s2, s2_in, out, s2["folds"], env, log, device, checkpoint, probabilities=save_probabilities)
     if keep_rater_predictions:
