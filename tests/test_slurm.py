@@ -270,3 +270,35 @@ def test_pseudolabel_shards_on_slurm_equal_one_local_run(cascades):
         for f in sorted((a / sub).glob("*.nii.gz")):
             assert np.array_equal(read_image(f)[0], read_image(b / sub / f.name)[0]), f
     assert [p.name for p in sorted(b.glob("provenance_part*"))] == ["provenance_part0of2.json", "provenance_part1of2.json"]
+
+
+@pytest.mark.slow
+def test_slurm_scancel_blocks_the_chain_and_resume_reruns_only_that_task(slurm_cluster, tmp_path):
+    """Shell tasks (seconds): a cancelled array element blocks every later stage (transitively), `status`
+    says so with the log path, `resume` re-submits that element and the later stages only."""
+    out, flag = tmp_path / "out", tmp_path / "second_attempt"
+    out.mkdir()
+    a = Stage("a", [Task("quick", sh(f"echo q > {out}/quick"), done=str(out / "quick")),
+                    Task("slow", sh(f"if [ -e {flag} ]; then :; else touch {flag}; sleep 120; fi; echo s > {out}/slow"),
+                         done=str(out / "slow"))])
+    b = Stage("b", [Task("b", sh(f"cat {out}/quick {out}/slow > {out}/b"))], after=["a"])
+    c = Stage("c", [Task("c", sh(f"cp {out}/b {out}/c"))], after=["b"])
+    wd = tmp_path / "wd"
+    ids = run_stages([a, b, c], wd, LauncherOptions("slurm", cpus_per_task=1))
+    assert set(ids) == {"a", "b", "c"} and all(ids.values())
+    _wait_for(lambda: flag.exists() and (out / "quick").exists(), 300, "tasks did not start")
+    slurm_cluster.run("scancel", f"{ids['a']}_1")
+    st = _wait_for(lambda: (lambda s: s if s["stages"]["a"]["slow"]["state"] == "failed" else None)(jobs.status(wd)),
+                   120, "cancelled task not reported")
+    assert "SIGTERM" in st["stages"]["a"]["slow"]["reason"] and st["stages"]["a"]["slow"]["log"].endswith("slow.log")
+    assert st["stages"]["a"]["quick"]["state"] == "done"
+    assert st["stages"]["b"]["b"]["state"] == "blocked" and st["stages"]["c"]["c"]["state"] == "blocked"
+    stamp = (out / "quick").stat().st_mtime_ns
+    res = jobs.resume(wd)
+    assert res["stages"]["a"] and res["stages"]["b"] and res["stages"]["c"]
+    st = jobs.wait(wd, poll=1, timeout=300)
+    assert {r["state"] for rows in st["stages"].values() for r in rows.values()} == {"done"}, jobs.format_status(st)
+    assert (out / "c").read_text().split() == ["q", "s"] and (out / "quick").stat().st_mtime_ns == stamp
+    subs = load_manifest(wd)["submissions"]
+    assert [(s["stage"], s["indices"]) for s in subs[3:]] == [("a", [1]), ("b", [0]), ("c", [0])]
+    assert subs[4]["dependency"] == [subs[3]["job_id"]] and subs[5]["dependency"] == [subs[4]["job_id"]]
