@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shards (default 1; with --launcher slurm or -j N the launcher runs them all, default N = -j)")
     p.add_argument("-part_id", type=int, default=None, help="run only this shard (default 0)")
     p.add_argument("-device", default="cuda")
+    p.add_argument("--soft-rim", type=float, default=None, metavar="GAMMA", dest="soft_rim",
+                   help="write softlabelsTr for the kept pseudo-labels with an intensity-gated soft rim of GAMMA "
+                        "(labeled cases keep the teacher dataset's softlabelsTr)")
+    p.add_argument("--soft-rim-mm", type=float, default=1.0, help="rim width in mm (default 1)")
     p.add_argument("--merge", action="store_true",
                    help="only merge the finished shards' provenance into provenance.json/dataset.json (the launcher's last step)")
     p.add_argument("--workdir", default=None, help="launcher scripts, markers and logs (default: "
@@ -570,15 +574,19 @@ def run(argv: list[str] | None = None) -> int:
                     "-f", *map(str, args.folds), "-chk", args.checkpoint, "-i", str(Path(args.input).resolve()),
                     "-o", args.output, "--alpha", repr(args.alpha), "--vpt", repr(args.vpt), "--tst", repr(args.tst),
                     "-device", args.device] + (["--ignore-uncertain"] if args.ignore_uncertain else []) \
-                + (["--no-labeled"] if args.no_labeled else [])
+                + (["--no-labeled"] if args.no_labeled else []) \
+                + (["--soft-rim", repr(args.soft_rim), "--soft-rim-mm", repr(args.soft_rim_mm)] if args.soft_rim else [])
             res = pl.launch(argv=argv, output_dataset=args.output, num_parts=args.num_parts or options.jobs,
                             launcher=options, workdir=args.workdir)
             _print_launched(res)
         else:
-            prov = pl.pseudolabel(args.dataset, args.configuration, args.input, args.output, args.trainer, args.plans,
-                                  args.folds, args.checkpoint, args.alpha, args.vpt, args.tst, args.ignore_uncertain,
-                                  args.num_parts or 1, args.part_id or 0, args.device,
-                                  include_labeled=not args.no_labeled)
+            prov = pl.pseudolabel(teacher_dataset=args.dataset, configuration=args.configuration,
+                                  unlabeled_dir=args.input, output_dataset=args.output, trainer=args.trainer,
+                                  plans=args.plans, folds=args.folds, checkpoint=args.checkpoint, alpha=args.alpha,
+                                  vpt=args.vpt, tst=args.tst, ignore_uncertain=args.ignore_uncertain,
+                                  num_parts=args.num_parts or 1, part_id=args.part_id or 0, device=args.device,
+                                  include_labeled=not args.no_labeled, soft_rim_gamma=args.soft_rim,
+                                  soft_rim_mm=args.soft_rim_mm)
             kept = sum(v["kept"] for v in prov["cases"].values())
             print(f"part {args.part_id or 0}: {kept} of {len(prov['cases'])} cases kept -> {args.output}")
     elif args.command == "submission":

@@ -2,8 +2,8 @@
 
 For every unlabeled scan the teacher (a trained nnU-Net) predicts under all flip combinations (8 in 3D,
 4 for 2d models); P is the mean of the flips' *probabilities* (nnU-Net itself averages logits):
-:class:`MeanProbabilityPredictor` overrides nnU-Net's one mirroring step so this costs no extra network
-pass. Then, per voxel,
+the one predictor (nnunet_ext.predictor) with ``tta="mean_probabilities"`` overrides nnU-Net's one
+mirroring step so this costs no extra network pass, and filters each case inside nnU-Net's export workers. Then, per voxel,
 
 * entropy ``H = -sum_c P_c ln P_c`` (nats), confidence ``omega = exp(-alpha H)`` (alpha 0.3),
 * confidence-weighted lesion map ``m = P_lesion * omega``; voxels with ``m < VPT`` (0.3) are zeroed,
@@ -28,9 +28,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from nnunet_ext.io import write_image
 
 PARAMS = {"alpha": 0.3, "vpt": 0.3, "tst": 100.0}
 
@@ -53,29 +51,6 @@ def confidence_filter(prob: np.ndarray, alpha: float = 0.3, vpt: float = 0.3, ts
     total = float(m.sum())
     return {"omega": omega.astype(np.float32), "m": m.astype(np.float32), "sum_m": total, "keep": total >= tst,
             "label": (m >= 0.5).astype(np.uint8), "uncertain": (m_raw >= vpt) & (m_raw < 0.5)}
-
-
-def _predictor_class():
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    class MeanProbabilityPredictor(nnUNetPredictor):
-        """nnU-Net's predictor whose mirroring step returns the log of the mean of the flips' softmax
-        probabilities (same network passes as nnU-Net's logit averaging)."""
-
-        def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-            if self.label_manager is not None and self.label_manager.has_regions:
-                raise NotImplementedError("pseudo-labelling supports softmax (label) models, not region models")
-            axes = self.allowed_mirroring_axes if self.use_mirroring else None
-            prob = torch.softmax(self.network(x).float(), 1)
-            n = 1
-            if axes:
-                axes = [a + 2 for a in axes]
-                for combo in itertools.chain.from_iterable(itertools.combinations(axes, k) for k in range(1, len(axes) + 1)):
-                    prob += torch.flip(torch.softmax(self.network(torch.flip(x, combo)).float(), 1), combo)
-                    n += 1
-            return torch.log((prob / n).clamp(min=1e-8))
-
-    return MeanProbabilityPredictor
 
 
 def _cases_of(folder: Path, ending: str, n_channels: int) -> dict[str, list[Path]]:
@@ -121,10 +96,18 @@ def _write_dataset_json(root: Path, teacher_ds: dict, ignore: bool) -> None:
 def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_dataset: str, trainer: str = "nnUNetTrainer",
                 plans: str = "nnUNetPlans", folds=(0,), checkpoint: str = "checkpoint_final.pth", alpha: float = 0.3,
                 vpt: float = 0.3, tst: float = 100.0, ignore_uncertain: bool = False, num_parts: int = 1,
-                part_id: int = 0, device: str = "cuda", chunk: int = 4, include_labeled: bool = True,
-                progress: bool = True) -> dict:
+                part_id: int = 0, device: str = "cuda", include_labeled: bool = True,
+                progress: bool = True, soft_rim_gamma: float | None = None, soft_rim_mm: float = 1.0,
+                npp: int = 1, nps: int = 1) -> dict:
     """Write (or continue) the student dataset ``output_dataset`` (``DatasetXXX_Name`` under nnUNet_raw).
-    Returns this part's provenance."""
+    Returns this part's provenance.
+
+    Soft labels: the teacher dataset's ``softlabelsTr`` of its labeled cases are copied into the student's
+    ``softlabelsTr``; each kept pseudo-label gets its soft label there too -- the hard pseudo-label, plus,
+    with ``soft_rim_gamma``, an intensity-gated soft rim of ``soft_rim_mm`` around it (nnunet_ext.fusion's
+    ``soft_rim``) -- so the student can train with the soft-label trainers (``nnunet-ext preprocess-soft``
+    on the student dataset, then e.g. ``SoftDiceTrainer``). When the teacher dataset has no soft labels,
+    ``softlabelsTr`` is written only with ``soft_rim_gamma``; labeled cases then get their hard labels."""
     from nnunetv2.paths import nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
@@ -133,6 +116,10 @@ def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_datas
     if not 0 <= part_id < num_parts:
         raise ValueError(f"part_id must be in 0..{num_parts - 1}, got {part_id}")
     confidence_filter(np.full((2, 1), 0.5), alpha, vpt, tst)  # validates the parameters
+    if soft_rim_gamma is not None and not 0 < soft_rim_gamma <= 1:
+        raise ValueError(f"soft_rim_gamma must be in (0, 1], got {soft_rim_gamma}")
+    if not soft_rim_mm > 0:
+        raise ValueError(f"soft_rim_mm must be > 0, got {soft_rim_mm}")
     mdir = model_folder(teacher_dataset, configuration, trainer, plans)
     teacher_name = maybe_convert_to_dataset_name(teacher_dataset)
     teacher_ds = json.loads((mdir / "dataset.json").read_text())
@@ -145,10 +132,12 @@ def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_datas
     unl = _cases_of(Path(unlabeled_dir), ending, n_ch)
     if not unl:
         raise ValueError(f"no images ending in {ending} in {unlabeled_dir}")
-    for d in ("imagesTr", "labelsTr", "confidenceTr", "lesionmapTr", ".nnunet_ext_progress"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    # the labeled cases of the teacher's dataset (copied once; same names)
     teacher_raw = Path(nnUNet_raw) / teacher_name
+    soft = (teacher_raw / "softlabelsTr").is_dir() or soft_rim_gamma is not None
+    for d in ("imagesTr", "labelsTr", "confidenceTr", "lesionmapTr", ".nnunet_ext_progress") + \
+            (("softlabelsTr",) if soft else ()):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    # the labeled cases of the teacher's dataset (copied once; same names), with their soft labels
     if include_labeled and part_id == 0:
         for lab in sorted((teacher_raw / "labelsTr").glob(f"*{ending}")):
             case = lab.name[: -len(ending)]
@@ -157,6 +146,10 @@ def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_datas
             if not (root / "labelsTr" / lab.name).exists():
                 for img in sorted((teacher_raw / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}")):
                     shutil.copyfile(img, root / "imagesTr" / img.name)
+                if soft:
+                    sl = teacher_raw / "softlabelsTr" / lab.name
+                    shutil.copyfile(sl if sl.is_file() else lab, root / "softlabelsTr" / (".tmp_" + lab.name))
+                    os.replace(root / "softlabelsTr" / (".tmp_" + lab.name), root / "softlabelsTr" / lab.name)
                 shutil.copyfile(lab, root / "labelsTr" / (".tmp_" + lab.name))
                 os.replace(root / "labelsTr" / (".tmp_" + lab.name), root / "labelsTr" / lab.name)
     mine = sorted(unl)[part_id::num_parts]
@@ -167,22 +160,26 @@ def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_datas
     for c in todo:
         _check_geometry(unl[c])
     if todo:
-        predictor = _predictor_class()(device=torch.device(device), use_mirroring=True, allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(str(mdir), tuple(folds), checkpoint)
+        from nnunet_ext.predictor import predict_cases
+
+        # the one predictor, flips averaged in probability space; each case is finished inside nnU-Net's
+        # export worker from its probabilities (no probability file is written and read back)
+        ignore = max(v for v in teacher_ds["labels"].values() if isinstance(v, int)) + 1
+        hook_args = {"root": str(root), "ending": ending, "alpha": alpha, "vpt": vpt, "tst": tst,
+                     "ignore_label": ignore if ignore_uncertain else None, "files": {c: [str(p) for p in unl[c]] for c in todo},
+                     "soft": soft, "soft_rim_gamma": soft_rim_gamma, "soft_rim_mm": soft_rim_mm}
         scratch = root / ".nnunet_ext_scratch"
-        scratch.mkdir(exist_ok=True)
-        for k in range(0, len(todo), chunk):
-            batch = todo[k:k + chunk]
-            predictor.predict_from_files([[str(p) for p in unl[c]] for c in batch], [str(scratch / c) for c in batch],
-                                         save_probabilities=True, overwrite=True, num_processes_preprocessing=1,
-                                         num_processes_segmentation_export=1)
-            for c in batch:
-                _finish_case(c, unl[c], scratch, root, ending, alpha, vpt, tst, ignore_uncertain, teacher_ds)
-                if progress:
-                    print(f"  {c}: {json.loads((done_dir / f'{c}.json').read_text())['decision']}", flush=True)
+        predict_cases(mdir, list(folds), [unl[c] for c in todo], scratch, checkpoint=checkpoint, device=device,
+                      tta="mean_probabilities", write_soft=False, write_mask=False, npp=npp, nps=nps,
+                      hook="nnunet_ext.pseudolabel:finish_case", hook_args=hook_args)
+        shutil.rmtree(scratch, ignore_errors=True)
+        if progress:
+            for c in todo:
+                print(f"  {c}: {json.loads((done_dir / f'{c}.json').read_text())['decision']}", flush=True)
     prov = {"teacher": {"model": str(mdir), "dataset": teacher_name, "configuration": configuration,
                         "trainer": trainer, "plans": plans, "folds": list(folds), "checkpoint": checkpoint},
-            "parameters": {"alpha": alpha, "vpt": vpt, "tst": tst, "ignore_uncertain": ignore_uncertain},
+            "parameters": {"alpha": alpha, "vpt": vpt, "tst": tst, "ignore_uncertain": ignore_uncertain,
+                           "soft_rim_gamma": soft_rim_gamma, "soft_rim_mm": soft_rim_mm},
             "part": [part_id, num_parts],
             "cases": {c: json.loads((done_dir / f"{c}.json").read_text()) for c in mine}}
     (root / f"provenance_part{part_id}of{num_parts}.json").write_text(json.dumps(prov, indent=1))
@@ -191,30 +188,39 @@ def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_datas
     return prov
 
 
-def _finish_case(case, files, scratch: Path, root: Path, ending: str, alpha, vpt, tst, ignore_uncertain, teacher_ds):
-    import SimpleITK as sitk
+def finish_case(case, probabilities, mask, properties, root, ending, alpha, vpt, tst, ignore_label, files, soft,
+                soft_rim_gamma, soft_rim_mm):
+    """Confidence filter and student files of one case (the predictor's per-case hook; runs in nnU-Net's
+    export worker with the teacher's flip-averaged probabilities in the input geometry)."""
+    from nnunet_ext.predictor import _write
 
-    with np.load(scratch / f"{case}.npz") as f:
-        prob = f["probabilities"]
-    res = confidence_filter(prob, alpha, vpt, tst)
-    ref = sitk.ReadImage(str(files[0]))
-    write_image(res["omega"], (), root / "confidenceTr" / f"{case}{ending}", reference=ref)
-    write_image(res["m"], (), root / "lesionmapTr" / f"{case}{ending}", reference=ref)
+    root = Path(root)
+    res = confidence_filter(probabilities, alpha, vpt, tst)
+    _write(res["omega"], properties, str(root / "confidenceTr" / f"{case}{ending}"))
+    _write(res["m"], properties, str(root / "lesionmapTr" / f"{case}{ending}"))
     reason = "kept" if res["keep"] else f"dropped: sum(m) = {res['sum_m']:.1f} < TST = {tst:g}"
     if res["keep"]:
         label = res["label"]
-        if ignore_uncertain:
-            ignore = max(v for v in teacher_ds["labels"].values() if isinstance(v, int)) + 1
-            label = np.where(res["uncertain"], ignore, label).astype(np.uint8)
-        for p in files:
-            shutil.copyfile(p, root / "imagesTr" / p.name)
-        write_image(label, (), root / "labelsTr" / f"{case}{ending}", reference=ref)
-    for ext in (".npz", ".pkl", ending):
-        (scratch / f"{case}{ext}").unlink(missing_ok=True)
+        if soft:
+            soft_label = label.astype(np.float32)
+            if soft_rim_gamma is not None:
+                from nnunet_ext.fusion import soft_rim
+                from nnunet_ext.io import read_image
+
+                image, spacing = read_image(files[case][0])
+                soft_label = soft_rim(label, image, spacing, soft_rim_mm, soft_rim_gamma).astype(np.float32)
+            _write(soft_label, properties, str(root / "softlabelsTr" / f"{case}{ending}"))
+        if ignore_label is not None:
+            label = np.where(res["uncertain"], ignore_label, label).astype(np.uint8)
+        for p in files[case]:
+            tmp = root / "imagesTr" / f".tmp_{os.getpid()}_{Path(p).name}"
+            shutil.copyfile(p, tmp)
+            os.replace(tmp, root / "imagesTr" / Path(p).name)
+        _write(label, properties, str(root / "labelsTr" / f"{case}{ending}"))
     info = {"decision": reason, "kept": bool(res["keep"]), "sum_m": res["sum_m"],
             "mean_omega": float(res["omega"].mean()), "label_voxels": int(res["label"].sum()),
             "uncertain_voxels": int(res["uncertain"].sum())}
-    tmp = root / ".nnunet_ext_progress" / f".tmp_{case}.json"
+    tmp = root / ".nnunet_ext_progress" / f".tmp_{os.getpid()}_{case}.json"
     tmp.write_text(json.dumps(info))
     os.replace(tmp, root / ".nnunet_ext_progress" / f"{case}.json")
 
