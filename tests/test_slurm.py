@@ -302,3 +302,21 @@ def test_slurm_scancel_blocks_the_chain_and_resume_reruns_only_that_task(slurm_c
     subs = load_manifest(wd)["submissions"]
     assert [(s["stage"], s["indices"]) for s in subs[3:]] == [("a", [1]), ("b", [0]), ("c", [0])]
     assert subs[4]["dependency"] == [subs[3]["job_id"]] and subs[5]["dependency"] == [subs[4]["job_id"]]
+
+
+@pytest.mark.slow
+def test_consensus_predict_on_slurm_equals_local(cascades, tmp_path):
+    env, root = cascades["env_s"], cascades["slurm"]
+    images = root / "nnUNet_raw" / "Dataset550_MSPhantom" / "imagesTs"
+    cli(env, "consensus", "predict", "-d", SRC, "-i", images, "-o", tmp_path / "local", "-device", "cpu",
+        "--keep-rater-predictions", "-np", 1)
+    r = cli(env, "consensus", "predict", "-d", SRC, "-i", images, "-o", tmp_path / "slurm", "-device", "cpu",
+            "--keep-rater-predictions", "-np", 1, "--launcher", "slurm", "--cpus-per-task", 2, "-j", 2)
+    wd = Path(re.search(r"scripts, markers and logs: (\S+)", r.stdout).group(1))
+    assert wd == tmp_path / "slurm" / ".nnunet_ext_jobs"
+    st = jobs.wait(wd, poll=1, timeout=900)
+    assert st["stages"]["consensus_predict"]["predict"]["state"] == "done", jobs.format_status(st)
+    for case in ("phantom_008", "phantom_009"):
+        for sub in ("", "raters/rater1/", "raters/rater2/"):
+            assert np.array_equal(read_image(tmp_path / "local" / f"{sub}{case}.nii.gz")[0],
+                                  read_image(tmp_path / "slurm" / f"{sub}{case}.nii.gz")[0]), sub + case
