@@ -54,8 +54,8 @@ def make_case(shape, n_lesions, seed):
     return image, seg
 
 
-def write_cases(folder: Path, shape, n_lesions, n_cases=2):
-    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+def write_cases(folder: Path, shape, n_lesions, patch, n_cases=2):
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
 
     from nnunet_ext.lsr import lesion_size_map
     from nnunet_ext.maps import map_path, save_map_like_seg
@@ -65,7 +65,11 @@ def write_cases(folder: Path, shape, n_lesions, n_cases=2):
     for i in range(n_cases):
         image, seg = make_case(shape, n_lesions, 100 * n_lesions + i)
         locs = {1: np.argwhere(seg[None] == 1)}
-        nnUNetDatasetBlosc2.save_case(image, seg[None], {"class_locations": locs}, str(folder / f"c{i}"))
+        # chunked as nnU-Net's preprocessor chunks them for this patch size
+        bd, cd = comp_blosc2_params(image.shape, tuple(patch), image.itemsize)
+        bs, cs = comp_blosc2_params(seg[None].shape, tuple(patch), seg.itemsize)
+        nnUNetDatasetBlosc2.save_case(image, seg[None], {"class_locations": locs}, str(folder / f"c{i}"),
+                                      chunks=cd, blocks=bd, chunks_seg=cs, blocks_seg=bs)
         seg_file = folder / f"c{i}_seg.b2nd"
         sizes = lesion_size_map(seg, [1], 26).astype(np.int16)
         distinct.append(len(np.unique(sizes)) - 1)
@@ -106,11 +110,6 @@ def loader(folder: Path, arm: str, patch, p_spatial: float | None = None):
 
     initial = get_patch_size(patch, *([(-30 / 360 * 2 * np.pi, 30 / 360 * 2 * np.pi)] * 3), (0.7, 1.4))
     return nnUNetDataLoader(ds, 1, initial, patch, lm, oversample_foreground_percent=0.33, transforms=t)
-
-
-def spatial_taken(seed):
-    """Whether nnU-Net's SpatialTransform draws rotation or scaling for this seed (p = 0.2 each)."""
-    return None
 
 
 def time_arms(folder, arms, patch, n, seed0=0):
@@ -191,7 +190,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for n in a.lesions:
             folder = Path(tmp) / f"l{n}"
-            distinct = write_cases(folder, tuple(a.shape), n)
+            distinct = write_cases(folder, tuple(a.shape), n, a.patch)
             times = time_arms(folder, arms, a.patch, a.samples)
             # samples that took the spatial path, per arm the same seeds: forced with p=1 for a second pass
             ts = {arm: [] for arm in arms}
