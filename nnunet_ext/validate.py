@@ -146,6 +146,8 @@ def check_cli_args(args) -> None:
         if not rim and args.images is not None:
             raise NotImplementedError(f"--images is only used by --method soft_rim / inter_soft_union_rim, "
                                       f"not by {args.method}")
+        if not rim and args.channel != 0:
+            raise NotImplementedError(f"--channel is only used by the rim methods, not by {args.method}")
         if not rim and args.radius_mm != 1.0:
             raise NotImplementedError(f"--radius-mm is only used by the rim methods, not by {args.method}")
         if args.method not in ("inter_soft_union", "soft_rim", "inter_soft_union_rim") and args.gamma != 0.5:

@@ -289,6 +289,11 @@ def test_fuse_empty_raters_and_bad_arguments(capsys, tmp_path, raters):
                   "-o", tmp_path / "out")
     assert rc == 2
     one_line_error(err, "--images")
+    for extra, needle in ((["--channel", "1"], "--channel"), (["--radius-mm", "2"], "--radius-mm"),
+                          (["--gamma", "0.3"], "--gamma")):
+        rc, err = cli(capsys, "fuse", "--method", "union", "--raters", *raters, "-o", tmp_path / "out", *extra)
+        assert rc == 2
+        one_line_error(err, needle)
     rc, err = cli(capsys, "fuse", "--method", "union", "--raters", raters[0], "--raters", tmp_path / "nope",
                   "-o", tmp_path / "out")
     assert rc == 2 and "nope" in err
