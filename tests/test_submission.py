@@ -170,6 +170,17 @@ def test_entrypoint_gets_a_read_only_copy_of_the_input(tmp_path, wmh_input, priv
     assert list(private_tmp.iterdir()) == []
 
 
+def test_deep_work_folder_and_multiprocessing(tmp_path, wmh_input, monkeypatch, capsys):
+    """nnU-Net's predictor starts a multiprocessing Manager (an AF_UNIX socket in TMPDIR, < 108 bytes)."""
+    sub = _fake_submission(tmp_path / "sub", "import multiprocessing\n"
+                                            "if __name__ == '__main__':\n"
+                                            "    multiprocessing.Manager().shutdown()\n" + WRITE_RESULT.replace("\n", "\n    ")
+                           .replace("import sys", "    import sys", 1).rstrip() + "\n")
+    work = tmp_path / ("w" * 60) / ("x" * 60)
+    code, out, err = _cli(monkeypatch, capsys, "submission", "test", sub, "--input", wmh_input, "--work", work)
+    assert code == 0, out + err
+
+
 def test_failing_entrypoint_shows_its_last_lines(tmp_path, wmh_input, monkeypatch, capsys):
     sub = _fake_submission(tmp_path / "sub", "raise SystemExit('model.zip: something is wrong')\n")
     code, out, _ = _cli(monkeypatch, capsys, "submission", "test", sub, "--input", wmh_input)
@@ -429,3 +440,22 @@ def test_scin_model_is_packaged_with_its_cohort(models, tmp_path):
     assert json.loads((installed / "nnunet_ext_model.json").read_text()) == contract
     for j in (mdir / "fold_0").glob("nnunet_ext_*.json"):
         assert (installed / "fold_0" / j.name).read_bytes() == j.read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="runner.main() predicts with a plain nnUNetPredictor and does not read "
+                                        "submission.json's cohort yet (the lead moves it onto nnunet_ext.predictor); "
+                                        "remove this marker when it does")
+def test_scin_submission_predicts_in_its_cohort(models, tmp_path):
+    sub = _build(models, "521", "wmh2017", tmp_path / "sub", trainer="SCINTrainer",
+                 extra=("--cohort", "cohort1_no_small"))
+    inp = _challenge_input(models, "wmh2017", tmp_path / "in")
+    res = check_submission(sub, inp, tmp_path / "w")
+    assert res.ok, res.log_tail
+    work, env = models  # the same case through `nnunet-ext predict --cohort`: the same mask
+    r = subprocess.run([nnunet_command("nnunet-ext"), "predict", "-i", str(work / "nnUNet_raw" / "Dataset521_MSPhantom" /
+                        "imagesTs"), "-o", str(tmp_path / "pred"), "-d", "521", "-c", "2d", "-tr", "SCINTrainer", "-f", "0",
+                        "-device", "cpu", "--cohort", "cohort1_no_small"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = read_image(res.run_dir / "output" / "result.nii.gz")[0]
+    assert np.array_equal(a, read_image(tmp_path / "pred" / "phantom_005.nii.gz")[0] == 1)

@@ -262,7 +262,10 @@ def build(out_dir, dataset, configuration: str, trainer: str, plans: str = "nnUN
             raise RuntimeError(f"nnUNetv2_export_model_to_zip failed for {mdir}: {tail[0]}")
         extras = stage / "model_extras"
         extras.mkdir()
-        (extras / CONTRACT_FILE).write_text(json.dumps(contract, indent=1))
+        if (mdir / CONTRACT_FILE).is_file():  # as trained (or as `nnunet-ext select` left it), byte for byte
+            shutil.copyfile(mdir / CONTRACT_FILE, extras / CONTRACT_FILE)
+        else:  # a model trained before contracts existed: the contract derived from its checkpoint
+            (extras / CONTRACT_FILE).write_text(json.dumps(contract, indent=1))
         for f in folds:
             (extras / f"fold_{f}").mkdir()
             for j in sorted((mdir / f"fold_{f}").glob("nnunet_ext_*.json")):
@@ -399,7 +402,9 @@ def check_submission(sub_dir, input_dir, work_dir=None, device: str = "cpu",
     before = _tree_digest(inp)
 
     run_dir = _new_run_dir(Path(work_dir)) if work_dir is not None else Path(tempfile.mkdtemp(prefix="nnunet_ext_subtest_"))
-    scratch = Path(tempfile.mkdtemp(prefix="scratch_", dir=run_dir))
+    # input copy, installed model and the entrypoint's TMPDIR: a short path in the system's temporary folder
+    # (multiprocessing's AF_UNIX sockets live in TMPDIR and their paths must stay under 108 bytes)
+    scratch = Path(tempfile.mkdtemp(prefix="nnunet_ext_subtest_"))
     rows: list[dict] = []
     log_tail = ""
     try:
@@ -412,7 +417,8 @@ def check_submission(sub_dir, input_dir, work_dir=None, device: str = "cpu",
         env = dict(os.environ, PYTHONPATH=str(sub.resolve() / "vendor"), nnUNet_results=str(scratch / "results"),
                    nnUNet_raw=str(scratch / "nnunet_raw"), nnUNet_preprocessed=str(scratch / "nnunet_preprocessed"),
                    nnUNet_extTrainer=str(sub.resolve() / "vendor" / "nnunet_ext" / "trainers"),
-                   MPLCONFIGDIR=str(scratch / "matplotlib"), TMPDIR=str(scratch))
+                   MPLCONFIGDIR=str(scratch / "matplotlib"),
+                   TMPDIR=str(scratch) if len(os.fsencode(str(scratch))) <= 60 else "/tmp")
         log = run_dir / "entrypoint.log"
         cmd = [sys.executable, str(sub / "entrypoint.py"), "--input", str(ro_input), "--output", str(out),
                "--device", device]
