@@ -197,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: every ratersTr/<rater>/ folder (for RandomRaterTrainer)")
     p.add_argument("--overwrite", action="store_true")
 
+    p = sub.add_parser("plan-native", help="plan and preprocess at native resolution (no resampling; for FiLM trainers)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  nnunet-ext plan-native -d 504 -c 3d_fullres -np 2\n"
+                              "  nnUNetv2_train 504 3d_fullres 0 -tr LSRFiLMTrainer -p nnUNetPlans_native\n"
+                              "  nnunet-ext predict -i imagesTs -o pred -d 504 -c 3d_fullres -tr LSRFiLMTrainer "
+                              "-p nnUNetPlans_native")
+    p.add_argument("-d", required=True, dest="dataset")
+    p.add_argument("-c", nargs="+", default=["3d_fullres"], dest="configurations")
+    p.add_argument("-p", "--plans-name", default="nnUNetPlans_native", dest="plans_name")
+    p.add_argument("-np", type=int, default=2, dest="n_proc")
+    p.add_argument("--verify_dataset_integrity", action="store_true", dest="verify")
+
     p = sub.add_parser("predict", help="predict with a model's stored contract: condition, soft map, threshold, post-processing",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  nnunet-ext predict -i imagesTs -o pred -d 502 -c 2d -tr SoftDiceTrainer -f 0\n"
@@ -547,6 +559,12 @@ def run(argv: list[str] | None = None) -> int:
         for res in results:
             print(f"{res['cases']} cases -> {res['folder']}: {res['soft_bytes']} bytes "
                   f"(hard labels: {res['hard_label_bytes']} bytes)")
+    elif args.command == "plan-native":
+        from nnunet_ext.native import plan_native
+
+        f = plan_native(dataset=args.dataset, configurations=tuple(args.configurations), plans_name=args.plans_name,
+                        n_proc=args.n_proc, verify=args.verify)
+        print(f"native-resolution plans: {f}")
     elif args.command == "predict":
         from nnunet_ext.predict import predict
 

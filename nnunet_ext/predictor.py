@@ -224,6 +224,9 @@ def load_predictor(model_dir, folds, checkpoint: str = "checkpoint_final.pth", d
         raise ValueError(f"cannot load the model in {model_dir} (folds {list(folds)}, {checkpoint}): "
                          f"{type(e).__name__}: {e}") from None
     p.use_contract(contract, cohort)
+    from nnunet_ext.native import use_native_preprocessing
+
+    use_native_preprocessing(p)  # native-resolution plans: new cases are not resampled either
     return p
 
 
