@@ -209,7 +209,7 @@ class ComposedTrainer(ExtTrainer):
         write_fold_lesion_metrics(self.output_folder, gt_dir, self.dataset_json["file_ending"])
 
     def ext_settings(self) -> dict:
-        s = {**super().ext_settings(), **self.loss_part.settings(), "loss_parameters": vars(self.loss_part),
+        s = {**super().ext_settings(), **self.loss_part.settings(), "loss_parameters": {k: v for k, v in vars(self.loss_part).items() if k != "needs"},
              "targets": [part_name(t) for t in self.target_parts], "target_layout": self.layout}
         if self.network_part is not None:
             s.update(self.network_part.settings(self))
