@@ -358,9 +358,12 @@ def run_stages(stages: list[Stage], workdir: Path, options: LauncherOptions) -> 
         for s in stages:
             print(f"# ---- {scripts[s.name]}")
             print(scripts[s.name].read_text())
+        waits: dict[str, list[str]] = {}  # stage -> the submitted stages its dependents wait for
         for s in stages:
             todo = [k for k, t in enumerate(s.tasks) if not _finished(workdir, s, t)]
-            dep = f" --dependency=afterok:{':'.join('$JOB_' + a for a in s.after)}" if s.after else ""
+            deps = sorted({d for a in s.after for d in waits[a]}, key=[x.name for x in stages].index)
+            dep = f" --dependency=afterok:{':'.join('$JOB_' + a for a in deps)}" if deps else ""
+            waits[s.name] = [s.name] if todo else deps
             if options.launcher == "slurm":
                 print(f"# would run: JOB_{s.name}=$(sbatch --parsable --array={_ranges(todo)}{dep} {scripts[s.name]})"
                       if todo else f"# stage {s.name}: every task finished already")
@@ -487,5 +490,6 @@ def _submit(manifest: dict, stages: list[Stage], workdir: Path, scripts: dict[st
             ids[st.name] = None
             print(f"[{st.name}] nothing to submit ({'finished' if not mine else 'still queued: ' + ','.join(sorted(mine))})",
                   flush=True)
+            mine |= set(dep)  # whoever waits for this stage waits for what it would have waited for
         deps_of[st.name] = mine
     return ids
