@@ -347,7 +347,8 @@ def run_stages(stages: list[Stage], workdir: Path, options: LauncherOptions) -> 
     old = None
     if (workdir / MANIFEST).is_file():
         old = load_manifest(workdir)
-        _refuse_if_active(workdir, old)
+        if not options.dry_run:
+            _refuse_if_active(workdir, old)
     scripts = _write_scripts(stages, workdir, options)
     manifest = {"version": 1, "launcher": options.launcher, "options": asdict(options), "created": _now(),
                 "stages": [{"name": s.name, "after": s.after, "script": str(scripts[s.name]),
@@ -355,6 +356,8 @@ def run_stages(stages: list[Stage], workdir: Path, options: LauncherOptions) -> 
                 "submissions": (old or {}).get("submissions", []) if old and old.get("launcher") == options.launcher
                 else []}
     if options.dry_run:
+        if old is None:  # so that `jobs status` reads the markers of tasks run by hand (LSF, PBS, bash)
+            _save_manifest(workdir, manifest)
         for s in stages:
             print(f"# ---- {scripts[s.name]}")
             print(scripts[s.name].read_text())

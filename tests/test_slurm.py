@@ -100,6 +100,10 @@ def test_local_launcher_failures_skips_and_resume(tmp_path, capsys):
     capsys.readouterr()
     res = run_stages([Stage("c", [Task("x", sh(f"touch {out}/c"))])], tmp_path / "wd2", LauncherOptions(dry_run=True))
     assert res == {"c": None} and "CMD=(bash -c" in capsys.readouterr().out and not (out / "c").exists()
+    # ... and a task run by hand from the dry run's script (LSF, PBS, plain bash) shows in `jobs status`
+    assert jobs.status(tmp_path / "wd2")["stages"]["c"]["x"]["state"] == "not run"
+    subprocess.run(["bash", str(tmp_path / "wd2" / "c" / "c.sbatch"), "0"], check=True, capture_output=True)
+    assert jobs.status(tmp_path / "wd2")["stages"]["c"]["x"]["state"] == "done" and (out / "c").exists()
 
 
 def test_missing_done_file_is_a_failure(tmp_path):
