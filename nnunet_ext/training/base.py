@@ -44,6 +44,9 @@ class ExtTrainer(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        from nnunet_ext.nnunet_adapter import check_nnunet_version
+
+        check_nnunet_version()
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.budget_overrides = apply_budget_overrides(self)
 
