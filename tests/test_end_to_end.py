@@ -10,6 +10,7 @@ import pytest
 
 from nnunet_ext.cli import run
 from nnunet_ext.io import read_geometry, read_image, write_image
+from nnunet_ext.maps import read_map
 from nnunet_ext.paths import nnunet_command, nnunet_env
 from nnunet_ext.phantom import PhantomConfig, write_phantom_dataset
 
@@ -78,18 +79,18 @@ def test_method_trainers_end_to_end(planned, trainer, tmp_path):
     settings = json.loads((out / "fold_0" / "nnunet_ext_settings.json").read_text())
     assert settings["trainer"] == trainer
     if trainer.startswith("LSR"):
-        assert (settings["lsr_alpha"], settings["lsr_beta"]) == (4.0, 4.0)
+        assert settings["loss_parameters"] == {"alpha": 4.0, "beta": 4.0}
         sizes = next((work / "nnUNet_preprocessed").glob(f"Dataset{DATASET}_*")) / "nnUNetPlans_2d" / \
             "nnunet_ext_lesion_sizes_cc26"
         split = json.loads((sizes.parent.parent / "splits_final.json").read_text())[0]
-        assert sorted(p.stem for p in sizes.glob("*.npy")) == sorted(split["train"])
+        assert sorted(p.stem for p in sizes.glob("*.b2nd")) == sorted(split["train"])
         case = split["train"][0]
-        size_map = np.load(sizes / f"{case}.npy")
+        size_map = read_map(sizes, case)
         lesions = json.loads((root / "lesions.json").read_text())[case]
         # same grid as the raw data here (isotropic 1 mm): the map holds each lesion's size on its voxels
         assert sorted(set(np.unique(size_map)) - {0}) == sorted({r["voxels"] for r in lesions})
     else:
-        assert settings["tversky_a"] == 0.7
+        assert settings["loss_parameters"]["a"] == 0.7
     assert run(["evaluate", "--ref", str(root / "labelsTs"), "--pred", str(pred), "-o", str(tmp_path / "r.json")]) == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["aggregate"]["n_cases"] == 2 and 0.0 <= res["aggregate"]["mean"]["dice"] <= 1.0
@@ -113,7 +114,7 @@ def test_preprocess_soft_and_soft_trainers(planned, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     pre = next((work / "nnUNet_preprocessed").glob(f"Dataset{DATASET}_*")) / "nnUNetPlans_2d"
-    stored = np.load(pre / "nnunet_ext_soft" / "phantom_000.npz")["soft"]
+    stored = read_map(pre / "nnunet_ext_soft", "phantom_000")
     raw_soft, _ = read_image(root / "softlabelsTr" / "phantom_000.nii.gz")
     seg = np.asarray(blosc2.open(str(pre / "phantom_000_seg.b2nd"), mode="r")[:])[0]
     assert stored.dtype == np.uint8 and stored.shape == seg.shape
@@ -154,7 +155,7 @@ def test_random_rater_trainer(planned):
     assert r.returncode == 0, r.stdout + r.stderr
     pre = next((work / "nnUNet_preprocessed").glob(f"Dataset{DATASET}_*")) / "nnUNetPlans_2d"
     assert sorted(p.name for p in (pre / "nnunet_ext_raters").iterdir()) == ["rater1", "rater2"]
-    stored = np.load(pre / "nnunet_ext_raters" / "rater2" / "phantom_001.npz")["soft"]
+    stored = read_map(pre / "nnunet_ext_raters" / "rater2", "phantom_001")
     raw, _ = read_image(root / "ratersTr" / "rater2" / "phantom_001.nii.gz")
     props = pickle.load(open(pre / "phantom_001.pkl", "rb"))
     crop = raw[tuple(slice(a, b) for a, b in props["bbox_used_for_cropping"])]
@@ -210,8 +211,8 @@ def test_lsr_with_ignore_label(tmp_path):
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     pre = tmp_path / "nnUNet_preprocessed" / "Dataset512_MSPhantom" / "nnUNetPlans_2d"
-    case = sorted((pre / "nnunet_ext_lesion_sizes_cc26").glob("*.npy"))[0].stem
-    sizes = np.load(pre / "nnunet_ext_lesion_sizes_cc26" / f"{case}.npy")
+    case = sorted((pre / "nnunet_ext_lesion_sizes_cc26").glob("*.b2nd"))[0].stem
+    sizes = read_map(pre / "nnunet_ext_lesion_sizes_cc26", case)
     seg = np.asarray(blosc2.open(str(pre / f"{case}_seg.b2nd"), mode="r")[:])[0]
     assert (seg == 2).any() and np.all(sizes[seg == 2] == 0) and np.all((sizes > 0) == (seg == 1))
 

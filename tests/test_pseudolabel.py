@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_ext.pseudolabel import _predictor_class, confidence_filter, entropy
+from nnunet_ext.contract import ModelContract
+from nnunet_ext.predictor import predictor_class
+from nnunet_ext.pseudolabel import confidence_filter, entropy
 
 
 def test_entropy_omega_vpt_tst_by_hand():
@@ -44,7 +46,8 @@ class _Tiny(torch.nn.Module):
 
 @pytest.mark.parametrize("axes", [(0, 1, 2), (0, 1)])
 def test_flip_mean_of_probabilities(axes):
-    pred = _predictor_class()(device=torch.device("cpu"), use_mirroring=True)
+    pred = predictor_class()(device=torch.device("cpu"), use_mirroring=True)
+    pred.contract = ModelContract(tta="mean_probabilities")  # what pseudolabel asks the one predictor for
     pred.network = _Tiny()
     pred.allowed_mirroring_axes = axes
     x = torch.randn(1, 1, 6, 5, 4)
