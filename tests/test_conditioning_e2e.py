@@ -12,6 +12,8 @@ from nnunet_ext.io import read_geometry, read_image
 from nnunet_ext.paths import nnunet_command, nnunet_env
 from nnunet_ext.phantom import PhantomConfig, write_phantom_dataset
 
+pytestmark = pytest.mark.slow  # real nnU-Net runs
+
 DATASET, NEW_COHORT_DATASET = 525, 526
 
 

@@ -48,6 +48,7 @@ def cascade(tmp_path_factory):
     return work, env, src
 
 
+@pytest.mark.slow
 def test_split_raters_datasets(cascade):
     work, env, src = cascade
     state = json.loads((src / "consensus.json").read_text())
@@ -62,6 +63,7 @@ def test_split_raters_datasets(cascade):
         assert pre == state["splits"]
 
 
+@pytest.mark.slow
 def test_stage2_inputs_are_out_of_fold(cascade):
     """Leakage test: the stage-2 rater channels of each training case come from the fold model that held
     it out (by construction: provenance, the split nnU-Net used, and the values themselves)."""
@@ -97,6 +99,7 @@ def test_stage2_inputs_are_out_of_fold(cascade):
     assert json.loads((work / "nnUNet_preprocessed" / state["stage2"]["name"] / "splits_final.json").read_text()) == state["splits"]
 
 
+@pytest.mark.slow
 def test_cascade_end_to_end(cascade, tmp_path):
     work, env, src = cascade
     state = json.loads((src / "consensus.json").read_text())

@@ -14,6 +14,8 @@ from nnunet_ext.maps import read_map
 from nnunet_ext.paths import nnunet_command, nnunet_env
 from nnunet_ext.phantom import PhantomConfig, write_phantom_dataset
 
+pytestmark = pytest.mark.slow  # real nnU-Net runs
+
 DATASET = 511
 
 
