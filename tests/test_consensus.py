@@ -40,11 +40,12 @@ def cascade(tmp_path_factory):
     work = tmp_path_factory.mktemp("cascade")
     env = nnunet_env(work, n_proc=2)
     env.update({"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERATIONS": "2", "NNUNET_EXT_VAL_ITERATIONS": "1"})
+    # stage 1 is McGill's: LSR-weighted BCE with resolution FiLM (LSRFiLMTrainer)
     cfg = PhantomConfig(shape=(32, 32, 32), timepoints=2, raters=2, seed=4)
     src = write_phantom_dataset(env["nnUNet_raw"], SRC, 6, cfg, n_test=2, progress=False)
     r = cli(env, "consensus", "split-raters", "-d", SRC, "--folds", 2)
     assert "rater1: dataset 561" in r.stdout and "rater2: dataset 562" in r.stdout
-    cli(env, "consensus", "train", "-d", SRC, "--stage", 1, "-c", "2d", "-tr", "ExtBaselineTrainer", "-device", "cpu")
+    cli(env, "consensus", "train", "-d", SRC, "--stage", 1, "-c", "2d", "-tr", "LSRFiLMTrainer", "-device", "cpu")
     return work, env, src
 
 
@@ -70,7 +71,7 @@ def test_stage2_inputs_are_out_of_fold(cascade):
     work, env, src = cascade
     state = json.loads((src / "consensus.json").read_text())
     # drop one validation file so the re-prediction path is exercised too
-    r1 = work / "nnUNet_results" / state["raters"]["rater1"]["name"] / "ExtBaselineTrainer__nnUNetPlans__2d"
+    r1 = work / "nnUNet_results" / state["raters"]["rater1"]["name"] / "LSRFiLMTrainer__nnUNetPlans__2d"
     dropped = state["splits"][1]["val"][0]
     kept_npz = np.load(r1 / "fold_1" / "validation" / f"{dropped}.npz")["probabilities"][1]
     (r1 / "fold_1" / "validation" / f"{dropped}.npz").rename(work / "moved.npz")
@@ -93,7 +94,7 @@ def test_stage2_inputs_are_out_of_fold(cascade):
                 assert np.allclose(channel, kept_npz, atol=1e-3)  # the same held-out model, predicted again
             else:
                 assert p["source"] == "validation npz"
-                mdir = work / "nnUNet_results" / state["raters"][rater]["name"] / "ExtBaselineTrainer__nnUNetPlans__2d"
+                mdir = work / "nnUNet_results" / state["raters"][rater]["name"] / "LSRFiLMTrainer__nnUNetPlans__2d"
                 assert np.array_equal(channel, np.load(mdir / f"fold_{f}" / "validation" / f"{case}.npz")["probabilities"][1])
     # the stage-2 dataset is trained with the same split
     assert json.loads((work / "nnUNet_preprocessed" / state["stage2"]["name"] / "splits_final.json").read_text()) == state["splits"]
