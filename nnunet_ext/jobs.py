@@ -114,7 +114,7 @@ def resume(workdir, dry_run: bool = False) -> dict:
         if queued[(job, idx)][0] == "PENDING":
             cancel.append(f"{job}_{idx}")
         else:
-            active.setdefault(stage, set()).add(job)
+            active.setdefault(stage, set()).add(f"{job}_{idx}")
             skip.add((stage, k))
     if dry_run:
         for st in stages:

@@ -472,13 +472,15 @@ def _sbatch(script: Path, indices: list[int], dependency: list[str]) -> str:
 
 def _submit(manifest: dict, stages: list[Stage], workdir: Path, scripts: dict[str, Path],
             active: dict[str, set[str]], skip: set[tuple[str, int]] = frozenset()) -> dict:
-    """Submit the unfinished tasks of every stage as one array each; ``active`` maps a stage to job ids of
-    it still queued/running (resume), ``skip`` holds (stage, index) pairs that are still queued."""
+    """Submit the unfinished tasks of every stage as one array each; ``active`` maps a stage to the array
+    elements (``<job>_<index>``) of it still running (resume): later stages wait for exactly those, not for
+    their whole array, which may hold the failed element; ``skip`` holds (stage, index) pairs still running."""
     ids: dict[str, str | None] = {}
     deps_of: dict[str, set[str]] = {}
     for st in stages:
         todo = [k for k, t in enumerate(st.tasks) if not _finished(workdir, st, t) and (st.name, k) not in skip]
-        dep = sorted({j for a in st.after for j in deps_of.get(a, set())}, key=int)
+        dep = sorted({j for a in st.after for j in deps_of.get(a, set())},
+                     key=lambda j: tuple(int(x) for x in j.split("_")))
         mine = set(active.get(st.name, set()))
         if todo:
             job = _sbatch(scripts[st.name], todo, dep)
