@@ -11,9 +11,10 @@ lines; ``bash <script> INDEX`` runs one task without Slurm). The script itself w
 into ``WORKDIR/<stage>/status/``: ``<task>.started`` (job id, host, time) and ``<task>.exit`` (exit code and
 reason), and appends the task's output to ``WORKDIR/<stage>/logs/<task>.log``. A task is finished when its
 ``done`` file exists (e.g. ``fold_0/checkpoint_final.pth``), or, without one, when it exited with 0.
-Finished tasks are never run again; ``nnunet-ext jobs status|resume WORKDIR`` read these markers plus
-``squeue`` (and ``scontrol``/``sacct`` where the controller or accounting still knows a job), so they work
-on clusters without accounting. ``WORKDIR/jobs.json`` keeps the stages and every submission.
+Finished tasks are never run again; ``nnunet-ext jobs status|resume WORKDIR`` (:mod:`nnunet_ext.jobs`)
+read these markers plus ``squeue`` (and ``scontrol``/``sacct`` where the controller or accounting still
+knows a job), so they work on clusters without accounting. ``WORKDIR/jobs.json`` keeps the stages and
+every submission. docs/cluster.md.
 """
 from __future__ import annotations
 
