@@ -268,6 +268,8 @@ class CompareConfig:
             if not t or t[0] <= 0 or t[-1] >= 1 or len(set(t)) != len(t):
                 raise ValueError("thresholds must be distinct numbers in (0, 1)")
         self.trainers, self.folds = trainers, folds
+        if self.test_images is not None:  # absolute, so the report's commands work from anywhere
+            self.test_images, self.test_labels = str(Path(self.test_images).resolve()), str(Path(self.test_labels).resolve())
         return self
 
     @property
