@@ -34,22 +34,13 @@ from nnunet_ext.thresholds import combined_threshold, soft_output
 
 
 def remove_small_lesions(mask: np.ndarray, spacing_zyx, min_mm3: float, connectivity: int = 26) -> np.ndarray:
-    """``mask`` (z, y, x) without the connected components whose volume (voxels x voxel volume) is below
-    ``min_mm3``; 0 keeps everything."""
+    """``mask`` (z, y, x; label values kept) without the predicted lesions (connected components of its
+    foreground) smaller than ``min_mm3``; 0 keeps everything (nnunet_ext.metrics.lesions)."""
     if not min_mm3 > 0:
         return mask
-    from nnunet_ext.metrics.lesions import label_components
+    from nnunet_ext.metrics.lesions import remove_small_lesions as keep_large
 
-    comp, n = label_components(mask > 0, connectivity)
-    if n == 0:
-        return mask
-    voxel = float(np.prod([float(s) for s in spacing_zyx]))
-    counts = np.bincount(comp.ravel(), minlength=n + 1)
-    small = counts * voxel < min_mm3
-    small[0] = False
-    out = mask.copy()
-    out[small[comp]] = 0
-    return out
+    return (mask * keep_large(mask > 0, spacing_zyx, min_mm3, connectivity)).astype(mask.dtype)
 
 
 def _write(array: np.ndarray, properties: dict, path: str) -> None:

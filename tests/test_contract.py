@@ -80,7 +80,7 @@ def test_remove_small_lesions_by_hand():
     mask[0, 0, 0] = 1                      # 1 voxel  = 2 mm^3 at spacing (2, 1, 1)
     mask[2, 2, 2:4] = 1                    # 2 voxels = 4 mm^3
     mask[3, 5, 5] = 1
-    mask[2, 4, 4] = 1                      # diagonal to nothing: alone, 2 mm^3
+    mask[0, 4, 0] = 1                      # alone, 2 mm^3
     out = remove_small_lesions(mask, (2.0, 1.0, 1.0), 3.0)
     assert out.sum() == 2 and out[2, 2, 2:4].all()
     np.testing.assert_array_equal(remove_small_lesions(mask, (2.0, 1.0, 1.0), 0.0), mask)
