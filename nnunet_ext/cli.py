@@ -684,12 +684,15 @@ def run(argv: list[str] | None = None) -> int:
                                                launcher=options, workdir=args.workdir)
                 _print_launched(res)
             else:
-                res = consensus.predict(args.dataset, args.input, args.output, args.device, args.jobs,
-                                        args.keep_rater_predictions, args.save_probabilities, args.num_processes,
-                                        args.checkpoint)
+                res = consensus.predict(dataset=args.dataset, input_dir=args.input, output_dir=args.output,
+                                        device=args.device, jobs=args.jobs,
+                                        keep_rater_predictions=args.keep_rater_predictions,
+                                        save_probabilities=args.save_probabilities, n_proc=args.num_processes,
+                                        checkpoint=args.checkpoint)
                 print(f"{len(res['cases'])} case(s) -> {args.output}")
         else:
-            res = consensus.evaluate(args.dataset, args.pred, args.output, args.ref, args.raters)
+            res = consensus.evaluate(dataset=args.dataset, pred_dir=args.pred, output=args.output, ref_dir=args.ref,
+                                     raters_dir=args.raters)
             print(consensus.format_table(res))
     elif args.command == "demo":
         from nnunet_ext.demo import DemoConfig, run_demo
@@ -704,10 +707,10 @@ def run(argv: list[str] | None = None) -> int:
         from nnunet_ext import jobs
 
         if args.action == "status":
-            st = jobs.wait(args.workdir) if args.wait else jobs.status(args.workdir)
+            st = jobs.wait(workdir=args.workdir) if args.wait else jobs.status(workdir=args.workdir)
             print(jobs.format_status(st))
             return 1 if jobs.failed_tasks(st) else 0
-        res = jobs.resume(args.workdir, dry_run=args.dry_run)
+        res = jobs.resume(workdir=args.workdir, dry_run=args.dry_run)
         _print_launched(res)
     elif args.command == "compare":
         import shlex
