@@ -230,18 +230,30 @@ def test_pseudolabel_student_shards_and_resume(planned, tmp_path):
     if not (work / "nnUNet_results" / root.name / "ExtBaselineTrainer__nnUNetPlans__2d" / "fold_0" /
             "checkpoint_final.pth").is_file():
         train_and_predict(planned, "ExtBaselineTrainer")
-    r = _pseudo(env, root, "Dataset513_Student")
+    r = _pseudo(env, root, "Dataset513_Student", "--soft-rim", "0.5")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     student = work / "nnUNet_raw" / "Dataset513_Student"
     ds = json.loads((student / "dataset.json").read_text())
     prov = json.loads((student / "provenance.json").read_text())
     assert sorted(prov["cases"]) == ["phantom_006", "phantom_007"] and prov["kept"] == ["phantom_006", "phantom_007"]
     assert ds["numTraining"] == 6 + 2 and prov["parameters"] == {"alpha": 0.3, "vpt": 0.3, "tst": 0.0,
-                                                                   "ignore_uncertain": False}
+                                                                   "ignore_uncertain": False, "soft_rim_gamma": 0.5,
+                                                                   "soft_rim_mm": 1.0}
+    # soft labels: the labeled cases keep the teacher dataset's, the pseudo-labels get theirs + a soft rim
+    for k in range(6):
+        assert np.array_equal(read_image(student / "softlabelsTr" / f"phantom_{k:03d}.nii.gz")[0],
+                              read_image(root / "softlabelsTr" / f"phantom_{k:03d}.nii.gz")[0])
     m, _ = read_image(student / "lesionmapTr" / "phantom_006.nii.gz")
     lab, _ = read_image(student / "labelsTr" / "phantom_006.nii.gz")
     omega, _ = read_image(student / "confidenceTr" / "phantom_006.nii.gz")
     assert np.array_equal(lab, (m >= 0.5).astype(lab.dtype)) and omega.min() >= np.exp(-0.3 * np.log(2)) - 1e-5
+    soft, _ = read_image(student / "softlabelsTr" / "phantom_006.nii.gz")
+    assert set(np.unique(soft)) <= {0.0, 0.5, 1.0} and np.array_equal(soft == 1, lab == 1)
+    if lab.any():
+        from scipy import ndimage
+
+        rim = ndimage.binary_dilation(lab == 1, ndimage.generate_binary_structure(3, 1)) & (lab == 0)
+        assert np.all(soft[(soft == 0.5)] == 0.5) and np.all(rim[soft == 0.5])  # the rim lies 1 voxel around
     assert (student / "imagesTr" / "phantom_006_0000.nii.gz").is_file() and (student / "labelsTr" / "phantom_000.nii.gz").is_file()
     # two shards give the same dataset as one run
     for part in ("0", "1"):
@@ -259,10 +271,12 @@ def test_pseudolabel_student_shards_and_resume(planned, tmp_path):
     assert r.returncode == 0 and "2 cases, 1 already done" in r.stdout
     assert np.array_equal(read_image(student / "labelsTr" / "phantom_007.nii.gz")[0],
                           read_image(shards / "labelsTr" / "phantom_007.nii.gz")[0])
-    # the student trains on it with nnU-Net's own commands
+    # the student trains on its soft labels with nnU-Net's own commands
     subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", "513", "-c", "2d", "-np", "2"], env=env,
                    check=True, capture_output=True)
-    r = subprocess.run([nnunet_command("nnUNetv2_train"), "513", "2d", "0", "-tr", "LSRTrainer", "-device", "cpu"],
+    subprocess.run([nnunet_command("nnunet-ext"), "preprocess-soft", "-d", "513", "-c", "2d"], env=env, check=True,
+                   capture_output=True)
+    r = subprocess.run([nnunet_command("nnUNetv2_train"), "513", "2d", "0", "-tr", "SoftDiceTrainer", "-device", "cpu"],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
