@@ -39,10 +39,9 @@ STATE = "consensus.json"
 
 
 def _env_folder(name: str) -> Path:
-    v = os.environ.get(name)
-    if not v:
-        raise RuntimeError(f"{name} is not set")
-    return Path(v)
+    from nnunet_ext.nnunet_adapter import env_folder
+
+    return env_folder(name)
 
 
 def _raw() -> Path:
@@ -78,16 +77,13 @@ def _cases(folder: Path, ending: str) -> list[str]:
 
 
 def kfold_splits(cases: list[str], n_folds: int, seed: int = 12345) -> list[dict]:
-    """nnU-Net-style K-fold split (sklearn KFold, shuffled, seed 12345) of sorted case ids."""
-    from sklearn.model_selection import KFold
+    """nnU-Net's own seeded K-fold split of the sorted case ids (nnunet_ext.nnunet_adapter.crossval_splits:
+    what nnUNetv2_train itself writes when a dataset has no splits_final.json)."""
+    from nnunet_ext.nnunet_adapter import crossval_splits
 
     if n_folds < 2 or n_folds > len(cases):
         raise ValueError(f"need 2 <= folds <= number of cases ({len(cases)}), got {n_folds}")
-    cases = sorted(cases)
-    out = []
-    for tr, va in KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(cases):
-        out.append({"train": [cases[i] for i in tr], "val": [cases[i] for i in va]})
-    return out
+    return crossval_splits(cases, n_folds, seed)
 
 
 def fold_of(splits: list[dict]) -> dict[str, int]:
@@ -237,7 +233,9 @@ def split_raters(dataset, first_id: int | None = None, n_folds: int = 5, copy: b
 
 
 def _model_dir(dataset_name: str, trainer: str, plans: str, configuration: str) -> Path:
-    return _env_folder("nnUNet_results") / dataset_name / f"{trainer}__{plans}__{configuration}"
+    from nnunet_ext.nnunet_adapter import model_folder
+
+    return model_folder(dataset_name, trainer, plans, configuration, must_exist=False)
 
 
 def _targets(dataset, state: dict, stage: int, raters=None) -> list[dict]:
