@@ -590,9 +590,8 @@ def _checkpoint_stamp(mdir: Path, folds) -> dict:
 
 
 def _predict_once(cfg: CompareConfig, plan: _Plan, trainer: str, input_dir: Path, out: Path, folds, cases) -> bool:
-    """Predict through the model contract unless ``out`` holds this exact prediction already; True when it ran."""
-    from nnunet_ext.predict import predict
-
+    """Predict through the model contract (:func:`nnunet_ext.predict.predict`) unless ``out`` holds this exact
+    prediction already; True when it ran."""
     mdir = _model_dir(plan, cfg, trainer)
     stamp = {"folds": list(folds), "cases": sorted(cases), "checkpoints": _checkpoint_stamp(mdir, folds),
              "device": cfg.device, "cohort": cfg.cohort}
@@ -607,20 +606,15 @@ def _predict_once(cfg: CompareConfig, plan: _Plan, trainer: str, input_dir: Path
 
         if load_contract(mdir, folds).condition == "cohort":
             kw["cohort"] = cfg.cohort
-    # the predictor looks the trainer class up by name in this process: our trainer folder must be on
-    # nnUNet_extTrainer here too
-    saved = {k: os.environ.get(k) for k in ("nnUNet_extTrainer", "nnUNet_def_n_proc")}
-    os.environ.update({k: plan.env[k] for k in saved if plan.env.get(k)})
-    try:
-        predict(input_dir=input_dir, output_dir=out, dataset=cfg.dataset, configuration=cfg.configuration,
-                trainer=trainer, plans=cfg.plans, folds=list(folds), device=cfg.device, keep_probabilities=True,
-                n_proc=cfg.n_proc, **kw)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    # one child process per prediction: nnU-Net's predictor forks its pre-/post-processing workers, and a fork
+    # from this long-lived process (threads of earlier steps) was seen to deadlock; the child also gets our
+    # trainer folder on nnUNet_extTrainer for the predictor's trainer lookup
+    args = dict(input_dir=str(input_dir), output_dir=str(out), dataset=str(cfg.dataset),
+                configuration=cfg.configuration, trainer=trainer, plans=cfg.plans, folds=list(folds), device=cfg.device,
+                keep_probabilities=True, n_proc=cfg.n_proc, **kw)
+    code = "import json, sys; from nnunet_ext.predict import predict; predict(**json.loads(sys.argv[1]))"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_logged([sys.executable, "-c", code, json.dumps(args)], plan.env, out.parent / f"{out.name}_predict.log")
     _write_json(marker, stamp)
     return True
 
