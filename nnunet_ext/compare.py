@@ -174,9 +174,13 @@ def paired_differences(arm: dict[str, np.ndarray], reference: dict[str, np.ndarr
                       "arm": _f(pa[m][0]), "reference": _f(pr[m][0]), "undefined_resamples": int((~ok).sum())}
             continue
         lo, hi = (float(v) for v in np.percentile(d[ok], q))
-        out[m] = {"difference": point, "ci": [lo, hi], "excludes_zero": bool(lo > 0 or hi < 0),
+        # rounding noise of equal statistics (e.g. -1e-17) is no difference
+        out[m] = {"difference": point, "ci": [lo, hi], "excludes_zero": bool(lo > _EPS or hi < -_EPS),
                   "arm": _f(pa[m][0]), "reference": _f(pr[m][0]), "undefined_resamples": int((~ok).sum())}
     return out
+
+
+_EPS = 1e-9
 
 
 def _f(v):
@@ -202,8 +206,9 @@ def difference_sentence(arm: str, reference: str, diffs: dict, n_cases: int, n_s
             shown.append(f"{'higher' if d['difference'] > 0 else 'lower'} {METRIC_TITLES[m]}")
     verdict = (f"the interval excludes 0 for {' and '.join(shown)}, a difference these {n_cases} cases support"
                if shown else f"every interval includes 0: no difference is shown on these {n_cases} cases")
+    few = f"; with only {n_cases} cases a bootstrap interval is a rough guide" if n_cases < 10 else ""
     return (f"{arm} minus {reference}: " + "; ".join(parts) + f"; {verdict} ({n_small} reference lesions of "
-            f"{small_bin} voxels).")
+            f"{small_bin} voxels{few}).")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -88,6 +88,9 @@ def test_paired_differences_constant_shift_and_zero():
     d = paired_differences(shifted, a, idx)["dice"]
     assert d["difference"] == pytest.approx(-0.1) and d["ci"] == pytest.approx([-0.1, -0.1])
     assert d["excludes_zero"] is True
+    noise = {k: v.copy() for k, v in a.items()}
+    noise["dice"] = a["dice"] - 1e-15  # rounding noise is not a difference
+    assert paired_differences(noise, a, idx)["dice"]["excludes_zero"] is False
     b = statistic_arrays(B, "3-10")
     d = paired_differences(b, a, idx)
     assert d["small_lesion_tpr"]["difference"] == pytest.approx(1.0 - 2 / 3)
@@ -115,7 +118,8 @@ def test_difference_sentence():
     s = difference_sentence("LSRDiceTrainer", "ExtBaselineTrainer", diffs, 10, 21, "3-10")
     assert s.startswith("LSRDiceTrainer minus ExtBaselineTrainer: small-lesion TPR (3-10 voxels) +0.250 "
                         "(95 % CI +0.050 to +0.400)")
-    assert "excludes 0 for higher small-lesion TPR" in s and "21 reference lesions" in s
+    assert "excludes 0 for higher small-lesion TPR" in s and "21 reference lesions of 3-10 voxels)." in s
+    assert "rough guide" in difference_sentence("X", "Y", diffs, 3, 5, "3-10")
     for m in diffs:
         diffs[m]["excludes_zero"] = False
     assert "every interval includes 0: no difference is shown on these 10 cases" in \
@@ -185,7 +189,7 @@ def test_check_test_set(tmp_path):
 # ---------------------------------------------------------------------------------------------------- end to end
 
 DATASET = 513
-ARMS = ["ExtBaselineTrainer", "LSRDiceTrainer"]
+ARMS = ["ExtBaselineTrainer", "FocalTverskyTrainer"]  # any two budget-honouring trainers
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +291,7 @@ def test_compare_end_to_end_interrupted_and_resumed(nnunet_environ, tmp_path, mo
                                                        - a["operating_points"]["detection_optimal"]["threshold"]))
     d = saved["differences"][ARMS[1]]["model"]
     assert set(d) == set(cmp.CI_METRICS) and ARMS[1] + " minus " + ARMS[0] in saved["sentences"][ARMS[1]]
-    assert any("nnUNetv2_train 513 2d 0 -tr LSRDiceTrainer" in c for c in saved["commands"])
+    assert any(f"nnUNetv2_train 513 2d 0 -tr {ARMS[1]}" in c for c in saved["commands"])
     assert saved["budget"] == {"epochs": 1, "iterations": 2, "val_iterations": 1}
     # the model output equals what nnunet-ext predict wrote (stored threshold / post-processing applied)
     from nnunet_ext.io import read_image
