@@ -92,6 +92,50 @@ def score_test(raw: Path, pred: Path, threshold: float | None, min_mm3: float, c
             "small_ref_lesions": small["ref_lesions"], "dice_pooled": pooled["dice"], "cases": len(per_case)}
 
 
+def score_validation_fold(env, fold: int, threshold: float | None, min_mm3: float, connectivity: int) -> dict:
+    """Pooled lesion F1 (all, 3-10 voxels) on one fold's validation cases (nnU-Net's argmax masks when
+    ``threshold`` is None, else its validation probabilities >= threshold), minimum size applied."""
+    from nnunet_ext.metrics.cases import list_cases, load_mask, load_probabilities
+    from nnunet_ext.metrics.lesions import DEFAULT_BINS, aggregate, case_metrics, remove_small_lesions
+
+    val = model_dir(env) / f"fold_{fold}" / "validation"
+    gt = Path(env["nnUNet_preprocessed"]) / dataset_folder_name(DATASET, "MSPhantom") / "gt_segmentations"
+    per_case = {}
+    for c in list_cases(val):
+        ref, spacing = load_mask(gt / f"{c}.nii.gz", 1)
+        mask = load_mask(val / f"{c}.nii.gz", 1)[0] if threshold is None else \
+            load_probabilities(val / f"{c}.npz") >= threshold
+        mask = remove_small_lesions(mask, spacing, min_mm3, connectivity)
+        per_case[c] = case_metrics(ref, mask, spacing, connectivity=connectivity, bins=DEFAULT_BINS)
+    pooled = aggregate(per_case, DEFAULT_BINS)["pooled"]
+    small = pooled["bins"]["3-10"]
+    return {"lesion_f1": pooled["lesion_f1"], "lesion_tpr": pooled["lesion_tpr"], "lesion_ppv": pooled["lesion_ppv"],
+            "small_lesion_f1": small["lesion_f1"], "small_lesion_tpr": small["lesion_tpr"],
+            "small_ref_lesions": small["ref_lesions"], "dice_pooled": pooled["dice"], "cases": len(per_case)}
+
+
+def crossfold(env, args) -> dict:
+    """Select on the validation cases of one fold, score on another fold's validation cases (never seen by
+    the selection, predicted by a model that never trained on them); every ordered pair of folds."""
+    from nnunet_ext.selection import select
+
+    out = {}
+    for f_sel in args.folds:
+        sel = select(dataset=DATASET, configurations=["2d"], trainers=[TRAINER], plans="nnUNetPlans", folds=[f_sel],
+                     metric=args.metric, write_contract=False, progress=False,
+                     output=Path(args.workdir) / f"selection_fold{f_sel}.json")
+        b = sel["best"]
+        for f_test in args.folds:
+            if f_test == f_sel:
+                continue
+            out[f"select_on_{f_sel}_test_on_{f_test}"] = {
+                "selected": {k: b[k] for k in ("threshold", "min_lesion_mm3", "lesion_f1", "small_lesion_f1")},
+                "test_argmax": score_validation_fold(env, f_test, None, 0.0, b["connectivity"]),
+                "test_selected": score_validation_fold(env, f_test, b["threshold"], b["min_lesion_mm3"],
+                                                       b["connectivity"])}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/sel_bench")
@@ -105,7 +149,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--metric", default="lesion_f1")
-    ap.add_argument("--stage", choices=("train", "all"), default="all")
+    ap.add_argument("--stage", choices=("train", "all", "crossfold"), default="all",
+                    help="crossfold: no test prediction; select on one fold's validation cases, score on another's")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -113,6 +158,19 @@ def main() -> None:
     t0 = time.time()
     env, raw = prepare(work, args)
     train_seconds = train_folds(env, args, log)
+    if args.stage == "crossfold":
+        import os
+
+        os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+        result = {"settings": {"dataset": DATASET, "cases": args.cases, "shape": args.shape,
+                               "difficulty": args.difficulty, "configuration": "2d", "trainer": TRAINER,
+                               "folds": args.folds, "epochs": args.epochs, "iterations": args.iterations,
+                               "metric": args.metric, "seed": args.seed, "mode": "crossfold"},
+                  "crossfold": crossfold(env, args)}
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=1, default=float))
+        print(json.dumps(result["crossfold"], indent=1, default=float))
+        return
     pred = predict_test(env, raw, args, work, log)
     if args.stage == "train":
         return
