@@ -104,7 +104,7 @@ def test_container_output_equals_submission_test(docker_ready, wheel_server, tmp
     t = time.monotonic()
     sub = tmp_path / "sub"
     r = _sh([nnunet_command("nnunet-ext"), "submission", "build", "-d", "523", "-c", "2d", "-tr", TRAINER, "-f", "0",
-             "--challenge", "wmh2017", "-o", sub], timeout=600, env=env)
+             "--challenge", "generic", "-o", sub], timeout=600, env=env)
     assert r.returncode == 0, _tail(r)
     timings["submission build"] = time.monotonic() - t
 
@@ -125,10 +125,11 @@ def test_container_output_equals_submission_test(docker_ready, wheel_server, tmp
         info = json.loads(_sh(["docker", "image", "inspect", image], timeout=60).stdout)[0]
         assert info["Config"]["User"] == "submitter"
 
-        inp = tmp_path / "in"
-        (inp / "pre").mkdir(parents=True)
-        for k, name in enumerate(("FLAIR", "T1")):
-            (inp / "pre" / f"{name}.nii.gz").write_bytes((root / "imagesTs" / f"phantom_005_{k:04d}.nii.gz").read_bytes())
+        inp = tmp_path / "in"  # the generic layout: nnU-Net's imagesTs naming
+        inp.mkdir()
+        for k in (0, 1):
+            name = f"phantom_005_{k:04d}.nii.gz"
+            (inp / name).write_bytes((root / "imagesTs" / name).read_bytes())
         for p in [inp, *inp.rglob("*")]:
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         before = _digest(inp)
@@ -141,14 +142,14 @@ def test_container_output_equals_submission_test(docker_ready, wheel_server, tmp
                  "-v", f"{inp}:/input:ro", "-v", f"{out}:/output", image], timeout=1800)
         assert r.returncode == 0, _tail(r)
         timings["docker run"] = time.monotonic() - t
-        result = out / "result.nii.gz"
+        result = out / "phantom_005.nii.gz"
         assert result.is_file(), _tail(r)
         assert result.stat().st_uid != 0  # written by the non-root user
         assert _digest(inp) == before
 
         r = _sh(["docker", "run", "--rm", "--network", "none", "-v", f"{inp}:/input:ro", "--entrypoint",
                  "/opt/venv/bin/python", image, "-c",
-                 "import os; print(os.getuid(), os.access('/input/pre', os.W_OK), "
+                 "import os; print(os.getuid(), os.access('/input', os.W_OK), "
                  "os.access('/opt/submission/results', os.W_OK), os.access('/opt/submission/model.zip', os.W_OK))"],
                 timeout=300)
         assert r.stdout.split() == ["1000", "False", "False", "False"], _tail(r)
@@ -161,7 +162,7 @@ def test_container_output_equals_submission_test(docker_ready, wheel_server, tmp
             env=env)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "PASS", _tail(r)
     timings["submission test"] = time.monotonic() - t
-    local = work / "run_001" / "output" / "result.nii.gz"
+    local = work / "run_001" / "output" / "phantom_005.nii.gz"
     a, b = sitk.ReadImage(str(result)), sitk.ReadImage(str(local))
     assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
     for get in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
