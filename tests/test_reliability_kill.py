@@ -49,9 +49,14 @@ def run_ok(args, env=None):
     return r
 
 
-def kill_after(args, sig: str, delay: float, env=None):
-    """Start ``nnunet-ext ARGS``, send ``sig`` after ``delay`` s; returns (rc, stderr)."""
+def kill_after(args, sig: str, delay: float, env=None, started=None):
+    """Start ``nnunet-ext ARGS``, send ``sig`` after ``delay`` s (counted from when ``started()`` first holds,
+    if given: a loaded machine can take longer than ``delay`` just to start Python); returns (rc, stderr)."""
     p = start(args, env)
+    if started is not None:
+        t0 = time.time()
+        while not started() and p.poll() is None and time.time() - t0 < 120:
+            time.sleep(0.02)
     time.sleep(delay)
     if p.poll() is None:
         os.kill(p.pid, SIGNALS[sig])
@@ -100,7 +105,8 @@ def _phantom_kill(tmp_path, phantom_reference, sig, delay, workers=1, must_inter
     old = digest(root)
     assert old and old != phantom_reference
     rc, err = kill_after(["phantom", "-d", 531, *PHANTOM, "--seed", 1, "--raw", raw, "--overwrite", "-np", workers],
-                         sig, delay)
+                         sig, delay if not must_interrupt else 0.2,
+                         started=(lambda: any(".staging-" in q.name for q in raw.iterdir())) if must_interrupt else None)
     check_killed(rc, err, sig)
     if must_interrupt:
         assert rc == EXPECTED_RC[sig], "the run finished before the signal: make it longer"
