@@ -242,10 +242,12 @@ def predict_cases(model_dir, folds, inputs, output_dir, *, checkpoint: str = "ch
                   save_probabilities: bool = False, write_soft: bool = True, write_mask: bool = True,
                   threshold: float | None = None, min_lesion_mm3: float | None = None, npp: int = 2, nps: int = 2,
                   overwrite: bool = True, hook: str | None = None, hook_args: dict | None = None,
-                  predictor=None) -> dict:
+                  predictor=None, case_ids: list[str] | None = None) -> dict:
     """Predict ``inputs`` (an input folder in nnU-Net's naming, or a list of per-case file lists) into
     ``output_dir`` with the model in ``model_dir`` and its contract. ``threshold`` / ``min_lesion_mm3``
     override the contract's. With ``overwrite=False`` cases whose mask exists are skipped (resumption).
+    ``case_ids`` names the outputs of a list of per-case file lists (default: nnU-Net's naming of the first
+    file, ``<case>_0000<ending>`` -> ``<case>``; challenge layouts name their files otherwise).
     Returns a summary (cases, threshold and its source, post-processing)."""
     from nnunet_ext.nnunet_adapter import export_function
 
@@ -264,7 +266,10 @@ def predict_cases(model_dir, folds, inputs, output_dir, *, checkpoint: str = "ch
                "write_soft": write_soft, "write_mask": write_mask, "hook": hook, "hook_args": hook_args or {}}
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(inputs, (list, tuple)):
-        truncated = [str(out / c) for c in _case_ids(inputs, predictor.dataset_json["file_ending"])]
+        ids = _case_ids(inputs, predictor.dataset_json["file_ending"]) if case_ids is None else list(case_ids)
+        if len(ids) != len(inputs) or len(set(ids)) != len(ids):
+            raise ValueError(f"case_ids must name each of the {len(inputs)} cases once, got {ids}")
+        truncated = [str(out / c) for c in ids]
         source = [[str(f) for f in files] for files in inputs]
     else:
         source, truncated = str(inputs), str(out)

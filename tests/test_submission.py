@@ -288,7 +288,7 @@ def test_install_refuses_unsafe_or_incomplete_zip(tmp_path):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Tiny 2-channel (two time points, two cohorts) and 4-channel phantom models, 1 epoch of 2 iterations:
-    LSRTrainer on both, SCINTrainer on the first."""
+    LSRTrainer on both, SCINTrainer and ResolutionFiLMTrainer on the first."""
     work = tmp_path_factory.mktemp("sub")
     env = nnunet_env(work, n_proc=2)
     env.update({"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERATIONS": "2", "NNUNET_EXT_VAL_ITERATIONS": "1"})
@@ -305,7 +305,7 @@ def models(tmp_path_factory):
     ds = json.loads((four / "dataset.json").read_text())
     ds["channel_names"] = {"0": "FLAIR", "1": "T2", "2": "PD", "3": "MPRAGE"}
     (four / "dataset.json").write_text(json.dumps(ds))
-    for d, trainers in (("521", ("LSRTrainer", "SCINTrainer")), ("522", ("LSRTrainer",))):
+    for d, trainers in (("521", ("LSRTrainer", "SCINTrainer", "ResolutionFiLMTrainer")), ("522", ("LSRTrainer",))):
         subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", d, "-c", "2d", "-np", "2"], env=env,
                        check=True, capture_output=True)
         for tr in trainers:
@@ -446,20 +446,17 @@ def test_scin_model_is_packaged_with_its_cohort(models, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="runner.main() (lead's part) reads the prediction back under the layout's "
-                                         "case id ('wmh'), but predict_cases names it after the first channel file "
-                                         "('FLAIR'): wmh2017/msseg2/isbi2015 submissions fail; remove this marker "
-                                         "when test_challenge_layouts_build_and_pass passes for wmh2017")
-def test_scin_submission_predicts_in_its_cohort(models, tmp_path):
-    sub = _build(models, "521", "wmh2017", tmp_path / "sub", trainer="SCINTrainer",
-                 extra=("--cohort", "cohort1_no_small"))
+@pytest.mark.parametrize("trainer,cohort", [("SCINTrainer", "cohort1_no_small"), ("ResolutionFiLMTrainer", None)])
+def test_conditioned_submission_predicts_like_nnunet_ext_predict(models, tmp_path, trainer, cohort):
+    extra = ("--cohort", cohort) if cohort else ()
+    sub = _build(models, "521", "wmh2017", tmp_path / "sub", trainer=trainer, extra=extra)
     inp = _challenge_input(models, "wmh2017", tmp_path / "in")
     res = check_submission(sub, inp, tmp_path / "w")
     assert res.ok, res.log_tail
-    work, env = models  # the same case through `nnunet-ext predict --cohort`: the same mask
+    work, env = models  # the same case through `nnunet-ext predict` (the one predictor): the same mask
     r = subprocess.run([nnunet_command("nnunet-ext"), "predict", "-i", str(work / "nnUNet_raw" / "Dataset521_MSPhantom" /
-                        "imagesTs"), "-o", str(tmp_path / "pred"), "-d", "521", "-c", "2d", "-tr", "SCINTrainer", "-f", "0",
-                        "-device", "cpu", "--cohort", "cohort1_no_small"], env=env, capture_output=True, text=True)
+                        "imagesTs"), "-o", str(tmp_path / "pred"), "-d", "521", "-c", "2d", "-tr", trainer, "-f", "0",
+                        "-device", "cpu", *extra], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     a = read_image(res.run_dir / "output" / "result.nii.gz")[0]
     assert np.array_equal(a, read_image(tmp_path / "pred" / "phantom_005.nii.gz")[0] == 1)

@@ -90,7 +90,7 @@ def main(sub_dir) -> int:
         # the one predictor: the model's contract (condition, cohort, TTA, threshold, post-processing)
         res = predict_cases(mdir, cfg["folds"], [[str(p) for p in c.channels] for c in cases], tmp,
                             checkpoint=cfg["checkpoint"], device=args.device, cohort=cfg.get("cohort"),
-                            write_soft=False, npp=1, nps=1)
+                            write_soft=False, npp=1, nps=1, case_ids=[c.case_id for c in cases])
         for c in cases:
             ref = sitk.ReadImage(str(c.reference))
             seg = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(tmp) / f"{c.case_id}{cfg['file_ending']}")))
