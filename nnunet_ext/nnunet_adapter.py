@@ -90,6 +90,18 @@ def crossval_splits(identifiers, n_folds: int = 5, seed: int = 12345) -> list[di
             for s in generate_crossval_split(sorted(identifiers), seed=seed, n_splits=n_folds)]
 
 
+def ensure_ext_trainer_path(environ=None) -> None:
+    """Put our trainer folder on ``nnUNet_extTrainer`` (in front of any the user set) in this process, so
+    nnU-Net's in-process lookups (the predictor builds the network through the trainer class named in the
+    checkpoint) find our trainers also when the shell did not export it."""
+    from nnunet_ext.paths import trainers_path
+
+    environ = os.environ if environ is None else environ
+    ours = str(trainers_path())
+    others = [p for p in environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p and p != ours]
+    environ["nnUNet_extTrainer"] = os.pathsep.join([ours] + others)
+
+
 def trainer_class(name: str):
     """nnU-Net's lookup of a trainer class by name (built-ins first, then ``nnUNet_extTrainer``)."""
     import nnunetv2

@@ -199,6 +199,9 @@ def load_predictor(model_dir, folds, checkpoint: str = "checkpoint_final.pth", d
         ck = model_dir / f"fold_{f}" / checkpoint
         if not ck.is_file():
             raise FileNotFoundError(f"{ck} not found (train fold {f}, or choose folds with -f)")
+    from nnunet_ext.nnunet_adapter import ensure_ext_trainer_path
+
+    ensure_ext_trainer_path()  # nnU-Net rebuilds the network through the trainer class named in the checkpoint
     contract = load_contract(model_dir, folds, checkpoint)
     if tta is not None:
         if tta not in TTA_MODES:
