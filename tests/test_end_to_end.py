@@ -51,6 +51,10 @@ def test_baseline_trainer_end_to_end(planned, tmp_path):
     work, env, root = planned
     out, pred = train_and_predict(planned, "ExtBaselineTrainer")
     assert (out / "fold_0" / "checkpoint_final.pth").is_file()
+    # lesion-wise validation metrics beside nnU-Net's summary.json, written by our trainers
+    lesion = json.loads((out / "fold_0" / "validation" / "lesion_summary.json").read_text())
+    nn_summary = json.loads((out / "fold_0" / "validation" / "summary.json").read_text())
+    assert lesion["aggregate"]["n_cases"] == len(nn_summary["metric_per_case"])
     settings = json.loads((out / "fold_0" / "nnunet_ext_settings.json").read_text())
     assert settings["num_epochs"] == 1 and settings["num_iterations_per_epoch"] == 2
     assert settings["budget_overrides_from_environment"]["num_epochs"] == 1

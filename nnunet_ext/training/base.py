@@ -56,6 +56,17 @@ class ExtTrainer(nnUNetTrainer):
                 "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch,
                 "initial_lr": self.initial_lr, "budget_overrides_from_environment": self.budget_overrides}
 
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's validation, then lesion-wise metrics beside its summary.json
+        (``validation/lesion_summary.json``, nnunet_ext.metrics.validation)."""
+        super().perform_actual_validation(save_probabilities)
+        if self.local_rank == 0:
+            from nnunet_ext.metrics.validation import write_fold_lesion_metrics
+
+            write_fold_lesion_metrics(self.output_folder,
+                                      os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
+                                      self.dataset_json["file_ending"])
+
     def on_train_start(self):
         super().on_train_start()
         if self.local_rank == 0 and self.output_folder is not None:

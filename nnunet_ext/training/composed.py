@@ -199,14 +199,6 @@ class ComposedTrainer(ExtTrainer):
             fold_threshold_from_validation(self.output_folder, gt, self.dataset_json["file_ending"],
                                            self.loss_part.activation)
         write_contract(self.output_folder_base, self.contract())
-        self.write_lesion_metrics(gt)
-
-    def write_lesion_metrics(self, gt_dir) -> None:
-        try:
-            from nnunet_ext.metrics.validation import write_fold_lesion_metrics
-        except ImportError:  # pragma: no cover - the metrics module ships with the package
-            return
-        write_fold_lesion_metrics(self.output_folder, gt_dir, self.dataset_json["file_ending"])
 
     def ext_settings(self) -> dict:
         s = {**super().ext_settings(), **self.loss_part.settings(), "loss_parameters": {k: v for k, v in vars(self.loss_part).items() if k != "needs"},
