@@ -231,6 +231,7 @@ if __name__ == "__main__":
     if "--export-profile" in sys.argv:
         i = sys.argv.index("--export-profile")
         work = Path(sys.argv[i + 1]) if len(sys.argv) > i + 1 else Path("/tmp/pl_bench")
-        print(json.dumps(export_profile(work.resolve(), TEACHER), indent=1))
+        reps = int(sys.argv[i + 2]) if len(sys.argv) > i + 2 else 3
+        print(json.dumps(export_profile(work.resolve(), TEACHER, reps), indent=1))
     else:
         main()
