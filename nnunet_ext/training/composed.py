@@ -73,7 +73,7 @@ class ComposedTrainer(ExtTrainer):
         self.map_specs = check_composition(self.loss_part, self.target_parts, self.network_part)
         self.layout = {s.name: i + 1 for i, s in enumerate(self.map_specs)}
         what = " + ".join(part_name(p) for p in (self.loss_part, *self.target_parts, self.network_part) if p is not None)
-        if self.map_specs or not isinstance(self.loss_part, DiceCE) or self.network_part is not None:
+        if self.target_parts or not isinstance(self.loss_part, DiceCE) or self.network_part is not None:
             refuse_unsupported(self, what, regions=not isinstance(self.loss_part, DiceCE) or bool(self.target_parts))
         if (self.loss_part.two_class_only or "soft" in self.layout or any(isinstance(t, RandomRater) for t in self.target_parts)) \
                 and len(self.label_manager.foreground_labels) != 1:
