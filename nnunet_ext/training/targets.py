@@ -197,12 +197,26 @@ class MapTransport:
         maps = maps / scale
         exact = [s.exact for s in self.specs]
         segs = out["segmentation"]
+        soft_idx = [i for i, e in enumerate(exact) if not e]
+        last = {"map": maps[soft_idx] if soft_idx else None}  # soft maps, averaged scale by scale
+
+        def soft_at(shape):
+            prev = last["map"]
+            src = tuple(prev.shape[1:])
+            if src != tuple(shape) and all(a % b == 0 for a, b in zip(src, shape)):
+                # block averages of block averages: exact, and each scale costs a fraction of the previous one
+                k = tuple(a // b for a, b in zip(src, shape))
+                pool = F.avg_pool3d if len(k) == 3 else F.avg_pool2d
+                last["map"] = pool(prev[None], kernel_size=k, stride=k)[0]
+            elif src != tuple(shape):
+                last["map"] = downsample_map(maps[soft_idx], shape, exact=False)
+            return last["map"].clamp(0.0, 1.0)
 
         def join(s):
+            soft = soft_at(s.shape[1:]) if soft_idx else None
             parts = [s.float()]
             for i, e in enumerate(exact):
-                m = downsample_map(maps[i:i + 1], s.shape[1:], e)
-                parts.append(m if e else m.clamp(0.0, 1.0))
+                parts.append(downsample_map(maps[i:i + 1], s.shape[1:], True) if e else soft[soft_idx.index(i)][None])
             return torch.cat(parts)
 
         out["segmentation"] = [join(s) for s in segs] if isinstance(segs, (list, tuple)) else join(segs)
