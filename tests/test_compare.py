@@ -251,6 +251,7 @@ def test_compare_bad_input_stops_before_training(nnunet_environ, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_compare_end_to_end_interrupted_and_resumed(nnunet_environ, tmp_path, monkeypatch, capsys):
     work, env, root = nnunet_environ
     out = tmp_path / "report"
@@ -328,6 +329,7 @@ def test_compare_end_to_end_interrupted_and_resumed(nnunet_environ, tmp_path, mo
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_compare_cli_validation_folds(nnunet_environ, tmp_path):
     """The CLI on the validation fold (arms reused from the end-to-end test when it ran first)."""
     from nnunet_ext.cli import run

@@ -203,6 +203,7 @@ def _tree(root: Path, sub: str) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_slurm_cascade_kill_and_resume(cascades):
     c = cascades
     st, wd = c["status_after_kill"], c["wd"]
@@ -236,6 +237,7 @@ def test_slurm_cascade_kill_and_resume(cascades):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_slurm_cascade_same_files_and_provenance_as_local(cascades):
     loc, slu = cascades["local"], cascades["slurm"]
     for sub in ("nnUNet_results/Dataset551_MSPhantom_rater1", "nnUNet_results/Dataset552_MSPhantom_rater2",
@@ -256,6 +258,7 @@ def test_slurm_cascade_same_files_and_provenance_as_local(cascades):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_pseudolabel_shards_on_slurm_equal_one_local_run(cascades):
     env = cascades["env_s"]
     root = cascades["slurm"]
@@ -312,6 +315,7 @@ def test_slurm_scancel_blocks_the_chain_and_resume_reruns_only_that_task(slurm_c
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_consensus_predict_on_slurm_equals_local(cascades, tmp_path):
     env, root = cascades["env_s"], cascades["slurm"]
     images = root / "nnUNet_raw" / "Dataset550_MSPhantom" / "imagesTs"

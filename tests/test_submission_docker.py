@@ -28,7 +28,7 @@ import SimpleITK as sitk
 from nnunet_ext.paths import nnunet_command, nnunet_env
 from nnunet_ext.phantom import PhantomConfig, write_phantom_dataset
 
-pytestmark = [pytest.mark.slow, pytest.mark.docker]
+pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.heavy]
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = os.environ.get("NNUNET_EXT_BASE_IMAGE", "nnunet-ext-base:bookworm")
