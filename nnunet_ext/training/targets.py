@@ -128,9 +128,15 @@ class MapSpatialTransform(SpatialTransform):
     def _apply_to_regr_target(self, regression_target, **params):
         if params.get("grid") is None or not self.map_specs:
             return self._apply_to_image(regression_target, **params)  # cropped only: exact
+        flags = [s.exact for s in self.map_specs]
+        if all(flags):  # one nearest-neighbour call for every map, no copies
+            return F.grid_sample(regression_target[None], params["grid"][None], mode="nearest", padding_mode="zeros",
+                                 align_corners=self.align_corners)[0]
+        if not any(flags):
+            return self._apply_to_image(regression_target, **params)
         k = len(self.map_specs)
         rows = regression_target.shape[0] // k  # > 1 with nnU-Net's dummy 2d augmentation (maps x slices)
-        exact = torch.tensor([s.exact for s in self.map_specs]).repeat_interleave(rows)
+        exact = torch.tensor(flags).repeat_interleave(rows)
         out = torch.empty((regression_target.shape[0], *params["grid"].shape[:-1]), dtype=regression_target.dtype)
         if bool(exact.any()):
             out[exact] = F.grid_sample(regression_target[exact][None], params["grid"][None], mode="nearest",
