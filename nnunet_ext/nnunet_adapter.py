@@ -94,12 +94,10 @@ def ensure_ext_trainer_path(environ=None) -> None:
     """Put our trainer folder on ``nnUNet_extTrainer`` (in front of any the user set) in this process, so
     nnU-Net's in-process lookups (the predictor builds the network through the trainer class named in the
     checkpoint) find our trainers also when the shell did not export it."""
-    from nnunet_ext.paths import trainers_path
+    from nnunet_ext.paths import with_our_trainers
 
     environ = os.environ if environ is None else environ
-    ours = str(trainers_path())
-    others = [p for p in environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p and p != ours]
-    environ["nnUNet_extTrainer"] = os.pathsep.join([ours] + others)
+    environ["nnUNet_extTrainer"] = with_our_trainers(environ.get("nnUNet_extTrainer", ""))
 
 
 def trainer_class(name: str):

@@ -23,6 +23,13 @@ def trainers_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]).resolve()
 
 
+def with_our_trainers(ext_trainer_value: str) -> str:
+    """An ``nnUNet_extTrainer`` value with our trainer folder in front of the folders the user set."""
+    ours = str(trainers_path())
+    others = [p for p in ext_trainer_value.split(os.pathsep) if p and p != ours]
+    return os.pathsep.join([ours] + others)
+
+
 def nnunet_env(workdir: str | os.PathLike | None = None, n_proc: int | None = None) -> dict[str, str]:
     """A copy of ``os.environ`` ready for nnU-Net's commands: ``nnUNet_raw/preprocessed/results`` under
     ``workdir`` unless already set, our trainers on ``nnUNet_extTrainer`` (in front of any the user set),
@@ -33,9 +40,7 @@ def nnunet_env(workdir: str | os.PathLike | None = None, n_proc: int | None = No
             if not env.get(name):
                 env[name] = str((Path(workdir) / name).resolve())
                 Path(env[name]).mkdir(parents=True, exist_ok=True)
-    ours = str(trainers_path())
-    others = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p and p != ours]
-    env["nnUNet_extTrainer"] = os.pathsep.join([ours] + others)
+    env["nnUNet_extTrainer"] = with_our_trainers(env.get("nnUNet_extTrainer", ""))
     n = str(n_proc or min(os.cpu_count() or 1, 8))
     env.setdefault("nnUNet_def_n_proc", n)
     env.setdefault("nnUNet_n_proc_DA", n)
