@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.metrics.evaluate import evaluate_folders
+from nnunet_ext.metrics.lesions import lesion_rates
 from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
 from nnunet_ext.phantom import PhantomConfig, dataset_folder_name, write_phantom_dataset
 from nnunet_ext.predict import predict
@@ -71,12 +72,13 @@ def score(ref: Path, pred: Path, cases=None) -> dict:
         small["tp"] += b["lesion_tp"]
         small["fn"] += b["lesion_fn"]
         small["fp"] += b["lesion_fp"]
-    tpr = small["tp"] / max(1, small["tp"] + small["fn"])
-    ppv = small["tp"] / max(1, small["tp"] + small["fp"])
+    rates = lesion_rates(small["tp"], small["tp"] + small["fn"], small["tp"], small["tp"] + small["fp"],
+                         convention="bin")
+    tpr, ppv, f1 = rates["lesion_tpr"], rates["lesion_ppv"], rates["lesion_f1"]
     return {"cases": len(per), "mean_dice": float(np.mean([v["dice"] for v in per.values()])),
             "lesion_f1_mean": float(np.mean([v["lesion_f1"] for v in per.values()])),
             "small_lesions": small, "small_lesion_tpr": tpr, "small_lesion_ppv": ppv,
-            "small_lesion_f1": 0.0 if tpr + ppv == 0 else 2 * tpr * ppv / (tpr + ppv)}
+            "small_lesion_f1": f1}
 
 
 def env_for(work: Path) -> dict:

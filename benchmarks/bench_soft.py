@@ -70,7 +70,7 @@ def main():
         arm = {"s_per_iteration_median": float(np.median(times[1:])) / args.iterations,
                "argmax_mean_dice": ev["aggregate"]["mean"]["dice"], "argmax_pooled_dice": ev["aggregate"]["pooled"]["dice"],
                "soft_dice": ev["aggregate"]["mean"]["soft_dice"], "brier": ev["aggregate"]["mean"]["brier"],
-               "ipe": ev["aggregate"]["mean"]["ipe"], "ece_pooled": ev["aggregate"]["pooled"]["ece"],
+               "ipe_voxelwise": ev["aggregate"]["mean"]["ipe_voxelwise"], "ece_pooled": ev["aggregate"]["pooled"]["ece"],
                "lesion_f1_pooled": ev["aggregate"]["pooled"]["lesion_f1"]}
         if t != "ExtBaselineTrainer":
             ours = work / f"ours_{t}"

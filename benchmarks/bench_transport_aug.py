@@ -1,6 +1,6 @@
 """Augmentation only (no data loading): nnU-Net's own training transforms with the spatial path forced
 (rotation + scaling), 128^3 patch from a 180^3 region, 5 deep-supervision scales, one thread, labels only vs
-+ lesion sizes (exact map) vs + soft map, interleaved with the same random state per sample.
++ lesion sizes (exact map) vs + soft map vs both (LSR on soft targets), interleaved with the same random state per sample.
 
     .venv/bin/python benchmarks/bench_transport_aug.py --lesions 30 300 --samples 5 -o benchmarks/results/transport_aug.json
 """
@@ -46,13 +46,15 @@ def main(argv=None):
         img = img.astype(np.float32)
         sizes = lesion_size_map(seg, [1], 26).astype(np.int16)
         arms = {"labels": (tf(), None), "lsr": (MapTransport(tf(), [MapSpec("sizes", True)]), sizes),
-                "soft": (MapTransport(tf(), [MapSpec("soft", False, 255.0)]), (seg * 200).astype(np.int16))}
+                "soft": (MapTransport(tf(), [MapSpec("soft", False, 255.0)]), (seg * 200).astype(np.int16)),
+                "lsr_soft": (MapTransport(tf(), [MapSpec("soft", False, 255.0), MapSpec("sizes", True)]),
+                             np.stack([(seg * 200).astype(np.int16), sizes]))}
         t = {k: [] for k in arms}
         for i in range(a.samples):
             for k, (T, m) in arms.items():
                 s = torch.from_numpy(seg[None])
                 if m is not None:
-                    s = torch.cat([s, torch.from_numpy(m[None])])
+                    s = torch.cat([s, torch.from_numpy(m if m.ndim == 4 else m[None])])
                 np.random.seed(i)
                 torch.manual_seed(i)
                 t0 = time.perf_counter()

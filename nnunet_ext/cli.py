@@ -739,10 +739,11 @@ def main(argv: list[str] | None = None) -> None:
     from nnunet_ext.errors import run_cli
 
     rc = run_cli(run, list(sys.argv[1:] if argv is None else argv))
-    import signal
+    if argv is None:  # the console command, finished: a late Ctrl-C must not turn success into a traceback.
+        import signal  # (Not when called from Python: ignored signals would be inherited by every process the
 
-    for s in (signal.SIGINT, signal.SIGTERM):  # finished: a late Ctrl-C must not turn success into a traceback
-        signal.signal(s, signal.SIG_IGN)
+        for s in (signal.SIGINT, signal.SIGTERM):  # caller starts later, and nnU-Net's pools then never end.)
+            signal.signal(s, signal.SIG_IGN)
     sys.exit(rc)
 
 

@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 
 from nnunet_ext.io import read_geometry, read_image
-from nnunet_ext.metrics.lesions import DEFAULT_BINS, bin_name, label_components, lesion_counts
+from nnunet_ext.metrics.lesions import DEFAULT_BINS, bin_name, label_components, lesion_counts, lesion_rates
 from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
 
 OPERATING_POINTS = ("model", "argmax", "segmentation_optimal", "detection_optimal")
@@ -80,13 +80,10 @@ def case_dice(c: dict) -> float:
 
 
 def _lesion_rates(ref, pred, tp, fp) -> dict:
-    """TPR/FDR/F1 from pooled lesion counts (no reference lesion: TPR undefined, 1 in F1; no predicted
-    lesion: FDR undefined, PPV 1 in F1; the evaluator's conventions)."""
-    tpr = tp / ref if ref else None
-    ppv = (pred - fp) / pred if pred else None
-    p, r = (1.0 if ppv is None else ppv), (1.0 if tpr is None else tpr)
-    f1 = None if tpr is None and ppv is None else (0.0 if p + r == 0 else 2 * p * r / (p + r))
-    return {"lesion_tpr": tpr, "lesion_fdr": None if ppv is None else 1 - ppv, "lesion_f1": f1}
+    """TPR/FDR/F1 from pooled lesion counts, by the one lesion-rate helper with the evaluator's ("bin")
+    conventions: no reference lesion: TPR undefined, 1 in F1; no predicted lesion: FDR undefined, PPV 1 in F1."""
+    r = lesion_rates(tp, ref, pred - fp, pred, convention="bin")
+    return {"lesion_tpr": r["lesion_tpr"], "lesion_fdr": r["lesion_fdr"], "lesion_f1": r["lesion_f1"]}
 
 
 def summarise(cases: Sequence[dict]) -> dict:

@@ -2,12 +2,100 @@
 session (2d and 3d_fullres), with soft labels and two raters on nnU-Net's grid, used by the end-to-end and
 in-process trainer tests."""
 import contextlib
+import io
 import os
+import signal
 import subprocess
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+# nnU-Net reads its process count once, at import: in-process runs on 2 cores must not start 8 workers
+os.environ.setdefault("nnUNet_def_n_proc", "1")
+
 PLANNED_ID = 590
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_SESSION_SIGNALS = {s: signal.getsignal(s) for s in _SIGNALS}
+
+
+@pytest.fixture(autouse=True)
+def _signals_as_at_start():
+    """Every test starts with the session's signal handlers. A test that calls a command in-process may
+    leave handlers behind; an *ignored* SIGTERM would be inherited by every process started later, and
+    nnU-Net's validation pool (terminate, then join) then waits forever for a worker it cannot end."""
+    for s, h in _SESSION_SIGNALS.items():
+        if signal.getsignal(s) is not h:
+            signal.signal(s, h)
+    yield
+
+
+@dataclass
+class Ran:
+    """What :func:`run_nnunet` gives back, like ``subprocess.CompletedProcess``."""
+
+    args: list
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_nnunet(cmd, env, ok=True, check_text=""):
+    """Run an nnU-Net or nnunet-ext console command **in this process** (its console entry point with
+    ``sys.argv``, ``os.environ`` = ``env``), as a subprocess would: exit
+    status, stdout and stderr come back (training loads data single-threaded); a raised exception is exit status 1 with its traceback on stderr.
+    Saves the ~5 s of imports and the data-loader worker start of every subprocess. With ``ok`` a non-zero
+    status fails the test with the output's tail."""
+    from importlib.metadata import entry_points
+
+    cmd = [str(c) for c in cmd]
+    name = Path(cmd[0]).name
+    eps = list(entry_points(group="console_scripts", name=name))
+    if not eps:
+        raise ValueError(f"{name} is not a console command of this environment")
+    if name == "nnunet-ext":  # the library's run loop, without main()'s process-exit signal handling
+        from nnunet_ext.cli import run as ext_run
+        from nnunet_ext.errors import run_cli
+
+        def target():
+            return run_cli(ext_run, cmd[1:])
+    else:
+        target = eps[0].load()
+    import torch
+
+    saved_env, saved_argv = dict(os.environ), sys.argv
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    saved_threads = torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(env)
+    if name == "nnUNetv2_train":  # single-threaded data loading (the planner needs a positive count)
+        os.environ["nnUNet_n_proc_DA"] = "0"
+    sys.argv = [name] + cmd[1:]
+    rc = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                r = target()
+                rc = int(r) if isinstance(r, int) and not isinstance(r, bool) else 0
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # noqa: BLE001 - a crashing command is a non-zero exit, as in a subprocess
+                traceback.print_exc()
+                rc = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+        for s, h in saved_signals.items():
+            signal.signal(s, h)
+        torch.set_num_threads(saved_threads)
+    r = Ran(cmd, rc, out.getvalue(), err.getvalue())
+    if ok:
+        assert r.returncode == 0, f"{' '.join(cmd)} exited {rc}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +109,7 @@ def planned_phantom(tmp_path_factory):
     work = tmp_path_factory.mktemp("planned")
     env = nnunet_env(work, n_proc=2)
     env.update({"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERATIONS": "2", "NNUNET_EXT_VAL_ITERATIONS": "1",
-                "nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "2"})
+                "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1"})
     cfg = PhantomConfig(shape=(32, 32, 32), empty_fraction=0.0, seed=5, soft=True, raters=2,
                         cohorts=("all", "no_small"), sites=((1.0, 1.0, 1.0), (1.0, 1.0, 2.0)))
     root = write_phantom_dataset(env["nnUNet_raw"], PLANNED_ID, 8, cfg, n_test=2, progress=False)

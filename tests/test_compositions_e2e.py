@@ -4,22 +4,18 @@ nnunet-ext predict) and SoftSegRandomRaterTrainer (nnUNetv2_train with soft rand
 stored threshold and normalized-ReLU soft output applied by the one predictor)."""
 import json
 import pickle
-import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import PLANNED_ID
+from conftest import PLANNED_ID, run_nnunet
 from nnunet_ext.io import read_geometry, read_image
 from nnunet_ext.paths import nnunet_command
 
 pytestmark = pytest.mark.slow
 
 
-def sh(cmd, env):
-    r = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+sh = run_nnunet  # real nnU-Net commands, in this process
 
 
 def test_lsr_film_at_native_resolution(planned_phantom, tmp_path):
@@ -54,9 +50,9 @@ def test_lsr_film_at_native_resolution(planned_phantom, tmp_path):
         assert soft.dtype == np.float32 and 0 <= soft.min() and soft.max() <= 1
     # nnU-Net's own predictor cannot supply the condition: it fails and writes no mask
     out = tmp_path / "nnunet"
-    r = subprocess.run([nnunet_command("nnUNetv2_predict"), "-i", str(root / "imagesTs"), "-o", str(out), "-d",
-                        str(PLANNED_ID), "-c", "3d_fullres", "-tr", "LSRFiLMTrainer", "-p", "nnUNetPlans_native", "-f",
-                        "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env=env, capture_output=True, text=True)
+    r = sh([nnunet_command("nnUNetv2_predict"), "-i", root / "imagesTs", "-o", out, "-d", PLANNED_ID, "-c",
+            "3d_fullres", "-tr", "LSRFiLMTrainer", "-p", "nnUNetPlans_native", "-f", "0", "-device", "cpu", "-npp", "1",
+            "-nps", "1"], env, ok=False)
     assert r.returncode != 0 and "nnunet-ext predict" in (r.stdout + r.stderr)
     assert not list(out.glob("*.nii.gz"))
 

@@ -2,39 +2,29 @@
 nnU-Net's own validation, prediction through `nnunet-ext predict`, the refusal of nnUNetv2_predict, export
 and import of the model zip, and norm-only fine-tuning of a new cohort."""
 import json
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import PLANNED_ID, run_nnunet
 from nnunet_ext.io import read_geometry, read_image
-from nnunet_ext.paths import nnunet_command, nnunet_env
+from nnunet_ext.paths import nnunet_command
 from nnunet_ext.phantom import PhantomConfig, write_phantom_dataset
 
 pytestmark = pytest.mark.slow  # real nnU-Net runs
 
-DATASET, NEW_COHORT_DATASET = 525, 526
+DATASET, NEW_COHORT_DATASET = PLANNED_ID, 526
 
 
-def sh(cmd, env, ok=True):
-    r = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
-    if ok:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+sh = run_nnunet  # real nnU-Net commands, in this process
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory):
-    """10+2 cases 32^3 in two cohorts (all / no_small) and two sites (1 and 2 mm slices), planned 2d."""
-    work = tmp_path_factory.mktemp("cond")
-    env = nnunet_env(work, n_proc=2)
-    env.update({"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERATIONS": "2", "NNUNET_EXT_VAL_ITERATIONS": "1"})
-    cfg = PhantomConfig(shape=(32, 32, 32), empty_fraction=0.0, seed=7, cohorts=("all", "no_small"),
-                        sites=((1.0, 1.0, 1.0), (1.0, 1.0, 2.0)))
-    root = write_phantom_dataset(env["nnUNet_raw"], DATASET, 10, cfg, n_test=2, progress=False)
-    sh([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", DATASET, "-c", "2d", "-np", "2"], env)
-    return work, env, root
+def planned(planned_phantom):
+    """The shared planned phantom: 8 + 2 cases 32^3 in two cohorts (all / no_small) and two sites (1 and
+    2 mm slices), planned 2d."""
+    return planned_phantom
 
 
 def train(planned, trainer, dataset=DATASET, fold="0", extra=()):
@@ -61,7 +51,7 @@ def test_scin_end_to_end(planned, tmp_path):
     work, env, root = planned
     out = train(planned, "SCINTrainer")
     fold = out / "fold_0"
-    log = next(fold.glob("training_log_*.txt")).read_text()
+    log = sorted(fold.glob("training_log_*.txt"))[-1].read_text()  # the newest (names carry the time)
     assert "cohort0_all -> slot 0, cohort1_no_small -> slot 1" in log
     assert (fold / "validation" / "summary.json").is_file()  # nnU-Net's validation ran with the condition
     settings = json.loads((fold / "nnunet_ext_settings.json").read_text())
@@ -77,10 +67,10 @@ def test_scin_end_to_end(planned, tmp_path):
         ext_predict(env, root / "imagesTs", preds[cohort], "SCINTrainer", "--cohort", cohort)
         summary = json.loads((preds[cohort] / "nnunet_ext_predict.json").read_text())
         assert summary["condition"] == "cohort" and summary["cohort"] == cohort
-        for case in ("phantom_010", "phantom_011"):
+        for case in ("phantom_008", "phantom_009"):
             g = read_geometry(root / "imagesTs" / f"{case}_0000.nii.gz")
             assert read_geometry(preds[cohort] / f"{case}.nii.gz")["size"] == g["size"]
-    soft = [read_image(preds[c] / "soft" / "phantom_010.nii.gz")[0] for c in preds]
+    soft = [read_image(preds[c] / "soft" / "phantom_008.nii.gz")[0] for c in preds]
     assert np.abs(soft[0] - soft[1]).max() > 0  # the cohort condition changes the output
 
     r = ext_predict(env, root / "imagesTs", tmp_path / "x", "SCINTrainer", ok=False)
@@ -94,8 +84,8 @@ def test_scin_end_to_end(planned, tmp_path):
 
     env2 = export_and_reinstall(env, "SCINTrainer", tmp_path)
     ext_predict(env2, root / "imagesTs", tmp_path / "reinstalled", "SCINTrainer", "--cohort", "cohort1_no_small")
-    a = read_image(preds["cohort1_no_small"] / "soft" / "phantom_011.nii.gz")[0]
-    b = read_image(tmp_path / "reinstalled" / "soft" / "phantom_011.nii.gz")[0]
+    a = read_image(preds["cohort1_no_small"] / "soft" / "phantom_009.nii.gz")[0]
+    b = read_image(tmp_path / "reinstalled" / "soft" / "phantom_009.nii.gz")[0]
     assert np.array_equal(a, b)
 
 
@@ -109,7 +99,7 @@ def test_film_end_to_end(planned, tmp_path):
     pred = tmp_path / "film"
     ext_predict(env, root / "imagesTs", pred, "ResolutionFiLMTrainer")
     assert json.loads((pred / "nnunet_ext_predict.json").read_text())["condition"] == "spacing"
-    assert {p.name for p in pred.glob("*.nii.gz")} == {"phantom_010.nii.gz", "phantom_011.nii.gz"}
+    assert {p.name for p in pred.glob("*.nii.gz")} == {"phantom_008.nii.gz", "phantom_009.nii.gz"}
     r = ext_predict(env, root / "imagesTs", tmp_path / "x", "ResolutionFiLMTrainer", "--cohort", "cohort0_all", ok=False)
     assert r.returncode != 0 and "--cohort applies to cohort-conditioned" in r.stderr
     r = sh([nnunet_command("nnUNetv2_predict"), "-i", root / "imagesTs", "-o", tmp_path / "plain", "-d", DATASET, "-c",
@@ -117,7 +107,7 @@ def test_film_end_to_end(planned, tmp_path):
     assert r.returncode != 0 and "no condition was set" in r.stdout + r.stderr
     env2 = export_and_reinstall(env, "ResolutionFiLMTrainer", tmp_path)
     ext_predict(env2, root / "imagesTs", tmp_path / "reinstalled", "ResolutionFiLMTrainer")
-    for case in ("phantom_010", "phantom_011"):
+    for case in ("phantom_008", "phantom_009"):
         assert np.array_equal(read_image(pred / "soft" / f"{case}.nii.gz")[0],
                               read_image(tmp_path / "reinstalled" / "soft" / f"{case}.nii.gz")[0])
 

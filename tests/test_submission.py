@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run_nnunet
 from nnunet_ext.cli import main, run
 from nnunet_ext.io import read_image, write_image
 from nnunet_ext.paths import nnunet_command, nnunet_env
@@ -306,19 +306,16 @@ def models(tmp_path_factory):
     ds["channel_names"] = {"0": "FLAIR", "1": "T2", "2": "PD", "3": "MPRAGE"}
     (four / "dataset.json").write_text(json.dumps(ds))
     for d, trainers in (("521", ("LSRTrainer", "SCINTrainer", "ResolutionFiLMTrainer")), ("522", ("LSRTrainer",))):
-        subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", d, "-c", "2d", "-np", "2"], env=env,
-                       check=True, capture_output=True)
+        run_nnunet([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", d, "-c", "2d", "-np", "2"], env)
         for tr in trainers:
-            subprocess.run([nnunet_command("nnUNetv2_train"), d, "2d", "0", "-tr", tr, "-device", "cpu"], env=env,
-                           check=True, capture_output=True)
+            run_nnunet([nnunet_command("nnUNetv2_train"), d, "2d", "0", "-tr", tr, "-device", "cpu"], env)
     return work, env
 
 
 def _build(models, dataset, challenge, out, trainer="LSRTrainer", extra=(), ok=True):
     work, env = models
-    r = subprocess.run([nnunet_command("nnunet-ext"), "submission", "build", "-d", dataset, "-c", "2d", "-tr",
-                        trainer, "-f", "0", "--challenge", challenge, "-o", str(out), *extra], env=env,
-                       capture_output=True, text=True)
+    r = run_nnunet([nnunet_command("nnunet-ext"), "submission", "build", "-d", dataset, "-c", "2d", "-tr",
+                        trainer, "-f", "0", "--challenge", challenge, "-o", str(out), *extra], env, ok=False)
     if ok:
         assert r.returncode == 0, r.stdout + r.stderr
         return out
@@ -454,9 +451,9 @@ def test_conditioned_submission_predicts_like_nnunet_ext_predict(models, tmp_pat
     res = check_submission(sub, inp, tmp_path / "w")
     assert res.ok, res.log_tail
     work, env = models  # the same case through `nnunet-ext predict` (the one predictor): the same mask
-    r = subprocess.run([nnunet_command("nnunet-ext"), "predict", "-i", str(work / "nnUNet_raw" / "Dataset521_MSPhantom" /
+    r = run_nnunet([nnunet_command("nnunet-ext"), "predict", "-i", str(work / "nnUNet_raw" / "Dataset521_MSPhantom" /
                         "imagesTs"), "-o", str(tmp_path / "pred"), "-d", "521", "-c", "2d", "-tr", trainer, "-f", "0",
-                        "-device", "cpu", *extra], env=env, capture_output=True, text=True)
+                        "-device", "cpu", *extra], env, ok=False)
     assert r.returncode == 0, r.stderr[-2000:]
     a = read_image(res.run_dir / "output" / "result.nii.gz")[0]
     assert np.array_equal(a, read_image(tmp_path / "pred" / "phantom_005.nii.gz")[0] == 1)

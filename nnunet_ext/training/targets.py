@@ -9,21 +9,23 @@ One transport serves every target part (lesion sizes, soft targets, a random rat
 2. **Augmentation.** :class:`MapTransport` wraps nnU-Net's own training transforms: it moves the K map
    channels out of the segmentation into batchgeneratorsv2's ``regression_target`` (so the label-wise
    segmentation interpolation, one ``grid_sample`` per label value, never sees them) and nnU-Net's
-   ``SpatialTransform`` is given :class:`MapSpatialTransform`'s regression path: one ``grid_sample`` for
-   all linear maps (soft targets) and one *nearest-neighbour* ``grid_sample`` for all maps whose values must
-   stay exact (lesion sizes), whatever the number of lesions. Mirroring flips them; intensity transforms
+   ``SpatialTransform`` is given :class:`MapSpatialTransform`'s regression path: linear maps (soft targets)
+   ride as extra channels of the image's own ``grid_sample`` call, and maps whose values must stay exact
+   (lesion sizes) are sampled nearest-neighbour at the foreground output voxels only, whatever the number
+   of lesions. Mirroring flips them; intensity transforms
    skip them. Samples that are only cropped are cropped exactly.
 3. **Deep supervision.** Each scale's target is ``[labels, map_1, ..., map_K]`` (float): exact maps are
    downsampled with the same ``nearest-exact`` interpolation nnU-Net uses for the labels (so at every
    scale a voxel's size comes from the same source voxel as its label), soft maps by area averaging.
 
-Exactness: with nearest sampling, a transported size is the whole-case size at the source voxel nearest
-to the output voxel, i.e. exactly the size of the lesion the label came from wherever the label of the
-output voxel equals the label of that nearest source voxel (nnU-Net's label interpolation keeps the
-nearest label except on some interpolated borders). On such borders a lesion voxel whose nearest source
-voxel is background gets size 0 (weight 1, as background), and a background voxel whose nearest source
-voxel is lesion keeps that lesion's size but, being background in the labels, is weighed by the loss as
-background (losses only use sizes where the label is foreground).
+Exactness: exact maps are sampled nearest-neighbour, with nnU-Net's own grid, at the output voxels whose
+transformed label is foreground (everywhere else they are 0; the losses only read sizes where the label is
+foreground). A transported size is therefore the whole-case size at the source voxel nearest to the output
+voxel, i.e. exactly the size of the lesion the label came from wherever the label of the output voxel
+equals the label of that nearest source voxel (nnU-Net's label interpolation keeps the nearest label
+except on some interpolated borders). On such borders a lesion voxel whose nearest source voxel is
+background gets size 0 (weight 1, as background); a background voxel gets size 0 whatever its nearest
+source voxel.
 """
 from __future__ import annotations
 
@@ -120,30 +122,60 @@ class WithTargetMaps(DatasetWrapper):
 
 
 class MapSpatialTransform(SpatialTransform):
-    """nnU-Net's SpatialTransform whose regression target (our maps) is sampled in two calls whatever the
-    number of lesions: nearest-neighbour for the exact maps, nnU-Net's image interpolation for the others."""
+    """nnU-Net's SpatialTransform with our maps as its regression target, at a cost independent of the number
+    of lesions and close to nothing on top of nnU-Net's own sampling:
+
+    - *linear* maps (soft targets) are sampled in the same ``grid_sample`` call as the image (extra channels
+      of one call share its coordinate computation);
+    - *exact* maps (lesion sizes) are sampled nearest-neighbour only at the output voxels whose transformed
+      label is foreground (the only voxels where the losses read them; elsewhere they are 0). That is one
+      ``grid_sample`` over those points with nnU-Net's own grid, so each value is the one a full nearest
+      ``grid_sample`` would give there.
+
+    Cropped-only samples are cropped exactly, as nnU-Net crops the image."""
 
     map_specs: list = []
 
-    def _apply_to_regr_target(self, regression_target, **params):
-        if params.get("grid") is None or not self.map_specs:
-            return self._apply_to_image(regression_target, **params)  # cropped only: exact
-        flags = [s.exact for s in self.map_specs]
-        if all(flags):  # one nearest-neighbour call for every map, no copies
-            return F.grid_sample(regression_target[None], params["grid"][None], mode="nearest", padding_mode="zeros",
-                                 align_corners=self.align_corners)[0]
-        if not any(flags):
-            return self._apply_to_image(regression_target, **params)
+    def apply(self, data_dict, **params):
+        maps = data_dict.get("regression_target")
+        grid = params.get("grid")
+        if maps is None or grid is None or not self.map_specs:
+            return super().apply(data_dict, **params)  # cropped only (exact), or nothing of ours
         k = len(self.map_specs)
-        rows = regression_target.shape[0] // k  # > 1 with nnU-Net's dummy 2d augmentation (maps x slices)
-        exact = torch.tensor(flags).repeat_interleave(rows)
-        out = torch.empty((regression_target.shape[0], *params["grid"].shape[:-1]), dtype=regression_target.dtype)
+        rows = maps.shape[0] // k  # > 1 with nnU-Net's dummy 2d augmentation (maps x slices)
+        exact = torch.tensor([s.exact for s in self.map_specs]).repeat_interleave(rows)
+        linear = ~exact
+        data_dict = dict(data_dict)
+        data_dict.pop("regression_target")
+        img = data_dict.get("image")
+        n_lin = int(linear.sum())
+        if img is not None and n_lin:  # one call for the image and the linear maps
+            n_img = img.shape[0]
+            data_dict["image"] = torch.cat([img.float(), maps[linear].to(torch.float32)])
+            data_dict = super().apply(data_dict, **params)
+            both = data_dict["image"]
+            data_dict["image"], lin_out = both[:n_img].to(img.dtype), both[n_img:]
+            if self.padding_mode_image == "constant" and float(self.padding_value_image) != 0:
+                lin_out = lin_out - float(self.padding_value_image)  # maps are padded with 0
+        else:
+            data_dict = super().apply(data_dict, **params)
+            lin_out = self._apply_to_image(maps[linear], **params) if n_lin else None
+        out = torch.zeros((maps.shape[0], *grid.shape[:-1]), dtype=torch.float32)
+        if lin_out is not None:
+            out[linear] = lin_out.clamp_(min=0.0)
         if bool(exact.any()):
-            out[exact] = F.grid_sample(regression_target[exact][None], params["grid"][None], mode="nearest",
-                                       padding_mode="zeros", align_corners=self.align_corners)[0]
-        if bool((~exact).any()):
-            out[~exact] = self._apply_to_image(regression_target[~exact], **params)
-        return out
+            seg = data_dict.get("segmentation")
+            fg = (seg > 0).any(0) if seg is not None else torch.ones(grid.shape[:-1], dtype=torch.bool)
+            if bool(fg.any()):
+                pts = grid[fg]  # (N, ndim): the grid at foreground output voxels
+                view = (1, pts.shape[0]) + (1,) * (grid.shape[-1] - 1) + (grid.shape[-1],)
+                vals = F.grid_sample(maps[exact][None].to(torch.float32), pts.view(view), mode="nearest",
+                                     padding_mode="zeros", align_corners=self.align_corners)
+                sub = out[exact]
+                sub[:, fg] = vals.reshape(vals.shape[1], -1)
+                out[exact] = sub
+        data_dict["regression_target"] = out
+        return data_dict
 
 
 def map_spatial_transform(transform, specs: list[MapSpec]):
