@@ -1,11 +1,11 @@
 """Consensus cascade: shared split, stage-2 inputs out of fold (leakage test), end to end on a tiny
 two-time-point phantom with real nnU-Net (2 raters, 2 folds, 1 epoch of 2 iterations)."""
 import json
-import subprocess
 
 import numpy as np
 import pytest
 
+from conftest import run_nnunet
 from nnunet_ext.consensus import fold_of, kfold_splits
 from nnunet_ext.io import read_geometry, read_image
 from nnunet_ext.paths import nnunet_command, nnunet_env
@@ -29,17 +29,17 @@ def test_kfold_splits_partition_the_cases():
 
 
 def cli(env, *args, ok=True):
-    r = subprocess.run([nnunet_command("nnunet-ext"), *map(str, args)], env=env, capture_output=True, text=True)
-    if ok:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    """``nnunet-ext ARGS`` in this process (its nnU-Net trainings and predictions still run as the launcher's
+    own processes)."""
+    return run_nnunet([nnunet_command("nnunet-ext"), *args], env, ok)
 
 
 @pytest.fixture(scope="module")
 def cascade(tmp_path_factory):
     work = tmp_path_factory.mktemp("cascade")
     env = nnunet_env(work, n_proc=2)
-    env.update({"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERATIONS": "2", "NNUNET_EXT_VAL_ITERATIONS": "1"})
+    env.update({"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERATIONS": "2", "NNUNET_EXT_VAL_ITERATIONS": "1",
+                "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1"})
     # stage 1 is McGill's: LSR-weighted BCE with resolution FiLM (LSRFiLMTrainer)
     cfg = PhantomConfig(shape=(32, 32, 32), timepoints=2, raters=2, seed=4)
     src = write_phantom_dataset(env["nnUNet_raw"], SRC, 6, cfg, n_test=2, progress=False)
