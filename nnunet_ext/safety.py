@@ -219,14 +219,34 @@ class Terminated(BaseException):
         self.signum = signum
 
 
-def install_termination_handlers() -> None:
-    """SIGTERM / SIGHUP -> :class:`Terminated` (exit status 128 + signal in the CLI)."""
+def _terminated_handler(signum, frame):
+    raise Terminated(signum)
 
-    def handler(signum, frame):
-        raise Terminated(signum)
 
+def _default_termination_in_forked_child() -> None:
+    """In a process forked from one of ours (nnU-Net's fork pools among them), SIGTERM / SIGHUP end the
+    process again: a pool's ``terminate()`` must end a worker blocked on the pool's queue lock, and a
+    worker that unwinds a :class:`Terminated` instead was seen to stay blocked there, so that ``terminate``
+    then waited for it forever."""
     for s in (signal.SIGTERM, signal.SIGHUP):
         try:
-            signal.signal(s, handler)
+            if signal.getsignal(s) is _terminated_handler:
+                signal.signal(s, signal.SIG_DFL)
+        except (ValueError, OSError):
+            pass
+
+
+_AT_FORK = []
+
+
+def install_termination_handlers() -> None:
+    """SIGTERM / SIGHUP -> :class:`Terminated` (exit status 128 + signal in the CLI), in this process only:
+    forked children get the default action back."""
+    if not _AT_FORK:
+        os.register_at_fork(after_in_child=_default_termination_in_forked_child)
+        _AT_FORK.append(True)
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(s, _terminated_handler)
         except (ValueError, OSError):  # not the main thread
             pass

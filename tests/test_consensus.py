@@ -45,7 +45,8 @@ def cascade(tmp_path_factory):
     src = write_phantom_dataset(env["nnUNet_raw"], SRC, 6, cfg, n_test=2, progress=False)
     r = cli(env, "consensus", "split-raters", "-d", SRC, "--folds", 2)
     assert "rater1: dataset 561" in r.stdout and "rater2: dataset 562" in r.stdout
-    cli(env, "consensus", "train", "-d", SRC, "--stage", 1, "-c", "2d", "-tr", "LSRFiLMTrainer", "-device", "cpu")
+    cli(env, "consensus", "train", "-d", SRC, "--stage", 1, "-c", "2d", "-tr", "LSRFiLMTrainer", "-device", "cpu",
+        "-j", 2, "--cpus-per-task", 1)  # the local launcher runs two trainings at once
     return work, env, src
 
 
@@ -106,7 +107,8 @@ def test_cascade_end_to_end(cascade, tmp_path):
     state = json.loads((src / "consensus.json").read_text())
     if "stage2" not in state:
         cli(env, "consensus", "build-stage2", "-d", SRC, "-device", "cpu")
-    cli(env, "consensus", "train", "-d", SRC, "--stage", 2, "-c", "2d", "-tr", "ExtBaselineTrainer", "-device", "cpu")
+    cli(env, "consensus", "train", "-d", SRC, "--stage", 2, "-c", "2d", "-tr", "ExtBaselineTrainer", "-device", "cpu",
+        "-j", 2, "--cpus-per-task", 1)
     out = tmp_path / "pred"
     r = cli(env, "consensus", "predict", "-d", SRC, "-i", src / "imagesTs", "-o", out, "-device", "cpu",
             "--keep-rater-predictions", "-j", "2")

@@ -657,3 +657,38 @@ def test_phantom_raw_under_a_file(capsys, tmp_path):
     assert rc == 2
     one_line_error(err, "afile")
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def _sigterm_disposition(q):
+    import signal
+
+    q.put(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+
+
+def test_forked_children_end_on_sigterm_again():
+    """Our CLI turns SIGTERM into an exception for its own cleanup; processes forked from it (nnU-Net's
+    fork pools) get the default action back, so that a pool's terminate() ends them (a worker blocked on
+    the pool's queue lock otherwise kept nnU-Net's ``with Pool(...)`` waiting forever)."""
+    import multiprocessing as mp
+    import signal
+    import time
+
+    from nnunet_ext.safety import _terminated_handler, install_termination_handlers
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        install_termination_handlers()
+        assert signal.getsignal(signal.SIGTERM) is _terminated_handler
+        ctx = mp.get_context("fork")
+        q = ctx.SimpleQueue()
+        p = ctx.Process(target=_sigterm_disposition, args=(q,))
+        p.start()
+        p.join(30)
+        assert q.get() is True
+        t = time.monotonic()
+        with ctx.Pool(3) as pool:  # leaving the block terminates the idle workers (SIGTERM)
+            assert pool.map(abs, [-1, -2, -3]) == [1, 2, 3]
+        assert time.monotonic() - t < 30
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)

@@ -66,7 +66,9 @@ def test_script_is_readable_and_resubmittable(tmp_path):
     assert r.returncode == 0
 
 
-def test_local_launcher_failures_skips_and_resume(tmp_path, capsys):
+def test_local_launcher_failures_skips_and_resume(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("nnUNet_def_n_proc", raising=False)  # unset: the launcher sets it from --cpus-per-task
+    monkeypatch.delenv("nnUNet_n_proc_DA", raising=False)
     out = tmp_path / "out"
     out.mkdir()
     flag = tmp_path / "fail_once"
