@@ -2,7 +2,12 @@
 (rotation + scaling), 128^3 patch from a 180^3 region, 5 deep-supervision scales, one thread, labels only vs
 + lesion sizes (exact map) vs + soft map vs both (LSR on soft targets), interleaved with the same random state per sample.
 
-    .venv/bin/python benchmarks/bench_transport_aug.py --lesions 30 300 --samples 5 -o benchmarks/results/transport_aug.json
+    .venv/bin/python benchmarks/bench_transport_aug.py --lesions 5 30 100 300 --samples 7 -o benchmarks/results/transport_aug.json
+    .venv/bin/python benchmarks/bench_transport_aug.py --lesions 5 30 100 300 --samples 30 --p-spatial 0.2 \
+        -o benchmarks/results/transport_aug_nnunet_p.json     # nnU-Net's own rotation/scaling probabilities
+
+``ratio`` compares medians per sample; ``ratio_of_totals`` the summed time of the same samples (the figure
+for a mix of spatial and crop-only samples).
 """
 import argparse
 import json
@@ -61,8 +66,10 @@ def main(argv=None):
                 T(image=torch.from_numpy(img.copy()), segmentation=s)
                 t[k].append(time.perf_counter() - t0)
         med = {k: float(np.median(v)) for k, v in t.items()}
+        tot = {k: float(np.sum(v)) for k, v in t.items()}
         row = {"lesions": n, "distinct_sizes": int(len(np.unique(sizes)) - 1), "median_s": med,
-               "ratio": {k: med[k] / med["labels"] for k in med}}
+               "ratio": {k: med[k] / med["labels"] for k in med},
+               "ratio_of_totals": {k: tot[k] / tot["labels"] for k in tot}}
         rows.append(row)
         print(json.dumps(row), flush=True)
     res = {"command": "benchmarks/bench_transport_aug.py " + " ".join(argv or sys.argv[1:]), "rows": rows}

@@ -158,3 +158,42 @@ def test_wrong_map_shape_is_an_error(stored, tmp_path):
     pre, ds, seg, _ = stored
     with pytest.raises(ValueError, match="shape"):
         save_map_like_seg(np.zeros((3, 3, 3), np.int16), pre / "case0_seg.b2nd", tmp_path / "x.b2nd")
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_nearest_gather_equals_grid_sample_nearest(align_corners):
+    """The exact maps' gather picks, at every grid point, the value torch's nearest grid_sample picks
+    (same unnormalisation and rounding; zero outside), on nnU-Net's own rotated and scaled grids."""
+    import torch.nn.functional as F
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+
+    from nnunet_ext.training.targets import MapSpatialTransform
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    src = torch.randint(0, 30000, (2, 21, 26, 30), dtype=torch.int16)
+    t = SpatialTransform((25, 31, 34), 0, False, p_rotation=1.0, rotation=(-0.6, 0.6), p_scaling=1.0,
+                         scaling=(0.6, 1.5), p_synchronize_scaling_across_axes=0, p_elastic_deform=0,
+                         align_corners=align_corners)
+    t.__class__ = MapSpatialTransform
+    for _ in range(5):
+        grid = t.get_parameters(image=src.float())["grid"]
+        pts = grid.reshape(-1, 3)
+        want = F.grid_sample(src.float()[None], grid[None], mode="nearest", padding_mode="zeros",
+                             align_corners=align_corners)[0].reshape(2, -1)
+        got = t._nearest_at(src, pts)
+        assert (want == 0).any() and (want > 0).any()  # the patch is larger than the region: some points fall outside
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 64), (32, 16, 64), (16, 8, 8), (20, 24, 32)])
+def test_exact_downsampling_equals_nearest_exact(shape):
+    """Exact maps are downsampled like nnU-Net's labels (F.interpolate nearest-exact); for integer factors
+    as a strided view."""
+    import torch.nn.functional as F
+
+    from nnunet_ext.training.targets import downsample_map
+
+    m = torch.randint(0, 1000, (2, 64, 64, 64)).float()
+    want = F.interpolate(m[None], size=shape, mode="nearest-exact")[0]
+    torch.testing.assert_close(downsample_map(m, shape, True), want, rtol=0, atol=0)

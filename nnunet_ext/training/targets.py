@@ -126,21 +126,46 @@ class MapSpatialTransform(SpatialTransform):
     of lesions and close to nothing on top of nnU-Net's own sampling:
 
     - *linear* maps (soft targets) are sampled in the same ``grid_sample`` call as the image (extra channels
-      of one call share its coordinate computation);
-    - *exact* maps (lesion sizes) are sampled nearest-neighbour only at the output voxels whose transformed
-      label is foreground (the only voxels where the losses read them; elsewhere they are 0). That is one
-      ``grid_sample`` over those points with nnU-Net's own grid, so each value is the one a full nearest
-      ``grid_sample`` would give there.
+      of one call share its coordinate computation), written straight into that call's input buffer;
+    - *exact* maps (lesion sizes) are read, as stored (int16), at the source voxel nearest to each output
+      voxel whose transformed label is foreground (the only voxels where the losses read them; elsewhere
+      they are 0): nnU-Net's own grid, unnormalised and rounded as ``grid_sample(mode="nearest")`` does
+      (zero outside the region). The cost is that of the foreground voxels, not of the patch.
 
-    Cropped-only samples are cropped exactly, as nnU-Net crops the image."""
+    Cropped-only samples are cropped exactly, as nnU-Net crops the image. The regression target comes in as
+    stored (int16, ``-1`` outside the case) and leaves as float32 (>= 0)."""
 
     map_specs: list = []
+
+    def _nearest_at(self, maps: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+        """``maps`` (C, *S) at the grid points ``pts`` (N, ndim; grid_sample's x-first order), nearest
+        neighbour with zero padding: (C, N) float32."""
+        spatial = maps.shape[1:]
+        nd = len(spatial)
+        flat = torch.zeros(pts.shape[0], dtype=torch.int64)
+        inside = torch.ones(pts.shape[0], dtype=torch.bool)
+        stride = 1
+        for axis in range(nd - 1, -1, -1):  # grid column j addresses spatial axis nd - 1 - j
+            size = spatial[axis]
+            g = pts[:, nd - 1 - axis]
+            c = (g + 1) * ((size - 1) / 2) if self.align_corners else (g + 1) * (size / 2) - 0.5
+            i = torch.round(c).to(torch.int64)  # round half to even, as std::nearbyint in grid_sample
+            inside &= (i >= 0) & (i < size)
+            flat += i.clamp_(0, size - 1) * stride
+            stride *= size
+        vals = maps.reshape(maps.shape[0], -1)[:, flat].to(torch.float32)
+        vals[:, ~inside] = 0.0
+        return vals.clamp_(min=0.0)
 
     def apply(self, data_dict, **params):
         maps = data_dict.get("regression_target")
         grid = params.get("grid")
-        if maps is None or grid is None or not self.map_specs:
-            return super().apply(data_dict, **params)  # cropped only (exact), or nothing of ours
+        if maps is None or not self.map_specs:
+            return super().apply(data_dict, **params)
+        if grid is None:  # cropped only: exact for every map
+            data_dict = super().apply(data_dict, **params)
+            data_dict["regression_target"] = data_dict["regression_target"].to(torch.float32).clamp_(min=0.0)
+            return data_dict
         k = len(self.map_specs)
         rows = maps.shape[0] // k  # > 1 with nnU-Net's dummy 2d augmentation (maps x slices)
         exact = torch.tensor([s.exact for s in self.map_specs]).repeat_interleave(rows)
@@ -149,9 +174,15 @@ class MapSpatialTransform(SpatialTransform):
         data_dict.pop("regression_target")
         img = data_dict.get("image")
         n_lin = int(linear.sum())
-        if img is not None and n_lin:  # one call for the image and the linear maps
+        lin_out = None
+        if img is not None and n_lin:  # one call for the image and the linear maps, one buffer
             n_img = img.shape[0]
-            data_dict["image"] = torch.cat([img.float(), maps[linear].to(torch.float32)])
+            buf = torch.empty((n_img + n_lin, *img.shape[1:]), dtype=torch.float32)
+            buf[:n_img] = img
+            lin_in = buf[n_img:]
+            lin_in.copy_(maps if bool(linear.all()) else maps[linear])
+            lin_in.clamp_(min=0.0)  # crop padding (-1) -> 0
+            data_dict["image"] = buf
             data_dict = super().apply(data_dict, **params)
             both = data_dict["image"]
             data_dict["image"], lin_out = both[:n_img].to(img.dtype), both[n_img:]
@@ -159,20 +190,24 @@ class MapSpatialTransform(SpatialTransform):
                 lin_out = lin_out - float(self.padding_value_image)  # maps are padded with 0
         else:
             data_dict = super().apply(data_dict, **params)
-            lin_out = self._apply_to_image(maps[linear], **params) if n_lin else None
-        out = torch.zeros((maps.shape[0], *grid.shape[:-1]), dtype=torch.float32)
+            if n_lin:
+                lin_out = self._apply_to_image(maps[linear].to(torch.float32).clamp_(min=0.0), **params)
+        out_shape = (maps.shape[0], *grid.shape[:-1])
+        if not bool(exact.any()):
+            data_dict["regression_target"] = lin_out.clamp_(min=0.0)
+            return data_dict
+        out = torch.zeros(out_shape, dtype=torch.float32)
         if lin_out is not None:
             out[linear] = lin_out.clamp_(min=0.0)
-        if bool(exact.any()):
-            seg = data_dict.get("segmentation")
-            fg = (seg > 0).any(0) if seg is not None else torch.ones(grid.shape[:-1], dtype=torch.bool)
-            if bool(fg.any()):
-                pts = grid[fg]  # (N, ndim): the grid at foreground output voxels
-                view = (1, pts.shape[0]) + (1,) * (grid.shape[-1] - 1) + (grid.shape[-1],)
-                vals = F.grid_sample(maps[exact][None].to(torch.float32), pts.view(view), mode="nearest",
-                                     padding_mode="zeros", align_corners=self.align_corners)
+        seg = data_dict.get("segmentation")
+        fg = (seg > 0).any(0) if seg is not None else torch.ones(grid.shape[:-1], dtype=torch.bool)
+        if bool(fg.any()):
+            vals = self._nearest_at(maps[exact], grid[fg])
+            if bool(exact.all()):
+                out[:, fg] = vals
+            else:
                 sub = out[exact]
-                sub[:, fg] = vals.reshape(vals.shape[1], -1)
+                sub[:, fg] = vals
                 out[exact] = sub
         data_dict["regression_target"] = out
         return data_dict
@@ -203,9 +238,15 @@ def _find_spatial(transforms):
 
 
 def downsample_map(m: torch.Tensor, shape, exact: bool) -> torch.Tensor:
-    """(C, *spatial) map to ``shape``: nearest-exact (as nnU-Net downsamples labels) or area average."""
-    if tuple(m.shape[1:]) == tuple(shape):
+    """(C, *spatial) map to ``shape``: nearest-exact (as nnU-Net downsamples labels) or area average.
+
+    Nearest-exact by an integer factor f picks source index ``floor((i + 0.5) * f) = i * f + f // 2``, i.e.
+    a strided view (no copy); other factors interpolate."""
+    src = tuple(m.shape[1:])
+    if src == tuple(shape):
         return m
+    if exact and all(a % b == 0 for a, b in zip(src, shape)):
+        return m[(slice(None),) + tuple(slice((a // b) // 2, None, a // b) for a, b in zip(src, shape))]
     return F.interpolate(m[None], size=tuple(shape), mode="nearest-exact" if exact else "area")[0]
 
 
@@ -226,13 +267,13 @@ class MapTransport:
         k = len(self.specs)
         if seg.shape[0] != 1 + k:
             raise RuntimeError(f"map transport expects 1 + {k} segmentation channels, got {seg.shape[0]}")
-        maps = seg[1:].float().clamp_(min=0.0)  # crop padding (-1) -> 0
         data["segmentation"] = seg[:1]
-        data["regression_target"] = maps
+        data["regression_target"] = seg[1:]  # as stored; MapSpatialTransform returns float32 >= 0
         out = self.inner(**data)
         maps = out.pop("regression_target")
-        scale = torch.tensor([s.scale for s in self.specs], dtype=maps.dtype).view(-1, *([1] * (maps.ndim - 1)))
-        maps = maps / scale
+        if maps.dtype != torch.float32:
+            maps = maps.to(torch.float32).clamp_(min=0.0)
+        scales = [float(s.scale) for s in self.specs]  # applied while writing each scale's target
         exact = [s.exact for s in self.specs]
         segs = out["segmentation"]
         soft_idx = [i for i, e in enumerate(exact) if not e]
@@ -248,14 +289,22 @@ class MapTransport:
                 last["map"] = pool(prev[None], kernel_size=k, stride=k)[0]
             elif src != tuple(shape):
                 last["map"] = downsample_map(maps[soft_idx], shape, exact=False)
-            return last["map"].clamp(0.0, 1.0)
+            return last["map"]
 
         def join(s):
             soft = soft_at(s.shape[1:]) if soft_idx else None
-            parts = [s.float()]
+            n = s.shape[0]
+            t = torch.empty((n + k, *s.shape[1:]), dtype=torch.float32)
+            t[:n] = s
             for i, e in enumerate(exact):
-                parts.append(downsample_map(maps[i:i + 1], s.shape[1:], True) if e else soft[soft_idx.index(i)][None])
-            return torch.cat(parts)
+                src = downsample_map(maps[i:i + 1], s.shape[1:], True)[0] if e else soft[soft_idx.index(i)]
+                if scales[i] != 1.0:
+                    torch.mul(src, 1.0 / scales[i], out=t[n + i])
+                else:
+                    t[n + i] = src
+                if not e:
+                    t[n + i].clamp_(0.0, 1.0)
+            return t
 
         out["segmentation"] = [join(s) for s in segs] if isinstance(segs, (list, tuple)) else join(segs)
         return out
