@@ -9,7 +9,7 @@ import blosc2
 import numpy as np
 import pytest
 
-from conftest import run_nnunet
+from conftest import PLANNED_ID, run_nnunet
 from nnunet_ext.cli import run
 from nnunet_ext.io import read_geometry, read_image, write_image
 from nnunet_ext.maps import read_map
@@ -18,19 +18,15 @@ from nnunet_ext.phantom import PhantomConfig, write_phantom_dataset
 
 pytestmark = pytest.mark.slow  # real nnU-Net runs
 
-DATASET = 511
+DATASET = PLANNED_ID
+TEST_CASES = ("phantom_008", "phantom_009")
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory):
-    """A 6+2-case 32^3 phantom, planned and preprocessed (2d) by nnU-Net."""
-    work = tmp_path_factory.mktemp("e2e")
-    env = nnunet_env(work, n_proc=2)
-    env.update({"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERATIONS": "2", "NNUNET_EXT_VAL_ITERATIONS": "1"})
-    cfg = PhantomConfig(shape=(32, 32, 32), empty_fraction=0.0, seed=5, soft=True, raters=2)
-    root = write_phantom_dataset(env["nnUNet_raw"], DATASET, 6, cfg, n_test=2, progress=False)
-    run_nnunet([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET), "-c", "2d", "-np", "2"], env)
-    return work, env, root
+def planned(planned_phantom):
+    """The shared planned phantom (conftest.planned_phantom): 8 + 2 cases 32^3 with soft labels and 2
+    raters, planned 2d and 3d_fullres."""
+    return planned_phantom
 
 
 def train_and_predict(planned, trainer: str):
@@ -60,7 +56,7 @@ def test_baseline_trainer_end_to_end(planned, tmp_path):
     assert settings["budget_overrides_from_environment"]["num_epochs"] == 1
     # nnU-Net's own end-of-training validation ran
     assert (out / "fold_0" / "validation" / "summary.json").is_file()
-    for case in ("phantom_006", "phantom_007"):
+    for case in TEST_CASES:
         g_img = read_geometry(root / "imagesTs" / f"{case}_0000.nii.gz")
         g_pred = read_geometry(pred / f"{case}.nii.gz")
         assert g_pred["size"] == g_img["size"] and np.allclose(g_pred["spacing"], g_img["spacing"])
@@ -68,7 +64,7 @@ def test_baseline_trainer_end_to_end(planned, tmp_path):
         assert probs.shape == (2,) + tuple(reversed(g_img["size"]))
     assert run(["evaluate", "--ref", str(root / "labelsTs"), "--pred", str(pred), "-o", str(tmp_path / "r.json")]) == 0
     res = json.loads((tmp_path / "r.json").read_text())
-    assert set(res["per_case"]) == {"phantom_006", "phantom_007"}
+    assert set(res["per_case"]) == set(TEST_CASES)
     ref_lesions = sum(len(v) for k, v in json.loads((root / "lesions.json").read_text()).items()
                       if k in res["per_case"])
     assert res["aggregate"]["pooled"]["ref_lesions"] == ref_lesions
@@ -146,7 +142,7 @@ def test_preprocess_soft_and_soft_trainers(planned, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((ours / "nnunet_ext_predict.json").read_text())
     assert summary["threshold"] == stored["SoftDiceTrainer"] and summary["folds"] == [0]
-    for case in ("phantom_006", "phantom_007"):
+    for case in TEST_CASES:
         soft, _ = read_image(ours / "soft" / f"{case}.nii.gz")
         mask, _ = read_image(ours / f"{case}.nii.gz")
         assert soft.dtype == np.float32 and np.array_equal(mask, (soft >= summary["threshold"]).astype(mask.dtype))
@@ -191,7 +187,7 @@ def test_lsr_model_find_best_configuration_export_and_install(planned, tmp_path)
                             str(DATASET), "-c", "2d", "-f", "0", "-tr", "LSRTrainer", "-device", "cpu", "-npp", "1",
                             "-nps", "1"], e, ok=False)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for case in ("phantom_006", "phantom_007"):
+    for case in TEST_CASES:
         assert np.array_equal(read_image(pred_a / f"{case}.nii.gz")[0], read_image(pred_b / f"{case}.nii.gz")[0])
 
 
@@ -235,42 +231,42 @@ def test_pseudolabel_student_shards_and_resume(planned, tmp_path):
     student = work / "nnUNet_raw" / "Dataset513_Student"
     ds = json.loads((student / "dataset.json").read_text())
     prov = json.loads((student / "provenance.json").read_text())
-    assert sorted(prov["cases"]) == ["phantom_006", "phantom_007"] and prov["kept"] == ["phantom_006", "phantom_007"]
-    assert ds["numTraining"] == 6 + 2 and prov["parameters"] == {"alpha": 0.3, "vpt": 0.3, "tst": 0.0,
+    assert sorted(prov["cases"]) == list(TEST_CASES) and prov["kept"] == list(TEST_CASES)
+    assert ds["numTraining"] == 8 + 2 and prov["parameters"] == {"alpha": 0.3, "vpt": 0.3, "tst": 0.0,
                                                                    "ignore_uncertain": False, "soft_rim_gamma": 0.5,
                                                                    "soft_rim_mm": 1.0}
     # soft labels: the labeled cases keep the teacher dataset's, the pseudo-labels get theirs + a soft rim
-    for k in range(6):
+    for k in range(8):
         assert np.array_equal(read_image(student / "softlabelsTr" / f"phantom_{k:03d}.nii.gz")[0],
                               read_image(root / "softlabelsTr" / f"phantom_{k:03d}.nii.gz")[0])
-    m, _ = read_image(student / "lesionmapTr" / "phantom_006.nii.gz")
-    lab, _ = read_image(student / "labelsTr" / "phantom_006.nii.gz")
-    omega, _ = read_image(student / "confidenceTr" / "phantom_006.nii.gz")
+    m, _ = read_image(student / "lesionmapTr" / "phantom_008.nii.gz")
+    lab, _ = read_image(student / "labelsTr" / "phantom_008.nii.gz")
+    omega, _ = read_image(student / "confidenceTr" / "phantom_008.nii.gz")
     assert np.array_equal(lab, (m >= 0.5).astype(lab.dtype)) and omega.min() >= np.exp(-0.3 * np.log(2)) - 1e-5
-    soft, _ = read_image(student / "softlabelsTr" / "phantom_006.nii.gz")
+    soft, _ = read_image(student / "softlabelsTr" / "phantom_008.nii.gz")
     assert set(np.unique(soft)) <= {0.0, 0.5, 1.0} and np.array_equal(soft == 1, lab == 1)
     if lab.any():
         from scipy import ndimage
 
         rim = ndimage.binary_dilation(lab == 1, ndimage.generate_binary_structure(3, 1)) & (lab == 0)
         assert np.all(soft[(soft == 0.5)] == 0.5) and np.all(rim[soft == 0.5])  # the rim lies 1 voxel around
-    assert (student / "imagesTr" / "phantom_006_0000.nii.gz").is_file() and (student / "labelsTr" / "phantom_000.nii.gz").is_file()
+    assert (student / "imagesTr" / "phantom_008_0000.nii.gz").is_file() and (student / "labelsTr" / "phantom_000.nii.gz").is_file()
     # two shards give the same dataset as one run
     for part in ("0", "1"):
         r = _pseudo(env, root, "Dataset514_Shards", "-num_parts", "2", "-part_id", part)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     shards = work / "nnUNet_raw" / "Dataset514_Shards"
     assert json.loads((shards / "provenance.json").read_text())["cases"].keys() == prov["cases"].keys()
-    for case in ("phantom_006", "phantom_007"):
+    for case in TEST_CASES:
         assert np.array_equal(read_image(shards / "labelsTr" / f"{case}.nii.gz")[0],
                               read_image(student / "labelsTr" / f"{case}.nii.gz")[0])
     # an interrupted run (case 007 unfinished) continues: only that case is redone
-    (student / ".nnunet_ext_progress" / "phantom_007.json").unlink()
-    (student / "labelsTr" / "phantom_007.nii.gz").unlink()
+    (student / ".nnunet_ext_progress" / "phantom_009.json").unlink()
+    (student / "labelsTr" / "phantom_009.nii.gz").unlink()
     r = _pseudo(env, root, "Dataset513_Student")
     assert r.returncode == 0 and "2 cases, 1 already done" in r.stdout
-    assert np.array_equal(read_image(student / "labelsTr" / "phantom_007.nii.gz")[0],
-                          read_image(shards / "labelsTr" / "phantom_007.nii.gz")[0])
+    assert np.array_equal(read_image(student / "labelsTr" / "phantom_009.nii.gz")[0],
+                          read_image(shards / "labelsTr" / "phantom_009.nii.gz")[0])
     # the student trains on its soft labels with nnU-Net's own commands
     run_nnunet([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", "513", "-c", "2d", "-np", "2"], env)
     run_nnunet([nnunet_command("nnunet-ext"), "preprocess-soft", "-d", "513", "-c", "2d"], env)
@@ -282,7 +278,7 @@ def test_pseudolabel_rejects_wrong_channels(planned, tmp_path):
     work, env, root = planned
     bad = tmp_path / "unl"
     bad.mkdir()
-    img, sp = read_image(root / "imagesTs" / "phantom_006_0000.nii.gz")
+    img, sp = read_image(root / "imagesTs" / "phantom_008_0000.nii.gz")
     write_image(img, sp, bad / "x_0000.nii.gz")
     write_image(img, sp, bad / "x_0001.nii.gz")
     r = run_nnunet([nnunet_command("nnunet-ext"), "pseudolabel", "-d", str(DATASET), "-c", "2d", "-tr",
