@@ -739,10 +739,13 @@ def main(argv: list[str] | None = None) -> None:
     from nnunet_ext.errors import run_cli
 
     rc = run_cli(run, list(sys.argv[1:] if argv is None else argv))
-    if argv is None:  # the console command, finished: a late Ctrl-C must not turn success into a traceback.
-        import signal  # (Not when called from Python: ignored signals would be inherited by every process the
+    # The console command has finished: a late Ctrl-C must not turn success into a traceback. Not when called
+    # from Python: ignored signals would be inherited by every process the caller starts later, and
+    # nnU-Net's pools (terminate, then join) would then wait forever for their workers.
+    if argv is None:
+        import signal
 
-        for s in (signal.SIGINT, signal.SIGTERM):  # caller starts later, and nnU-Net's pools then never end.)
+        for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
     sys.exit(rc)
 
