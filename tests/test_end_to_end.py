@@ -32,14 +32,12 @@ def planned(planned_phantom):
 def train_and_predict(planned, trainer: str):
     """Train ``trainer`` 1 epoch (2 iterations) on fold 0, predict the test cases with probabilities."""
     work, env, root = planned
-    r = run_nnunet([nnunet_command("nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", trainer, "-device", "cpu"], env, ok=False)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_nnunet([nnunet_command("nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", trainer, "-device", "cpu"], env)
     out = next((work / "nnUNet_results").glob(f"Dataset{DATASET}_*")) / f"{trainer}__nnUNetPlans__2d"
     pred = work / f"pred_{trainer}"
-    r = run_nnunet([nnunet_command("nnUNetv2_predict"), "-i", str(root / "imagesTs"), "-o", str(pred), "-d",
+    run_nnunet([nnunet_command("nnUNetv2_predict"), "-i", str(root / "imagesTs"), "-o", str(pred), "-d",
                         str(DATASET), "-c", "2d", "-f", "0", "-tr", trainer, "-device", "cpu", "--save_probabilities",
-                        "-npp", "1", "-nps", "1"], env, ok=False)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+                        "-npp", "1", "-nps", "1"], env)
     return out, pred
 
 
@@ -113,8 +111,7 @@ def test_lsr_trainer_resumes_with_c(planned):
 
 def test_preprocess_soft_and_soft_trainers(planned, tmp_path):
     work, env, root = planned
-    r = run_nnunet([nnunet_command("nnunet-ext"), "preprocess-soft", "-d", str(DATASET), "-c", "2d"], env, ok=False)
-    assert r.returncode == 0, r.stdout + r.stderr
+    run_nnunet([nnunet_command("nnunet-ext"), "preprocess-soft", "-d", str(DATASET), "-c", "2d"], env)
     pre = next((work / "nnUNet_preprocessed").glob(f"Dataset{DATASET}_*")) / "nnUNetPlans_2d"
     stored = read_map(pre / "nnunet_ext_soft", "phantom_000")
     raw_soft, _ = read_image(root / "softlabelsTr" / "phantom_000.nii.gz")
@@ -137,9 +134,8 @@ def test_preprocess_soft_and_soft_trainers(planned, tmp_path):
         stored[trainer] = th["best_threshold"]
     # nnunet-ext predict applies the stored threshold and writes soft maps in the input geometry
     ours = tmp_path / "soft_pred"
-    r = run_nnunet([nnunet_command("nnunet-ext"), "predict", "-i", str(root / "imagesTs"), "-o", str(ours),
-                        "-d", str(DATASET), "-c", "2d", "-tr", "SoftDiceTrainer", "-f", "0", "-device", "cpu"], env, ok=False)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_nnunet([nnunet_command("nnunet-ext"), "predict", "-i", str(root / "imagesTs"), "-o", str(ours),
+                        "-d", str(DATASET), "-c", "2d", "-tr", "SoftDiceTrainer", "-f", "0", "-device", "cpu"], env)
     summary = json.loads((ours / "nnunet_ext_predict.json").read_text())
     assert summary["threshold"] == stored["SoftDiceTrainer"] and summary["folds"] == [0]
     for case in TEST_CASES:
@@ -152,8 +148,7 @@ def test_preprocess_soft_and_soft_trainers(planned, tmp_path):
 
 def test_preprocess_raters(planned):
     work, env, root = planned
-    r = run_nnunet([nnunet_command("nnunet-ext"), "preprocess-soft", "-d", str(DATASET), "-c", "2d", "--raters"], env, ok=False)
-    assert r.returncode == 0, r.stdout + r.stderr
+    run_nnunet([nnunet_command("nnunet-ext"), "preprocess-soft", "-d", str(DATASET), "-c", "2d", "--raters"], env)
     pre = next((work / "nnUNet_preprocessed").glob(f"Dataset{DATASET}_*")) / "nnUNetPlans_2d"
     assert sorted(p.name for p in (pre / "nnunet_ext_raters").iterdir()) == ["rater1", "rater2"]
     stored = read_map(pre / "nnunet_ext_raters" / "rater2", "phantom_001")
@@ -171,9 +166,8 @@ def test_lsr_model_find_best_configuration_export_and_install(planned, tmp_path)
     out = work / "nnUNet_results" / root.name / "LSRTrainer__nnUNetPlans__2d"
     if not (out / "fold_0" / "checkpoint_final.pth").is_file():
         train_and_predict(planned, "LSRTrainer")
-    r = run_nnunet([nnunet_command("nnUNetv2_find_best_configuration"), str(DATASET), "-c", "2d", "-tr",
-                        "LSRTrainer", "-f", "0", "--disable_ensembling", "-np", "1"], env, ok=False)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_nnunet([nnunet_command("nnUNetv2_find_best_configuration"), str(DATASET), "-c", "2d", "-tr",
+                        "LSRTrainer", "-f", "0", "--disable_ensembling", "-np", "1"], env)
     info = json.loads((out.parent / "inference_information.json").read_text())
     assert info["best_model_or_ensemble"]["selected_model_or_models"][0]["trainer"] == "LSRTrainer"
     zip_path = tmp_path / "model.zip"
@@ -183,10 +177,9 @@ def test_lsr_model_find_best_configuration_export_and_install(planned, tmp_path)
     run_nnunet([nnunet_command("nnUNetv2_install_pretrained_model_from_zip"), str(zip_path)], env2)
     pred_a, pred_b = tmp_path / "a", tmp_path / "b"
     for e, p in ((env, pred_a), (env2, pred_b)):
-        r = run_nnunet([nnunet_command("nnUNetv2_predict"), "-i", str(root / "imagesTs"), "-o", str(p), "-d",
+        run_nnunet([nnunet_command("nnUNetv2_predict"), "-i", str(root / "imagesTs"), "-o", str(p), "-d",
                             str(DATASET), "-c", "2d", "-f", "0", "-tr", "LSRTrainer", "-device", "cpu", "-npp", "1",
-                            "-nps", "1"], e, ok=False)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+                            "-nps", "1"], e)
     for case in TEST_CASES:
         assert np.array_equal(read_image(pred_a / f"{case}.nii.gz")[0], read_image(pred_b / f"{case}.nii.gz")[0])
 
@@ -206,8 +199,7 @@ def test_lsr_with_ignore_label(tmp_path):
     ds["labels"] = {"background": 0, "lesion": 1, "ignore": 2}
     (root / "dataset.json").write_text(json.dumps(ds))
     run_nnunet([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", "512", "-c", "2d", "-np", "2"], env)
-    r = run_nnunet([nnunet_command("nnUNetv2_train"), "512", "2d", "0", "-tr", "LSRTrainer", "-device", "cpu"], env, ok=False)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_nnunet([nnunet_command("nnUNetv2_train"), "512", "2d", "0", "-tr", "LSRTrainer", "-device", "cpu"], env)
     pre = tmp_path / "nnUNet_preprocessed" / "Dataset512_MSPhantom" / "nnUNetPlans_2d"
     case = sorted((pre / "nnunet_ext_lesion_sizes_cc26").glob("*.b2nd"))[0].stem
     sizes = read_map(pre / "nnunet_ext_lesion_sizes_cc26", case)
@@ -270,8 +262,7 @@ def test_pseudolabel_student_shards_and_resume(planned, tmp_path):
     # the student trains on its soft labels with nnU-Net's own commands
     run_nnunet([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", "513", "-c", "2d", "-np", "2"], env)
     run_nnunet([nnunet_command("nnunet-ext"), "preprocess-soft", "-d", "513", "-c", "2d"], env)
-    r = run_nnunet([nnunet_command("nnUNetv2_train"), "513", "2d", "0", "-tr", "SoftDiceTrainer", "-device", "cpu"], env, ok=False)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_nnunet([nnunet_command("nnUNetv2_train"), "513", "2d", "0", "-tr", "SoftDiceTrainer", "-device", "cpu"], env)
 
 
 def test_pseudolabel_rejects_wrong_channels(planned, tmp_path):
