@@ -213,14 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  nnunet-ext predict -i imagesTs -o pred -d 502 -c 2d -tr SoftDiceTrainer -f 0\n"
                               "  nnunet-ext predict -i imagesTs -o pred -d 505 -c 2d -tr SCINTrainer --cohort cohort0_all\n"
-                              "  nnunet-ext predict -i imagesTs -o pred -d 504 -c 2d -tr ResolutionFiLMTrainer")
+                              "  nnunet-ext predict -i imagesTs -o pred -d 504 -c 2d -tr ResolutionFiLMTrainer\n"
+                              "  nnunet-ext predict -i imagesTs -o pred -d 501 --selection   # what `select` chose")
     p.add_argument("-i", required=True, dest="input")
     p.add_argument("-o", required=True, dest="output")
     p.add_argument("-d", required=True, dest="dataset")
-    p.add_argument("-c", required=True, dest="configuration")
-    p.add_argument("-tr", default="nnUNetTrainer", dest="trainer")
-    p.add_argument("-p", default="nnUNetPlans", dest="plans")
+    p.add_argument("-c", default=None, dest="configuration", help="required unless --selection")
+    p.add_argument("-tr", default=None, dest="trainer", help="default nnUNetTrainer")
+    p.add_argument("-p", default=None, dest="plans", help="default nnUNetPlans")
     p.add_argument("-f", nargs="+", type=_fold, default=None, dest="folds", help="default: every trained fold")
+    p.add_argument("--selection", nargs="?", const="", default=None, metavar="FILE",
+                   help="predict with the model or ensemble `nnunet-ext select` chose, its threshold and minimum "
+                        "lesion size (default file $nnUNet_results/<Dataset>/nnunet_ext_selection.json); replaces "
+                        "-c -tr -p -f")
     p.add_argument("-chk", default="checkpoint_final.pth", dest="checkpoint")
     p.add_argument("-device", default="cuda")
     p.add_argument("--disable_tta", action="store_true")
@@ -277,10 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     b = ssub.add_parser("build", help="write the submission folder (model, Dockerfile, entrypoint, README)")
     b.add_argument("-d", required=True, dest="dataset")
-    b.add_argument("-c", required=True, dest="configuration")
-    b.add_argument("-tr", default="nnUNetTrainer", dest="trainer")
-    b.add_argument("-p", default="nnUNetPlans", dest="plans")
-    b.add_argument("-f", nargs="+", type=int, default=[0, 1, 2, 3, 4], dest="folds")
+    b.add_argument("-c", default=None, dest="configuration", help="required unless --selection")
+    b.add_argument("-tr", default=None, dest="trainer", help="default nnUNetTrainer")
+    b.add_argument("-p", default=None, dest="plans", help="default nnUNetPlans")
+    b.add_argument("-f", nargs="+", type=int, default=None, dest="folds", help="default 0 1 2 3 4")
+    b.add_argument("--selection", nargs="?", const="", default=None, metavar="FILE",
+                   help="package the model or ensemble `nnunet-ext select` chose, with its threshold and minimum "
+                        "lesion size (default file $nnUNet_results/<Dataset>/nnunet_ext_selection.json); "
+                        "replaces -c -tr -p -f")
     b.add_argument("-chk", default="checkpoint_final.pth", dest="checkpoint")
     b.add_argument("--challenge", required=True, choices=("generic", "wmh2017", "msseg2", "isbi2015"))
     b.add_argument("--tag", default="nnunet-ext-submission", help="docker image tag used in the README")
@@ -565,9 +574,26 @@ def run(argv: list[str] | None = None) -> int:
         f = plan_native(dataset=args.dataset, configurations=tuple(args.configurations), plans_name=args.plans_name,
                         n_proc=args.n_proc, verify=args.verify)
         print(f"native-resolution plans: {f}")
+    elif args.command == "predict" and args.selection is not None:
+        given = [o for o, v in (("-c", args.configuration), ("-tr", args.trainer), ("-p", args.plans),
+                                ("-f", args.folds), ("--cohort", args.cohort), ("--save_probabilities",
+                                                                                 args.save_probabilities)) if v]
+        if given:
+            raise ValueError(f"--selection chooses the model(s) and folds; drop {' '.join(given)}")
+        from nnunet_ext.ensemble import predict_selection
+
+        res = predict_selection(input_dir=args.input, output_dir=args.output, dataset=args.dataset,
+                                selection=args.selection or None, checkpoint=args.checkpoint, device=args.device,
+                                disable_tta=args.disable_tta, n_proc=args.num_processes,
+                                min_lesion_mm3=args.min_lesion_mm3, threshold=args.threshold)
+        print(f"{len(res['cases'])} cases -> {args.output} (selection {res['selection']}; threshold "
+              f"{res['threshold']}, {res['threshold_source']}; min lesion {res['postprocessing']['min_lesion_mm3']} mm3)")
     elif args.command == "predict":
         from nnunet_ext.predict import predict
 
+        if args.configuration is None:
+            raise ValueError("predict needs -c CONFIGURATION (or --selection)")
+        args.trainer, args.plans = args.trainer or "nnUNetTrainer", args.plans or "nnUNetPlans"
         res = predict(input_dir=args.input, output_dir=args.output, dataset=args.dataset,
                       configuration=args.configuration, trainer=args.trainer, plans=args.plans, folds=args.folds,
                       checkpoint=args.checkpoint, device=args.device, disable_tta=args.disable_tta,
@@ -611,9 +637,21 @@ def run(argv: list[str] | None = None) -> int:
         from nnunet_ext import submission
 
         if args.action == "build":
-            out = submission.build(out_dir=args.output, dataset=args.dataset, configuration=args.configuration,
-                                   trainer=args.trainer, plans=args.plans, folds=args.folds, challenge=args.challenge,
-                                   checkpoint=args.checkpoint, tag=args.tag, cohort=args.cohort)
+            if args.selection is not None:
+                given = [o for o, v in (("-c", args.configuration), ("-tr", args.trainer), ("-p", args.plans),
+                                        ("-f", args.folds), ("--cohort", args.cohort)) if v is not None]
+                if given:
+                    raise ValueError(f"--selection chooses the model(s) and folds; drop {' '.join(given)}")
+                out = submission.build(out_dir=args.output, dataset=args.dataset, challenge=args.challenge,
+                                       checkpoint=args.checkpoint, tag=args.tag, selection=args.selection)
+            else:
+                if args.configuration is None:
+                    raise ValueError("submission build needs -c CONFIGURATION (or --selection)")
+                out = submission.build(out_dir=args.output, dataset=args.dataset, configuration=args.configuration,
+                                       trainer=args.trainer or "nnUNetTrainer", plans=args.plans or "nnUNetPlans",
+                                       folds=args.folds if args.folds is not None else [0, 1, 2, 3, 4],
+                                       challenge=args.challenge, checkpoint=args.checkpoint, tag=args.tag,
+                                       cohort=args.cohort)
             print(f"wrote {out} (see {out / 'README.md'})")
         else:
             res = submission.check_submission(sub_dir=args.folder, input_dir=args.input, work_dir=args.work,

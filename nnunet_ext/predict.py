@@ -39,6 +39,9 @@ def predict(input_dir, output_dir, dataset, configuration: str, trainer: str = "
     folds = available_folds(mdir, checkpoint) if folds is None else list(folds)
     if not Path(input_dir).is_dir():
         raise FileNotFoundError(f"input folder {input_dir} not found")
+    from nnunet_ext.safety import check_output_not_input
+
+    check_output_not_input(output_dir, [input_dir, mdir], what="-o (output folder)")
     summary = predict_cases(mdir, folds, str(input_dir), output_dir, checkpoint=checkpoint, device=device,
                             cohort=cohort, disable_tta=disable_tta, save_probabilities=keep_probabilities,
                             threshold=threshold, min_lesion_mm3=min_lesion_mm3, npp=npp or n_proc, nps=nps or n_proc)

@@ -453,3 +453,76 @@ def test_conditioned_submission_predicts_like_nnunet_ext_predict(models, tmp_pat
                         "-device", "cpu", *extra], env)
     a = read_image(res.run_dir / "output" / "result.nii.gz")[0]
     assert np.array_equal(a, read_image(tmp_path / "pred" / "phantom_005.nii.gz")[0] == 1)
+
+
+@pytest.mark.slow
+def test_selected_ensemble_predicts_and_packages_with_its_threshold_and_min_size(models, tmp_path, capsys):
+    """`select` on two real models' validation probabilities, its ensemble row taken as the choice; then
+    `predict --selection` and an ensemble submission both give the mean of the members' soft maps at the
+    selection's threshold without lesions under its minimum size (recomputed here from each member's own
+    `nnunet-ext predict` output)."""
+    from nnunet_ext.metrics.lesions import remove_small_lesions
+
+    work, env = models
+    members = ("LSRTrainer", "ResolutionFiLMTrainer")
+    for tr in members:  # nnU-Net's validation probabilities (what select scores)
+        run_nnunet([nnunet_command("nnUNetv2_train"), "521", "2d", "0", "-tr", tr, "-device", "cpu", "--val",
+                    "--npz"], env)
+    sel = tmp_path / "selection.json"
+    run_nnunet([nnunet_command("nnunet-ext"), "select", "-d", "521", "-c", "2d", "-tr", *members, "-f", "0",
+                "--no-contract", "--thresholds", "0.2", "0.35", "--min-sizes-mm3", "0", "3", "-o", str(sel)], env)
+    res = json.loads(sel.read_text())
+    pair = max((r for r in res["table"] if len(r["members"]) == 2 and r["min_lesion_mm3"] > 0),
+               key=lambda r: (r["score"], r["threshold"]))
+    res["best"] = dict(pair, connectivity=26, folds=[0])  # the ensemble branch, whatever won on this tiny model
+    sel.write_text(json.dumps(res))
+    t, mm3 = pair["threshold"], pair["min_lesion_mm3"]
+    images = work / "nnUNet_raw" / "Dataset521_MSPhantom" / "imagesTs"
+    soft = []
+    for tr in members:
+        run_nnunet([nnunet_command("nnunet-ext"), "predict", "-i", str(images), "-o", str(tmp_path / tr), "-d", "521",
+                    "-c", "2d", "-tr", tr, "-f", "0", "-device", "cpu"], env)
+        soft.append(read_image(tmp_path / tr / "soft" / "phantom_005.nii.gz")[0].astype(np.float64))
+    mean = (soft[0] + soft[1]) / 2
+    spacing = read_image(images / "phantom_005_0000.nii.gz")[1]
+    expected = remove_small_lesions(mean >= t, spacing, mm3, 26)
+    assert 0 < expected.sum() < (mean >= t).sum() or mm3 == 0 or expected.sum() == (mean >= t).sum()
+
+    r = run_nnunet([nnunet_command("nnunet-ext"), "predict", "-i", str(images), "-o", str(tmp_path / "ens"), "-d",
+                    "521", "--selection", str(sel), "-device", "cpu"], env)
+    assert "selection" in r.stdout and f"threshold {t}" in r.stdout, r.stdout
+    got = read_image(tmp_path / "ens" / "phantom_005.nii.gz")[0]
+    assert np.array_equal(got == 1, expected)
+    np.testing.assert_allclose(read_image(tmp_path / "ens" / "soft" / "phantom_005.nii.gz")[0], mean, atol=1e-6)
+    summary = json.loads((tmp_path / "ens" / "nnunet_ext_predict.json").read_text())
+    assert summary["threshold"] == t and summary["postprocessing"]["min_lesion_mm3"] == mm3
+    assert not list(tmp_path.glob(".ens.ensemble-*"))  # members' private folder removed
+
+    # --threshold overrides the selection's
+    run_nnunet([nnunet_command("nnunet-ext"), "predict", "-i", str(images), "-o", str(tmp_path / "ens09"), "-d",
+                "521", "--selection", str(sel), "--threshold", "0.9", "--min-lesion-mm3", "0", "-device", "cpu"], env)
+    assert np.array_equal(read_image(tmp_path / "ens09" / "phantom_005.nii.gz")[0] == 1, mean >= 0.9)
+
+    # the submission of the selection: both members packaged, the same mask
+    run_nnunet([nnunet_command("nnunet-ext"), "submission", "build", "-d", "521", "--selection", str(sel),
+                "--challenge", "generic", "-o", str(tmp_path / "sub")], env)
+    cfg = json.loads((tmp_path / "sub" / "submission.json").read_text())
+    assert [m["trainer"] for m in cfg["ensemble"]["members"]] == list(members)
+    assert (tmp_path / "sub" / "model_1.zip").is_file() and cfg["ensemble"]["threshold"] == t
+    chk = check_submission(tmp_path / "sub", images, tmp_path / "w")
+    assert chk.ok, chk.log_tail
+    assert np.array_equal(read_image(chk.run_dir / "output" / "phantom_005.nii.gz")[0] == 1, expected)
+
+    # refusals: one line, exit 2, nothing written
+    for argv, msg in ((["-c", "2d"], "--selection chooses the model(s) and folds; drop -c"),
+                      (["-tr", "LSRTrainer"], "drop -tr")):
+        r = run_nnunet([nnunet_command("nnunet-ext"), "predict", "-i", str(images), "-o", str(tmp_path / "no"),
+                        "-d", "521", "--selection", str(sel), *argv], env, ok=False)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
+    r = run_nnunet([nnunet_command("nnunet-ext"), "predict", "-i", str(images), "-o", str(tmp_path / "no"), "-d",
+                    "521", "--selection", str(tmp_path / "missing.json")], env, ok=False)
+    assert r.returncode == 2 and "missing.json not found" in r.stderr and "run `nnunet-ext select`" in r.stderr
+    r = run_nnunet([nnunet_command("nnunet-ext"), "predict", "-i", str(images), "-o", str(images / "x"), "-d",
+                    "521", "--selection", str(sel)], env, ok=False)
+    assert r.returncode == 2 and "lies inside the input" in r.stderr
+    assert not (tmp_path / "no").exists() and not (images / "x").exists()

@@ -148,7 +148,7 @@ if __name__ == "__main__":
 
 README = """# Submission: {challenge}
 
-Model: `{trainer}__{plans}__{configuration}` of `{dataset}`, folds {folds}, checkpoint `{checkpoint}`{cohort_line}
+Model: {model} of `{dataset}`, folds {folds}, checkpoint `{checkpoint}`{cohort_line}
 (nnunet-ext {ext_version}, nnU-Net {nnunet_version}, PyTorch {torch_version}).
 
 Test locally without Docker (same entrypoint; read-only copy of the input, fresh output folder, timeout):
@@ -214,19 +214,36 @@ def _resolved(p) -> Path:
     return Path(os.path.realpath(os.path.abspath(os.fspath(p))))
 
 
-def build(out_dir, dataset, configuration: str, trainer: str, plans: str = "nnUNetPlans", folds=(0,),
-          challenge: str = "generic", checkpoint: str = "checkpoint_final.pth", tag: str = "nnunet-ext-submission",
-          cohort: str | None = None) -> Path:
-    """Write the submission folder ``out_dir`` (refused when it exists and is not empty, or overlaps the
-    model folder); see the module docstring for its content."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    import nnunet_ext
-    from nnunet_ext.paths import nnunet_command, nnunet_env, trainers_path
+def _package_model(stage: Path, dataset, configuration: str, trainer: str, plans: str, folds, checkpoint: str,
+                   zip_name: str, extras_name: str) -> None:
+    """nnU-Net's export of one model into ``stage/zip_name`` and its extras (model contract, every fold's
+    ``nnunet_ext_*.json``) into ``stage/extras_name/``."""
+    from nnunet_ext.paths import nnunet_command, nnunet_env
     from nnunet_ext.predict import model_folder
 
-    folds = _check_build_args(folds, challenge, checkpoint, tag)
     mdir = model_folder(dataset, configuration, trainer, plans)
+    r = subprocess.run([nnunet_command("nnUNetv2_export_model_to_zip"), "-d", str(dataset), "-o",
+                        str(stage / zip_name), "-c", configuration, "-tr", trainer, "-p", plans,
+                        "-f", *map(str, folds), "-chk", checkpoint],
+                       env=nnunet_env(None), capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"nnUNetv2_export_model_to_zip failed for {mdir}: {tail[0]}")
+    extras = stage / extras_name
+    extras.mkdir()
+    if (mdir / CONTRACT_FILE).is_file():  # as trained (or as `nnunet-ext select` left it), byte for byte
+        shutil.copyfile(mdir / CONTRACT_FILE, extras / CONTRACT_FILE)
+    else:  # a model trained before contracts existed: the contract derived from its checkpoint
+        from nnunet_ext.contract import load_contract
+
+        (extras / CONTRACT_FILE).write_text(json.dumps(load_contract(mdir, folds, checkpoint).to_json(), indent=1))
+    for f in folds:
+        (extras / f"fold_{f}").mkdir()
+        for j in sorted((mdir / f"fold_{f}").glob("nnunet_ext_*.json")):
+            shutil.copyfile(j, extras / f"fold_{f}" / j.name)
+
+
+def _check_model(mdir: Path, folds, checkpoint: str, challenge: str) -> tuple[int, str, dict]:
     ds_file = mdir / "dataset.json"
     try:
         ds = json.loads(ds_file.read_text())
@@ -239,37 +256,79 @@ def build(out_dir, dataset, configuration: str, trainer: str, plans: str = "nnUN
     for f in folds:
         if not (mdir / f"fold_{f}" / checkpoint).is_file():
             raise FileNotFoundError(f"{mdir / f'fold_{f}' / checkpoint} not found")
+    return n_ch, file_ending, ds
+
+
+def build(out_dir, dataset, configuration: str | None = None, trainer: str | None = None, plans: str = "nnUNetPlans",
+          folds=(0,), challenge: str = "generic", checkpoint: str = "checkpoint_final.pth",
+          tag: str = "nnunet-ext-submission", cohort: str | None = None, selection=None) -> Path:
+    """Write the submission folder ``out_dir`` (refused when it exists and is not empty, or overlaps a
+    model folder); see the module docstring for its content.
+
+    ``selection``: a selection file of ``nnunet-ext select`` ("" or True: the dataset's default one) instead
+    of ``configuration/trainer/plans/folds``. A single selected model is packaged as usual (its contract holds
+    the selection); an ensemble packages every member (``model.zip``/``model_extras`` for the first,
+    ``model_<i>.zip``/``model_extras_<i>`` for the others) and the ensemble's threshold and minimum lesion
+    size in ``submission.json`` (``ensemble``), which the entrypoint applies (:mod:`nnunet_ext.ensemble`)."""
+    from nnunet_ext.nnunet_adapter import dataset_name
+
+    import nnunet_ext
+    from nnunet_ext.paths import trainers_path
+    from nnunet_ext.predict import model_folder
+
+    ensemble = None
+    if selection is not None and selection is not False:
+        from nnunet_ext.ensemble import read_selection, selection_path
+
+        given = [o for o, v in (("-c", configuration), ("-tr", trainer), ("--cohort", cohort)) if v]
+        if given:
+            raise ValueError(f"--selection chooses the model(s) and folds; drop {' '.join(given)}")
+        spath = selection_path(dataset) if selection in ("", True) else Path(selection)
+        choice = read_selection(spath)
+        members = [tuple(m.split("__")) for m in choice["members"]]  # (trainer, plans, configuration)
+        folds = [f for f in choice["folds"] if f != "all"]
+        if len(members) > 1:
+            ensemble = {"selection": str(spath), "threshold": choice["threshold"],
+                        "min_lesion_mm3": choice["min_lesion_mm3"], "connectivity": choice["connectivity"],
+                        "members": []}
+        trainer, plans, configuration = members[0]
+    else:
+        if configuration is None or trainer is None:
+            raise ValueError("submission build needs -c CONFIGURATION and -tr TRAINER (or --selection)")
+        members = [(trainer, plans, configuration)]
+    folds = _check_build_args(folds, challenge, checkpoint, tag)
     out = Path(out_dir)
-    ro, rm = _resolved(out), _resolved(mdir)
-    if ro == rm or rm in ro.parents or ro in rm.parents:
-        raise ValueError(f"-o {out} overlaps the model folder {mdir}; choose an output outside it")
     if os.path.lexists(out) and not out.is_dir():
         raise ValueError(f"-o {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         raise ValueError(f"-o {out} exists and is not empty; choose a new folder")
-    contract, condition, cohort = _model_condition(mdir, folds, checkpoint, cohort, trainer)
+    shapes = set()
+    for tr, pl, cf in members:
+        mdir = model_folder(dataset, cf, tr, pl)
+        n_ch, file_ending, _ = _check_model(mdir, folds, checkpoint, challenge)
+        shapes.add((n_ch, file_ending))
+        ro, rm = _resolved(out), _resolved(mdir)
+        if ro == rm or rm in ro.parents or ro in rm.parents:
+            raise ValueError(f"-o {out} overlaps the model folder {mdir}; choose an output outside it")
+    if len(shapes) != 1:
+        raise ValueError(f"the ensemble's models take different inputs (channels, file ending): {sorted(shapes)}")
+    mdir = model_folder(dataset, configuration, trainer, plans)
+    if ensemble is not None:
+        from nnunet_ext.ensemble import _check_members
+
+        _check_members([model_folder(dataset, cf, tr, pl) for tr, pl, cf in members], folds, checkpoint)
+    _, condition, cohort = _model_condition(mdir, folds, checkpoint, cohort, trainer)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".{out.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
-        r = subprocess.run([nnunet_command("nnUNetv2_export_model_to_zip"), "-d", str(dataset), "-o",
-                            str(stage / "model.zip"), "-c", configuration, "-tr", trainer, "-p", plans,
-                            "-f", *map(str, folds), "-chk", checkpoint],
-                           env=nnunet_env(None), capture_output=True, text=True)
-        if r.returncode != 0:
-            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"nnUNetv2_export_model_to_zip failed for {mdir}: {tail[0]}")
-        extras = stage / "model_extras"
-        extras.mkdir()
-        if (mdir / CONTRACT_FILE).is_file():  # as trained (or as `nnunet-ext select` left it), byte for byte
-            shutil.copyfile(mdir / CONTRACT_FILE, extras / CONTRACT_FILE)
-        else:  # a model trained before contracts existed: the contract derived from its checkpoint
-            (extras / CONTRACT_FILE).write_text(json.dumps(contract, indent=1))
-        for f in folds:
-            (extras / f"fold_{f}").mkdir()
-            for j in sorted((mdir / f"fold_{f}").glob("nnunet_ext_*.json")):
-                shutil.copyfile(j, extras / f"fold_{f}" / j.name)
+        for i, (tr, pl, cf) in enumerate(members):
+            zip_name, extras_name = ("model.zip", "model_extras") if i == 0 else (f"model_{i}.zip", f"model_extras_{i}")
+            _package_model(stage, dataset, cf, tr, pl, folds, checkpoint, zip_name, extras_name)
+            if ensemble is not None:
+                ensemble["members"].append({"trainer": tr, "plans": pl, "configuration": cf, "zip": zip_name,
+                                            "extras": extras_name})
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
         vendor = stage / "vendor" / "nnunet_ext"
         shutil.copytree(Path(nnunet_ext.__file__).parent, vendor, ignore=ignore, dirs_exist_ok=True)
@@ -279,17 +338,21 @@ def build(out_dir, dataset, configuration: str, trainer: str, plans: str = "nnUN
         shutil.copytree(Path(dataset_conversion.__file__).parent, vendor / "dataset_conversion", ignore=ignore,
                         dirs_exist_ok=True)
         versions = _versions()
-        cfg = {"challenge": challenge, "dataset": maybe_convert_to_dataset_name(dataset),
+        cfg = {"challenge": challenge, "dataset": dataset_name(dataset),
                "configuration": configuration, "trainer": trainer, "plans": plans, "folds": folds,
                "checkpoint": checkpoint, "file_ending": file_ending, "n_channels": n_ch,
-               "condition": condition, "cohort": cohort, "versions": versions}
+               "condition": condition, "cohort": cohort, "ensemble": ensemble, "versions": versions}
         (stage / "submission.json").write_text(json.dumps(cfg, indent=1))
         (stage / "requirements.txt").write_text("\n".join(requirements()) + "\n")
         (stage / "entrypoint.py").write_text(ENTRYPOINT)
         (stage / "Dockerfile").write_text(DOCKERFILE.format(python=versions["python"]))
         (stage / ".dockerignore").write_text(DOCKERIGNORE)
+        model_line = " + ".join(f"`{tr}__{pl}__{cf}`" for tr, pl, cf in members)
+        if ensemble is not None:
+            model_line += (f" (ensemble: mean probability >= {ensemble['threshold']:g}, lesions >= "
+                           f"{ensemble['min_lesion_mm3']:g} mm3, from {ensemble['selection']})")
         (stage / "README.md").write_text(README.format(
-            challenge=challenge, trainer=trainer, plans=plans, configuration=configuration, dataset=cfg["dataset"],
+            challenge=challenge, model=model_line, dataset=cfg["dataset"],
             folds=folds, checkpoint=checkpoint, ext_version=nnunet_ext.__version__,
             cohort_line=f", cohort `{cohort}`" if cohort else "",
             nnunet_version=versions.get("nnunetv2"), torch_version=versions.get("torch"), out=out, tag=tag))

@@ -10,10 +10,19 @@ import tempfile
 from pathlib import Path
 
 
-def _extras(sub: Path, cfg: dict) -> list[tuple[Path, str]]:
+def _members(cfg: dict) -> list[dict]:
+    """The packaged models: one, or the ensemble's members (``submission.json``: ``ensemble.members``)."""
+    ens = cfg.get("ensemble")
+    if ens:
+        return [dict(m) for m in ens["members"]]
+    return [{"trainer": cfg["trainer"], "plans": cfg["plans"], "configuration": cfg["configuration"],
+             "zip": "model.zip", "extras": "model_extras"}]
+
+
+def _extras(sub: Path, cfg: dict, extras_name: str = "model_extras") -> list[tuple[Path, str]]:
     """(packaged file, its place relative to the model folder): the model contract and every fold's
     ``nnunet_ext_*.json`` that ``submission build`` put in ``model_extras/``."""
-    extras = sub / "model_extras"
+    extras = sub / extras_name
     out = [(p, p.name) for p in sorted(extras.glob("*.json"))] if extras.is_dir() else []
     for f in cfg["folds"]:
         d = extras / f"fold_{f}"
@@ -28,7 +37,7 @@ def _installed(mdir: Path, cfg: dict, extras) -> bool:
     return all((mdir / rel).is_file() and (mdir / rel).read_bytes() == src.read_bytes() for src, rel in extras)
 
 
-def install(sub: Path, results: Path, cfg: dict) -> Path:
+def install(sub: Path, results: Path, cfg: dict, member: dict | None = None) -> Path:
     """Install the packaged model into ``results`` unless it is there already (checkpoints of every fold and
     every model extra, byte for byte): ``model.zip`` is extracted by ``safe_extract`` into a temporary folder
     inside ``results``, the extras (model contract ``nnunet_ext_model.json`` and ``fold_<k>/nnunet_ext_*.json``)
@@ -37,19 +46,21 @@ def install(sub: Path, results: Path, cfg: dict) -> Path:
     from nnunet_ext.submission.archive import safe_extract
 
     sub, results = Path(sub), Path(results)
-    name = f"{cfg['trainer']}__{cfg['plans']}__{cfg['configuration']}"
+    member = member or _members(cfg)[0]
+    name = f"{member['trainer']}__{member['plans']}__{member['configuration']}"
     mdir = results / cfg["dataset"] / name
-    extras = _extras(sub, cfg)
+    extras = _extras(sub, cfg, member["extras"])
+    archive = sub / member["zip"]
     if _installed(mdir, cfg, extras):
         return mdir
     results.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=results))
     try:
-        safe_extract(sub / "model.zip", tmp / "x")
+        safe_extract(archive, tmp / "x")
         new = tmp / "x" / cfg["dataset"] / name
         for f in cfg["folds"]:
             if not (new / f"fold_{f}" / cfg["checkpoint"]).is_file():
-                raise ValueError(f"{sub / 'model.zip'} has no {cfg['dataset']}/{name}/fold_{f}/{cfg['checkpoint']}; "
+                raise ValueError(f"{archive} has no {cfg['dataset']}/{name}/fold_{f}/{cfg['checkpoint']}; "
                                  f"rebuild the submission")
         for src, rel in extras:
             (new / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -73,9 +84,9 @@ def main(sub_dir) -> int:
     sub = Path(sub_dir)
     cfg = json.loads((sub / "submission.json").read_text())
     results = Path(os.environ.get("nnUNet_results") or (sub / "results"))
-    mdir = install(sub, results, cfg)
+    mdirs = [install(sub, results, cfg, m) for m in _members(cfg)]
     if args.install_only:
-        print(f"model installed in {mdir}")
+        print(f"model installed in {', '.join(map(str, mdirs))}")
         return 0
 
     import numpy as np
@@ -88,9 +99,17 @@ def main(sub_dir) -> int:
     Path(args.output).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         # the one predictor: the model's contract (condition, cohort, TTA, threshold, post-processing)
-        res = predict_cases(mdir, cfg["folds"], [[str(p) for p in c.channels] for c in cases], tmp,
-                            checkpoint=cfg["checkpoint"], device=args.device, cohort=cfg.get("cohort"),
-                            write_soft=False, npp=1, nps=1, case_ids=[c.case_id for c in cases])
+        inputs, ids = [[str(p) for p in c.channels] for c in cases], [c.case_id for c in cases]
+        ens = cfg.get("ensemble")
+        if ens:  # the mean of the members' soft maps at the selection's threshold and minimum size
+            from nnunet_ext.ensemble import predict_ensemble
+
+            res = predict_ensemble(mdirs, cfg["folds"], inputs, tmp, threshold=ens["threshold"],
+                                   min_lesion_mm3=ens["min_lesion_mm3"], connectivity=ens["connectivity"],
+                                   checkpoint=cfg["checkpoint"], device=args.device, case_ids=ids, write_soft=False)
+        else:
+            res = predict_cases(mdirs[0], cfg["folds"], inputs, tmp, checkpoint=cfg["checkpoint"], device=args.device,
+                                cohort=cfg.get("cohort"), write_soft=False, npp=1, nps=1, case_ids=ids)
         for c in cases:
             ref = sitk.ReadImage(str(c.reference))
             seg = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(tmp) / f"{c.case_id}{cfg['file_ending']}")))
