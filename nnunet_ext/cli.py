@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from nnunet_ext.launcher import add_launcher_arguments, launcher_options
+
 
 EXAMPLES = """examples:
   export nnUNet_extTrainer=$(nnunet-ext trainers-path)
@@ -776,13 +778,11 @@ def main(argv: list[str] | None = None) -> None:
     (anywhere) keeps the traceback (see :mod:`nnunet_ext.errors`)."""
     from nnunet_ext.errors import run_cli
 
-    rc = run_cli(run, list(sys.argv[1:] if argv is None else argv))
+    rc = run_cli(run, list(sys.argv[1:] if argv is None else argv), console=argv is None)
     # The console command has finished: a late Ctrl-C must not turn success into a traceback. Not when called
     # from Python: ignored signals would be inherited by every process the caller starts later, and
     # nnU-Net's pools (terminate, then join) would then wait forever for their workers.
     if argv is None:
-        import signal
-
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
     sys.exit(rc)

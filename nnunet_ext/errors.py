@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -77,25 +78,33 @@ def _warning_line(message, category, filename, lineno, line=None):
     return f"nnunet-ext: warning: {_one_line(message)}\n"
 
 
-def run_cli(run, argv: list[str]) -> int:
-    """Run ``run(argv)`` with the error contract above; returns the exit status."""
-    from nnunet_ext.safety import Terminated, install_termination_handlers
+def run_cli(run, argv: list[str], console: bool = False) -> int:
+    """Run ``run(argv)`` with the error contract above; returns the exit status. ``console``: this process is
+    the ``nnunet-ext`` command itself; when it is interrupted, the processes it started are ended first
+    (:func:`nnunet_ext.safety.kill_descendants`). Not for in-process callers, whose other children are theirs."""
+    from nnunet_ext.safety import Terminated, install_termination_handlers, kill_descendants
 
     debug = "--debug" in argv or os.environ.get("NNUNET_EXT_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    install_termination_handlers()
+    install_termination_handlers(console=console)
     saved_format = warnings.formatwarning
     if not debug:
         warnings.formatwarning = _warning_line
     try:
+        if console and getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_interrupted_early":
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # nnunet_ext._console's, until here
         rc = run(argv)
         return 0 if rc is None else int(rc)
     except KeyboardInterrupt:
+        if console:
+            kill_descendants()
         if debug:
             traceback.print_exc()
         print("nnunet-ext: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Terminated as t:
+        if console:
+            kill_descendants()
         if debug:
             traceback.print_exc()
         print(f"nnunet-ext: terminated by signal {t.signum}", file=sys.stderr)

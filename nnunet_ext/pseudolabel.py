@@ -24,7 +24,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +90,85 @@ def _write_dataset_json(root: Path, teacher_ds: dict, ignore: bool) -> None:
     ds = {k: v for k, v in teacher_ds.items() if k not in ("labels", "numTraining")}
     ds.update({"labels": labels, "numTraining": n,
                "description": "nnunet-ext student dataset: teacher's labeled cases + kept pseudo-labeled cases"})
-    tmp = root / f".tmp_dataset.json.{os.getpid()}"  # one per process: shards run at the same time
+    tmp = root / f".tmp_dataset.json.{_host_tag()}.{os.getpid()}"  # one per process: shards run at the same time
     tmp.write_text(json.dumps(ds, indent=2))
     os.replace(tmp, root / "dataset.json")
+
+
+_TMP = re.compile(r"^\.tmp_(?P<pid>\d+)_(?:[0-9a-f]{8}_)?(?P<name>.+)$")
+CASE_FOLDERS = ("imagesTr", "labelsTr", "softlabelsTr", "confidenceTr", "lesionmapTr")
+
+
+def _case_files(root: Path, case: str, ending: str) -> list[Path]:
+    """Every file of ``case`` in the student dataset (images, labels, soft label, omega, m), finished or
+    temporary (``.tmp_<pid>_[<uuid8>_]<name>`` of a killed run)."""
+    names = {f"{case}{ending}"}
+    out = []
+    for d in CASE_FOLDERS:
+        folder = root / d
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            n = p.name
+            m = _TMP.match(n)
+            if m:
+                n = m["name"]
+            if n in names or (d == "imagesTr" and n.startswith(case + "_") and n.endswith(ending)
+                              and len(n) == len(case) + 5 + len(ending) and n[len(case) + 1:len(case) + 5].isdigit()):
+                out.append(p)
+    prog = root / ".nnunet_ext_progress"
+    if prog.is_dir():
+        out += [p for p in prog.iterdir() if (m := _TMP.match(p.name)) and m["name"] == f"{case}.json"]
+    return out
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _clean_own_host_tmp(root: Path) -> None:
+    """Remove ``.tmp_<file>.<host>.<pid>`` files of dead processes of this host (dataset.json/provenance
+    writes of a killed run; other hosts' shards may still be writing theirs)."""
+    host = _host_tag()
+    for p in root.glob(".tmp_*"):
+        parts = p.name.rsplit(".", 2)
+        if len(parts) == 3 and parts[1] == host and parts[2].isdigit() and not _alive(int(parts[2])):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _settings(mdir: Path, folds, checkpoint: str, params: dict, include_labeled: bool, unlabeled_dir) -> dict:
+    return {"teacher_model": str(mdir), "folds": [str(f) for f in folds], "checkpoint": checkpoint,
+            "parameters": params, "include_labeled": include_labeled,
+            "unlabeled": str(Path(unlabeled_dir).resolve())}
+
+
+def _check_settings(root: Path, settings: dict) -> None:
+    """The student dataset is made with one set of options: a re-run (resumption, another shard) with other
+    options would mix two filters in one dataset, so it is refused naming what differs."""
+    f = root / ".nnunet_ext_progress" / "settings.json"
+    if f.is_file():
+        try:
+            old = json.loads(f.read_text())
+        except ValueError:
+            old = None
+        if old != settings:
+            diff = sorted(k for k in settings if not isinstance(old, dict) or old.get(k) != settings[k])
+            raise ValueError(f"{root} was started with other options ({', '.join(diff) or 'unreadable settings'}: "
+                             f"see {f}); re-run with the same options to continue it, or write a new -o dataset")
+        return
+    tmp = f.with_name(f".tmp_{os.getpid()}_settings.json")
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, f)
 
 
 def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_dataset: str, trainer: str = "nnUNetTrainer",
@@ -124,8 +202,9 @@ def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_datas
     teacher_name = maybe_convert_to_dataset_name(teacher_dataset)
     teacher_ds = json.loads((mdir / "dataset.json").read_text())
     ending, n_ch = teacher_ds["file_ending"], len(teacher_ds["channel_names"])
-    if not output_dataset.startswith("Dataset") or len(output_dataset) < 12 or not output_dataset[7:10].isdigit():
-        raise ValueError(f"output dataset must be named DatasetXXX_Name, got {output_dataset!r}")
+    if not re.fullmatch(r"Dataset\d{3}_[A-Za-z0-9_-]+", str(output_dataset)) or output_dataset[7:10] == "000":
+        raise ValueError(f"-o: the student dataset must be named DatasetXXX_Name (XXX 001-999, Name of letters, "
+                         f"digits, _ and -), got {output_dataset!r}")
     root = Path(nnUNet_raw) / output_dataset
     if output_dataset[7:10] == teacher_name[7:10]:
         raise ValueError("the student dataset needs its own id")
@@ -133,59 +212,83 @@ def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_datas
     if not unl:
         raise ValueError(f"no images ending in {ending} in {unlabeled_dir}")
     teacher_raw = Path(nnUNet_raw) / teacher_name
+    from nnunet_ext.safety import check_output_not_input
+
+    check_output_not_input(root, [unlabeled_dir, teacher_raw, mdir], what="-o (student dataset)")
     soft = (teacher_raw / "softlabelsTr").is_dir() or soft_rim_gamma is not None
     for d in ("imagesTr", "labelsTr", "confidenceTr", "lesionmapTr", ".nnunet_ext_progress") + \
             (("softlabelsTr",) if soft else ()):
         (root / d).mkdir(parents=True, exist_ok=True)
-    # the labeled cases of the teacher's dataset (copied once; same names), with their soft labels
-    if include_labeled and part_id == 0:
-        for lab in sorted((teacher_raw / "labelsTr").glob(f"*{ending}")):
-            case = lab.name[: -len(ending)]
-            if case in unl:
-                raise ValueError(f"unlabeled case {case} has the name of a labeled case of {teacher_name}")
-            if not (root / "labelsTr" / lab.name).exists():
-                for img in sorted((teacher_raw / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}")):
-                    shutil.copyfile(img, root / "imagesTr" / img.name)
-                if soft:
-                    sl = teacher_raw / "softlabelsTr" / lab.name
-                    shutil.copyfile(sl if sl.is_file() else lab, root / "softlabelsTr" / (".tmp_" + lab.name))
-                    os.replace(root / "softlabelsTr" / (".tmp_" + lab.name), root / "softlabelsTr" / lab.name)
-                shutil.copyfile(lab, root / "labelsTr" / (".tmp_" + lab.name))
-                os.replace(root / "labelsTr" / (".tmp_" + lab.name), root / "labelsTr" / lab.name)
-    mine = sorted(unl)[part_id::num_parts]
-    done_dir = root / ".nnunet_ext_progress"
-    todo = [c for c in mine if not (done_dir / f"{c}.json").exists()]
-    if progress:
-        print(f"pseudolabel part {part_id}/{num_parts}: {len(mine)} cases, {len(mine) - len(todo)} already done")
-    for c in todo:
-        _check_geometry(unl[c])
-    if todo:
-        from nnunet_ext.predictor import predict_cases
+    params = {"alpha": alpha, "vpt": vpt, "tst": tst, "ignore_uncertain": ignore_uncertain,
+              "soft_rim_gamma": soft_rim_gamma, "soft_rim_mm": soft_rim_mm}
+    from nnunet_ext.safety import output_lock
 
-        # the one predictor, flips averaged in probability space; each case is finished inside nnU-Net's
-        # export worker from its probabilities (no probability file is written and read back)
-        ignore = max(v for v in teacher_ds["labels"].values() if isinstance(v, int)) + 1
-        hook_args = {"root": str(root), "ending": ending, "alpha": alpha, "vpt": vpt, "tst": tst,
-                     "ignore_label": ignore if ignore_uncertain else None, "files": {c: [str(p) for p in unl[c]] for c in todo},
-                     "soft": soft, "soft_rim_gamma": soft_rim_gamma, "soft_rim_mm": soft_rim_mm}
-        scratch = root / ".nnunet_ext_scratch"
-        predict_cases(mdir, list(folds), [unl[c] for c in todo], scratch, checkpoint=checkpoint, device=device,
-                      tta="mean_probabilities", write_soft=False, write_mask=False, npp=npp, nps=nps,
-                      hook="nnunet_ext.pseudolabel:finish_case", hook_args=hook_args)
-        shutil.rmtree(scratch, ignore_errors=True)
+    with output_lock(root / ".nnunet_ext_progress" / f"part{part_id}of{num_parts}.lock",
+                     what=f"student dataset {root} (part {part_id} of {num_parts})"):
+        _check_settings(root, _settings(mdir, folds, checkpoint, params, include_labeled, unlabeled_dir))
+        _clean_own_host_tmp(root)
+        # the labeled cases of the teacher's dataset (copied once; same names), with their soft labels
+        if include_labeled and part_id == 0:
+            for lab in sorted((teacher_raw / "labelsTr").glob(f"*{ending}")):
+                case = lab.name[: -len(ending)]
+                if case in unl:
+                    raise ValueError(f"unlabeled case {case} has the name of a labeled case of {teacher_name}")
+                if not (root / "labelsTr" / lab.name).exists():  # the label is copied last: absent = unfinished
+                    for p in _case_files(root, case, ending):
+                        p.unlink(missing_ok=True)
+                    copies = [(img, root / "imagesTr" / img.name) for img in
+                              sorted((teacher_raw / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}"))]
+                    if soft:
+                        sl = teacher_raw / "softlabelsTr" / lab.name
+                        copies.append((sl if sl.is_file() else lab, root / "softlabelsTr" / lab.name))
+                    for src, dst in copies + [(lab, root / "labelsTr" / lab.name)]:
+                        tmp = dst.with_name(f".tmp_{os.getpid()}_{dst.name}")
+                        shutil.copyfile(src, tmp)
+                        os.replace(tmp, dst)
+        mine = sorted(unl)[part_id::num_parts]
+        done_dir = root / ".nnunet_ext_progress"
+        todo = [c for c in mine if not (done_dir / f"{c}.json").exists()]
         if progress:
-            for c in todo:
-                print(f"  {c}: {json.loads((done_dir / f'{c}.json').read_text())['decision']}", flush=True)
-    prov = {"teacher": {"model": str(mdir), "dataset": teacher_name, "configuration": configuration,
-                        "trainer": trainer, "plans": plans, "folds": list(folds), "checkpoint": checkpoint},
-            "parameters": {"alpha": alpha, "vpt": vpt, "tst": tst, "ignore_uncertain": ignore_uncertain,
-                           "soft_rim_gamma": soft_rim_gamma, "soft_rim_mm": soft_rim_mm},
-            "part": [part_id, num_parts],
-            "cases": {c: json.loads((done_dir / f"{c}.json").read_text()) for c in mine}}
-    (root / f"provenance_part{part_id}of{num_parts}.json").write_text(json.dumps(prov, indent=1))
-    _merge_provenance(root, prov)
-    _write_dataset_json(root, teacher_ds, ignore_uncertain)
-    return prov
+            print(f"pseudolabel part {part_id}/{num_parts}: {len(mine)} cases, {len(mine) - len(todo)} already done")
+        for c in todo:
+            _check_geometry(unl[c])
+        if todo:
+            # a dataset.json says the dataset is complete: not while cases are being (re)done
+            (root / "dataset.json").unlink(missing_ok=True)
+            for c in todo:  # files of unfinished cases (a killed run) are never trusted: redone from scratch
+                for p in _case_files(root, c, ending):
+                    p.unlink(missing_ok=True)
+            from nnunet_ext.predictor import predict_cases
+
+            # the one predictor, flips averaged in probability space; each case is finished inside nnU-Net's
+            # export worker from its probabilities (no probability file is written and read back)
+            ignore = max(v for v in teacher_ds["labels"].values() if isinstance(v, int)) + 1
+            hook_args = {"root": str(root), "ending": ending, "alpha": alpha, "vpt": vpt, "tst": tst,
+                         "ignore_label": ignore if ignore_uncertain else None, "files": {c: [str(p) for p in unl[c]] for c in todo},
+                         "soft": soft, "soft_rim_gamma": soft_rim_gamma, "soft_rim_mm": soft_rim_mm}
+            scratch = root / ".nnunet_ext_scratch"
+            predict_cases(mdir, list(folds), [unl[c] for c in todo], scratch, checkpoint=checkpoint, device=device,
+                          tta="mean_probabilities", write_soft=False, write_mask=False, npp=npp, nps=nps,
+                          hook="nnunet_ext.pseudolabel:finish_case", hook_args=hook_args)
+            shutil.rmtree(scratch, ignore_errors=True)
+            if progress:
+                for c in todo:
+                    print(f"  {c}: {json.loads((done_dir / f'{c}.json').read_text())['decision']}", flush=True)
+        prov = {"teacher": {"model": str(mdir), "dataset": teacher_name, "configuration": configuration,
+                            "trainer": trainer, "plans": plans, "folds": list(folds), "checkpoint": checkpoint},
+                "parameters": params,
+                "part": [part_id, num_parts],
+                "cases": {c: json.loads((done_dir / f"{c}.json").read_text()) for c in mine}}
+        part_file = root / f"provenance_part{part_id}of{num_parts}.json"
+        tmp = part_file.with_name(f".tmp_{os.getpid()}_{part_file.name}")
+        tmp.write_text(json.dumps(prov, indent=1))
+        os.replace(tmp, part_file)
+        _merge_provenance(root, prov)
+        if all((done_dir / f"{c}.json").exists() for c in unl):  # every shard done: nnU-Net may use the dataset
+            _write_dataset_json(root, teacher_ds, ignore_uncertain)
+        elif progress:
+            print(f"pseudolabel part {part_id}/{num_parts} done; dataset.json is written when every part has finished")
+        return prov
 
 
 def finish_case(case, probabilities, mask, properties, root, ending, alpha, vpt, tst, ignore_label, files, soft,
@@ -232,7 +335,7 @@ def _merge_provenance(root: Path, prov: dict) -> None:
         merged["cases"].update(json.loads(f.read_text())["cases"])
     merged["kept"] = sorted(c for c, v in merged["cases"].items() if v["kept"])
     merged["dropped"] = sorted(c for c, v in merged["cases"].items() if not v["kept"])
-    tmp = root / f".tmp_provenance.json.{os.getpid()}"  # one per process: shards run at the same time
+    tmp = root / f".tmp_provenance.json.{_host_tag()}.{os.getpid()}"  # one per process: shards run at the same time
     tmp.write_text(json.dumps(merged, indent=1))
     os.replace(tmp, root / "provenance.json")
 

@@ -179,10 +179,9 @@ def staged_folder(target, *, overwrite: bool = False, lock: bool = True, lock_fi
 # ---------------------------------------------------------------------------------------------- processes
 
 
-def _worker_init() -> None:
-    """Pool worker: die with the parent (Linux PR_SET_PDEATHSIG), leave Ctrl-C to the parent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def die_with_parent() -> None:
+    """This process gets SIGKILL when its parent ends (Linux PR_SET_PDEATHSIG; nothing elsewhere); exits at
+    once when the parent has already gone."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
@@ -191,6 +190,13 @@ def _worker_init() -> None:
         pass
     if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def _worker_init() -> None:
+    """Pool worker: die with the parent (Linux PR_SET_PDEATHSIG), leave Ctrl-C to the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent()
 
 
 @contextlib.contextmanager
@@ -234,14 +240,20 @@ def _default_termination_in_forked_child() -> None:
                 signal.signal(s, signal.SIG_DFL)
         except (ValueError, OSError):
             pass
+    if _CONSOLE:  # helpers forked by the console command (pool workers, multiprocessing managers) end with it
+        die_with_parent()
 
 
 _AT_FORK = []
+_CONSOLE = []
 
 
-def install_termination_handlers() -> None:
+def install_termination_handlers(console: bool = False) -> None:
     """SIGTERM / SIGHUP -> :class:`Terminated` (exit status 128 + signal in the CLI), in this process only:
-    forked children get the default action back."""
+    forked children get the default action back. ``console``: this process is the ``nnunet-ext`` command;
+    the processes it forks from now on also die with it (SIGKILL included), so none is left orphaned."""
+    if console and not _CONSOLE:
+        _CONSOLE.append(True)
     if not _AT_FORK:
         os.register_at_fork(after_in_child=_default_termination_in_forked_child)
         _AT_FORK.append(True)
@@ -250,3 +262,39 @@ def install_termination_handlers() -> None:
             signal.signal(s, _terminated_handler)
         except (ValueError, OSError):  # not the main thread
             pass
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """Every process below ``pid`` (default: this one), children first (Linux ``/proc``; [] elsewhere)."""
+    pid = os.getpid() if pid is None else pid
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def kill_descendants() -> None:
+    """SIGKILL every process this one started (nnU-Net's preprocessing and export workers, their manager):
+    the console command does this when it is interrupted, before those workers notice their parent going
+    and print tracebacks of their own. Every file they write is atomic, so nothing half-written is left."""
+    for k in descendants():
+        try:
+            with open(f"/proc/{k}/cmdline", "rb") as f:
+                if b"resource_tracker" in f.read():  # multiprocessing's / loky's: it cleans up after us
+                    continue
+            os.kill(k, signal.SIGKILL)
+        except OSError:  # gone already, or not ours to kill
+            pass
+

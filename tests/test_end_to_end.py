@@ -252,11 +252,18 @@ def test_pseudolabel_student_shards_and_resume(planned, tmp_path):
     for case in TEST_CASES:
         assert np.array_equal(read_image(shards / "labelsTr" / f"{case}.nii.gz")[0],
                               read_image(student / "labelsTr" / f"{case}.nii.gz")[0])
-    # an interrupted run (case 007 unfinished) continues: only that case is redone
+    # an interrupted run (case 009 unfinished, a half-written temporary file of it left) continues: only that
+    # case is redone, its stale files are not trusted
     (student / ".nnunet_ext_progress" / "phantom_009.json").unlink()
     (student / "labelsTr" / "phantom_009.nii.gz").unlink()
+    (student / "imagesTr" / ".tmp_999999_phantom_009_0000.nii.gz").write_bytes(b"half")
+    (student / "confidenceTr" / "phantom_009.nii.gz").write_bytes(b"stale")
+    # ... but only with the same options: other options would mix two filters in one dataset
     r = _pseudo(env, root, "Dataset513_Student")
-    assert r.returncode == 0 and "2 cases, 1 already done" in r.stdout
+    assert r.returncode == 2 and "was started with other options (parameters" in r.stderr, r.stderr
+    r = _pseudo(env, root, "Dataset513_Student", "--soft-rim", "0.5")
+    assert r.returncode == 0 and "2 cases, 1 already done" in r.stdout, r.stdout + r.stderr
+    assert not list(student.rglob(".tmp_*")) and read_image(student / "confidenceTr" / "phantom_009.nii.gz")[0].size
     assert np.array_equal(read_image(student / "labelsTr" / "phantom_009.nii.gz")[0],
                           read_image(shards / "labelsTr" / "phantom_009.nii.gz")[0])
     # the student trains on its soft labels with nnU-Net's own commands

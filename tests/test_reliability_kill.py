@@ -49,17 +49,21 @@ def run_ok(args, env=None):
     return r
 
 
-def kill_after(args, sig: str, delay: float, env=None, started=None):
+def kill_after(args, sig: str, delay: float, env=None, started=None, group: bool = False):
     """Start ``nnunet-ext ARGS``, send ``sig`` after ``delay`` s (counted from when ``started()`` first holds,
-    if given: a loaded machine can take longer than ``delay`` just to start Python); returns (rc, stderr)."""
-    p = start(args, env)
+    if given: a loaded machine can take longer than ``delay`` just to start Python); returns (rc, stderr).
+    ``group``: to the command's whole process group, as a terminal's Ctrl-C. The output pipes close only
+    when every process holding them (the command's workers too) has ended: a worker left running after its
+    parent was killed makes this time out."""
+    p = subprocess.Popen([NNUNET_EXT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, start_new_session=group)
     if started is not None:
         t0 = time.time()
         while not started() and p.poll() is None and time.time() - t0 < 120:
             time.sleep(0.02)
     time.sleep(delay)
     if p.poll() is None:
-        os.kill(p.pid, SIGNALS[sig])
+        (os.killpg if group else os.kill)(p.pid, SIGNALS[sig])
     out, err = p.communicate(timeout=120)
     return p.returncode, err
 
@@ -117,6 +121,21 @@ def _phantom_kill(tmp_path, phantom_reference, sig, delay, workers=1, must_inter
     run_ok(["phantom", "-d", 531, *PHANTOM, "--seed", 1, "--raw", raw, "--overwrite"])
     assert digest(root) == phantom_reference
     assert leftovers(raw) == []
+
+
+def test_ctrl_c_while_the_command_starts_is_130_without_traceback(tmp_path):
+    """Ctrl-C while the command is still importing (nnunet_ext._console handles it from its first line; before
+    that only Python's own start-up runs, about 20 ms here): exit status 130 and one line, or the command had
+    finished."""
+    for delay in (0.12, 0.16, 0.2, 0.25, 0.3, 0.4):
+        p = start(["phantom", "-d", 533, "--cases", 2, "--shape", 24, 24, 24, "--raw", tmp_path / "raw",
+                   "--overwrite"])
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode in (0, 130) and "Traceback" not in err, (delay, p.returncode, err[-2000:])
+        if p.returncode == 130:
+            assert err.strip().splitlines()[-1] == "nnunet-ext: interrupted", err
 
 
 def test_phantom_sigint_keeps_the_old_dataset(tmp_path, phantom_reference):
@@ -333,3 +352,69 @@ def test_preprocess_soft_does_not_trust_a_stale_map(soft_setup):
     run_ok(["preprocess-soft", "-d", 570, "-c", "2d"], env=env)
     d = digest(out)
     assert d["phantom_001.b2nd"] == ref["phantom_001.b2nd"] and leftovers(out) == []
+
+
+# ---------------------------------------------------------------------------------------------- pseudolabel
+
+
+@pytest.fixture(scope="module")
+def pseudo_setup(tmp_path_factory):
+    """A tiny teacher (1 epoch x 2 iterations) and 14 unlabeled 32^3 cases; a clean pseudolabel run of them
+    is the byte-identical reference."""
+    from conftest import run_nnunet
+    from nnunet_ext.paths import nnunet_command, nnunet_env
+
+    work = tmp_path_factory.mktemp("pseudo")
+    env = nnunet_env(work, n_proc=1)
+    env.update({"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERATIONS": "2", "NNUNET_EXT_VAL_ITERATIONS": "1"})
+    run_ok(["phantom", "-d", 580, "--cases", 5, "--test-cases", 14, "--shape", 32, 32, 32, "--seed", 4], env=env)
+    run_nnunet([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", "580", "-c", "2d", "-np", "1"], env)
+    run_nnunet([nnunet_command("nnUNetv2_train"), "580", "2d", "0", "-tr", "ExtBaselineTrainer", "-device", "cpu"], env)
+    unl = work / "nnUNet_raw" / "Dataset580_MSPhantom" / "imagesTs"
+    args = ["pseudolabel", "-d", 580, "-c", "2d", "-tr", "ExtBaselineTrainer", "-f", 0, "-i", unl, "--tst", 0,
+            "-device", "cpu"]
+    run_ok([*args, "-o", "Dataset581_Reference"], env=env)
+    ref = digest(work / "nnUNet_raw" / "Dataset581_Reference")
+    assert sum(k.startswith("labelsTr/") for k in ref) == 5 + 14
+    return work, env, args, ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", list(SIGNALS) + ["SIGINT to the group"])
+def test_pseudolabel_killed_at_random_points(pseudo_setup, sig):
+    """Killed anywhere (also inside nnU-Net's export workers' writes), a re-run with the same options gives
+    the clean run's files byte for byte; no dataset.json (nnU-Net's sign of a complete dataset) while cases
+    are missing, and no temporary file left."""
+    work, env, args, ref = pseudo_setup
+    raw = work / "nnUNet_raw"
+    inputs = digest(raw / "Dataset580_MSPhantom")
+    group = sig.endswith("group")
+    name = f"Dataset{590 + (3 if group else list(SIGNALS).index(sig))}_Killed"
+    sig = "SIGINT" if group else sig
+    student = raw / name
+    progress = student / ".nnunet_ext_progress"
+    rc, err = kill_after([*args, "-o", name], sig, random.Random(name).uniform(0.5, 4.0), env=env,
+                         started=lambda: progress.is_dir() and any(progress.glob("phantom_*.json")), group=group)
+    check_killed(rc, err, sig)  # no traceback, from the command or any of its workers
+    if rc != 0:
+        done = {p.stem for p in progress.glob("phantom_*.json")}
+        assert not (student / "dataset.json").exists() and len(done) < 14
+        for case in done:  # a case marked done is complete and final
+            assert digest(student).get(f"labelsTr/{case}.nii.gz", "dropped") == ref.get(f"labelsTr/{case}.nii.gz", "dropped")
+    r = run_ok([*args, "-o", name], env=env)
+    assert digest(student) == ref, r.stdout[-2000:]
+    assert leftovers(student) == [] and digest(raw / "Dataset580_MSPhantom") == inputs
+
+
+@pytest.mark.slow
+def test_two_pseudolabel_runs_on_one_student(pseudo_setup):
+    work, env, args, ref = pseudo_setup
+    procs = [start([*args, "-o", "Dataset595_Twice"], env=env) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results)[0] == 0, results
+    for rc, err in results:
+        assert rc in (0, 2), err[-2000:]
+        if rc == 2:
+            assert "being written by another nnunet-ext run" in err, err
+    student = work / "nnUNet_raw" / "Dataset595_Twice"
+    assert digest(student) == ref and leftovers(student) == []
