@@ -102,6 +102,15 @@ def test_duplicate_names_refused(tmp_path, target, kind):
     _refused(a, target, "duplicate member name 'm/a.txt'")
 
 
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+@pytest.mark.parametrize("members,pair", [(["m/Model.pth", "m/model.pth"], "'m/Model.pth' and 'm/model.pth'"),
+                                          (["M/a.txt", "m/b.txt"], "'M' and 'm'"),
+                                          (["m/caf\u00e9.txt", "m/cafe\u0301.txt"], "Unicode form")])
+def test_names_differing_only_in_case_or_unicode_form_refused(tmp_path, target, kind, members, pair):
+    a = _zip(tmp_path / "c.zip", members) if kind == "zip" else _tar(tmp_path / "c.tar", members, "w")
+    assert pair in _refused(a, target, "differ only in letter case or Unicode form")
+
+
 def test_zip_literal_duplicate_refused(tmp_path, target):
     a = tmp_path / "dup.zip"
     with zipfile.ZipFile(a, "w") as z, pytest.warns(UserWarning, match="Duplicate"):

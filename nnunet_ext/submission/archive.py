@@ -7,6 +7,7 @@ written, when any member
 * is anything but a regular file or a directory (symbolic and hard links, devices, FIFOs, sparse files),
   or is encrypted,
 * has the same name as another member (after normalising ``./`` and ``//``) -- unless both are directories,
+  or a name (or folder) that differs from another one only in letter case or Unicode normal form,
 * is a file where another member needs a directory (``a`` and ``a/b``),
 * has a path component longer than 255 bytes, or a destination path longer than 4095 bytes,
 * or lands on a path that already exists in the target,
@@ -25,6 +26,7 @@ import os
 import shutil
 import stat
 import tarfile
+import unicodedata
 import uuid
 import zipfile
 from dataclasses import dataclass
@@ -121,10 +123,18 @@ def _tar_members(archive, t: tarfile.TarFile, max_members: int) -> list[_Member]
 def _validate(archive, members: list[_Member], target: Path, max_bytes: int, max_ratio: int) -> None:
     kinds: dict[str, bool] = {}  # path -> is_dir, explicit members and implied parent folders
     explicit: set[str] = set()
+    folded: dict[str, str] = {}  # case- and Unicode-folded path (and each parent) -> its spelling
     for m in members:
         if m.name in explicit and not (m.is_dir and kinds.get(m.name)):
             raise ValueError(f"{archive}: duplicate member name {m.name!r}")
         explicit.add(m.name)
+        parts_ = m.name.split("/")
+        for k in range(1, len(parts_) + 1):
+            spelled = "/".join(parts_[:k])
+            key = unicodedata.normalize("NFC", spelled).casefold()
+            if folded.setdefault(key, spelled) != spelled:
+                raise ValueError(f"{archive}: members {folded[key]!r} and {spelled!r} differ only in letter case or "
+                                 f"Unicode form; they would overwrite each other on case-insensitive file systems")
         parts = m.name.split("/")
         for k in range(1, len(parts)):
             parent = "/".join(parts[:k])
