@@ -322,10 +322,9 @@ def _read_json(p: Path):
 
 
 def _write_json(p: Path, obj) -> None:
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(".tmp_" + p.name)
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    os.replace(tmp, p)
+    from nnunet_ext.safety import atomic_write_text
+
+    atomic_write_text(p, json.dumps(obj, indent=1, default=_json_default))
 
 
 def _json_default(o):
@@ -848,7 +847,9 @@ def write_markdown(report: dict, path: Path) -> Path:
           + (" (on validation folds the stored threshold was itself chosen on that fold's validation cases)"
              if report["eval_set"] == "validation" else "") + ". Intervals hold the thresholds fixed.", "",
           "## Commands", "", "```bash", *report["commands"], "```", ""]
-    path.write_text("\n".join(L))
+    from nnunet_ext.safety import atomic_write_text
+
+    atomic_write_text(path, "\n".join(L))
     return path
 
 

@@ -67,9 +67,9 @@ def load_state(dataset) -> tuple[Path, dict]:
 
 
 def save_state(src: Path, state: dict) -> None:
-    tmp = src / (".tmp_" + STATE)
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, src / STATE)
+    from nnunet_ext.safety import atomic_write_text
+
+    atomic_write_text(src / STATE, json.dumps(state, indent=1))
 
 
 def _cases(folder: Path, ending: str) -> list[str]:
@@ -93,7 +93,9 @@ def fold_of(splits: list[dict]) -> dict[str, int]:
 def write_splits(dataset_name: str, splits: list[dict]) -> Path:
     folder = _env_folder("nnUNet_preprocessed") / dataset_name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "splits_final.json").write_text(json.dumps(splits, indent=1))
+    from nnunet_ext.safety import atomic_write_text
+
+    atomic_write_text(folder / "splits_final.json", json.dumps(splits, indent=1))
     return folder / "splits_final.json"
 
 
@@ -575,7 +577,9 @@ def predict(dataset, input_dir, output_dir, device: str = "cuda", jobs: int = 1,
                 shutil.copy2(work / r / f"{c}{ending}", out / "raters" / r / f"{c}{ending}")
     shutil.rmtree(work)
     summary = {"cases": cases, "raters": raters, "stage1": s1, "stage2": s2}
-    (out / "consensus_predict.json").write_text(json.dumps(summary, indent=1))
+    from nnunet_ext.safety import atomic_write_text
+
+    atomic_write_text(out / "consensus_predict.json", json.dumps(summary, indent=1))
     return summary
 
 
@@ -620,8 +624,9 @@ def evaluate(dataset, pred_dir, output=None, ref_dir=None, raters_dir=None) -> d
             table.setdefault(m, {})[rname] = res["aggregate"]["msseg2"]
     result = {"pred_dir": str(pred_dir), "table": table}
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=1))
+        from nnunet_ext.safety import atomic_write_text
+
+        atomic_write_text(output, json.dumps(result, indent=1))
     return result
 
 

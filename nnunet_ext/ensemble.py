@@ -204,7 +204,7 @@ def predict_selection(input_dir, output_dir, dataset, selection=None, checkpoint
             summary["threshold_source"] = "given"
     summary["selection"] = str(path)
     out = Path(output_dir)
-    tmp = out / f".tmp_{os.getpid()}_nnunet_ext_predict.json"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(out / "nnunet_ext_predict.json")
+    from nnunet_ext.safety import atomic_write_text
+
+    atomic_write_text(out / "nnunet_ext_predict.json", json.dumps(summary, indent=1))
     return summary

@@ -84,9 +84,9 @@ def plan_native(dataset, configurations=("3d_fullres",), plans_name: str = NATIV
         if "inherits_from" in plans["configurations"][c] or plans["configurations"][c].get("previous_stage"):
             raise NotImplementedError(f"native-resolution planning of the cascade configuration {c!r}")
         plans["configurations"][c][NATIVE_KEY] = True
-    tmp = plans_file.with_name(f".tmp_{plans_file.name}")
-    tmp.write_text(json.dumps(plans, indent=4))
-    tmp.replace(plans_file)
+    from nnunet_ext.safety import atomic_write_text
+
+    atomic_write_text(plans_file, json.dumps(plans, indent=4))
     for c in configurations:
         NativeResolutionPreprocessor(verbose=False).run(did, c, plans_name, n_proc)
     return plans_file

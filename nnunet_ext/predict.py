@@ -46,7 +46,7 @@ def predict(input_dir, output_dir, dataset, configuration: str, trainer: str = "
                             cohort=cohort, disable_tta=disable_tta, save_probabilities=keep_probabilities,
                             threshold=threshold, min_lesion_mm3=min_lesion_mm3, npp=npp or n_proc, nps=nps or n_proc)
     out = Path(output_dir)
-    tmp = out / ".tmp_nnunet_ext_predict.json"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(out / "nnunet_ext_predict.json")
+    from nnunet_ext.safety import atomic_write_text
+
+    atomic_write_text(out / "nnunet_ext_predict.json", json.dumps(summary, indent=1))
     return summary

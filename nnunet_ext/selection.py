@@ -215,7 +215,9 @@ def select(dataset, configurations: Sequence[str], trainers: Sequence[str], plan
                               "only; a model contract describes one model")
     out = Path(output) if output is not None else Path(os.environ["nnUNet_results"]) / models[0]["dir"].parent.name / SELECTION_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
+    from nnunet_ext.safety import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=1, default=str))
     result["output"] = str(out)
     return result
 

@@ -73,7 +73,9 @@ def fold_threshold_from_validation(fold_dir: str | Path, gt_dir: str | Path, fil
     t, dice = best_threshold(total)
     out = {"thresholds": list(THRESHOLDS), **total, "dice": dice, "best_threshold": t, "n_cases": len(files),
            "activation": activation}
-    (fold_dir / FILE).write_text(json.dumps(out, indent=1))
+    from nnunet_ext.safety import atomic_write_text
+
+    atomic_write_text(fold_dir / FILE, json.dumps(out, indent=1))
     return out
 
 

@@ -692,3 +692,37 @@ def test_forked_children_end_on_sigterm_again():
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only file system (root writes through permission bits, not through a read-only mount)."""
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({(r.stderr or r.stdout).strip()[:120]}): read-only "
+                    f"outputs not tested")
+    yield ro
+    subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_read_only_outputs_are_one_clear_line(read_only_folder, tmp_path, capsys):
+    src = tmp_path / "raw"
+    rc, err = cli(capsys, "phantom", "-d", 541, "--cases", 2, "--shape", 24, 24, 24, "--raters", 2, "--raw", src)
+    assert rc == 0, err
+    labels = src / "Dataset541_MSPhantom" / "labelsTr"
+    before = digest(src)
+    ro = read_only_folder
+    for args, path in ((["phantom", "-d", 542, "--cases", 2, "--shape", 24, 24, 24, "--raw", ro / "raw"], ro / "raw"),
+                       (["evaluate", "--ref", labels, "--pred", labels, "-o", ro / "r.json"], ro),
+                       (["operating-points", "--ref", labels, "--prob", labels, "-o", ro / "o.json"], ro),
+                       (["fuse", "--method", "union", "--raters", *(src / "Dataset541_MSPhantom" / "ratersTr" / r
+                                                                     for r in ("rater1", "rater2")), "-o", ro / "f"], ro)):
+        rc, err = cli(capsys, *args)
+        lines = [ln for ln in err.splitlines() if ln.startswith("nnunet-ext:")]
+        assert rc == 2 and "Traceback" not in err and len(lines) == 1, (args[0], rc, err[-1500:])
+        assert str(path) in lines[0] and "read-only file system" in lines[0], lines
+    assert digest(src) == before and not any(ro.iterdir())

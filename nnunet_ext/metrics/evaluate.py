@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -228,19 +229,19 @@ def write_results(result: dict, output: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``output`` (JSON) and the same name with ``.csv`` (one row per case, then ``mean`` and
     ``pooled`` rows)."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(".tmp_" + output.name)
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, output)
+    from nnunet_ext.safety import atomic_write_text
+
+    atomic_write_text(output, json.dumps(result, indent=1))
     rows = [{"case": c, **_flatten(m)} for c, m in result["per_case"].items()]
     rows.append({"case": "mean", **_flatten(result["aggregate"]["mean"])})
     rows.append({"case": "pooled", **_flatten(result["aggregate"]["pooled"])})
     fields = list(dict.fromkeys(k for r in rows for k in r))
     csv_path = output.with_suffix(".csv")
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(csv_path, buf.getvalue())
     return output, csv_path
 
 

@@ -152,7 +152,8 @@ def plot_operating_points(result: dict, png: str | os.PathLike, title: str = "")
 
 
 def write_sweep(result: dict, output_json, png=None, title: str = "") -> None:
-    Path(output_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(output_json).write_text(json.dumps(result, indent=1))
+    from nnunet_ext.safety import atomic_write_text
+
+    atomic_write_text(output_json, json.dumps(result, indent=1))
     if png is not None:
         plot_operating_points(result, png, title)
