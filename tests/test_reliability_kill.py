@@ -4,7 +4,8 @@ and preprocess-soft, and two processes on the same output.
 After a kill the target is either untouched (the previous dataset, or none) or complete; nothing stale is
 left that a later run would trust (staging folders of SIGKILLed runs are removed by the next run); a re-run
 gives files byte-identical to a clean run. Runs as real subprocesses of the ``nnunet-ext`` console script.
-The quick ones run by default; the full signal x command matrix is ``slow``."""
+The quick ones run by default; the full signal x command matrix is ``slow``; pseudolabel's (a teacher is trained
+first) is ``heavy`` (``.ci/run`` runs it after the README's test command)."""
 import hashlib
 import json
 import os
@@ -380,6 +381,7 @@ def pseudo_setup(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a teacher is trained first: with the concurrency test about 3 minutes, in CI's heavy part
 @pytest.mark.parametrize("sig", list(SIGNALS) + ["SIGINT to the group"])
 def test_pseudolabel_killed_at_random_points(pseudo_setup, sig):
     """Killed anywhere (also inside nnU-Net's export workers' writes), a re-run with the same options gives
@@ -407,6 +409,7 @@ def test_pseudolabel_killed_at_random_points(pseudo_setup, sig):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_pseudolabel_runs_on_one_student(pseudo_setup):
     work, env, args, ref = pseudo_setup
     procs = [start([*args, "-o", "Dataset595_Twice"], env=env) for _ in range(2)]
