@@ -298,3 +298,16 @@ def test_isbi_preset_and_cli(tmp_path):
     raw_a = (16 / 21) / 8 + 0.1 + 0.125 + 0.125 + 0.25
     assert agg["raw"] == pytest.approx((raw_a + 1) / 2) and agg["normalized"] == pytest.approx(
         100 - 10 * (1 - (raw_a + 1) / 2) / 0.2)
+
+
+def test_isbi_lesions_are_26_connected_as_jhu_lesion_metrics():
+    """JHU's lesion_metrics labels lesions with skimage's default (full) connectivity: two voxels touching
+    only at a corner are one lesion. A prediction hitting one of them detects that one lesion (LTPR 1);
+    with 18-connectivity they would be two lesions and LTPR 1/2."""
+    ref = np.zeros((5, 5, 5), np.uint8)
+    ref[1, 1, 1] = ref[2, 2, 2] = 1
+    pred = np.zeros_like(ref)
+    pred[1, 1, 1] = 1
+    c = isbi_case(ref, pred)
+    assert (c["ref_lesions"], c["ltpr"], c["lfpr"]) == (1, 1.0, 0.0)
+    assert isbi_case(ref, pred, connectivity=18)["ltpr"] == 0.5

@@ -27,7 +27,7 @@ from nnunet_ext.metrics.soft import (add_counts, ece_from_counts, ece_from_proba
 # lsr / focal_tversky: the seed theses' lesion rules (nnunet_ext.metrics.lesions.RULE_PRESETS).
 PRESETS = {"wmh2017": {**RULE_PRESETS["wmh2017"], "reader": "wmh2017", "surface": "wmh2017"},
            "msseg2": {"connectivity": 6, "detection": "any", "reader": "anima", "anima": True},
-           "isbi2015": {"connectivity": 18, "detection": "any", "isbi": True},
+           "isbi2015": {"connectivity": 26, "detection": "any", "isbi": True},
            "lsr": dict(RULE_PRESETS["lsr"]),
            "focal_tversky": dict(RULE_PRESETS["focal_tversky"])}
 

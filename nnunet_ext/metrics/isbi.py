@@ -6,8 +6,9 @@ Components of one case (prediction P against one rater's reference R, binary mas
 * ``dice`` = 2 |P n R| / (|P| + |R|), ``ppv`` = |P n R| / |P| (voxels);
 * ``ltpr`` = reference lesions touched by P / reference lesions;
 * ``lfpr`` = predicted lesions touching no reference lesion / predicted lesions;
-* lesions are connected components, 18-connected by default (as JHU's ``lesion_metrics`` package,
-  skimage ``connectivity=2``).
+* lesions are connected components, 26-connected by default: JHU's ``lesion_metrics`` package
+  (jcreinhold/lesion-metrics, ``lesion_metrics/metrics.py`` at f75ffe2, from the organisers' lab) labels them
+  with ``skimage.measure.label`` and its default, full connectivity (26 in 3D).
 
 Across cases: ``corr`` = Pearson correlation of the predicted and reference lesion volumes (per rater).
 Raw score of a rater r: the mean over cases s of
@@ -36,7 +37,7 @@ WEIGHTS = {"dice": 1 / 8, "ppv": 1 / 8, "one_minus_lfpr": 1 / 4, "ltpr": 1 / 4, 
 
 
 def isbi_case(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-              connectivity: int = 18) -> dict:
+              connectivity: int = 26) -> dict:
     """ISBI 2015 per-case components of binary masks ``ref``/``pred`` (same shape, zyx, ``spacing`` mm)."""
     if np.shape(ref) != np.shape(pred):
         raise ValueError(f"shape mismatch: reference {np.shape(ref)} vs prediction {np.shape(pred)}")
@@ -95,7 +96,7 @@ def isbi_score(cases_by_rater: Mapping[str, Mapping[str, dict]], inter_rater_raw
             "inter_rater_raw": inter_rater_raw, "per_rater": per_rater}
 
 
-def inter_rater_raw_score(rater_a: Mapping[str, tuple], rater_b: Mapping[str, tuple], connectivity: int = 18) -> float:
+def inter_rater_raw_score(rater_a: Mapping[str, tuple], rater_b: Mapping[str, tuple], connectivity: int = 26) -> float:
     """Raw score of rater A scored against rater B and B against A (mean of both): ``rater_x[case] = (mask,
     spacing)``, the same cases in both."""
     if set(rater_a) != set(rater_b) or not rater_a:
