@@ -132,8 +132,9 @@ class MapSpatialTransform(SpatialTransform):
       they are 0): nnU-Net's own grid, unnormalised and rounded as ``grid_sample(mode="nearest")`` does
       (zero outside the region). The cost is that of the foreground voxels, not of the patch.
 
-    Cropped-only samples are cropped exactly, as nnU-Net crops the image. The regression target comes in as
-    stored (int16, ``-1`` outside the case) and leaves as float32 (>= 0)."""
+    Cropped-only samples are cropped exactly, as nnU-Net crops the image, and stay as stored (int16, ``-1``
+    outside the case: mirroring then moves half the bytes of float32); sampled ones leave as float32 (>= 0).
+    :class:`MapTransport` converts and scales either while it writes each scale's target."""
 
     map_specs: list = []
 
@@ -162,10 +163,8 @@ class MapSpatialTransform(SpatialTransform):
         grid = params.get("grid")
         if maps is None or not self.map_specs:
             return super().apply(data_dict, **params)
-        if grid is None:  # cropped only: exact for every map
-            data_dict = super().apply(data_dict, **params)
-            data_dict["regression_target"] = data_dict["regression_target"].to(torch.float32).clamp_(min=0.0)
-            return data_dict
+        if grid is None:  # cropped only: exact for every map; kept as stored (int16: half the bytes to mirror)
+            return super().apply(data_dict, **params)
         k = len(self.map_specs)
         rows = maps.shape[0] // k  # > 1 with nnU-Net's dummy 2d augmentation (maps x slices)
         exact = torch.tensor([s.exact for s in self.map_specs]).repeat_interleave(rows)
@@ -268,42 +267,47 @@ class MapTransport:
         if seg.shape[0] != 1 + k:
             raise RuntimeError(f"map transport expects 1 + {k} segmentation channels, got {seg.shape[0]}")
         data["segmentation"] = seg[:1]
-        data["regression_target"] = seg[1:]  # as stored; MapSpatialTransform returns float32 >= 0
+        data["regression_target"] = seg[1:]  # as stored (int16); MapSpatialTransform samples it
         out = self.inner(**data)
-        maps = out.pop("regression_target")
-        if maps.dtype != torch.float32:
-            maps = maps.to(torch.float32).clamp_(min=0.0)
+        maps = out.pop("regression_target")  # int16 as stored (cropped only) or float32 (sampled)
+        maps.clamp_(min=0)  # crop padding (-1) -> 0, in the map's own dtype
         scales = [float(s.scale) for s in self.specs]  # applied while writing each scale's target
         exact = [s.exact for s in self.specs]
+        if maps.is_floating_point():  # sampled: linear interpolation may round a hair above the stored maximum
+            for i, e in enumerate(exact):
+                if not e:
+                    maps[i].clamp_(max=scales[i])
         segs = out["segmentation"]
-        soft_idx = [i for i, e in enumerate(exact) if not e]
-        last = {"map": maps[soft_idx] if soft_idx else None}  # soft maps, averaged scale by scale
+        last: dict = {}  # soft map i -> its float map at the previous (finer) scale, already scaled to [0, 1]
 
-        def soft_at(shape):
-            prev = last["map"]
-            src = tuple(prev.shape[1:])
-            if src != tuple(shape) and all(a % b == 0 for a, b in zip(src, shape)):
-                # block averages of block averages: exact, and each scale costs a fraction of the previous one
-                k = tuple(a // b for a, b in zip(src, shape))
-                pool = F.avg_pool3d if len(k) == 3 else F.avg_pool2d
-                last["map"] = pool(prev[None], kernel_size=k, stride=k)[0]
-            elif src != tuple(shape):
-                last["map"] = downsample_map(maps[soft_idx], shape, exact=False)
-            return last["map"]
+        def soft_into(i, dst):
+            """Soft map i at dst's shape, written into dst: converted and scaled in one pass at the first
+            scale, then block averages of the previous scale's block averages (exact, and each scale costs
+            a fraction of the previous one)."""
+            shape = tuple(dst.shape)
+            prev = last.get(i)
+            if prev is None and tuple(maps.shape[1:]) == shape:
+                torch.div(maps[i], scales[i], out=dst)  # correctly rounded: 255 / 255 is exactly 1
+            elif prev is not None and all(a % b == 0 for a, b in zip(prev.shape, shape)):
+                f = tuple(a // b for a, b in zip(prev.shape, shape))
+                pool = F.avg_pool3d if len(f) == 3 else F.avg_pool2d
+                dst.copy_(pool(prev[None, None], kernel_size=f, stride=f)[0, 0])
+            else:  # a factor that does not divide: area interpolation from the full-resolution map
+                full = maps[i:i + 1].to(torch.float32) / scales[i]
+                dst.copy_(downsample_map(full, shape, exact=False)[0])
+            last[i] = dst
 
         def join(s):
-            soft = soft_at(s.shape[1:]) if soft_idx else None
             n = s.shape[0]
             t = torch.empty((n + k, *s.shape[1:]), dtype=torch.float32)
             t[:n] = s
             for i, e in enumerate(exact):
-                src = downsample_map(maps[i:i + 1], s.shape[1:], True)[0] if e else soft[soft_idx.index(i)]
-                if scales[i] != 1.0:
-                    torch.mul(src, 1.0 / scales[i], out=t[n + i])
+                if e:  # a strided view of the stored map (nearest-exact, as the labels), converted while copied
+                    t[n + i].copy_(downsample_map(maps[i:i + 1], s.shape[1:], True)[0])
+                    if scales[i] != 1.0:
+                        t[n + i].div_(scales[i])
                 else:
-                    t[n + i] = src
-                if not e:
-                    t[n + i].clamp_(0.0, 1.0)
+                    soft_into(i, t[n + i])
             return t
 
         out["segmentation"] = [join(s) for s in segs] if isinstance(segs, (list, tuple)) else join(segs)
