@@ -119,9 +119,17 @@ def _dataset_ref(value, what: str) -> str:
 
 def check_cli_args(args) -> None:
     """Validate the parsed options of the commands that write datasets (phantom, fuse, convert,
-    preprocess-soft, consensus split-raters), naming the option. Options that a chosen variant would
+    preprocess-soft, consensus split-raters) and results (evaluate, operating-points, compare, consensus
+    predict / evaluate: never into or onto an input), naming the option. Options that a chosen variant would
     ignore are errors (``NotImplementedError``) instead of being dropped without a word."""
     cmd = getattr(args, "command", None)
+    for t in getattr(args, "thresholds", None) or ():  # operating-points, compare, select
+        probability(t, "--thresholds")
+        if not 0 < t < 1:
+            raise ValueError(f"--thresholds must lie strictly between 0 and 1, got {t}")
+    if cmd == "evaluate" and getattr(args, "soft_ref", None) is not None and getattr(args, "prob", None) is None:
+        raise NotImplementedError("--soft-ref without --prob: the soft reference is compared with predicted "
+                                  "probabilities; add --prob FOLDER (or drop --soft-ref)")
     if cmd == "phantom":
         dataset_id(args.dataset_id, "-d/--dataset-id")
         dataset_name(args.name, "--name")
@@ -176,6 +184,31 @@ def check_cli_args(args) -> None:
             raise NotImplementedError("--soft-dir and --raters exclude each other (--raters reads ratersTr/<rater>/)")
         if ".." in args.soft_dir.split("/") or args.soft_dir.startswith("/"):
             raise ValueError(f"--soft-dir must be a folder inside the raw dataset, got {args.soft_dir!r}")
+    elif cmd in ("evaluate", "operating-points"):
+        from pathlib import Path
+
+        from nnunet_ext.safety import check_output_not_input
+
+        out = Path(args.output)
+        if cmd == "evaluate":
+            inputs = [args.ref, args.pred, args.prob, args.soft_ref]
+            written = [out, out.with_suffix(".csv")] + ([out.with_suffix(".reliability.png")] if args.prob else [])
+        else:
+            inputs = [args.ref, args.prob]
+            written = [out, Path(args.png) if args.png else out.with_suffix(".png")]
+        for w in written:  # never into an input folder, never onto an input
+            check_output_not_input(w, inputs, what="-o/--output" if w == out else f"-o/--output's {w.name}")
+    elif cmd == "compare" and args.output is not None:
+        from nnunet_ext.safety import check_output_not_input
+
+        check_output_not_input(args.output, [args.test_images, args.test_labels], what="-o/--output")
+    elif cmd == "consensus" and getattr(args, "consensus_command", None) in ("predict", "evaluate"):
+        from nnunet_ext.safety import check_output_not_input
+
+        if args.consensus_command == "predict":
+            check_output_not_input(args.output, [args.input], what="-o")
+        elif args.output is not None:
+            check_output_not_input(args.output, [args.pred, args.ref, args.raters], what="-o/--output")
     elif cmd == "consensus" and getattr(args, "consensus_command", None) == "split-raters":
         _dataset_ref(args.dataset, "-d")
         integer(args.folds, "--folds", 2, 100)

@@ -181,3 +181,79 @@ def test_evaluate_with_probabilities_and_soft_reference(tmp_path):
     assert c["brier"] == pytest.approx(((p - s) ** 2).mean(), rel=1e-5) and c["ipe_voxelwise"] > 0
     assert res["aggregate"]["pooled"]["ece"] == pytest.approx(c["ece"])
     assert (tmp_path / "r.reliability.png").stat().st_size > 10000
+
+
+def _cli(capsys, *args):
+    from nnunet_ext.errors import run_cli
+
+    rc = run_cli(run, [str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    return rc, (lines[-1] if lines else "")
+
+
+def _digest(*folders):
+    import hashlib
+
+    return {str(p): hashlib.md5(p.read_bytes()).hexdigest() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+
+
+def test_geometry_values_labels_thresholds_and_outputs_are_checked(folders, tmp_path, capsys):
+    """Issue 16's silent cases: each is now exit 2 with one line naming the file or option, inputs untouched."""
+    import SimpleITK as sitk
+
+    ref_dir, pred_dir = folders
+    ref = sitk.ReadImage(str(ref_dir / "case_a.nii.gz"))
+    bad = {}
+    for what, change in (("origin", lambda im: im.SetOrigin((5.0, 0.0, 0.0))),
+                         ("direction", lambda im: im.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1)))):
+        d = tmp_path / f"pred_{what}"
+        d.mkdir()
+        for case in ("case_a", "case_b"):
+            im = sitk.ReadImage(str(pred_dir / f"{case}.nii.gz"))
+            change(im)
+            sitk.WriteImage(im, str(d / f"{case}.nii.gz"), True)
+        bad[what] = d
+    prob = tmp_path / "prob"  # NIfTI probability maps and soft references on another spacing
+    soft = tmp_path / "soft"
+    for case in ("case_a", "case_b"):
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_dir / f"{case}.nii.gz"))).astype(np.float32)
+        write_image(arr * 0.9, (1.0, 1.0, 1.0), prob / f"{case}.nii.gz")
+        write_image(arr * 0.5, (1.0, 1.0, 1.0), soft / f"{case}.nii.gz")
+    good_prob = tmp_path / "good_prob"
+    for case in ("case_a", "case_b"):
+        im = sitk.Cast(sitk.ReadImage(str(ref_dir / f"{case}.nii.gz")), sitk.sitkFloat32)
+        good_prob.mkdir(exist_ok=True)
+        sitk.WriteImage(im, str(good_prob / f"{case}.nii.gz"), True)
+    before = _digest(tmp_path)
+    out = tmp_path / "out" / "r.json"
+    for args, needle in (
+            (["evaluate", "--ref", ref_dir, "--pred", bad["origin"], "-o", out], "origin mismatch: the prediction"),
+            (["evaluate", "--ref", ref_dir, "--pred", bad["direction"], "-o", out], "direction mismatch"),
+            (["evaluate", "--ref", ref_dir, "--pred", pred_dir, "--prob", prob, "-o", out],
+             "spacing mismatch: the probability map"),
+            (["operating-points", "--ref", ref_dir, "--prob", prob, "-o", out], "spacing mismatch: the probability map"),
+            (["evaluate", "--ref", ref_dir, "--pred", pred_dir, "--prob", good_prob, "--soft-ref", soft, "-o", out],
+             "soft/case_a.nii.gz has spacing"),
+            (["evaluate", "--ref", ref_dir, "--pred", pred_dir, "--label", 7, "-o", out], "--label 7: no reference"),
+            (["operating-points", "--ref", ref_dir, "--prob", good_prob, "--label", 7, "-o", out], "--label 7"),
+            (["operating-points", "--ref", ref_dir, "--prob", good_prob, "--thresholds", "nan", "-o", out],
+             "--thresholds must be finite"),
+            (["operating-points", "--ref", ref_dir, "--prob", good_prob, "--thresholds", 0.5, 1, "-o", out],
+             "--thresholds must lie strictly between 0 and 1"),
+            (["evaluate", "--ref", ref_dir, "--pred", pred_dir, "--soft-ref", soft, "-o", out], "--soft-ref without --prob"),
+            (["evaluate", "--ref", ref_dir, "--pred", pred_dir, "-o", ref_dir / "case_a.nii.gz"], "lies inside the input"),
+            (["evaluate", "--ref", ref_dir, "--pred", pred_dir, "-o", pred_dir / "r.json"], "lies inside the input"),
+            (["operating-points", "--ref", ref_dir, "--prob", good_prob, "-o", out, "--png", good_prob / "c.png"],
+             "lies inside the input")):
+        rc, line = _cli(capsys, *args)
+        assert rc == 2 and line.startswith("nnunet-ext: error:") and needle in line, (args[0], needle, rc, line)
+    assert _digest(tmp_path) == before and not out.exists()
+    # soft references: same grid, values outside [0, 1] named with the file
+    soft2 = tmp_path / "soft2"
+    for case in ("case_a", "case_b"):
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_dir / f"{case}.nii.gz"))).astype(np.float32)
+        write_image(arr * 1.5, (2.0, 1.0, 1.0), soft2 / f"{case}.nii.gz")
+    rc, line = _cli(capsys, "evaluate", "--ref", ref_dir, "--pred", pred_dir, "--prob", good_prob, "--soft-ref", soft2,
+                    "-o", out)
+    assert rc == 2 and "soft2/case_a.nii.gz: soft reference values must be finite and in [0, 1]" in line, line

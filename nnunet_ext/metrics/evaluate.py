@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from nnunet_ext.io import read_image
-from nnunet_ext.metrics.cases import (as_binary, check_same_grid, list_cases, load_mask,  # noqa: F401 (re-exported)
+from nnunet_ext.metrics.cases import (as_binary, check_same_grid, check_same_header, list_cases, load_mask,  # noqa: F401 (re-exported)
                                       load_probabilities, prob_files)
 from nnunet_ext.metrics.lesions import (DEFAULT_BINS, RULE_PRESETS, SIZE_UNITS, aggregate, case_metrics,
                                         check_connectivity, parse_bins, parse_detection)
@@ -53,12 +53,14 @@ def _read_case(ref_path, pred_path, label, reader):
             return ref, np.zeros_like(ref), spacing
         pred_raw, p_spacing = read_image(pred_path)
         check_same_grid(ref_path, ref.shape, spacing, pred_path, pred_raw.shape, p_spacing)
+        check_same_header(ref_path, pred_path, "the prediction")
         return ref, binarize(pred_raw), spacing
     ref, spacing = load_mask(ref_path, label)
     if pred_path is None:
         return ref, np.zeros_like(ref), spacing
     pred, p_spacing = load_mask(pred_path, label)
     check_same_grid(ref_path, ref.shape, spacing, pred_path, pred.shape, p_spacing)
+    check_same_header(ref_path, pred_path, "the prediction")
     return ref, pred, spacing
 
 
@@ -84,10 +86,15 @@ def _evaluate_one(args) -> tuple[str, dict, dict | None]:
 
         prob = load_probabilities(prob_path)
         check_same_grid(ref_path, ref.shape, spacing, prob_path, prob.shape, spacing)
+        check_same_header(ref_path, prob_path, "the probability map")
         soft_ref = None
         if soft_path is not None:
             soft_ref, s_spacing = read_image(soft_path)
             check_same_grid(ref_path, ref.shape, spacing, soft_path, soft_ref.shape, s_spacing)
+            check_same_header(ref_path, soft_path, "the soft reference")
+            if not np.isfinite(soft_ref).all() or soft_ref.min() < 0 or soft_ref.max() > 1:
+                raise ValueError(f"{soft_path}: soft reference values must be finite and in [0, 1], found "
+                                 f"[{np.nanmin(soft_ref):g}, {np.nanmax(soft_ref):g}]")
         sm = soft_case_metrics(prob, ref, soft_ref)
         calib = {"calibration": sm.pop("calibration"), "calibration_confidence_05": sm.pop("calibration_confidence_05")}
         m.update(sm)
@@ -177,6 +184,9 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
             collect(k, *_evaluate_one(job))
     if progress:
         print()
+    if label is not None and not any(m["ref_volume_mm3"] or m["pred_volume_mm3"] for m in per_case.values()):
+        raise ValueError(f"--label {label}: no reference in {ref_dir} and no prediction in {pred_dir} holds label "
+                         f"{label} (every score would be that of two empty masks); check the label value")
     result = {
         "settings": {"ref_dir": str(ref_dir), "pred_dir": str(pred_dir), "connectivity": opts["connectivity"],
                      "detection": opts["detection"].text(), "min_overlap": min_overlap,

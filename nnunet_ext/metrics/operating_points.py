@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from nnunet_ext.metrics.cases import check_same_grid, list_cases, load_mask, load_probabilities, prob_files
+from nnunet_ext.metrics.cases import check_same_grid, check_same_header, list_cases, load_mask, load_probabilities, prob_files
 from nnunet_ext.metrics.lesions import DEFAULT_BINS, _bin_key, label_components, lesion_counts, lesion_rates
 
 _prob_files = prob_files  # old private name
@@ -42,10 +42,13 @@ def sweep(ref_dir, prob_dir, thresholds: Sequence[float] | None = None, connecti
     acc = [{k: 0 for k in keys} | {"bins": {_bin_key(b): {k: 0 for k in keys[3:]} for b in bins}}
            for _ in thresholds]
     cases = [c for c in refs if c in probs]
+    label_seen = False
     for n, c in enumerate(cases, 1):
         ref, spacing = load_mask(refs[c], label)
+        label_seen = label_seen or bool(ref.any())
         p = load_probabilities(probs[c], class_index)
         check_same_grid(refs[c], ref.shape, spacing, probs[c], p.shape, spacing)
+        check_same_header(refs[c], probs[c], "the probability map")
         ref_labels = label_components(ref, connectivity)
         n_ref = int(ref.sum())
         for a, t in zip(acc, thresholds):
@@ -64,6 +67,8 @@ def sweep(ref_dir, prob_dir, thresholds: Sequence[float] | None = None, connecti
             print(f"\roperating points: {n}/{len(cases)} cases", end="", flush=True)
     if progress:
         print()
+    if label is not None and not label_seen:
+        raise ValueError(f"--label {label}: no reference in {ref_dir} holds label {label}; check the label value")
     points = []
     for t, a in zip(thresholds, acc):
         row = {"threshold": t, **{k: a[k] for k in keys}}
