@@ -57,9 +57,23 @@ def unique_name(path, tag: str = "tmp") -> Path:
     return path.with_name(f".{tag}_{os.getpid()}_{uuid.uuid4().hex[:12]}_{path.name}")
 
 
+def check_output_file(path, what: str = "output") -> None:
+    """ValueError naming ``path`` when it cannot become a file: it is a folder, or one of its parents is a
+    file. (Called before the work starts, so a wrong path costs nothing.)"""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file path (e.g. {path / 'results.json'})")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{what} {path}: {parent} is a file, not a folder; choose another path")
+            break
+
+
 def atomic_write_text(path, text: str) -> None:
     """Write ``text`` to ``path`` through a unique temporary sibling and ``os.replace``."""
     path = Path(path)
+    check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = unique_name(path)
     try:

@@ -196,8 +196,12 @@ def check_cli_args(args) -> None:
         else:
             inputs = [args.ref, args.prob]
             written = [out, Path(args.png) if args.png else out.with_suffix(".png")]
-        for w in written:  # never into an input folder, never onto an input
-            check_output_not_input(w, inputs, what="-o/--output" if w == out else f"-o/--output's {w.name}")
+        from nnunet_ext.safety import check_output_file
+
+        for w in written:  # a file path; never into an input folder, never onto an input
+            what = "-o/--output" if w == out else f"-o/--output's {w.name}"
+            check_output_file(w, what)
+            check_output_not_input(w, inputs, what=what)
     elif cmd == "compare" and args.output is not None:
         from nnunet_ext.safety import check_output_not_input
 

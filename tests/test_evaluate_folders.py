@@ -257,3 +257,31 @@ def test_geometry_values_labels_thresholds_and_outputs_are_checked(folders, tmp_
     rc, line = _cli(capsys, "evaluate", "--ref", ref_dir, "--pred", pred_dir, "--prob", good_prob, "--soft-ref", soft2,
                     "-o", out)
     assert rc == 2 and "soft2/case_a.nii.gz: soft reference values must be finite and in [0, 1]" in line, line
+
+
+def test_output_paths_2d_masks_and_damaged_npz_are_one_clear_line(folders, tmp_path, capsys):
+    import shutil
+
+    ref_dir, pred_dir = folders
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    two_d = tmp_path / "two_d"
+    write_image(np.zeros((10, 10), np.uint8), (1.0, 1.0), two_d / "case_a.nii.gz")
+    write_image(np.zeros((10, 10), np.uint8), (1.0, 1.0), two_d / "case_b.nii.gz")
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    np.savez_compressed(npz / "case_a.npz", probabilities=np.zeros((2, 10, 10, 10), np.float32))
+    (npz / "case_a.npz").write_bytes((npz / "case_a.npz").read_bytes()[:100])
+    shutil.copy(npz / "case_a.npz", npz / "case_b.npz")
+    for args, needle in (
+            (["evaluate", "--ref", ref_dir, "--pred", pred_dir, "-o", tmp_path / "adir"], "adir is a folder; give a file"),
+            (["evaluate", "--ref", ref_dir, "--pred", pred_dir, "-o", tmp_path / "afile" / "r.json"],
+             "afile is a file, not a folder"),
+            (["operating-points", "--ref", ref_dir, "--prob", npz, "-o", tmp_path / "o.json"],
+             "case_a.npz: damaged .npz file"),
+            (["evaluate", "--ref", two_d, "--pred", two_d, "-o", tmp_path / "r.json"],
+             "two_d/case_a.nii.gz: a 2-D image"),
+            (["evaluate", "--ref", two_d, "--pred", two_d, "--preset", "wmh2017", "-o", tmp_path / "r.json"],
+             "two_d/case_a.nii.gz: a 2-D image")):
+        rc, line = _cli(capsys, *args)
+        assert rc == 2 and line.startswith("nnunet-ext: error:") and needle in line, (needle, rc, line)

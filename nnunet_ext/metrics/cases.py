@@ -35,9 +35,16 @@ def as_binary(arr: np.ndarray, what: str) -> np.ndarray:
     return arr.astype(bool)
 
 
+def need_3d(arr: np.ndarray, path) -> None:
+    """Lesion metrics work on 3-D masks (z, y, x); a 2-D (or 4-D) image is a ValueError naming the file."""
+    if np.ndim(arr) != 3:
+        raise ValueError(f"{path}: a {np.ndim(arr)}-D image; lesion metrics need 3-D masks (one volume per case)")
+
+
 def load_mask(path: Path, label: int | None) -> tuple[np.ndarray, tuple[float, ...]]:
     """``(mask, spacing_zyx)``: voxels equal to ``label``, or the binary (0/1) mask when ``label`` is None."""
     arr, spacing = read_image(path)
+    need_3d(arr, path)
     if label is not None:
         return arr == label, spacing
     return as_binary(arr, str(path)), spacing
@@ -57,10 +64,12 @@ def load_probabilities(path: Path, class_index: int = 1) -> np.ndarray:
     ``probabilities``, classes first) or a NIfTI map."""
     path = Path(path)
     if path.suffix == ".npz":
-        with np.load(path) as f:
-            if "probabilities" not in f:
-                raise ValueError(f"{path}: no 'probabilities' array (expected nnU-Net --save_probabilities output)")
-            p = f["probabilities"]
+        from nnunet_ext.io import read_npz
+
+        arrays = read_npz(path)  # a damaged archive is a ValueError naming the file
+        if "probabilities" not in arrays:
+            raise ValueError(f"{path}: no 'probabilities' array (expected nnU-Net --save_probabilities output)")
+        p = arrays["probabilities"]
         if p.ndim != 4 or class_index >= p.shape[0]:
             raise ValueError(f"{path}: expected (classes, z, y, x) probabilities with class {class_index}, "
                              f"got shape {p.shape}")

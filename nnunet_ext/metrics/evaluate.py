@@ -12,8 +12,8 @@ from typing import Sequence
 import numpy as np
 
 from nnunet_ext.io import read_image
-from nnunet_ext.metrics.cases import (as_binary, check_same_grid, check_same_header, list_cases, load_mask,  # noqa: F401 (re-exported)
-                                      load_probabilities, prob_files)
+from nnunet_ext.metrics.cases import (as_binary, check_same_grid, check_same_header, list_cases,  # noqa: F401
+                                      load_mask, load_probabilities, need_3d, prob_files)
 from nnunet_ext.metrics.lesions import (DEFAULT_BINS, RULE_PRESETS, SIZE_UNITS, aggregate, case_metrics,
                                         check_connectivity, parse_bins, parse_detection)
 from nnunet_ext.metrics.soft import (add_counts, ece_from_counts, ece_from_probability_counts,
@@ -38,9 +38,11 @@ def _read_case(ref_path, pred_path, label, reader):
         from nnunet_ext.metrics.wmh2017 import prepare_case
 
         ref_raw, spacing = read_image(ref_path)
+        need_3d(ref_raw, ref_path)
         if pred_path is None:
             return prepare_case(ref_raw, np.zeros(ref_raw.shape, np.uint8)) + (spacing,)
         pred_raw, _ = read_image(pred_path)
+        need_3d(pred_raw, pred_path)
         # the organisers only require the same size and copy the reference's geometry onto the prediction
         check_same_grid(ref_path, ref_raw.shape, spacing, pred_path, pred_raw.shape, spacing)
         return prepare_case(ref_raw, pred_raw) + (spacing,)
@@ -48,6 +50,7 @@ def _read_case(ref_path, pred_path, label, reader):
         from nnunet_ext.metrics.anima import binarize
 
         ref_raw, spacing = read_image(ref_path)
+        need_3d(ref_raw, ref_path)
         ref = binarize(ref_raw)
         if pred_path is None:
             return ref, np.zeros_like(ref), spacing
