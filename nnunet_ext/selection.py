@@ -157,6 +157,13 @@ def select(dataset, configurations: Sequence[str], trainers: Sequence[str], plan
             ending = file_ending_of(md)
             probs = validation_probabilities(md, folds, dataset, c, tr, plans)
             models.append({"name": f"{tr}__{plans}__{c}", "dir": md, "probs": probs, "ending": ending})
+    if output is not None:  # checked before any work: never onto a model's or the references' files
+        from nnunet_ext.safety import check_output_file, check_output_not_input
+
+        if not str(output).endswith(".json"):
+            raise ValueError(f"-o/--output {output}: the selection file is JSON; give a path ending in .json")
+        check_output_file(output, "-o/--output")
+        check_output_not_input(output, [gt] + [m["dir"] for m in models], what="-o/--output")
     refs = list_cases(gt, models[0]["ending"])
     for mdl in models:
         lacking = [c for c in mdl["probs"] if c not in refs]

@@ -65,7 +65,11 @@ def finite(value, what: str, low: float | None = None, high: float | None = None
     if positive and v <= 0:
         raise ValueError(f"{what} must be > 0, got {v:g}")
     if (low is not None and v < low) or (high is not None and v > high):
-        raise ValueError(f"{what} must be in [{low}, {high}], got {v:g}")
+        if high is None:
+            raise ValueError(f"{what} must be >= {low:g}, got {v:g}")
+        if low is None:
+            raise ValueError(f"{what} must be <= {high:g}, got {v:g}")
+        raise ValueError(f"{what} must be in [{low:g}, {high:g}], got {v:g}")
     return v
 
 
@@ -130,6 +134,23 @@ def check_cli_args(args) -> None:
     if cmd == "evaluate" and getattr(args, "soft_ref", None) is not None and getattr(args, "prob", None) is None:
         raise NotImplementedError("--soft-ref without --prob: the soft reference is compared with predicted "
                                   "probabilities; add --prob FOLDER (or drop --soft-ref)")
+    device = getattr(args, "device", None)
+    if device is not None and cmd in ("predict", "pseudolabel", "compare", "consensus", "submission"):
+        import re
+
+        if not re.fullmatch(r"(cpu|mps|cuda(:\d+)?)", str(device)):
+            raise ValueError(f"-device must be cpu, cuda (or cuda:N) or mps, got {device!r}")
+    if cmd == "predict":
+        if args.threshold is not None:
+            finite(args.threshold, "--threshold")
+            if not 0 < args.threshold < 1:
+                raise ValueError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
+        if args.min_lesion_mm3 is not None:
+            finite(args.min_lesion_mm3, "--min-lesion-mm3", low=0.0)
+        workers(args.num_processes, "-np/--num-processes")
+        for opt in ("npp", "nps"):
+            if getattr(args, opt) is not None:
+                workers(getattr(args, opt), f"-{opt}")
     if cmd == "phantom":
         dataset_id(args.dataset_id, "-d/--dataset-id")
         dataset_name(args.name, "--name")

@@ -94,3 +94,31 @@ def test_select_without_npz_says_how_to_make_them(nnunet_folders, capsys):
     assert e.value.code != 0 and "fold_1/validation" in capsys.readouterr().err
     with pytest.raises(ValueError, match="metric"):
         select(dataset=901, configurations=["2d"], trainers=["ExtBaselineTrainer"], folds=[0], metric="auc")
+
+
+def test_select_output_never_lands_on_a_model_or_the_references(nnunet_folders):
+    md, gt = nnunet_folders
+    ck = md / "fold_0" / "checkpoint_final.pth"
+    ck.write_bytes(b"weights")
+    for out, match in ((ck, "ending in .json"), (md / "fold_0" / "sel.json", "lies inside the input"),
+                       (gt / "sel.json", "lies inside the input"), (md.parent, "ending in .json")):
+        with pytest.raises(ValueError, match=match):
+            select(dataset=901, configurations=["2d"], trainers=["ExtBaselineTrainer"], folds=[0, 1], progress=False,
+                   output=out, write_contract=False)
+    assert ck.read_bytes() == b"weights" and not (md / "fold_0" / "sel.json").exists()
+
+
+def test_predict_arguments_are_checked_before_anything_is_written(tmp_path, capsys):
+    from nnunet_ext.cli import run
+    from nnunet_ext.errors import run_cli
+
+    base = ["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-d", "901", "-c", "2d"]
+    for extra, needle in ((["--threshold", "nan"], "--threshold must be finite"),
+                          (["--threshold", "1.5"], "--threshold must lie strictly between 0 and 1"),
+                          (["--min-lesion-mm3", "-3"], "--min-lesion-mm3 must be >= 0"),
+                          (["-np", "0"], "-np/--num-processes must be in 1..256"),
+                          (["-device", "gpu0"], "-device must be cpu, cuda")):
+        assert run_cli(run, base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "out").exists()
