@@ -184,7 +184,7 @@ def predict_selection(input_dir, output_dir, dataset, selection=None, checkpoint
     folders = member_folders(choice, root)
     from nnunet_ext.safety import check_output_not_input
 
-    check_output_not_input(output_dir, [input_dir, *folders], what="-o (output folder)")
+    check_output_not_input(output_dir, [input_dir, *folders], allow_containing=True, what="-o (output folder)")
     folds = [f for f in choice["folds"] if f != "all"] or ["all"]
     if threshold is not None and not 0 < threshold < 1:
         raise ValueError(f"--threshold must be in (0, 1), got {threshold}")

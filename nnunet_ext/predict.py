@@ -41,7 +41,8 @@ def predict(input_dir, output_dir, dataset, configuration: str, trainer: str = "
         raise FileNotFoundError(f"input folder {input_dir} not found")
     from nnunet_ext.safety import check_output_not_input
 
-    check_output_not_input(output_dir, [input_dir, mdir], what="-o (output folder)")
+    # predict only adds its files to -o: an input below -o (the consensus cascade's own scratch) is fine
+    check_output_not_input(output_dir, [input_dir, mdir], allow_containing=True, what="-o (output folder)")
     summary = predict_cases(mdir, folds, str(input_dir), output_dir, checkpoint=checkpoint, device=device,
                             cohort=cohort, disable_tta=disable_tta, save_probabilities=keep_probabilities,
                             threshold=threshold, min_lesion_mm3=min_lesion_mm3, npp=npp or n_proc, nps=nps or n_proc)

@@ -33,11 +33,13 @@ def _resolved(p) -> Path:
     return Path(os.path.abspath(os.path.realpath(os.fspath(p))))
 
 
-def check_output_not_input(output, inputs: Iterable, *, allow_inside: bool = False, what: str = "output") -> None:
+def check_output_not_input(output, inputs: Iterable, *, allow_inside: bool = False, allow_containing: bool = False,
+                           what: str = "output") -> None:
     """ValueError unless ``output`` is disjoint from every path in ``inputs`` (symlinks resolved).
 
     Refused: the output equals an input, lies inside an input folder (unless ``allow_inside``), or contains
-    an input (replacing the output would delete it). ``None`` entries of ``inputs`` are skipped."""
+    an input (replacing the output would delete it; ``allow_containing`` for commands that only add files to
+    their output folder, never remove it). ``None`` entries of ``inputs`` are skipped."""
     out = _resolved(output)
     for i in inputs:
         if i is None:
@@ -47,7 +49,7 @@ def check_output_not_input(output, inputs: Iterable, *, allow_inside: bool = Fal
             raise ValueError(f"{what} {output} is also an input ({i}); choose another {what} path")
         if inp in out.parents and not allow_inside:
             raise ValueError(f"{what} {output} lies inside the input {i}; choose a path outside the inputs")
-        if out in inp.parents:
+        if out in inp.parents and not allow_containing:
             raise ValueError(f"{what} {output} contains the input {i}; writing it could destroy the input, "
                              f"choose another {what} path")
 

@@ -92,7 +92,9 @@ def test_stage2_inputs_are_out_of_fold(cascade):
             channel = read_image(s2 / "imagesTr" / f"{case}_{2 + i:04d}.nii.gz")[0]
             if case == dropped and rater == "rater1":
                 assert p["source"] == "re-predicted"
-                assert np.allclose(channel, kept_npz, atol=1e-3)  # the same held-out model, predicted again
+                # the same held-out model, predicted again (here in-process, there in the trainer's own process with
+                # other thread counts: float32 sums in another order, seen to differ by 2e-3 at one voxel of 32^3)
+                assert np.abs(channel - kept_npz).max() < 1e-2 and np.abs(channel - kept_npz).mean() < 1e-4
             else:
                 assert p["source"] == "validation npz"
                 mdir = work / "nnUNet_results" / state["raters"][rater]["name"] / "LSRFiLMTrainer__nnUNetPlans__2d"
