@@ -456,6 +456,7 @@ def test_conditioned_submission_predicts_like_nnunet_ext_predict(models, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~50 s on 2 idle cores (two validations, four predictions, a submission run): CI's heavy part
 def test_selected_ensemble_predicts_and_packages_with_its_threshold_and_min_size(models, tmp_path, capsys):
     """`select` on two real models' validation probabilities, its ensemble row taken as the choice; then
     `predict --selection` and an ensemble submission both give the mean of the members' soft maps at the
