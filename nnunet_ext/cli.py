@@ -43,6 +43,21 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                    help="count a reference case without prediction as an empty prediction instead of failing")
 
 
+def _add_selection_option(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--selection", nargs="?", const="", default=None, metavar="FILE",
+                   help=f"{verb} the model or ensemble `nnunet-ext select` chose, with its threshold and minimum "
+                        f"lesion size (default file $nnUNet_results/<Dataset>/nnunet_ext_selection.json); "
+                        f"replaces -c -tr -p -f")
+
+
+def _refuse_beside_selection(args, **extra) -> None:
+    """``--selection`` chooses the model(s) and folds: options that would choose them too are an error."""
+    opts = {"configuration": "-c", "trainer": "-tr", "plans": "-p", "folds": "-f", "cohort": "--cohort", **extra}
+    given = [flag for dest, flag in opts.items() if getattr(args, dest, None) not in (None, False)]
+    if given:
+        raise ValueError(f"--selection chooses the model(s) and folds; drop {' '.join(given)}")
+
+
 def _add_rule_options(p: argparse.ArgumentParser, bins_only: bool = False) -> None:
     """Lesion-rule options of ``lesion-metrics`` / ``select``."""
     p.add_argument("--connectivity", type=int, default=26, choices=(6, 18, 26))
@@ -224,10 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", default=None, dest="trainer", help="default nnUNetTrainer")
     p.add_argument("-p", default=None, dest="plans", help="default nnUNetPlans")
     p.add_argument("-f", nargs="+", type=_fold, default=None, dest="folds", help="default: every trained fold")
-    p.add_argument("--selection", nargs="?", const="", default=None, metavar="FILE",
-                   help="predict with the model or ensemble `nnunet-ext select` chose, its threshold and minimum "
-                        "lesion size (default file $nnUNet_results/<Dataset>/nnunet_ext_selection.json); replaces "
-                        "-c -tr -p -f")
+    _add_selection_option(p, "predict with")
     p.add_argument("-chk", default="checkpoint_final.pth", dest="checkpoint")
     p.add_argument("-device", default="cuda")
     p.add_argument("--disable_tta", action="store_true")
@@ -288,10 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-tr", default=None, dest="trainer", help="default nnUNetTrainer")
     b.add_argument("-p", default=None, dest="plans", help="default nnUNetPlans")
     b.add_argument("-f", nargs="+", type=int, default=None, dest="folds", help="default 0 1 2 3 4")
-    b.add_argument("--selection", nargs="?", const="", default=None, metavar="FILE",
-                   help="package the model or ensemble `nnunet-ext select` chose, with its threshold and minimum "
-                        "lesion size (default file $nnUNet_results/<Dataset>/nnunet_ext_selection.json); "
-                        "replaces -c -tr -p -f")
+    _add_selection_option(b, "package")
     b.add_argument("-chk", default="checkpoint_final.pth", dest="checkpoint")
     b.add_argument("--challenge", required=True, choices=("generic", "wmh2017", "msseg2", "isbi2015"))
     b.add_argument("--tag", default="nnunet-ext-submission", help="docker image tag used in the README")
@@ -577,11 +586,7 @@ def run(argv: list[str] | None = None) -> int:
                         n_proc=args.n_proc, verify=args.verify)
         print(f"native-resolution plans: {f}")
     elif args.command == "predict" and args.selection is not None:
-        given = [o for o, v in (("-c", args.configuration), ("-tr", args.trainer), ("-p", args.plans),
-                                ("-f", args.folds), ("--cohort", args.cohort), ("--save_probabilities",
-                                                                                 args.save_probabilities)) if v]
-        if given:
-            raise ValueError(f"--selection chooses the model(s) and folds; drop {' '.join(given)}")
+        _refuse_beside_selection(args, save_probabilities="--save_probabilities")
         from nnunet_ext.ensemble import predict_selection
 
         res = predict_selection(input_dir=args.input, output_dir=args.output, dataset=args.dataset,
@@ -640,10 +645,7 @@ def run(argv: list[str] | None = None) -> int:
 
         if args.action == "build":
             if args.selection is not None:
-                given = [o for o, v in (("-c", args.configuration), ("-tr", args.trainer), ("-p", args.plans),
-                                        ("-f", args.folds), ("--cohort", args.cohort)) if v is not None]
-                if given:
-                    raise ValueError(f"--selection chooses the model(s) and folds; drop {' '.join(given)}")
+                _refuse_beside_selection(args)
                 out = submission.build(out_dir=args.output, dataset=args.dataset, challenge=args.challenge,
                                        checkpoint=args.checkpoint, tag=args.tag, selection=args.selection)
             else:

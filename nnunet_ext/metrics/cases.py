@@ -95,21 +95,11 @@ def check_same_header(ref_path, other_path, what: str = "") -> None:
     """ValueError naming both files unless ``other_path`` has the reference's dimension, size, spacing,
     origin and direction (read from the headers only; ``.npz`` probability files carry no geometry and are
     checked by shape where they are read)."""
-    import SimpleITK as sitk
+    from nnunet_ext.io import read_geometry
 
     if str(other_path).endswith(".npz"):
         return
-    info = []
-    for p in (ref_path, other_path):
-        r = sitk.ImageFileReader()
-        r.SetFileName(str(p))
-        try:
-            r.ReadImageInformation()
-        except RuntimeError as e:
-            raise ValueError(f"{p}: cannot read the image header ({str(e).strip().splitlines()[-1][:160]})") from None
-        info.append({"dimension": r.GetDimension(), "size": r.GetSize(), "spacing": r.GetSpacing(),
-                     "origin": r.GetOrigin(), "direction": r.GetDirection()})
-    a, b = info
+    a, b = ({"dimension": len(g["size"]), **g} for g in (read_geometry(ref_path), read_geometry(other_path)))
     tol = {"spacing": dict(rtol=1e-4, atol=1e-6), "origin": dict(rtol=0, atol=1e-3), "direction": dict(rtol=0, atol=1e-4)}
     for k in ("dimension", "size", "spacing", "origin", "direction"):
         same = a[k] == b[k] if k in ("dimension", "size") else (len(a[k]) == len(b[k]) and np.allclose(a[k], b[k], **tol[k]))
