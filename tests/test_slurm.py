@@ -276,8 +276,12 @@ def test_pseudolabel_shards_on_slurm_equal_one_local_run(cascades):
     pa, pb = json.loads((a / "provenance.json").read_text()), json.loads((b / "provenance.json").read_text())
     assert pa == pb and sorted(pa["cases"]) == ["phantom_008", "phantom_009"]
     assert json.loads((a / "dataset.json").read_text()) == json.loads((b / "dataset.json").read_text())
-    names = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and "provenance_part" not in p.name)  # noqa: E731
+    # the per-shard lock files and provenance parts are named after the shard count; everything else is the same
+    names = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*")  # noqa: E731
+                             if p.is_file() and "provenance_part" not in p.name and p.suffix != ".lock")
     assert names(a) == names(b)
+    assert [p.name for p in sorted((a / ".nnunet_ext_progress").glob("*.lock"))] == ["part0of1.lock"]
+    assert [p.name for p in sorted((b / ".nnunet_ext_progress").glob("*.lock"))] == ["part0of2.lock", "part1of2.lock"]
     for sub in ("labelsTr", "confidenceTr", "lesionmapTr"):
         for f in sorted((a / sub).glob("*.nii.gz")):
             assert np.array_equal(read_image(f)[0], read_image(b / sub / f.name)[0]), f
