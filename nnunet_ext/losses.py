@@ -5,7 +5,9 @@ applied inside the loss as nnU-Net expects); ``target`` is ``(B, K, *spatial)`` 
 channel 0 and the maps of the trainer's target parts in channels 1.. (see
 ``nnunet_ext.training.targets``); each loss is told the channel of the map it uses (``size_channel``,
 ``soft_channel``) and falls back to the labels when the target has no such channel (nnU-Net's validation
-targets carry the labels only): every voxel then weighs 1 and the soft target is ``label == 1``. Arguments are checked in ``__init__``; ``forward`` stays on the device.
+targets carry the labels only): every voxel then weighs 1 and the soft target is ``label == 1``. Soft
+channels of integer targets (what the training transport delivers) are in 1/255 steps, of floating ones
+in [0, 1]. Arguments are checked in ``__init__``; ``forward`` stays on the device.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ext.lsr import check_alpha_beta, weights_from_size_tensor
+from nnunet_ext.maps import SOFT_SCALE
 
 
 def _labels_and_mask(target: torch.Tensor, ignore_label: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -126,9 +129,12 @@ class FocalTverskyLoss(nn.Module):
 
 
 def _soft_target(target: torch.Tensor, channel: int = 1) -> torch.Tensor:
-    """Soft lesion target (B, *spatial): ``channel`` when present (float in [0, 1]), else label == 1."""
+    """Soft lesion target (B, *spatial) in [0, 1]: ``channel`` when present, else label == 1. An integer
+    target carries soft maps as stored, in 1/255 steps (``nnunet_ext.training.targets``); a floating one
+    in [0, 1]."""
     if target.shape[1] > channel:
-        return target[:, channel].float()
+        s = target[:, channel]
+        return s.float() if s.is_floating_point() else s.float() / SOFT_SCALE
     return (target[:, 0] == 1).float()
 
 

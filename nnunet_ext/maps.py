@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+SOFT_SCALE = 255.0  # soft maps and rater masks are stored as uint8 in 1/255 steps
+
 SUFFIX = ".b2nd"
 
 

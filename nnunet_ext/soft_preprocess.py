@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_ext.maps import map_path, read_map, save_map_like_seg
+from nnunet_ext.maps import SOFT_SCALE, map_path, read_map, save_map_like_seg
 
 SOFT_FOLDER = "nnunet_ext_soft"
-SOFT_SCALE = 255.0
 
 
 def soft_folder(preprocessed_config_folder) -> Path:

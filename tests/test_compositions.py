@@ -61,9 +61,12 @@ def test_two_training_steps_through_nnunets_data_path(planned_phantom, name):
             assert all(s.shape[1] == k for s in batch["target"])
             losses.append(t.train_step(batch)["loss"])
         assert all(np.isfinite(losses))
+        # the targets keep the stored dtype (int16, as nnU-Net's labels); soft maps in 1/255 steps
+        assert all(s.dtype == torch.int16 for s in batch["target"])
         if "soft" in t.layout:
             soft = batch["target"][0][:, t.layout["soft"]]
-            assert float(soft.min()) >= 0 and float(soft.max()) <= 1
+            assert float(soft.min()) >= 0 and float(soft.max()) <= 255
+            assert ((soft > 0) & (soft < 255)).any()  # soft values, not a binary mask
         if "sizes" in t.layout:
             sizes, lab = batch["target"][0][:, t.layout["sizes"]], batch["target"][0][:, 0]
             assert float(sizes[lab == 1].max()) >= 1  # lesion voxels carry whole-case sizes
@@ -85,7 +88,7 @@ def _np_lsr_bce(logits, target, alpha, beta, soft_channel=None):
     if soft_channel is None:
         ce = -np.where(lab == 1, logp[:, 1], logp[:, 0])
     else:
-        s = target[:, soft_channel]
+        s = target[:, soft_channel] / 255.0  # integer targets carry soft maps in 1/255 steps
         ce = -(s * logp[:, 1] + (1 - s) * logp[:, 0])
     return (w * ce).sum() / lab.size
 

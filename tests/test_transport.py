@@ -123,6 +123,9 @@ def test_sizes_exact_after_real_augmentation(stored, seed):
 
 
 def test_soft_map_is_linear_and_bounded(stored):
+    """Soft maps travel in their stored 1/255 steps (int16): interpolated on borders, never above the
+    stored value, and every deep-supervision scale subsamples the full-resolution target (nearest-exact,
+    as nnU-Net downsamples the labels)."""
     pre, ds, seg, _ = stored
     transforms, _ = _transforms(1.0)
     spatial = [t for t in transforms.transforms if type(t).__name__ == "SpatialTransform"][0]
@@ -133,13 +136,14 @@ def test_soft_map_is_linear_and_bounded(stored):
     lab = torch.from_numpy(np.clip(seg[4:36, 4:40, 4:44], 0, 1)[None]).to(torch.int16)
     soft = (lab.float() * 200).to(torch.int16)  # 200/255 inside lesions
     out = transport(image=torch.randn(1, *lab.shape[1:]), segmentation=torch.cat([lab, soft]))
-    for scale in out["segmentation"]:
-        m = scale[1]
-        assert float(m.min()) >= 0 and float(m.max()) <= 1
-        # linear interpolation: intermediate values on borders, never above the stored 200/255
-        assert float(m.max()) <= 200 / 255 + 1e-6
     full = out["segmentation"][0][1]
-    assert ((full > 0.01) & (full < 0.77)).any()
+    for scale in out["segmentation"]:
+        assert scale.dtype == torch.int16
+        m = scale[1]
+        assert int(m.min()) >= 0 and int(m.max()) <= 200
+        f = full.shape[0] // m.shape[0]
+        torch.testing.assert_close(m, full[f // 2::f, f // 2::f, f // 2::f], rtol=0, atol=0)
+    assert ((full > 2) & (full < 198)).any()
 
 
 def test_random_rater_labels_keep_crop_marker(stored, tmp_path):
@@ -186,14 +190,90 @@ def test_nearest_gather_equals_grid_sample_nearest(align_corners):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("shape", [(64, 64, 64), (32, 16, 64), (16, 8, 8), (20, 24, 32)])
-def test_exact_downsampling_equals_nearest_exact(shape):
-    """Exact maps are downsampled like nnU-Net's labels (F.interpolate nearest-exact); for integer factors
-    as a strided view."""
+@pytest.mark.parametrize("align_corners,elastic", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_linear_maps_equal_grid_sample_bilinear_everywhere(align_corners, elastic, ndim):
+    """Linear maps are interpolated only where a non-zero map voxel can reach (block search), yet equal
+    torch's bilinear grid_sample of the whole map (zero padding, crop marker -1 read as 0) on every output
+    voxel, on nnU-Net's own rotated and scaled grids, also where the patch reaches outside the region."""
     import torch.nn.functional as F
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 
-    from nnunet_ext.training.targets import downsample_map
+    from nnunet_ext.training.targets import MapSpatialTransform
 
-    m = torch.randint(0, 1000, (2, 64, 64, 64)).float()
-    want = F.interpolate(m[None], size=shape, mode="nearest-exact")[0]
-    torch.testing.assert_close(downsample_map(m, shape, True), want, rtol=0, atol=0)
+    torch.manual_seed(1)
+    np.random.seed(1)
+    shape, patch = ((37, 42, 45), (40, 33, 36)) if ndim == 3 else ((61, 70), (64, 52))
+    src = torch.zeros((2, *shape), dtype=torch.int16)
+    for _ in range(6):  # sparse blobs with soft values, one on the region's corner
+        c = [np.random.randint(0, s) for s in shape]
+        sl = tuple(slice(max(0, x - 2), x + 3) for x in c)
+        src[(slice(None),) + sl] = torch.randint(1, 256, src[(slice(None),) + sl].shape, dtype=torch.int16)
+    src[(slice(None),) + (slice(0, 3),) * ndim] = 255
+    src[(0,) + (slice(None),) * (ndim - 1) + (slice(0, 2),)] = -1  # nnU-Net's crop marker
+    t = SpatialTransform(patch, 0, False, p_rotation=1.0, rotation=(-0.6, 0.6), p_scaling=1.0,
+                         scaling=(0.6, 1.5), p_synchronize_scaling_across_axes=0,
+                         p_elastic_deform=1.0 if elastic else 0.0, align_corners=align_corners)
+    t.__class__ = MapSpatialTransform
+    for _ in range(4):
+        params = t.get_parameters(image=src.float())
+        assert (params["elastic_offsets"] is not None) == elastic
+        grid = params["grid"]
+        want = F.grid_sample(src.float().clamp(min=0)[None], grid[None], mode="bilinear", padding_mode="zeros",
+                             align_corners=align_corners)[0].reshape(2, -1)
+        where = t._linear_support(src, grid, affine=params["elastic_offsets"] is None)
+        got = torch.zeros_like(want)
+        got[:, where] = t._linear_at(src.clamp(min=0), grid.reshape(-1, ndim)[where])
+        assert (want > 0).any()
+        # an affine grid samples a part of the patch only; an elastic one every voxel
+        assert (where.numel() == want.shape[1]) == elastic
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sizes_and_soft_exact_with_dummy_2d_augmentation(stored, seed):
+    """nnU-Net's dummy 2d augmentation (anisotropic 3d_fullres: slices become channels, rotation and
+    scaling in-plane): sizes stay exact where the label is unchanged, for the sizes-only transport (maps as
+    segmentation channels) and for sizes + soft (maps as regression target), and the soft map follows the
+    same voxels as the labels."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_ext.maps import open_map
+
+    pre, ds, seg, index = stored
+    expected_full = _independent_sizes(seg, 6)
+    sizes = np.asarray(open_map(pre / "sizes6", "case0")[:])
+    # the region: the patch's depth (dummy 2d does not crop along the first axis), larger in-plane
+    sl = (slice(8, 8 + PATCH[0]), slice(2, 2 + PATCH[1] + 12), slice(0, PATCH[2] + 14))
+    lab = np.asarray(ds.load_case("case0")[1][(slice(None),) + sl])
+    for specs in ([MapSpec("sizes", True), MapSpec("index", True)],
+                  [MapSpec("sizes", True), MapSpec("index", True), MapSpec("soft", False, 255.0)],
+                  [MapSpec("soft", False, 255.0), MapSpec("index", True)]):
+        t = nnUNetTrainer.get_training_transforms(PATCH, (-0.5, 0.5), [[1, 1, 1], [1, 0.5, 0.5]], (1, 2), True,
+                                                  use_mask_for_norm=[False], foreground_labels=[1])
+        sp = [x for x in t.transforms if type(x).__name__ == "SpatialTransform"][0]
+        sp.p_rotation = sp.p_scaling = 1.0 if seed % 2 == 0 else 0.0
+        transport = MapTransport(t, specs)
+        chans = [lab, sizes[(slice(None),) + sl], index[sl][None]]
+        if len(specs) == 3:
+            chans.append(np.where(lab > 0, 255, 0))
+        seg_t = torch.from_numpy(np.concatenate([c.astype(np.float32) for c in chans]))
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        out = transport(image=torch.randn(1, *lab.shape[1:]), segmentation=seg_t)
+        checked = 0
+        for scale in out["segmentation"]:
+            assert scale.shape[0] == 1 + len(specs)
+            names = [m.name for m in specs]
+            label = scale[0].numpy()
+            tidx = scale[1 + names.index("index")].numpy().round().astype(np.int64)
+            src = np.unravel_index(np.clip(tidx, 0, index.size - 1), SHAPE)
+            same = (tidx > 0) & (label == seg[src]) & (label == 1)
+            if "sizes" in names:
+                np.testing.assert_array_equal(scale[1 + names.index("sizes")].numpy()[same], expected_full[src][same])
+            checked += int(same.sum())
+            if "soft" in names:  # the soft copy of the labels (255 inside lesions, stored units)
+                soft = scale[1 + names.index("soft")].numpy()
+                assert soft.min() >= 0 and soft.max() <= 255 + 1e-3
+                assert (soft[same] > 0).all()
+        assert checked > 50

@@ -29,7 +29,8 @@ import torch
 from nnunet_ext.lsr import check_alpha_beta, lesion_size_map
 from nnunet_ext.maps import map_path, read_map, save_map_like_seg
 from nnunet_ext.soft_preprocess import RATER_FOLDER, soft_folder
-from nnunet_ext.training.targets import SOFT_SCALE, MapSpec
+from nnunet_ext.maps import SOFT_SCALE
+from nnunet_ext.training.targets import MapSpec
 
 
 def part_name(part) -> str:

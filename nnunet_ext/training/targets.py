@@ -6,17 +6,17 @@ One transport serves every target part (lesion sizes, soft targets, a random rat
    lazy ``(1 + K, *spatial)`` stack of the case's labels (nnU-Net's blosc2 ``_seg.b2nd``, or one rater's
    mask) and K maps stored chunked like the labels (:mod:`nnunet_ext.maps`). nnU-Net's data loader crops
    it exactly as it crops the labels; only the patch is read and decompressed, never the whole case.
-2. **Augmentation.** :class:`MapTransport` wraps nnU-Net's own training transforms: it moves the K map
-   channels out of the segmentation into batchgeneratorsv2's ``regression_target`` (so the label-wise
-   segmentation interpolation, one ``grid_sample`` per label value, never sees them) and nnU-Net's
-   ``SpatialTransform`` is given :class:`MapSpatialTransform`'s regression path: linear maps (soft targets)
-   ride as extra channels of the image's own ``grid_sample`` call, and maps whose values must stay exact
-   (lesion sizes) are sampled nearest-neighbour at the foreground output voxels only, whatever the number
-   of lesions. Mirroring flips them; intensity transforms
-   skip them. Samples that are only cropped are cropped exactly.
-3. **Deep supervision.** Each scale's target is ``[labels, map_1, ..., map_K]`` (float): exact maps are
-   downsampled with the same ``nearest-exact`` interpolation nnU-Net uses for the labels (so at every
-   scale a voxel's size comes from the same source voxel as its label), soft maps by area averaging.
+2. **Augmentation.** :class:`MapTransport` wraps nnU-Net's own training transforms and leaves the maps
+   where the data loader put them, as segmentation channels after the labels: nnU-Net's crop, mirroring,
+   ``-1`` removal and deep-supervision downsampling treat every channel alike. Only sampled (rotated or
+   scaled) samples need more, since nnU-Net's label sampling runs one ``grid_sample`` per label value:
+   :class:`MapSpatialTransform` gives it the labels alone and samples the maps itself, exact maps
+   (lesion sizes) nearest-neighbour at the foreground output voxels, linear maps (soft targets)
+   bilinearly at the output voxels non-zero map voxels can reach, whatever the number of lesions.
+3. **Deep supervision.** Each scale's target is ``[labels, map_1, ..., map_K]`` in the stored dtype
+   (int16) and units (sizes in voxels, soft maps in 1/255 steps, :data:`SOFT_SCALE`), every channel
+   downsampled by nnU-Net's ``nearest-exact`` (so at every scale a voxel's map value comes from the same
+   source voxel as its label).
 
 Exactness: exact maps are sampled nearest-neighbour, with nnU-Net's own grid, at the output voxels whose
 transformed label is foreground (everywhere else they are 0; the losses only read sizes where the label is
@@ -25,7 +25,8 @@ voxel, i.e. exactly the size of the lesion the label came from wherever the labe
 equals the label of that nearest source voxel (nnU-Net's label interpolation keeps the nearest label
 except on some interpolated borders). On such borders a lesion voxel whose nearest source voxel is
 background gets size 0 (weight 1, as background); a background voxel gets size 0 whatever its nearest
-source voxel.
+source voxel. Soft maps are interpolated like the image (bilinear, zero padding) and rounded to the stored
+1/255 steps (at most 0.002 off the interpolated value); lower deep-supervision scales subsample them.
 """
 from __future__ import annotations
 
@@ -34,13 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 
-from nnunet_ext.maps import open_map
+from nnunet_ext.maps import SOFT_SCALE, open_map  # noqa: F401 - SOFT_SCALE re-exported
 from nnunet_ext.training.plumbing import DatasetWrapper
 
-SOFT_SCALE = 255.0  # soft maps and rater masks are stored as uint8 in 1/255 steps
+ACTIVE_BLOCK = 4  # output and source block edge (voxels) of the linear maps' support search
 
 
 @dataclass(frozen=True)
@@ -121,20 +121,83 @@ class WithTargetMaps(DatasetWrapper):
 # --------------------------------------------------------------------------------------------- augmentation
 
 
+def _block_max(x: torch.Tensor, b: int) -> torch.Tensor:
+    """Maximum over blocks of ``b`` voxels (a power of 2) along every axis, the last block of an axis
+    partial when ``b`` does not divide it: pairwise maxima of strided views, halving one axis at a time."""
+    while b > 1:
+        for axis in range(x.ndim):
+            n = x.shape[axis]
+            if n < 2:
+                continue
+            shape = list(x.shape)
+            shape[axis] = (n + 1) // 2
+            out = torch.empty(shape, dtype=x.dtype)
+            even = x.narrow(axis, 0, n - n % 2)
+            torch.maximum(even.unflatten(axis, (n // 2, 2)).select(axis + 1, 0),
+                          even.unflatten(axis, (n // 2, 2)).select(axis + 1, 1), out=out.narrow(axis, 0, n // 2))
+            if n % 2:
+                out.narrow(axis, n // 2, 1).copy_(x.narrow(axis, n - 1, 1))
+            x = out
+        b //= 2
+    return x
+
+
+def _summed_area(occ: torch.Tensor) -> torch.Tensor:
+    """Summed-area table of a boolean block occupancy, with a leading zero plane per axis (int32)."""
+    sat = torch.zeros(tuple(n + 1 for n in occ.shape), dtype=torch.int32)
+    inner = sat[tuple(slice(1, None) for _ in occ.shape)]
+    inner.copy_(occ)
+    for axis in range(occ.ndim):
+        torch.cumsum(inner, axis, out=inner)
+    return sat
+
+
+def _blocks_touching(origins, extent, sat, b, o, d, spatial) -> torch.Tensor:
+    """True for the output blocks (origins (M, nd), ``extent`` voxels per axis) whose linear-interpolation
+    footprint in the source (output index i maps to source voxel coordinates ``o + i @ d``) meets an
+    occupied source block of ``b`` voxels (``sat``: :func:`_summed_area` of the occupancy)."""
+    nd = len(spatial)
+    start = o + origins.to(torch.float64) @ d
+    span = torch.full((nd,), float(extent - 1), dtype=torch.float64)
+    lo = start + (span @ d.clamp(max=0) - 1e-3)
+    hi = start + (span @ d.clamp(min=0) + 1e-3)
+    v_lo, v_hi = torch.floor(lo), torch.floor(hi) + 1  # first and last source voxel of the footprints
+    size = torch.tensor(spatial, dtype=torch.float64)
+    inside = ((v_hi >= 0) & (v_lo <= size - 1)).all(-1)
+    nb = torch.tensor(sat.shape) - 1
+    b_lo = torch.minimum(v_lo.clamp_(min=0).to(torch.int64) // b, nb - 1)
+    b_hi = torch.minimum(v_hi.clamp_(min=0).to(torch.int64) // b, nb - 1) + 1
+    st = torch.tensor([int(np.prod(sat.shape[a + 1:])) for a in range(nd)])
+    i_lo, i_hi = b_lo * st, b_hi * st  # per axis contributions to the flat index
+    flat = sat.reshape(-1)
+    count = torch.zeros(origins.shape[0], dtype=torch.int32)
+    for corner in range(2 ** nd):
+        use = [(corner >> a) & 1 for a in range(nd)]
+        idx = i_hi[:, 0] if use[0] else i_lo[:, 0]
+        for a in range(1, nd):
+            idx = idx + (i_hi[:, a] if use[a] else i_lo[:, a])
+        if (nd - sum(use)) % 2:
+            count -= flat.take(idx)
+        else:
+            count += flat.take(idx)
+    return inside & (count > 0)
+
+
 class MapSpatialTransform(SpatialTransform):
-    """nnU-Net's SpatialTransform with our maps as its regression target, at a cost independent of the number
-    of lesions and close to nothing on top of nnU-Net's own sampling:
+    """nnU-Net's SpatialTransform for a segmentation whose channels are the labels followed by K maps
+    (``rows`` channels each: 1, or the slices of nnU-Net's dummy 2d augmentation), at a cost that does not
+    grow with the number of lesions:
 
-    - *linear* maps (soft targets) are sampled in the same ``grid_sample`` call as the image (extra channels
-      of one call share its coordinate computation), written straight into that call's input buffer;
-    - *exact* maps (lesion sizes) are read, as stored (int16), at the source voxel nearest to each output
-      voxel whose transformed label is foreground (the only voxels where the losses read them; elsewhere
-      they are 0): nnU-Net's own grid, unnormalised and rounded as ``grid_sample(mode="nearest")`` does
-      (zero outside the region). The cost is that of the foreground voxels, not of the patch.
-
-    Cropped-only samples are cropped exactly, as nnU-Net crops the image, and stay as stored (int16, ``-1``
-    outside the case: mirroring then moves half the bytes of float32); sampled ones leave as float32 (>= 0).
-    :class:`MapTransport` converts and scales either while it writes each scale's target."""
+    - cropped-only samples are cropped by nnU-Net with the labels, every channel as stored (exact);
+    - on sampled ones nnU-Net's label sampling (one ``grid_sample`` per label value) sees the labels only;
+      *exact* maps (lesion sizes) are read, as stored, at the source voxel nearest to each output voxel
+      whose transformed label is foreground (the only voxels where the losses read them; elsewhere 0):
+      nnU-Net's own grid, unnormalised and rounded as ``grid_sample(mode="nearest")`` does (zero outside
+      the region). *Linear* maps (soft targets) are interpolated as ``grid_sample(mode="bilinear")`` with
+      zero padding would, but only at the output voxels a non-zero map voxel can reach (found block by
+      block, :meth:`_linear_support`; 0 elsewhere), and rounded to the stored steps (1/255). Both cost what
+      the lesions' neighbourhood costs, not a pass over the patch.
+    """
 
     map_specs: list = []
 
@@ -158,62 +221,147 @@ class MapSpatialTransform(SpatialTransform):
         vals[:, ~inside] = 0.0
         return vals.clamp_(min=0.0)
 
+    def _to_source(self, g: torch.Tensor, size: int) -> torch.Tensor:
+        """grid_sample's unnormalisation of grid coordinates ``g`` along a source axis of ``size`` voxels."""
+        return (g + 1) * ((size - 1) / 2) if self.align_corners else (g + 1) * (size / 2) - 0.5
+
+    def _linear_at(self, maps: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+        """``maps`` (C, *S), as stored and >= 0, linearly interpolated at the grid points ``pts`` (N, ndim;
+        x first) with zero padding: (C, N) float32. The unnormalisation and corner weights of
+        ``grid_sample(mode="bilinear")`` (equal to it up to float rounding)."""
+        spatial = maps.shape[1:]
+        nd = len(spatial)
+        flat = maps.reshape(maps.shape[0], -1)
+        strides = [int(np.prod(spatial[a + 1:])) for a in range(nd)]
+        base, w_axes, border = None, [], []
+        for axis in range(nd):
+            size = spatial[axis]
+            c = self._to_source(pts[:, nd - 1 - axis], size)
+            f = torch.floor(c)
+            w1 = c.sub_(f)
+            i0 = f.to(torch.int64)
+            w_axes.append((1.0 - w1, w1))
+            lo, hi = torch.aminmax(i0)
+            border.append(bool(lo < 0) or bool(hi > size - 2))
+            if border[-1]:  # some footprints leave the region: zero weight outside, indices clamped
+                w_axes[-1][0].mul_((i0 >= 0) & (i0 < size))
+                w_axes[-1][1].mul_((i0 >= -1) & (i0 < size - 1))
+            base = i0 * strides[axis] if base is None else base.add_(i0 * strides[axis])
+        weights = None
+        for w0, w1 in w_axes:  # corner weights, corner c uses bit (nd - 1 - axis) of c for the axis
+            weights = [w0, w1] if weights is None else [w * x for w in weights for x in (w0, w1)]
+        out = torch.zeros((maps.shape[0], pts.shape[0]), dtype=torch.float32)
+        any_border = any(border)
+        for corner, w in enumerate(weights):
+            bits = [(corner >> (nd - 1 - axis)) & 1 for axis in range(nd)]
+            off = sum(b * st for b, st in zip(bits, strides))
+            idx = base + off
+            if any_border:
+                idx.clamp_(0, flat.shape[1] - 1)  # only where the weight is 0 (outside on some axis)
+            for ch in range(maps.shape[0]):
+                out[ch].addcmul_(flat[ch].take(idx).to(torch.float32), w)
+        return out
+
+    def _affine_in_voxels(self, grid: torch.Tensor, spatial) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The grid as an affine map from output voxel index to source voxel coordinates, ``s = o + i @ D``
+        (o: (nd,), D: (nd, nd), source axes in array order), or None when the grid is not affine (elastic
+        deformation): checked at the far corners to a hundredth of a voxel."""
+        nd = len(spatial)
+        g0 = grid[(0,) * nd]
+        to_src = lambda g: torch.stack([self._to_source(g[..., nd - 1 - a], spatial[a]) for a in range(nd)], -1)  # noqa: E731
+        o = to_src(g0.double())
+        steps = []
+        for a in range(nd):
+            n = grid.shape[a]
+            i = [0] * nd
+            i[a] = n - 1
+            steps.append((to_src(grid[tuple(i)].double()) - o) / max(n - 1, 1))
+        d = torch.stack(steps)
+        for corner in range(1, 2 ** nd):
+            i = [(grid.shape[a] - 1) * ((corner >> a) & 1) for a in range(nd)]
+            want = o + torch.tensor(i, dtype=torch.float64) @ d
+            if float((to_src(grid[tuple(i)].double()) - want).abs().max()) > 1e-2:
+                return None
+        return o, d
+
+    def _linear_support(self, maps: torch.Tensor, grid: torch.Tensor, affine: bool = True) -> torch.Tensor | None:
+        """Flat indices (into the patch) of a superset of the output voxels whose linear interpolation reads
+        a non-zero map voxel, or None when none can. Two levels of blocks: an output block is kept when the
+        source box its voxels map into (an affine grid maps a box onto the hull of its corners), widened by
+        the interpolation footprint, holds a non-zero voxel of the maps' block occupancy (a summed-area
+        table); the voxels of kept fine blocks are returned. Cost: that of the blocks near non-zero maps.
+        ``affine=False`` (elastic deformation) returns every voxel."""
+        spatial, patch = tuple(maps.shape[1:]), tuple(grid.shape[:-1])
+        nd = len(spatial)
+        aff = self._affine_in_voxels(grid, spatial) if affine else None
+        if aff is None:
+            return torch.arange(int(np.prod(patch)))
+        o, d = aff
+        fine, coarse = ACTIVE_BLOCK // 2, ACTIVE_BLOCK
+        occ = maps.amax(0) if maps.shape[0] > 1 else maps[0]
+        occ_fine = _block_max(occ, fine) > 0
+        if not bool(occ_fine.any()):
+            return None
+        occ_coarse = _block_max(occ_fine, coarse // fine)
+
+        def corners(n):  # {0, 1}^nd offsets scaled by n
+            return torch.stack(torch.meshgrid(*[torch.arange(2)] * nd, indexing="ij"), -1).reshape(-1, nd) * n
+
+        blocks = torch.stack(torch.meshgrid(*[torch.arange(0, n, coarse) for n in patch], indexing="ij"),
+                             -1).reshape(-1, nd)
+        blocks = blocks[_blocks_touching(blocks, coarse, _summed_area(occ_coarse), coarse, o, d, spatial)]
+        sub = (blocks[:, None, :] + corners(fine)[None]).reshape(-1, nd)
+        sub = sub[_blocks_touching(sub, fine, _summed_area(occ_fine), fine, o, d, spatial)]
+        if sub.shape[0] == 0:
+            return None
+        st = torch.tensor([int(np.prod(patch[a + 1:])) for a in range(nd)])
+        vox = (sub[:, None, :] + torch.stack(torch.meshgrid(*[torch.arange(fine)] * nd, indexing="ij"),
+                                             -1).reshape(-1, nd)[None]).reshape(-1, nd)
+        if any(n % coarse for n in patch):
+            vox = vox[(vox < torch.tensor(patch)).all(-1)]
+        return vox @ st
+
     def apply(self, data_dict, **params):
-        maps = data_dict.get("regression_target")
         grid = params.get("grid")
-        if maps is None or not self.map_specs:
-            return super().apply(data_dict, **params)
-        if grid is None:  # cropped only: exact for every map; kept as stored (int16: half the bytes to mirror)
+        seg = data_dict.get("segmentation")
+        if grid is None or seg is None or not self.map_specs:  # cropped only: every channel as stored
             return super().apply(data_dict, **params)
         k = len(self.map_specs)
-        rows = maps.shape[0] // k  # > 1 with nnU-Net's dummy 2d augmentation (maps x slices)
-        exact = torch.tensor([s.exact for s in self.map_specs]).repeat_interleave(rows)
-        linear = ~exact
+        rows = seg.shape[0] // (1 + k)  # > 1 with nnU-Net's dummy 2d augmentation
         data_dict = dict(data_dict)
-        data_dict.pop("regression_target")
-        img = data_dict.get("image")
-        n_lin = int(linear.sum())
-        lin_out = None
-        if img is not None and n_lin:  # one call for the image and the linear maps, one buffer
-            n_img = img.shape[0]
-            buf = torch.empty((n_img + n_lin, *img.shape[1:]), dtype=torch.float32)
-            buf[:n_img] = img
-            lin_in = buf[n_img:]
-            lin_in.copy_(maps if bool(linear.all()) else maps[linear])
-            lin_in.clamp_(min=0.0)  # crop padding (-1) -> 0
-            data_dict["image"] = buf
-            data_dict = super().apply(data_dict, **params)
-            both = data_dict["image"]
-            data_dict["image"], lin_out = both[:n_img].to(img.dtype), both[n_img:]
-            if self.padding_mode_image == "constant" and float(self.padding_value_image) != 0:
-                lin_out = lin_out - float(self.padding_value_image)  # maps are padded with 0
-        else:
-            data_dict = super().apply(data_dict, **params)
-            if n_lin:
-                lin_out = self._apply_to_image(maps[linear].to(torch.float32).clamp_(min=0.0), **params)
-        out_shape = (maps.shape[0], *grid.shape[:-1])
-        if not bool(exact.any()):
-            data_dict["regression_target"] = lin_out.clamp_(min=0.0)
-            return data_dict
-        out = torch.zeros(out_shape, dtype=torch.float32)
-        if lin_out is not None:
-            out[linear] = lin_out.clamp_(min=0.0)
-        seg = data_dict.get("segmentation")
-        fg = (seg > 0).any(0) if seg is not None else torch.ones(grid.shape[:-1], dtype=torch.bool)
-        if bool(fg.any()):
-            vals = self._nearest_at(maps[exact], grid[fg])
-            if bool(exact.all()):
-                out[:, fg] = vals
-            else:
-                sub = out[exact]
-                sub[:, fg] = vals
-                out[exact] = sub
-        data_dict["regression_target"] = out
+        data_dict["segmentation"] = seg[:rows]
+        data_dict = super().apply(data_dict, **params)  # nnU-Net's own image and label sampling, untouched
+        labels = data_dict["segmentation"]
+        patch = tuple(labels.shape[1:])
+        out = torch.zeros((seg.shape[0], *patch), dtype=seg.dtype)
+        out[:rows] = labels
+        flat_out = out.view(seg.shape[0], -1)
+        exact = [i for i, m in enumerate(self.map_specs) if m.exact]
+        linear = [i for i, m in enumerate(self.map_specs) if not m.exact]
+        ch = lambda idx: [rows * (1 + i) + r for i in idx for r in range(rows)]  # noqa: E731
+        if linear:
+            lin = seg[ch(linear)]
+            if int(lin.amin()) < 0:  # nnU-Net's crop marker (-1) is no soft value: read as 0
+                lin = lin.clamp(min=0)
+            where = self._linear_support(lin, grid, affine=params.get("elastic_offsets") is None)
+            if where is not None:
+                vals = self._linear_at(lin, grid.reshape(-1, grid.shape[-1])[where])
+                if not seg.is_floating_point():
+                    vals = vals.round_()  # back to the stored steps
+                for j, c in enumerate(ch(linear)):
+                    flat_out[c, where] = vals[j].to(seg.dtype)
+        if exact:
+            fg = (labels > 0).any(0)
+            if bool(fg.any()):
+                vals = self._nearest_at(seg[ch(exact)], grid[fg]).to(seg.dtype)
+                for j, c in enumerate(ch(exact)):
+                    out[c][fg] = vals[j]
+        data_dict["segmentation"] = out
         return data_dict
 
 
 def map_spatial_transform(transform, specs: list[MapSpec]):
-    """Give nnU-Net's ``SpatialTransform`` instance our regression-target path (in place; returns it)."""
+    """Give nnU-Net's ``SpatialTransform`` instance our map path (in place; returns it)."""
     if type(transform) is SpatialTransform:
         transform.__class__ = MapSpatialTransform
     elif not isinstance(transform, MapSpatialTransform):
@@ -236,22 +384,13 @@ def _find_spatial(transforms):
     return found
 
 
-def downsample_map(m: torch.Tensor, shape, exact: bool) -> torch.Tensor:
-    """(C, *spatial) map to ``shape``: nearest-exact (as nnU-Net downsamples labels) or area average.
-
-    Nearest-exact by an integer factor f picks source index ``floor((i + 0.5) * f) = i * f + f // 2``, i.e.
-    a strided view (no copy); other factors interpolate."""
-    src = tuple(m.shape[1:])
-    if src == tuple(shape):
-        return m
-    if exact and all(a % b == 0 for a, b in zip(src, shape)):
-        return m[(slice(None),) + tuple(slice((a // b) // 2, None, a // b) for a, b in zip(src, shape))]
-    return F.interpolate(m[None], size=tuple(shape), mode="nearest-exact" if exact else "area")[0]
-
-
 class MapTransport:
-    """nnU-Net's training transforms with K map channels (segmentation channels 1..K, int16 as stored)
-    carried as a regression target; returns per deep-supervision scale ``[labels, map_1..map_K]`` (float)."""
+    """nnU-Net's training transforms with K map channels (segmentation channels 1..K, as stored: int16 from
+    :class:`CaseChannels`). The maps stay segmentation channels through nnU-Net's whole pipeline: its crop,
+    mirroring, ``-1`` removal and ``nearest-exact`` deep-supervision downsampling treat every channel
+    alike, and only sampled samples take :class:`MapSpatialTransform`'s map path. Returns per
+    deep-supervision scale ``[labels, map_1..map_K]`` in the stored dtype and units (lesion sizes in
+    voxels, soft maps in 1/255 steps: the losses read integer soft channels that way)."""
 
     def __init__(self, inner, specs: list[MapSpec]):
         self.inner, self.specs = inner, list(specs)
@@ -266,49 +405,4 @@ class MapTransport:
         k = len(self.specs)
         if seg.shape[0] != 1 + k:
             raise RuntimeError(f"map transport expects 1 + {k} segmentation channels, got {seg.shape[0]}")
-        data["segmentation"] = seg[:1]
-        data["regression_target"] = seg[1:]  # as stored (int16); MapSpatialTransform samples it
-        out = self.inner(**data)
-        maps = out.pop("regression_target")  # int16 as stored (cropped only) or float32 (sampled)
-        maps.clamp_(min=0)  # crop padding (-1) -> 0, in the map's own dtype
-        scales = [float(s.scale) for s in self.specs]  # applied while writing each scale's target
-        exact = [s.exact for s in self.specs]
-        if maps.is_floating_point():  # sampled: linear interpolation may round a hair above the stored maximum
-            for i, e in enumerate(exact):
-                if not e:
-                    maps[i].clamp_(max=scales[i])
-        segs = out["segmentation"]
-        last: dict = {}  # soft map i -> its float map at the previous (finer) scale, already scaled to [0, 1]
-
-        def soft_into(i, dst):
-            """Soft map i at dst's shape, written into dst: converted and scaled in one pass at the first
-            scale, then block averages of the previous scale's block averages (exact, and each scale costs
-            a fraction of the previous one)."""
-            shape = tuple(dst.shape)
-            prev = last.get(i)
-            if prev is None and tuple(maps.shape[1:]) == shape:
-                torch.div(maps[i], scales[i], out=dst)  # correctly rounded: 255 / 255 is exactly 1
-            elif prev is not None and all(a % b == 0 for a, b in zip(prev.shape, shape)):
-                f = tuple(a // b for a, b in zip(prev.shape, shape))
-                pool = F.avg_pool3d if len(f) == 3 else F.avg_pool2d
-                dst.copy_(pool(prev[None, None], kernel_size=f, stride=f)[0, 0])
-            else:  # a factor that does not divide: area interpolation from the full-resolution map
-                full = maps[i:i + 1].to(torch.float32) / scales[i]
-                dst.copy_(downsample_map(full, shape, exact=False)[0])
-            last[i] = dst
-
-        def join(s):
-            n = s.shape[0]
-            t = torch.empty((n + k, *s.shape[1:]), dtype=torch.float32)
-            t[:n] = s
-            for i, e in enumerate(exact):
-                if e:  # a strided view of the stored map (nearest-exact, as the labels), converted while copied
-                    t[n + i].copy_(downsample_map(maps[i:i + 1], s.shape[1:], True)[0])
-                    if scales[i] != 1.0:
-                        t[n + i].div_(scales[i])
-                else:
-                    soft_into(i, t[n + i])
-            return t
-
-        out["segmentation"] = [join(s) for s in segs] if isinstance(segs, (list, tuple)) else join(segs)
-        return out
+        return self.inner(**data)
