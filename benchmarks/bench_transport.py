@@ -89,7 +89,7 @@ def loader(folder: Path, arm: str, patch, p_spatial: float | None = None):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-    from nnunet_ext.training.targets import MapSpec, MapTransport, WithTargetMaps
+    from nnunet_ext.training.targets import MapSpec, MapTransport, Packing, WithTargetMaps
 
     ds = nnUNetDatasetBlosc2(str(folder))
     ds_scales = [[1, 1, 1], [.5, .5, .5], [.25, .25, .25], [.125, .125, .125], [.0625, .0625, .0625]]
@@ -98,10 +98,10 @@ def loader(folder: Path, arm: str, patch, p_spatial: float | None = None):
     if p_spatial is not None:
         sp = [x for x in t.transforms if type(x).__name__ == "SpatialTransform"][0]
         sp.p_rotation = sp.p_scaling = p_spatial
-    if arm == "lsr":
-        ds, t = WithTargetMaps(ds, [folder / "sizes"]), MapTransport(t, [MapSpec("sizes", True)])
-    elif arm == "soft":
-        ds, t = WithTargetMaps(ds, [folder / "soft"]), MapTransport(t, [MapSpec("soft", False, 255.0)])
+    if arm in ("lsr", "soft"):  # as ComposedTrainer does: the map packed into the label channel
+        spec = MapSpec("sizes", True) if arm == "lsr" else MapSpec("soft", False, 255.0)
+        pk = None if os.environ.get("NNUNET_EXT_BENCH_NO_PACKING") else Packing.for_labels(1, spec)
+        ds, t = WithTargetMaps(ds, [folder / spec.name], packing=pk), MapTransport(t, [spec], pk)
     elif arm == "rater":
         ds = WithTargetMaps(ds, [], [folder / "r0", folder / "r1"])
     lm = LabelManager({"background": 0, "lesion": 1}, regions_class_order=None)
@@ -119,7 +119,7 @@ def time_arms(folder, arms, patch, n, seed0=0):
     loaders = {a: loader(folder, a, patch) for a in arms}
     times = {a: [] for a in arms}
     for i in range(n):
-        for a in arms:
+        for a in arms[i % len(arms):] + arms[:i % len(arms)]:  # rotated: no arm always runs first
             np.random.seed(seed0 + i)
             torch.manual_seed(seed0 + i)
             t = time.perf_counter()
@@ -159,7 +159,7 @@ def whole_iterations(folder, patch, n):
     lsr = LSRCrossEntropyLoss(4, 4)
     times = {a: [] for a in arms}
     for i in range(n):
-        for a in arms:
+        for a in arms[i % 2:] + arms[:i % 2]:
             np.random.seed(i)
             torch.manual_seed(i)
             t = time.perf_counter()
@@ -197,7 +197,7 @@ def main(argv=None):
             import torch
             lds = {arm: loader(folder, arm, a.patch, 1.0) for arm in arms}
             for i in range(max(4, a.samples // 2)):
-                for arm in arms:
+                for arm in arms[i % len(arms):] + arms[:i % len(arms)]:
                     np.random.seed(1000 + i)
                     torch.manual_seed(1000 + i)
                     t = time.perf_counter()

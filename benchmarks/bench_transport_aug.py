@@ -1,6 +1,8 @@
 """Augmentation only (no data loading): nnU-Net's own training transforms with the spatial path forced
 (rotation + scaling), 128^3 patch from a 180^3 region, 5 deep-supervision scales, one thread, labels only vs
-+ lesion sizes (exact map) vs + soft map vs both (LSR on soft targets), interleaved with the same random state per sample.
++ lesion sizes (exact map) vs + soft map vs both (LSR on soft targets), interleaved with the same random state per sample
+(order rotated), the first map packed into the label channel as ComposedTrainer does. The case is given to the
+transforms as a tensor (no data loader: see bench_transport.py for nnU-Net's loader).
 
     .venv/bin/python benchmarks/bench_transport_aug.py --lesions 5 30 100 300 --samples 7 -o benchmarks/results/transport_aug.json
     .venv/bin/python benchmarks/bench_transport_aug.py --lesions 5 30 100 300 --samples 30 --p-spatial 0.2 \
@@ -26,7 +28,7 @@ def main(argv=None):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunet_ext.lsr import lesion_size_map
-    from nnunet_ext.training.targets import MapSpec, MapTransport
+    from nnunet_ext.training.targets import MapSpec, MapTransport, Packing
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--lesions", type=int, nargs="+", default=(5, 30, 100, 300))
@@ -50,16 +52,21 @@ def main(argv=None):
         img, seg = b.make_case((180, 180, 180), n, 1)
         img = img.astype(np.float32)
         sizes = lesion_size_map(seg, [1], 26).astype(np.int16)
-        arms = {"labels": (tf(), None), "lsr": (MapTransport(tf(), [MapSpec("sizes", True)]), sizes),
-                "soft": (MapTransport(tf(), [MapSpec("soft", False, 255.0)]), (seg * 200).astype(np.int16)),
-                "lsr_soft": (MapTransport(tf(), [MapSpec("soft", False, 255.0), MapSpec("sizes", True)]),
-                             np.stack([(seg * 200).astype(np.int16), sizes]))}
+        soft = (seg * 200).astype(np.int16)
+        s_size, s_soft = MapSpec("sizes", True), MapSpec("soft", False, 255.0)
+        pk = Packing.for_labels(1, s_size)  # as ComposedTrainer: the first map packed into the labels
+
+        def packed(first, *rest):
+            return np.concatenate([pk.pack_np(seg[None], first[None].copy())] + [r[None] for r in rest])
+
+        arms = {"labels": (tf(), seg[None]), "lsr": (MapTransport(tf(), [s_size], pk), packed(sizes)),
+                "soft": (MapTransport(tf(), [s_soft], pk), packed(soft)),
+                "lsr_soft": (MapTransport(tf(), [s_soft, s_size], pk), packed(soft, sizes))}
         t = {k: [] for k in arms}
         for i in range(a.samples):
-            for k, (T, m) in arms.items():
-                s = torch.from_numpy(seg[None])
-                if m is not None:
-                    s = torch.cat([s, torch.from_numpy(m if m.ndim == 4 else m[None])])
+            for k in list(arms)[i % len(arms):] + list(arms)[:i % len(arms)]:  # rotated order
+                T, m = arms[k]
+                s = torch.from_numpy(m.copy())
                 np.random.seed(i)
                 torch.manual_seed(i)
                 t0 = time.perf_counter()

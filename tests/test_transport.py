@@ -277,3 +277,50 @@ def test_sizes_and_soft_exact_with_dummy_2d_augmentation(stored, seed):
                 assert soft.min() >= 0 and soft.max() <= 255 + 1e-3
                 assert (soft[same] > 0).all()
         assert checked > 50
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("first", ["sizes", "soft"])
+def test_packed_first_map_gives_the_same_targets(stored, tmp_path, seed, first):
+    """The first map packed into the label channel (one int16 channel through nnU-Net's data path) gives
+    targets identical to the unpacked transport, after nnU-Net's real data loader crop and training
+    transforms, on cropped-only (odd seeds) and rotated/scaled (even seeds) samples; sizes above the
+    packing's cap are clipped to it."""
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from nnunet_ext.training.targets import Packing
+
+    pre, ds, seg, _ = stored
+    soft_dir = tmp_path / "soft"
+    save_map_like_seg(np.where(seg > 0, 200, np.where(seg == 0, 7, 0)).astype(np.uint8), pre / "case0_seg.b2nd",
+                      map_path(soft_dir, "case0"))
+    folders = {"sizes": pre / "sizes6", "soft": soft_dir}
+    specs = {"sizes": MapSpec("sizes", True), "soft": MapSpec("soft", False, 255.0)}
+    order = [first, "soft" if first == "sizes" else "sizes"]
+    packing = Packing.for_labels(1, specs[first])
+    assert packing is not None and packing.bits == 1 and packing.cap == 16383
+    outs = []
+    for pk in (None, packing):
+        transforms, _ = _transforms(1.0)
+        sp = [t for t in transforms.transforms if type(t).__name__ == "SpatialTransform"][0]
+        sp.p_rotation = sp.p_scaling = 1.0 if seed % 2 == 0 else 0.0
+        w = WithTargetMaps(ds, [folders[n] for n in order], packing=pk)
+        dl = nnUNetDataLoader(w, 1, [p + 8 for p in PATCH], PATCH, LabelManager({"background": 0, "lesion": 1}, None),
+                              oversample_foreground_percent=1.0,
+                              transforms=MapTransport(transforms, [specs[n] for n in order], pk))
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        outs.append(next(dl)["target"])
+    for a, b in zip(*outs):
+        assert a.shape == b.shape and a.shape[1] == 3 and b.dtype == torch.int16
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert outs[1][0][:, 1 + order.index("sizes")].max() > 0 and outs[1][0][:, 1 + order.index("soft")].max() > 0
+    # clipping at the cap, the crop marker kept
+    lab = np.array([[-1, 0, 1, 1]], np.int16)
+    enc = packing.pack_np(lab, np.array([[5, 3, 20000, 7]], np.int16))
+    assert enc.tolist() == [[-1, 6, 16383 * 2 + 1, 15]]
+    labels, m = packing.unpack(torch.from_numpy(enc))
+    assert labels.tolist() == [[-1, 0, 1, 1]] and m.tolist() == [[-1, 3, 16383, 7]]
+    assert Packing.for_labels(255, MapSpec("soft", False, 255.0)) is None  # 8 label bits leave 7 for the map
+    assert Packing.for_labels(3, MapSpec("sizes", True)).cap == 8191

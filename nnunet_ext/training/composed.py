@@ -10,8 +10,8 @@ A trainer is a short named class (nnU-Net identifies trainers by class name)::
 What the parts change, and nothing else:
 * the loss (wrapped in nnU-Net's deep supervision with nnU-Net's weights);
 * the training dataset (maps beside the labels, read patch-wise) and nnU-Net's own training transforms
-  (the maps travel as regression targets, nnunet_ext.training.targets); validation keeps nnU-Net's hard
-  targets;
+  (the maps travel as segmentation channels beside the labels, nnunet_ext.training.targets); validation
+  keeps nnU-Net's hard targets;
 * the network (conditional instance norms) and the condition of every batch and validation case;
 * the model contract (nnunet_ext.contract) written into the model folder when training starts, and, for
   soft outputs, the Dice-optimal validation threshold of each fold after nnU-Net's validation.
@@ -26,7 +26,7 @@ from nnunet_ext.contract import ModelContract, read_contract_file, write_contrac
 from nnunet_ext.training.base import ExtTrainer
 from nnunet_ext.training.parts import DiceCE, LossPart, NetworkPart, RandomRater, TargetPart, part_name
 from nnunet_ext.training.plumbing import refuse_unsupported, wrap_deep_supervision
-from nnunet_ext.training.targets import MapTransport, WithTargetMaps
+from nnunet_ext.training.targets import MapTransport, Packing, WithTargetMaps
 
 
 def check_composition(loss: LossPart, targets, network) -> list:
@@ -142,13 +142,22 @@ class ComposedTrainer(ExtTrainer):
             t.prepare(self, dataset_tr, raters)
         folders = [t.folder(self, raters) for t in self.target_parts if t.spec() is not None]
         remedy = f"rerun nnunet-ext preprocess-soft -d {self.plans_manager.dataset_name} -c {self.configuration_name}"
-        return WithTargetMaps(dataset_tr, folders, raters, remedy), dataset_val
+        return WithTargetMaps(dataset_tr, folders, raters, remedy, packing=self.map_packing()), dataset_val
+
+    def map_packing(self) -> Packing | None:
+        """How the first map shares the label channel on its way through nnU-Net's data path (see
+        :class:`nnunet_ext.training.targets.Packing`); the dataset wrapper and the transport use the same."""
+        if not self.map_specs:
+            return None
+        lm = self.label_manager
+        max_label = max(list(lm.all_labels) + ([lm.ignore_label] if lm.ignore_label is not None else []))
+        return Packing.for_labels(max_label, self.map_specs[0])
 
     def get_training_transforms(self, *args, **kwargs):
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
         transforms = nnUNetTrainer.get_training_transforms(*args, **kwargs)
-        return MapTransport(transforms, self.map_specs) if self.map_specs else transforms
+        return MapTransport(transforms, self.map_specs, self.map_packing()) if self.map_specs else transforms
 
     # ---------------------------------------------------------------------------------------- contract
     def contract(self) -> ModelContract:

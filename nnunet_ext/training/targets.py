@@ -56,36 +56,95 @@ class MapSpec:
 # --------------------------------------------------------------------------------------------- reading
 
 
+@dataclass(frozen=True)
+class Packing:
+    """The first map packed into the label channel: ``label | min(map, cap) << bits`` (int16; the crop
+    marker -1 stays -1, since ``x | -1 == -1``). One int16 channel then carries the labels and that map
+    through nnU-Net's whole data path (read, pad, crop, mirror, ``-1`` removal, deep supervision) at the
+    cost of the labels alone; :class:`MapTransport` unpacks every scale's target at the end.
+
+    ``bits``: label bits (labels, incl. an ignore label, must be below ``2 ** bits``); the map must be
+    ``>= 0`` and values above ``cap = 2 ** (15 - bits) - 1`` are clipped (lesion sizes only: the LSR weight
+    of a lesion of ``cap`` voxels is 1 to float32 precision for any beta up to 1000)."""
+
+    bits: int
+
+    @property
+    def cap(self) -> int:
+        return 2 ** (15 - self.bits) - 1
+
+    @property
+    def mask(self) -> int:
+        return 2 ** self.bits - 1
+
+    @staticmethod
+    def for_labels(max_label: int, first: MapSpec) -> "Packing | None":
+        """The packing for labels up to ``max_label`` and the first map, or None when the map would lose
+        values (a soft map needs 8 bits; sizes keep at least 4095 voxels)."""
+        bits = max(1, int(max_label).bit_length())
+        p = Packing(bits)
+        return p if p.cap >= (4095 if first.exact else int(first.scale)) else None
+
+    def pack_np(self, labels: np.ndarray, first: np.ndarray) -> np.ndarray:
+        """``first`` must be a fresh array (it may be reused as the result)."""
+        enc = first.astype(np.int16, copy=False)
+        if first.dtype != np.uint8:  # uint8 maps (soft, 0..255) are below every cap Packing allows
+            np.minimum(enc, self.cap, out=enc)
+        np.left_shift(enc, self.bits, out=enc)
+        return np.bitwise_or(enc, labels.astype(np.int16, copy=False), out=enc)
+
+    def pack(self, labels: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """int16 tensors: labels (-1 allowed) and the map (0 ..cap), packed (a new tensor)."""
+        enc = first.to(torch.int16).numpy().copy()
+        np.left_shift(enc, self.bits, out=enc)
+        return torch.from_numpy(np.bitwise_or(enc, labels.to(torch.int16).numpy(), out=enc))
+
+    def labels_of(self, enc: torch.Tensor) -> torch.Tensor:
+        """The labels of a packed int16 tensor, the crop marker -1 kept (``-1 >> 15 == -1``)."""
+        e = enc.numpy()
+        lab = np.bitwise_and(e, self.mask)
+        return torch.from_numpy(np.bitwise_or(lab, np.right_shift(e, 15), out=lab))
+
+    def unpack(self, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels (the crop marker -1 kept) and the map (-1 there as well)."""
+        return self.labels_of(enc), torch.from_numpy(np.right_shift(enc.numpy(), self.bits))
+
+
 class CaseChannels:
-    """Lazy ``(1 + K, *spatial)`` int16 stack: the label channel and K maps (blosc2 arrays ``(1, *spatial)``).
+    """Lazy int16 stack of the label channel and K maps (blosc2 arrays ``(1, *spatial)``): ``(1 + K, *spatial)``,
+    or with a :class:`Packing` ``(K, *spatial)``, the first map packed into the label channel.
 
     ``label_from`` (optional, a blosc2 rater mask 0..255) replaces the labels by ``mask >= 128`` while
     keeping nnU-Net's ``-1`` outside the crop. Indexing reads only the requested region of every part."""
 
     dtype = np.dtype(np.int16)
 
-    def __init__(self, seg, maps=(), label_from=None):
+    def __init__(self, seg, maps=(), label_from=None, packing: Packing | None = None):
         self.seg, self.maps, self.label_from = seg, list(maps), label_from
+        self.packing = packing if self.maps else None
         spatial = tuple(seg.shape[1:])
         for m in self.maps + ([label_from] if label_from is not None else []):
             if tuple(m.shape[1:]) != spatial:
                 raise RuntimeError(f"a stored map has shape {tuple(m.shape[1:])}, the case's labels {spatial}; "
                                    f"delete the map folder to recompute it")
-        self.shape = (1 + len(self.maps), *spatial)
+        self.shape = (1 + len(self.maps) - (self.packing is not None), *spatial)
         self.ndim = len(self.shape)
 
     def _labels(self, region):
         seg = np.asarray(self.seg[(slice(0, 1),) + region])
         if self.label_from is None:
             return seg.astype(np.int16, copy=False)
-        mask = np.asarray(self.label_from[(slice(0, 1),) + region]) >= 128
-        return np.where(seg == -1, -1, mask).astype(np.int16)
+        lab = (np.asarray(self.label_from[(slice(0, 1),) + region]) >= 128).astype(np.int16)
+        # nnU-Net's crop marker kept: seg >> 15 is -1 there and 0 elsewhere (labels >= 0), x | -1 == -1
+        return np.bitwise_or(lab, np.right_shift(seg.astype(np.int16, copy=False), 15), out=lab)
 
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
         channels, region = (key[0] if key else slice(None)), tuple(key[1:])
-        parts = [self._labels(region)] + [np.asarray(m[(slice(0, 1),) + region]).astype(np.int16, copy=False)
-                                          for m in self.maps]
+        parts = [self._labels(region)] + [np.asarray(m[(slice(0, 1),) + region]) for m in self.maps]
+        if self.packing is not None:
+            parts = [self.packing.pack_np(parts[0], parts[1])] + parts[2:]
+        parts = [p.astype(np.int16, copy=False) for p in parts]
         out = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return out[channels] if channels != slice(None) else out
 
@@ -99,10 +158,12 @@ class WithTargetMaps(DatasetWrapper):
 
     ``map_folders`` lists, per map channel, a folder of ``<case>.b2nd`` maps, or a callable
     ``(case, rater_index) -> folder`` for maps that depend on the drawn rater; ``rater_folders`` (optional)
-    draws one rater per load (uniformly) whose mask becomes the labels."""
+    draws one rater per load (uniformly) whose mask becomes the labels; ``packing`` (the transport's,
+    :attr:`MapTransport.packing`) packs the first map into the label channel."""
 
-    def __init__(self, base, map_folders, rater_folders=None, remedy: str = ""):
+    def __init__(self, base, map_folders, rater_folders=None, remedy: str = "", packing: Packing | None = None):
         super().__init__(base)
+        self.packing = packing
         self.map_folders = list(map_folders)
         self.rater_folders = [Path(f) for f in rater_folders] if rater_folders else None
         self.remedy = remedy
@@ -115,7 +176,7 @@ class WithTargetMaps(DatasetWrapper):
         label_from = None if rater is None else open_map(self.rater_folders[rater], identifier, self.remedy)
         maps = [open_map(f(identifier, rater) if callable(f) else f, identifier, self.remedy)
                 for f in self.map_folders]
-        return data, CaseChannels(seg, maps, label_from), seg_prev, properties
+        return data, CaseChannels(seg, maps, label_from, self.packing), seg_prev, properties
 
 
 # --------------------------------------------------------------------------------------------- augmentation
@@ -195,15 +256,20 @@ class MapSpatialTransform(SpatialTransform):
       nnU-Net's own grid, unnormalised and rounded as ``grid_sample(mode="nearest")`` does (zero outside
       the region). *Linear* maps (soft targets) are interpolated as ``grid_sample(mode="bilinear")`` with
       zero padding would, but only at the output voxels a non-zero map voxel can reach (found block by
-      block, :meth:`_linear_support`; 0 elsewhere), and rounded to the stored steps (1/255). Both cost what
-      the lesions' neighbourhood costs, not a pass over the patch.
+      block, :meth:`_linear_support`; 0 elsewhere and where the transformed label is the crop marker -1),
+      and rounded to the stored steps (1/255). Both cost what the lesions' neighbourhood costs, not a pass
+      over the patch.
+
+    With a :class:`Packing` the first map arrives packed into the label channel; it is unpacked for the
+    sampling and packed again.
     """
 
     map_specs: list = []
 
-    def _nearest_at(self, maps: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    def _nearest_at(self, maps: torch.Tensor, pts: torch.Tensor, shift: int = 0) -> torch.Tensor:
         """``maps`` (C, *S) at the grid points ``pts`` (N, ndim; grid_sample's x-first order), nearest
-        neighbour with zero padding: (C, N) float32."""
+        neighbour with zero padding, negative values (the crop marker) read as 0: (C, N) float32.
+        ``shift``: the maps are packed (:class:`Packing`); a value is ``stored >> shift``."""
         spatial = maps.shape[1:]
         nd = len(spatial)
         flat = torch.zeros(pts.shape[0], dtype=torch.int64)
@@ -217,7 +283,8 @@ class MapSpatialTransform(SpatialTransform):
             inside &= (i >= 0) & (i < size)
             flat += i.clamp_(0, size - 1) * stride
             stride *= size
-        vals = maps.reshape(maps.shape[0], -1)[:, flat].to(torch.float32)
+        vals = maps.reshape(maps.shape[0], -1)[:, flat]
+        vals = (vals >> shift if shift else vals).to(torch.float32)
         vals[:, ~inside] = 0.0
         return vals.clamp_(min=0.0)
 
@@ -225,10 +292,11 @@ class MapSpatialTransform(SpatialTransform):
         """grid_sample's unnormalisation of grid coordinates ``g`` along a source axis of ``size`` voxels."""
         return (g + 1) * ((size - 1) / 2) if self.align_corners else (g + 1) * (size / 2) - 0.5
 
-    def _linear_at(self, maps: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
-        """``maps`` (C, *S), as stored and >= 0, linearly interpolated at the grid points ``pts`` (N, ndim;
-        x first) with zero padding: (C, N) float32. The unnormalisation and corner weights of
-        ``grid_sample(mode="bilinear")`` (equal to it up to float rounding)."""
+    def _linear_at(self, maps: torch.Tensor, pts: torch.Tensor, shift: int = 0) -> torch.Tensor:
+        """``maps`` (C, *S), as stored, linearly interpolated at the grid points ``pts`` (N, ndim; x first)
+        with zero padding, negative values (the crop marker) read as 0: (C, N) float32. The unnormalisation
+        and corner weights of ``grid_sample(mode="bilinear")`` (equal to it up to float rounding).
+        ``shift``: packed maps, a value is ``stored >> shift``."""
         spatial = maps.shape[1:]
         nd = len(spatial)
         flat = maps.reshape(maps.shape[0], -1)
@@ -259,7 +327,8 @@ class MapSpatialTransform(SpatialTransform):
             if any_border:
                 idx.clamp_(0, flat.shape[1] - 1)  # only where the weight is 0 (outside on some axis)
             for ch in range(maps.shape[0]):
-                out[ch].addcmul_(flat[ch].take(idx).to(torch.float32), w)
+                v = flat[ch].take(idx)
+                out[ch].addcmul_((v >> shift if shift else v).clamp_(min=0).to(torch.float32), w)
         return out
 
     def _affine_in_voxels(self, grid: torch.Tensor, spatial) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -284,7 +353,8 @@ class MapSpatialTransform(SpatialTransform):
                 return None
         return o, d
 
-    def _linear_support(self, maps: torch.Tensor, grid: torch.Tensor, affine: bool = True) -> torch.Tensor | None:
+    def _linear_support(self, maps: torch.Tensor, grid: torch.Tensor, affine: bool = True,
+                        shift: int = 0) -> torch.Tensor | None:
         """Flat indices (into the patch) of a superset of the output voxels whose linear interpolation reads
         a non-zero map voxel, or None when none can. Two levels of blocks: an output block is kept when the
         source box its voxels map into (an affine grid maps a box onto the hull of its corners), widened by
@@ -299,7 +369,7 @@ class MapSpatialTransform(SpatialTransform):
         o, d = aff
         fine, coarse = ACTIVE_BLOCK // 2, ACTIVE_BLOCK
         occ = maps.amax(0) if maps.shape[0] > 1 else maps[0]
-        occ_fine = _block_max(occ, fine) > 0
+        occ_fine = _block_max(occ, fine) >= (1 << shift)  # a non-zero value (packed: stored >> shift > 0)
         if not bool(occ_fine.any()):
             return None
         occ_coarse = _block_max(occ_fine, coarse // fine)
@@ -321,46 +391,59 @@ class MapSpatialTransform(SpatialTransform):
             vox = vox[(vox < torch.tensor(patch)).all(-1)]
         return vox @ st
 
+    packing: Packing | None = None
+
     def apply(self, data_dict, **params):
         grid = params.get("grid")
         seg = data_dict.get("segmentation")
         if grid is None or seg is None or not self.map_specs:  # cropped only: every channel as stored
             return super().apply(data_dict, **params)
-        k = len(self.map_specs)
-        rows = seg.shape[0] // (1 + k)  # > 1 with nnU-Net's dummy 2d augmentation
+        k, pk = len(self.map_specs), self.packing
+        rows = seg.shape[0] // (k if pk is not None else 1 + k)  # > 1 with nnU-Net's dummy 2d augmentation
+        if pk is not None:  # map 0 is read from the packed channel itself (its values >> bits)
+            labels_in = pk.labels_of(seg[:rows])
+            sources = [(seg[:rows], pk.bits)] + [(seg[rows * i:rows * (i + 1)], 0) for i in range(1, k)]
+        else:
+            labels_in = seg[:rows]
+            sources = [(seg[rows * (i + 1):rows * (i + 2)], 0) for i in range(k)]
         data_dict = dict(data_dict)
-        data_dict["segmentation"] = seg[:rows]
+        data_dict["segmentation"] = labels_in
         data_dict = super().apply(data_dict, **params)  # nnU-Net's own image and label sampling, untouched
         labels = data_dict["segmentation"]
         patch = tuple(labels.shape[1:])
-        out = torch.zeros((seg.shape[0], *patch), dtype=seg.dtype)
-        out[:rows] = labels
-        flat_out = out.view(seg.shape[0], -1)
-        exact = [i for i, m in enumerate(self.map_specs) if m.exact]
-        linear = [i for i, m in enumerate(self.map_specs) if not m.exact]
-        ch = lambda idx: [rows * (1 + i) + r for i in idx for r in range(rows)]  # noqa: E731
-        if linear:
-            lin = seg[ch(linear)]
-            if int(lin.amin()) < 0:  # nnU-Net's crop marker (-1) is no soft value: read as 0
-                lin = lin.clamp(min=0)
-            where = self._linear_support(lin, grid, affine=params.get("elastic_offsets") is None)
-            if where is not None:
-                vals = self._linear_at(lin, grid.reshape(-1, grid.shape[-1])[where])
-                if not seg.is_floating_point():
-                    vals = vals.round_()  # back to the stored steps
-                for j, c in enumerate(ch(linear)):
-                    flat_out[c, where] = vals[j].to(seg.dtype)
-        if exact:
-            fg = (labels > 0).any(0)
-            if bool(fg.any()):
-                vals = self._nearest_at(seg[ch(exact)], grid[fg]).to(seg.dtype)
-                for j, c in enumerate(ch(exact)):
-                    out[c][fg] = vals[j]
-        data_dict["segmentation"] = out
+        maps_out = torch.zeros((k * rows, *patch), dtype=seg.dtype)  # map i: rows i * rows ... (i + 1) * rows
+        flat_out = maps_out.view(k * rows, -1)
+        pts = grid.reshape(-1, grid.shape[-1])
+        fg, outside = None, None
+        for i, spec in enumerate(self.map_specs):
+            src, shift = sources[i]
+            dst = flat_out[i * rows:(i + 1) * rows]
+            if spec.exact:
+                if fg is None:
+                    fg = (labels > 0).any(0).reshape(-1)
+                if bool(fg.any()):
+                    dst[:, fg] = self._nearest_at(src, pts[fg], shift).to(seg.dtype)
+                continue
+            where = self._linear_support(src, grid, affine=params.get("elastic_offsets") is None, shift=shift)
+            if where is None:
+                continue
+            vals = self._linear_at(src, pts[where], shift)
+            if not seg.is_floating_point():
+                vals = vals.round_()  # back to the stored steps
+            dst[:, where] = vals.to(seg.dtype)
+            if outside is None:
+                outside = labels < 0  # nnU-Net's crop marker: no map value there (as in the packed channel)
+            if bool(outside.any()):
+                maps_out[i * rows:(i + 1) * rows][outside] = 0
+        if pk is not None:
+            first = pk.pack(labels, maps_out[:rows])
+            data_dict["segmentation"] = torch.cat([first, maps_out[rows:]]) if k > 1 else first
+        else:
+            data_dict["segmentation"] = torch.cat([labels, maps_out])
         return data_dict
 
 
-def map_spatial_transform(transform, specs: list[MapSpec]):
+def map_spatial_transform(transform, specs: list[MapSpec], packing: Packing | None = None):
     """Give nnU-Net's ``SpatialTransform`` instance our map path (in place; returns it)."""
     if type(transform) is SpatialTransform:
         transform.__class__ = MapSpatialTransform
@@ -368,6 +451,7 @@ def map_spatial_transform(transform, specs: list[MapSpec]):
         raise NotImplementedError(f"map transport supports batchgeneratorsv2's SpatialTransform, not a "
                                   f"{type(transform).__name__}")
     transform.map_specs = list(specs)
+    transform.packing = packing
     return transform
 
 
@@ -390,19 +474,41 @@ class MapTransport:
     mirroring, ``-1`` removal and ``nearest-exact`` deep-supervision downsampling treat every channel
     alike, and only sampled samples take :class:`MapSpatialTransform`'s map path. Returns per
     deep-supervision scale ``[labels, map_1..map_K]`` in the stored dtype and units (lesion sizes in
-    voxels, soft maps in 1/255 steps: the losses read integer soft channels that way)."""
+    voxels, soft maps in 1/255 steps: the losses read integer soft channels that way).
 
-    def __init__(self, inner, specs: list[MapSpec]):
+    ``packing`` (:meth:`Packing.for_labels`; the dataset wrapper must be given the same): the segmentation
+    then has K channels, the first map packed into the labels."""
+
+    def __init__(self, inner, specs: list[MapSpec], packing: Packing | None = None):
         self.inner, self.specs = inner, list(specs)
         spatial = _find_spatial(inner)
         if len(spatial) != 1:
             raise NotImplementedError(f"map transport needs exactly one SpatialTransform in the training transforms, "
                                       f"found {len(spatial)}")
-        map_spatial_transform(spatial[0], self.specs)
+        self.packing = packing if self.specs else None
+        map_spatial_transform(spatial[0], self.specs, self.packing)
 
     def __call__(self, **data):
         seg = data["segmentation"]
         k = len(self.specs)
-        if seg.shape[0] != 1 + k:
-            raise RuntimeError(f"map transport expects 1 + {k} segmentation channels, got {seg.shape[0]}")
-        return self.inner(**data)
+        want = k if self.packing is not None else 1 + k
+        if seg.shape[0] != want:
+            raise RuntimeError(f"map transport expects {want} segmentation channels, got {seg.shape[0]}")
+        if self.packing is not None and seg.dtype != torch.int16:
+            raise RuntimeError(f"a packed segmentation must be int16, got {seg.dtype}")
+        out = self.inner(**data)
+        if self.packing is not None:
+            segs = out["segmentation"]
+            out["segmentation"] = [self._unpack(s) for s in segs] if isinstance(segs, (list, tuple)) \
+                else self._unpack(segs)
+        return out
+
+    def _unpack(self, s: torch.Tensor) -> torch.Tensor:
+        """(K, *S) packed target -> (1 + K, *S): labels, the first map, the others (no -1 left here)."""
+        t = np.empty((s.shape[0] + 1, *s.shape[1:]), dtype=np.int16)
+        s0 = s[0].numpy()
+        np.bitwise_and(s0, self.packing.mask, out=t[0])
+        np.right_shift(s0, self.packing.bits, out=t[1])
+        if s.shape[0] > 1:
+            t[2:] = s[1:].numpy()
+        return torch.from_numpy(t)
