@@ -210,6 +210,9 @@ def main(argv=None):
                    "paired_ratio": {arm: float(np.median(np.array(v) / np.array(times["labels"]))) for arm, v in times.items()},
                    "spatial_median_s": {arm: float(np.median(v)) for arm, v in ts.items()},
                    "spatial_ratio": {arm: float(np.median(v) / np.median(ts["labels"])) for arm, v in ts.items()},
+                   "spatial_paired_ratio": {arm: float(np.median(np.array(v) / np.array(ts["labels"])))
+                                            for arm, v in ts.items()},
+                   "ratio_of_totals": {arm: float(np.sum(v) / np.sum(times["labels"])) for arm, v in times.items()},
                    "peak_rss_mib": mem, "rss_ratio": {arm: mem[arm] / mem["labels"] for arm in arms}}
             res["rows"].append(row)
             print(json.dumps(row), flush=True)

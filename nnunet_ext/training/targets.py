@@ -315,20 +315,21 @@ class MapSpatialTransform(SpatialTransform):
                 w_axes[-1][0].mul_((i0 >= 0) & (i0 < size))
                 w_axes[-1][1].mul_((i0 >= -1) & (i0 < size - 1))
             base = i0 * strides[axis] if base is None else base.add_(i0 * strides[axis])
+        # all 2^nd corners at once: weights (2^nd, N) by broadcasting, one gather per channel
         weights = None
-        for w0, w1 in w_axes:  # corner weights, corner c uses bit (nd - 1 - axis) of c for the axis
-            weights = [w0, w1] if weights is None else [w * x for w in weights for x in (w0, w1)]
-        out = torch.zeros((maps.shape[0], pts.shape[0]), dtype=torch.float32)
-        any_border = any(border)
-        for corner, w in enumerate(weights):
-            bits = [(corner >> (nd - 1 - axis)) & 1 for axis in range(nd)]
-            off = sum(b * st for b, st in zip(bits, strides))
-            idx = base + off
-            if any_border:
-                idx.clamp_(0, flat.shape[1] - 1)  # only where the weight is 0 (outside on some axis)
-            for ch in range(maps.shape[0]):
-                v = flat[ch].take(idx)
-                out[ch].addcmul_((v >> shift if shift else v).clamp_(min=0).to(torch.float32), w)
+        for w0, w1 in w_axes:  # corner c uses bit (nd - 1 - axis) of c for the axis
+            pair = torch.stack([w0, w1])
+            weights = pair if weights is None else (weights[:, None] * pair[None]).reshape(-1, pair.shape[1])
+        offs = torch.tensor([sum(((corner >> (nd - 1 - axis)) & 1) * strides[axis] for axis in range(nd))
+                             for corner in range(2 ** nd)])
+        idx = base[None] + offs[:, None]
+        if any(border):
+            idx.clamp_(0, flat.shape[1] - 1)  # only where the weight is 0 (outside on some axis)
+        out = torch.empty((maps.shape[0], pts.shape[0]), dtype=torch.float32)
+        for ch in range(maps.shape[0]):
+            v = flat[ch].take(idx)
+            v = (v >> shift if shift else v).clamp_(min=0).to(torch.float32)
+            torch.sum(v.mul_(weights), 0, out=out[ch])
         return out
 
     def _affine_in_voxels(self, grid: torch.Tensor, spatial) -> tuple[torch.Tensor, torch.Tensor] | None:
