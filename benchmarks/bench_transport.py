@@ -89,7 +89,8 @@ def loader(folder: Path, arm: str, patch, p_spatial: float | None = None):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-    from nnunet_ext.training.targets import MapSpec, MapTransport, Packing, WithTargetMaps
+    from nnunet_ext.training.targets import (MapSpec, MapTransport, Packing, WithTargetMaps, packed_folder,
+                                             write_packed_maps)
 
     ds = nnUNetDatasetBlosc2(str(folder))
     ds_scales = [[1, 1, 1], [.5, .5, .5], [.25, .25, .25], [.125, .125, .125], [.0625, .0625, .0625]]
@@ -98,10 +99,17 @@ def loader(folder: Path, arm: str, patch, p_spatial: float | None = None):
     if p_spatial is not None:
         sp = [x for x in t.transforms if type(x).__name__ == "SpatialTransform"][0]
         sp.p_rotation = sp.p_scaling = p_spatial
-    if arm in ("lsr", "soft"):  # as ComposedTrainer does: the map packed into the label channel
-        spec = MapSpec("sizes", True) if arm == "lsr" else MapSpec("soft", False, 255.0)
+    if arm in ("lsr", "soft", "lsr_read", "soft_read"):
+        # as ComposedTrainer does: the labels with the map packed in, stored once per case ("_read": packed
+        # while reading instead; NNUNET_EXT_BENCH_NO_PACKING=1: not packed)
+        spec = MapSpec("sizes", True) if arm.startswith("lsr") else MapSpec("soft", False, 255.0)
         pk = None if os.environ.get("NNUNET_EXT_BENCH_NO_PACKING") else Packing.for_labels(1, spec)
-        ds, t = WithTargetMaps(ds, [folder / spec.name], packing=pk), MapTransport(t, [spec], pk)
+        stored = None
+        if pk is not None and not arm.endswith("_read"):
+            write_packed_maps(ds.identifiers, folder, folder / spec.name, pk)
+            stored = packed_folder(folder, folder / spec.name, pk)
+        ds = WithTargetMaps(ds, [folder / spec.name], packing=None if stored else pk, packed_folders=stored)
+        t = MapTransport(t, [spec], pk)
     elif arm == "rater":
         ds = WithTargetMaps(ds, [], [folder / "r0", folder / "r1"])
     lm = LabelManager({"background": 0, "lesion": 1}, regions_class_order=None)

@@ -282,8 +282,8 @@ def test_sizes_and_soft_exact_with_dummy_2d_augmentation(stored, seed):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("first", ["sizes", "soft"])
 def test_packed_first_map_gives_the_same_targets(stored, tmp_path, seed, first):
-    """The first map packed into the label channel (one int16 channel through nnU-Net's data path) gives
-    targets identical to the unpacked transport, after nnU-Net's real data loader crop and training
+    """The first map packed into the label channel (one int16 channel through nnU-Net's data path), packed
+    while reading or stored packed beforehand, gives targets identical to the unpacked transport, after nnU-Net's real data loader crop and training
     transforms, on cropped-only (odd seeds) and rotated/scaled (even seeds) samples; sizes above the
     packing's cap are clipped to it."""
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
@@ -300,21 +300,40 @@ def test_packed_first_map_gives_the_same_targets(stored, tmp_path, seed, first):
     order = [first, "soft" if first == "sizes" else "sizes"]
     packing = Packing.for_labels(1, specs[first])
     assert packing is not None and packing.bits == 1 and packing.cap == 16383
+    # stored packed, as ComposedTrainer does; kept while newer than its sources, rewritten otherwise
+    from nnunet_ext.training.targets import packed_folder, write_packed_maps
+
+    work = tmp_path / "pre"  # a copy of the preprocessed folder: the module's fixture stays untouched
+    work.mkdir()
+    import shutil
+
+    shutil.copy(pre / "case0_seg.b2nd", work / "case0_seg.b2nd")
+    assert write_packed_maps(["case0"], work, folders[first], packing) == 1
+    assert write_packed_maps(["case0"], work, folders[first], packing) == 0
+    import os
+
+    later = map_path(packed_folder(work, folders[first], packing), "case0").stat().st_mtime + 10
+    os.utime(work / "case0_seg.b2nd", (later, later))  # the labels changed after the packed file was written
+    assert write_packed_maps(["case0"], work, folders[first], packing) == 1
+    stored_dir = packed_folder(work, folders[first], packing)
+    assert stored_dir.parent.name == "nnunet_ext_packed"
     outs = []
-    for pk in (None, packing):
+    for pk, stored_packed in ((None, None), (packing, None), (packing, stored_dir)):
         transforms, _ = _transforms(1.0)
         sp = [t for t in transforms.transforms if type(t).__name__ == "SpatialTransform"][0]
         sp.p_rotation = sp.p_scaling = 1.0 if seed % 2 == 0 else 0.0
-        w = WithTargetMaps(ds, [folders[n] for n in order], packing=pk)
+        w = WithTargetMaps(ds, [folders[n] for n in order], packing=None if stored_packed else pk,
+                           packed_folders=stored_packed)
         dl = nnUNetDataLoader(w, 1, [p + 8 for p in PATCH], PATCH, LabelManager({"background": 0, "lesion": 1}, None),
                               oversample_foreground_percent=1.0,
                               transforms=MapTransport(transforms, [specs[n] for n in order], pk))
         np.random.seed(seed)
         torch.manual_seed(seed)
         outs.append(next(dl)["target"])
-    for a, b in zip(*outs):
-        assert a.shape == b.shape and a.shape[1] == 3 and b.dtype == torch.int16
+    for a, b, c in zip(*outs):
+        assert a.shape == b.shape == c.shape and a.shape[1] == 3 and b.dtype == c.dtype == torch.int16
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
     assert outs[1][0][:, 1 + order.index("sizes")].max() > 0 and outs[1][0][:, 1 + order.index("soft")].max() > 0
     # clipping at the cap, the crop marker kept
     lab = np.array([[-1, 0, 1, 1]], np.int16)

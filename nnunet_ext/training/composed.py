@@ -19,6 +19,7 @@ What the parts change, and nothing else:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -26,7 +27,8 @@ from nnunet_ext.contract import ModelContract, read_contract_file, write_contrac
 from nnunet_ext.training.base import ExtTrainer
 from nnunet_ext.training.parts import DiceCE, LossPart, NetworkPart, RandomRater, TargetPart, part_name
 from nnunet_ext.training.plumbing import refuse_unsupported, wrap_deep_supervision
-from nnunet_ext.training.targets import MapTransport, Packing, WithTargetMaps
+from nnunet_ext.training.targets import (PACKED_FOLDER, MapTransport, Packing, WithTargetMaps, packed_folder,
+                                         write_packed_maps)
 
 
 def check_composition(loss: LossPart, targets, network) -> list:
@@ -142,7 +144,16 @@ class ComposedTrainer(ExtTrainer):
             t.prepare(self, dataset_tr, raters)
         folders = [t.folder(self, raters) for t in self.target_parts if t.spec() is not None]
         remedy = f"rerun nnunet-ext preprocess-soft -d {self.plans_manager.dataset_name} -c {self.configuration_name}"
-        return WithTargetMaps(dataset_tr, folders, raters, remedy, packing=self.map_packing()), dataset_val
+        packing, packed = self.map_packing(), None
+        if packing is not None:  # the labels with the first map packed in, stored once per case (and rater)
+            pre, first = self.preprocessed_dataset_folder, folders[0]
+            made = write_packed_maps(dataset_tr.identifiers, pre, first, packing, raters, remedy)
+            if made:
+                self.print_to_log_file(f"packed the first map into the labels of {made} cases in "
+                                       f"{Path(pre) / PACKED_FOLDER}")
+            packed = (lambda case, r: packed_folder(pre, first(case, r), packing)) if callable(first) \
+                else packed_folder(pre, first, packing)
+        return WithTargetMaps(dataset_tr, folders, raters, remedy, packed_folders=packed), dataset_val
 
     def map_packing(self) -> Packing | None:
         """How the first map shares the label channel on its way through nnU-Net's data path (see

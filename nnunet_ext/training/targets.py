@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 
-from nnunet_ext.maps import SOFT_SCALE, open_map  # noqa: F401 - SOFT_SCALE re-exported
+from nnunet_ext.maps import SOFT_SCALE, map_path, open_map, save_map_like_seg  # noqa: F401 - SOFT_SCALE re-exported
 from nnunet_ext.training.plumbing import DatasetWrapper
 
 ACTIVE_BLOCK = 4  # output and source block edge (voxels) of the linear maps' support search
@@ -110,6 +110,49 @@ class Packing:
         return self.labels_of(enc), torch.from_numpy(np.right_shift(enc.numpy(), self.bits))
 
 
+def rater_labels(seg: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A rater's labels (``mask >= 128`` of 0..255) with nnU-Net's crop marker of ``seg`` kept (int16)."""
+    lab = (mask >= 128).astype(np.int16)
+    # seg >> 15 is -1 at the crop marker and 0 elsewhere (labels >= 0), and x | -1 == -1
+    return np.bitwise_or(lab, np.right_shift(seg.astype(np.int16, copy=False), 15), out=lab)
+
+
+PACKED_FOLDER = "nnunet_ext_packed"
+
+
+def packed_folder(preprocessed_folder, first_folder, packing: Packing) -> Path:
+    """Where the label channel packed with the maps of ``first_folder`` is stored."""
+    first = Path(first_folder)
+    return Path(preprocessed_folder) / PACKED_FOLDER / f"{first.parent.name}__{first.name}__b{packing.bits}"
+
+
+def write_packed_maps(identifiers, preprocessed_folder, first_folder, packing: Packing,
+                      raters: list[Path] | None = None, remedy: str = "") -> int:
+    """Store, per case (and per rater when ``first_folder`` is a callable ``(case, rater_index) ->
+    folder``), the label channel with the first map packed into it (:class:`Packing`), chunked like
+    nnU-Net's labels, so that training reads one array where it would read two. A stored one is kept
+    while it is newer than its sources (nnU-Net's labels, the map, the rater's mask). Returns how many
+    were written."""
+    import blosc2
+
+    pre = Path(preprocessed_folder)
+    made = 0
+    for case in identifiers:
+        seg_file = pre / f"{case}_seg.b2nd"
+        for r in (range(len(raters)) if callable(first_folder) else [None]):
+            src = first_folder(case, r) if r is not None else first_folder
+            target = map_path(packed_folder(pre, src, packing), case)
+            sources = [seg_file, map_path(src, case)] + ([map_path(raters[r], case)] if r is not None else [])
+            if target.is_file() and target.stat().st_mtime >= max(p.stat().st_mtime for p in sources):
+                continue
+            seg = np.asarray(blosc2.open(urlpath=str(seg_file), mode="r")[:])
+            labels = seg if r is None else rater_labels(seg, np.asarray(open_map(raters[r], case, remedy)[:]))
+            enc = packing.pack_np(labels.astype(np.int16, copy=False), np.asarray(open_map(src, case, remedy)[:]))
+            save_map_like_seg(enc, seg_file, target)
+            made += 1
+    return made
+
+
 class CaseChannels:
     """Lazy int16 stack of the label channel and K maps (blosc2 arrays ``(1, *spatial)``): ``(1 + K, *spatial)``,
     or with a :class:`Packing` ``(K, *spatial)``, the first map packed into the label channel.
@@ -134,9 +177,7 @@ class CaseChannels:
         seg = np.asarray(self.seg[(slice(0, 1),) + region])
         if self.label_from is None:
             return seg.astype(np.int16, copy=False)
-        lab = (np.asarray(self.label_from[(slice(0, 1),) + region]) >= 128).astype(np.int16)
-        # nnU-Net's crop marker kept: seg >> 15 is -1 there and 0 elsewhere (labels >= 0), x | -1 == -1
-        return np.bitwise_or(lab, np.right_shift(seg.astype(np.int16, copy=False), 15), out=lab)
+        return rater_labels(seg, np.asarray(self.label_from[(slice(0, 1),) + region]))
 
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
@@ -159,11 +200,14 @@ class WithTargetMaps(DatasetWrapper):
     ``map_folders`` lists, per map channel, a folder of ``<case>.b2nd`` maps, or a callable
     ``(case, rater_index) -> folder`` for maps that depend on the drawn rater; ``rater_folders`` (optional)
     draws one rater per load (uniformly) whose mask becomes the labels; ``packing`` (the transport's,
-    :attr:`MapTransport.packing`) packs the first map into the label channel."""
+    :attr:`MapTransport.packing`) packs the first map into the label channel while reading, or
+    ``packed_folders`` (a folder, or a callable ``(case, rater_index) -> folder``; from
+    :func:`write_packed_maps`) gives it already packed (one array read instead of two)."""
 
-    def __init__(self, base, map_folders, rater_folders=None, remedy: str = "", packing: Packing | None = None):
+    def __init__(self, base, map_folders, rater_folders=None, remedy: str = "", packing: Packing | None = None,
+                 packed_folders=None):
         super().__init__(base)
-        self.packing = packing
+        self.packing, self.packed_folders = packing, packed_folders
         self.map_folders = list(map_folders)
         self.rater_folders = [Path(f) for f in rater_folders] if rater_folders else None
         self.remedy = remedy
@@ -173,6 +217,12 @@ class WithTargetMaps(DatasetWrapper):
     def load_case(self, identifier):
         data, seg, seg_prev, properties = self.base.load_case(identifier)
         rater = None if self.rater_folders is None else int(np.random.randint(len(self.rater_folders)))
+        if self.packed_folders is not None:  # labels (the rater's, if any) and the first map in one array
+            f = self.packed_folders
+            packed = open_map(f(identifier, rater) if callable(f) else f, identifier, self.remedy)
+            maps = [open_map(f(identifier, rater) if callable(f) else f, identifier, self.remedy)
+                    for f in self.map_folders[1:]]
+            return data, CaseChannels(packed, maps), seg_prev, properties
         label_from = None if rater is None else open_map(self.rater_folders[rater], identifier, self.remedy)
         maps = [open_map(f(identifier, rater) if callable(f) else f, identifier, self.remedy)
                 for f in self.map_folders]
