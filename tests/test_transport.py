@@ -119,6 +119,17 @@ def test_sizes_exact_after_real_augmentation(stored, seed):
         # labels mostly unchanged by interpolation
         assert (label[inside & (label == 1)] == src_label[inside & (label == 1)]).mean() > 0.8
         checked += int(same.sum())
+        if seed % 2 and scale.shape[1:] == PATCH:  # the centre crop holds the two touching lesions
+            pair = np.zeros(SHAPE, bool)
+            pair[10:14, 10:14, 10:13] = True
+            got = set(tsize[same & pair[src]].tolist())
+            assert got == {8.0, 4.0}, got  # each keeps its own size across the diagonal contact
+            # lesions cut by the patch border keep their whole-case size, larger than what the patch shows
+            comp, _ = ndimage.label(label == 1, ndimage.generate_binary_structure(3, 1))
+            at_border = np.unique(np.concatenate([comp[[0, -1]].ravel(), comp[:, [0, -1]].ravel(),
+                                                  comp[:, :, [0, -1]].ravel()]))
+            cut = [c for c in at_border if c and (tsize[comp == c] > (comp == c).sum()).any()]
+            assert cut, "no lesion cut by the patch border in this sample"
     assert checked > 50
 
 
