@@ -14,7 +14,7 @@ One transport serves every target part (lesion sizes, soft targets, a random rat
    (lesion sizes) nearest-neighbour at the foreground output voxels, linear maps (soft targets)
    bilinearly at the output voxels non-zero map voxels can reach, whatever the number of lesions.
 3. **Deep supervision.** Each scale's target is ``[labels, map_1, ..., map_K]`` in the stored dtype
-   (int16) and units (sizes in voxels, soft maps in 1/255 steps, :data:`SOFT_SCALE`), every channel
+   (int16) and units (sizes in voxels, soft maps in 1/255 steps, ``nnunet_ext.maps.SOFT_SCALE``), every channel
    downsampled by nnU-Net's ``nearest-exact`` (so at every scale a voxel's map value comes from the same
    source voxel as its label).
 
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 
-from nnunet_ext.maps import SOFT_SCALE, map_path, open_map, save_map_like_seg  # noqa: F401 - SOFT_SCALE re-exported
+from nnunet_ext.maps import map_path, open_map, save_map_like_seg
 from nnunet_ext.training.plumbing import DatasetWrapper
 
 ACTIVE_BLOCK = 4  # output and source block edge (voxels) of the linear maps' support search
