@@ -4,8 +4,10 @@ One transport serves every target part (lesion sizes, soft targets, a random rat
 
 1. **Reading.** :class:`CaseChannels` is what our dataset wrapper returns as a case's "segmentation": a
    lazy ``(1 + K, *spatial)`` stack of the case's labels (nnU-Net's blosc2 ``_seg.b2nd``, or one rater's
-   mask) and K maps stored chunked like the labels (:mod:`nnunet_ext.maps`). nnU-Net's data loader crops
-   it exactly as it crops the labels; only the patch is read and decompressed, never the whole case.
+   mask) and K maps stored chunked like the labels (:mod:`nnunet_ext.maps`); with a :class:`Packing` the
+   first map shares the label channel (stored so by :func:`write_packed_maps`), and the stack is
+   ``(K, *spatial)``. nnU-Net's data loader crops it exactly as it crops the labels; only the patch is
+   read and decompressed, never the whole case.
 2. **Augmentation.** :class:`MapTransport` wraps nnU-Net's own training transforms and leaves the maps
    where the data loader put them, as segmentation channels after the labels: nnU-Net's crop, mirroring,
    ``-1`` removal and deep-supervision downsampling treat every channel alike. Only sampled (rotated or
@@ -45,8 +47,9 @@ ACTIVE_BLOCK = 4  # output and source block edge (voxels) of the linear maps' su
 
 @dataclass(frozen=True)
 class MapSpec:
-    """One map channel: ``exact`` maps (lesion sizes) are sampled nearest-neighbour and downsampled like
-    the labels; others (soft targets) linearly and by area; values are divided by ``scale``."""
+    """One map channel: ``exact`` maps (lesion sizes) are sampled nearest-neighbour, others (soft targets)
+    linearly; every map is downsampled like the labels and stays in its stored units, whose largest value
+    is ``scale`` for linear maps (255: soft maps in 1/255 steps)."""
 
     name: str
     exact: bool
@@ -147,7 +150,7 @@ def write_packed_maps(identifiers, preprocessed_folder, first_folder, packing: P
                 continue
             seg = np.asarray(blosc2.open(urlpath=str(seg_file), mode="r")[:])
             labels = seg if r is None else rater_labels(seg, np.asarray(open_map(raters[r], case, remedy)[:]))
-            enc = packing.pack_np(labels.astype(np.int16, copy=False), np.asarray(open_map(src, case, remedy)[:]))
+            enc = packing.pack_np(labels, np.asarray(open_map(src, case, remedy)[:]))
             save_map_like_seg(enc, seg_file, target)
             made += 1
     return made
@@ -217,15 +220,15 @@ class WithTargetMaps(DatasetWrapper):
     def load_case(self, identifier):
         data, seg, seg_prev, properties = self.base.load_case(identifier)
         rater = None if self.rater_folders is None else int(np.random.randint(len(self.rater_folders)))
+
+        def opened(folder):  # a folder, or a callable (case, rater_index) -> folder
+            return open_map(folder(identifier, rater) if callable(folder) else folder, identifier, self.remedy)
+
         if self.packed_folders is not None:  # labels (the rater's, if any) and the first map in one array
-            f = self.packed_folders
-            packed = open_map(f(identifier, rater) if callable(f) else f, identifier, self.remedy)
-            maps = [open_map(f(identifier, rater) if callable(f) else f, identifier, self.remedy)
-                    for f in self.map_folders[1:]]
-            return data, CaseChannels(packed, maps), seg_prev, properties
-        label_from = None if rater is None else open_map(self.rater_folders[rater], identifier, self.remedy)
-        maps = [open_map(f(identifier, rater) if callable(f) else f, identifier, self.remedy)
-                for f in self.map_folders]
+            maps = [opened(f) for f in self.map_folders[1:]]
+            return data, CaseChannels(opened(self.packed_folders), maps), seg_prev, properties
+        label_from = None if rater is None else opened(self.rater_folders[rater])
+        maps = [opened(f) for f in self.map_folders]
         return data, CaseChannels(seg, maps, label_from, self.packing), seg_prev, properties
 
 
@@ -315,6 +318,7 @@ class MapSpatialTransform(SpatialTransform):
     """
 
     map_specs: list = []
+    packing: Packing | None = None
 
     def _nearest_at(self, maps: torch.Tensor, pts: torch.Tensor, shift: int = 0) -> torch.Tensor:
         """``maps`` (C, *S) at the grid points ``pts`` (N, ndim; grid_sample's x-first order), nearest
@@ -327,8 +331,7 @@ class MapSpatialTransform(SpatialTransform):
         stride = 1
         for axis in range(nd - 1, -1, -1):  # grid column j addresses spatial axis nd - 1 - j
             size = spatial[axis]
-            g = pts[:, nd - 1 - axis]
-            c = (g + 1) * ((size - 1) / 2) if self.align_corners else (g + 1) * (size / 2) - 0.5
+            c = self._to_source(pts[:, nd - 1 - axis], size)
             i = torch.round(c).to(torch.int64)  # round half to even, as std::nearbyint in grid_sample
             inside &= (i >= 0) & (i < size)
             flat += i.clamp_(0, size - 1) * stride
@@ -425,24 +428,20 @@ class MapSpatialTransform(SpatialTransform):
             return None
         occ_coarse = _block_max(occ_fine, coarse // fine)
 
-        def corners(n):  # {0, 1}^nd offsets scaled by n
-            return torch.stack(torch.meshgrid(*[torch.arange(2)] * nd, indexing="ij"), -1).reshape(-1, nd) * n
+        def lattice(*ranges):  # every combination of the per-axis index ranges, (M, nd)
+            return torch.stack(torch.meshgrid(*ranges, indexing="ij"), -1).reshape(-1, nd)
 
-        blocks = torch.stack(torch.meshgrid(*[torch.arange(0, n, coarse) for n in patch], indexing="ij"),
-                             -1).reshape(-1, nd)
+        blocks = lattice(*[torch.arange(0, n, coarse) for n in patch])
         blocks = blocks[_blocks_touching(blocks, coarse, _summed_area(occ_coarse), coarse, o, d, spatial)]
-        sub = (blocks[:, None, :] + corners(fine)[None]).reshape(-1, nd)
+        sub = (blocks[:, None, :] + lattice(*[torch.arange(0, coarse, fine)] * nd)[None]).reshape(-1, nd)
         sub = sub[_blocks_touching(sub, fine, _summed_area(occ_fine), fine, o, d, spatial)]
         if sub.shape[0] == 0:
             return None
         st = torch.tensor([int(np.prod(patch[a + 1:])) for a in range(nd)])
-        vox = (sub[:, None, :] + torch.stack(torch.meshgrid(*[torch.arange(fine)] * nd, indexing="ij"),
-                                             -1).reshape(-1, nd)[None]).reshape(-1, nd)
+        vox = (sub[:, None, :] + lattice(*[torch.arange(fine)] * nd)[None]).reshape(-1, nd)
         if any(n % coarse for n in patch):
             vox = vox[(vox < torch.tensor(patch)).all(-1)]
         return vox @ st
-
-    packing: Packing | None = None
 
     def apply(self, data_dict, **params):
         grid = params.get("grid")
