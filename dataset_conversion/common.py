@@ -116,3 +116,26 @@ def write_multirater_case(root: Path, cid: str, images: list[sitk.Image], label:
 def progress_line(text: str, enabled: bool) -> None:
     if enabled:
         print(f"\r{text}", end="", flush=True)
+
+
+def find_files(source, pattern: str) -> list[Path]:
+    """``source.rglob(pattern)`` that also enters folders reached through symbolic links (``Path.rglob`` of
+    Python < 3.13 skips them, so a case folder that is a link would be dropped without a word); each real
+    folder is visited once (no loop through a link to a parent). A broken link below ``source`` is a
+    warning naming it. Sorted paths below ``source`` as found (links not resolved)."""
+    import warnings
+
+    source = Path(source)
+    seen, out = set(), []
+    for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        d = Path(dirpath)
+        for n in dirnames + filenames:
+            if os.path.islink(d / n) and not os.path.exists(d / n):
+                warnings.warn(f"{d / n}: broken symbolic link, skipped; fix or remove it")
+        out += [p for p in d.glob(pattern) if p.is_file()]
+    return sorted(set(out))

@@ -7,6 +7,8 @@ time point (``training01_01``). Test releases have no masks and go to imagesTs.
 Output: channels FLAIR (0000), T2 (0001), PD (0002), MPRAGE (0003); both raters kept in
 ``ratersTr/rater1|rater2``, their average in ``softlabelsTr`` (0, 0.5, 1), and ``labelsTr`` from
 ``--label`` (rater1, rater2, intersection or union; default rater1, the mask most papers train on).
+``case_groups.json`` records each case's subject (the ``training<NN>`` folder), so that ``nnunet-ext split``
+keeps the time points of one subject in one fold.
 """
 from __future__ import annotations
 
@@ -17,8 +19,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_ext.dataset_conversion.common import find_files
 from nnunet_ext.dataset_conversion.common import (mask_array, read_checked, staged_dataset, write_dataset_json,
                                                   write_json, write_like, write_multirater_case)
+from nnunet_ext.progress import step
+from nnunet_ext.splits import write_case_groups
 
 MODALITIES = ("flair", "t2", "pd", "mprage")
 LABEL_RULES = ("rater1", "rater2", "intersection", "union")
@@ -32,7 +37,7 @@ def find_cases(source) -> dict[str, dict]:
     if not source.is_dir():
         raise FileNotFoundError(f"source folder not found: {source}")
     cases = {}
-    for flair in sorted(source.rglob("*_flair_pp.nii*")):
+    for flair in find_files(source, "*_flair_pp.nii*"):  # case folders that are links included
         m = _FLAIR.match(flair.name)
         if m is None or not flair.is_file():
             warnings.warn(f"skipping {flair}: not a .nii / .nii.gz file")
@@ -52,7 +57,7 @@ def find_cases(source) -> dict[str, dict]:
             missing = masks[present.index(False)]
             raise FileNotFoundError(f"{missing} is missing while {masks[present.index(True)].name} is present: "
                                     f"a training case needs both masks (a test case neither)")
-        cases[cid] = {"images": images, "masks": masks, "labelled": all(present)}
+        cases[cid] = {"images": images, "masks": masks, "labelled": all(present), "subject": subject.name}
     if not cases:
         raise ValueError(f"no *_flair_pp.nii files below {source} (expected the ISBI 2015 layout)")
     return cases
@@ -83,11 +88,9 @@ def convert(source, raw_root, dataset_id: int, name: str = "ISBI2015", label: st
                 for i, img in enumerate(read_checked(c["images"])):
                     write_like(img, root / "imagesTs" / f"{cid}_{i:04d}.nii.gz")
                 summary[cid] = {"split": "Ts"}
-            if progress:
-                print(f"\risbi2015: {k}/{len(cases)}", end="", flush=True)
-        if progress:
-            print()
+            step("isbi2015", k, len(cases), progress, item=cid)
         write_dataset_json(root, {"0": "FLAIR", "1": "T2", "2": "PD", "3": "MPRAGE"}, {"background": 0, "lesion": 1},
                            n_train, name, {"label_rule": label, "raters": 2})
         write_json(root / "conversion.json", summary)
+        write_case_groups(root, {cid: {"subject": c["subject"]} for cid, c in cases.items()})
     return final

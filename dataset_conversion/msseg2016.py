@@ -5,15 +5,19 @@ and ``<root>/<Center_NN>/<Patient_NN>/Masks/{ManualSegmentation_1..7,Consensus}.
 their consensus); ``Raw_Data/`` is ignored. Case ids: ``Center_01_Patient_01``.
 
 Output: channels FLAIR, T1, T2, DP, GADO (0000-0004); ``labelsTr`` = Consensus; every rater in
-``ratersTr/rater1..7``; the rater average in ``softlabelsTr``.
+``ratersTr/rater1..7``; the rater average in ``softlabelsTr``. ``case_groups.json``: subject = the case
+(one scan per patient), site = the ``Center_NN`` folder.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+from nnunet_ext.dataset_conversion.common import find_files
 from nnunet_ext.dataset_conversion.common import (read_checked, staged_dataset, write_dataset_json, write_json,
                                                   write_multirater_case)
+from nnunet_ext.progress import step
+from nnunet_ext.splits import write_case_groups
 
 MODALITIES = ("FLAIR", "T1", "T2", "DP", "GADO")
 _RATER = re.compile(r"ManualSegmentation_(\d+)\.nii\.gz$")
@@ -24,7 +28,7 @@ def find_cases(source) -> dict[str, Path]:
     if not source.is_dir():
         raise FileNotFoundError(f"source folder not found: {source}")
     cases = {}
-    for cons in sorted(source.rglob("Masks/Consensus.nii.gz")):
+    for cons in find_files(source, "Masks/Consensus.nii.gz"):  # patient folders that are links too
         patient = cons.parent.parent
         cases["_".join(patient.relative_to(source).parts)] = patient
     if not cases:
@@ -71,11 +75,10 @@ def convert(source, raw_root, dataset_id: int, name: str = "MSSEG2016", progress
             summary[cid] = {"source": str(patient),
                             **write_multirater_case(root, cid, imgs[:5], imgs[5], imgs[6:], list(raters.values()),
                                                     rater_ids=list(raters), label_path=cons)}
-            if progress:
-                print(f"\rmsseg2016: {k}/{len(cases)}", end="", flush=True)
-        if progress:
-            print()
+            step("msseg2016", k, len(cases), progress, item=cid)
         write_dataset_json(root, {str(i): m for i, m in enumerate(MODALITIES)}, {"background": 0, "lesion": 1},
                            len(cases), name, {"raters": len(numbers), "rater_numbers": numbers, "label": "Consensus"})
         write_json(root / "conversion.json", summary)
+        write_case_groups(root, {cid: {"subject": cid, "site": patient.relative_to(Path(source)).parts[0]}
+                                 for cid, patient in cases.items()})
     return final

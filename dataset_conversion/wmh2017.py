@@ -9,7 +9,8 @@ Output: channels FLAIR (0000) and T1 (0001); labels background 0, WMH 1, and oth
 nnU-Net's ignore label 2 (``"ignore": 2``), so it is neither learned as WMH nor as background. Case ids
 are the path below the root joined by ``_`` (e.g. ``Utrecht_0``, ``Amsterdam_GE1T5_137``). Score
 predictions as the challenge does with ``nnunet-ext evaluate --preset wmh2017`` against the original
-``wmh.nii.gz`` files.
+``wmh.nii.gz`` files. ``case_groups.json`` records each case's site (the first folder below the release root:
+Utrecht, Singapore, Amsterdam or GE3T) for ``nnunet-ext split --group-by site``; every case is its own subject.
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from nnunet_ext.dataset_conversion.common import find_files
 from nnunet_ext.dataset_conversion.common import (mask_array, read_checked, staged_dataset, write_dataset_json,
                                                   write_json, write_like)
+from nnunet_ext.progress import step
+from nnunet_ext.splits import write_case_groups
 
 
 def find_cases(source: str | os.PathLike) -> dict[str, Path]:
@@ -28,7 +32,7 @@ def find_cases(source: str | os.PathLike) -> dict[str, Path]:
     if not source.is_dir():
         raise FileNotFoundError(f"source folder not found: {source}")
     cases = {}
-    for wmh in sorted(source.rglob("wmh.nii.gz")):
+    for wmh in find_files(source, "wmh.nii.gz"):  # case folders that are links included
         folder = wmh.parent
         cid = "_".join(folder.relative_to(source).parts) or folder.name
         for needed in ("pre/FLAIR.nii.gz", "pre/T1.nii.gz"):
@@ -78,13 +82,12 @@ def convert(source: str | os.PathLike, raw_root: str | os.PathLike, dataset_id: 
             for k, (cid, folder) in enumerate(cases.items(), 1):
                 summary[cid] = {"split": split, "source": str(folder),
                                 **_convert_case(folder, cid, root / f"images{split}", root / f"labels{split}")}
-                if progress:
-                    print(f"\rwmh2017 {split}: {k}/{len(cases)}", end="", flush=True)
-            if progress:
-                print()
+                step(f"wmh2017 {split}", k, len(cases), progress, item=cid)
         n_train = sum(1 for v in summary.values() if v["split"] == "Tr")
         write_dataset_json(root, {"0": "FLAIR", "1": "T1"}, {"background": 0, "WMH": 1, "ignore": 2}, n_train, name,
                            {"description": "WMH Segmentation Challenge 2017; label 2 (other pathology) is the ignore label",
                             "reference": "https://wmh.grand-challenge.org"})
         write_json(root / "conversion.json", summary)
+        write_case_groups(root, {cid: {"subject": cid, "site": folder.relative_to(Path(src)).parts[0]}
+                                 for split, src in splits for cid, folder in found[split].items()})
     return final

@@ -5,6 +5,7 @@ import argparse
 import signal
 import sys
 
+from nnunet_ext import __version__
 from nnunet_ext.launcher import add_launcher_arguments, launcher_options
 
 
@@ -37,6 +38,9 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--symmetric", action="store_true",
                    help="apply the detection rule to predicted components too (default: a predicted component is a "
                         "false positive only when it touches no reference lesion)")
+    p.add_argument("--counting", choices=("reference", "prediction"), default="reference",
+                   help="what a lesion TP is: a detected reference lesion (default) or a predicted lesion that meets "
+                        "the rule with a reference lesion (Nichyporuk thesis; TPR = TP / (TP + FN))")
     p.add_argument("--label", type=int, default=None,
                    help="evaluate this label value of multi-label masks (default: masks must be binary)")
     p.add_argument("--allow-missing", action="store_true",
@@ -75,8 +79,14 @@ def _fold(text: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-ext", description="MS-lesion segmentation methods for nnU-Net v2.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also accepted after the command)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress output, only results and errors (also accepted after the command)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="one progress line per case, and nnU-Net's own per-case output during prediction "
+                             "(also accepted after the command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("trainers-path", help="print the folder to put in nnUNet_extTrainer",
@@ -125,11 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "and reliability PNGs")
     p.add_argument("--soft-ref", default=None, help="folder of rater-average soft references (adds the image-entropy "
                                                     "MAE; soft Dice, Brier and ECE then use it)")
-    p.add_argument("--preset", choices=("wmh2017", "msseg2", "isbi2015", "lsr", "focal_tversky"), default=None,
+    p.add_argument("--preset", choices=("wmh2017", "msseg2", "isbi2015", "nichyporuk", "lsr", "focal_tversky"),
+                   default=None,
                    help="score as a challenge or seed paper does (docs/evaluation.md): wmh2017 = the organisers' "
                         "evaluation.py (label 2 masked, their thresholding of predictions, HD95 on their 3x3 in-plane "
                         "border); msseg2 = current Anima lesion detection + MSSEG-2 summary; isbi2015 = Carass et al. "
-                        "2017 score and components; lsr = 18-connected, >=3 voxels or >50%%; focal_tversky = >=60%%, "
+                        "2017 score and components; nichyporuk (alias lsr) = the LSR thesis: 18-connected, a predicted "
+                        "lesion is a TP when it covers >=3 or >50%% of a reference lesion's voxels, bins 1-2,3-10,"
+                        "11-50,51+; focal_tversky = >=60%%, "
                         "bins [0,10),[10,400),[400,1000),[1000,inf); overrides --connectivity/--detection")
     p.add_argument("--isbi-rater-score", type=float, default=None,
                    help="isbi2015: raw inter-rater score that normalises to 90 (gives the normalized score)")
@@ -147,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-index", type=int, default=1, help="probability channel of the lesion class")
     p.add_argument("--title", default="")
     _add_eval_options(p)
+    p.add_argument("--preset", choices=("wmh2017", "nichyporuk", "lsr", "focal_tversky"), default=None,
+                   help="a seed paper's lesion rule (connectivity, detection, counting, bins; docs/evaluation.md); "
+                        "overrides --connectivity/--detection/--bins/--counting")
 
     p = sub.add_parser("lesion-metrics", help="lesion-wise metrics of a trained model's validation folds "
                                               "(fold_k/validation/lesion_summary.json beside nnU-Net's summary.json)",
@@ -157,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", "--trainer", default="nnUNetTrainer")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("-f", "--folds", nargs="+", type=_fold, default=[0, 1, 2, 3, 4])
-    p.add_argument("--preset", choices=("wmh2017", "msseg2", "isbi2015", "lsr", "focal_tversky"), default=None)
+    p.add_argument("--preset", choices=("wmh2017", "msseg2", "isbi2015", "nichyporuk", "lsr", "focal_tversky"),
+                   default=None)
     _add_rule_options(p)
 
     p = sub.add_parser("select", help="choose model/ensemble, probability threshold and minimum lesion size on "
@@ -292,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  nnunet-ext submission build -d 521 -c 3d_fullres -tr LSRTrainer -f 0 1 2 3 4 "
                               "--challenge wmh2017 -o wmh_submission\n"
+                              "  nnunet-ext submission build -d 540 --consensus --challenge msseg2 -o msseg2_cascade\n"
                               "  nnunet-ext submission test wmh_submission --input sample_subject/")
     ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     b = ssub.add_parser("build", help="write the submission folder (model, Dockerfile, entrypoint, README)")
@@ -301,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-p", default=None, dest="plans", help="default nnUNetPlans")
     b.add_argument("-f", nargs="+", type=int, default=None, dest="folds", help="default 0 1 2 3 4")
     _add_selection_option(b, "package")
+    b.add_argument("--consensus", nargs="?", const="", default=None, metavar="FILE",
+                   help="package the trained consensus cascade of -d (every rater model, the consensus model; run as "
+                        "`nnunet-ext consensus predict` does): its consensus.json (default: the one in the dataset's raw "
+                        "folder) or the folder holding it; replaces -c -tr -p -f")
     b.add_argument("-chk", default="checkpoint_final.pth", dest="checkpoint")
     b.add_argument("--challenge", required=True, choices=("generic", "wmh2017", "msseg2", "isbi2015"))
     b.add_argument("--tag", default="nnunet-ext-submission", help="docker image tag used in the README")
@@ -327,9 +349,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wmh2017, msseg2: a labelled test folder -> imagesTs/labelsTs (never modified)")
     p.add_argument("--label", default=None, choices=("rater1", "rater2", "intersection", "union"),
                    help="isbi2015 only: which rater mask(s) become labelsTr (default rater1; both are kept in ratersTr)")
+    p.add_argument("--subtraction", action="store_true",
+                   help="msseg2 only: add channel 2, follow-up minus baseline after z-scoring each time point over "
+                        "its nonzero voxels (0 where either is 0); nnU-Net does not normalise it again (noNorm)")
     p.add_argument("--raw", default=None, help="raw folder (default: $nnUNet_raw)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing non-empty dataset folder as a whole (default: refuse)")
+
+    p = sub.add_parser("split", help="cross-validation folds that keep every subject (or site) whole -> nnU-Net's "
+                                     "splits_final.json; pseudo-labelled cases only ever in training",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  nnunet-ext split -d 531                      # subjects from case_groups.json "
+                              "(nnunet-ext convert)\n"
+                              "  nnunet-ext split -d 521 --group-by site -nfolds 3   # leave one site out\n"
+                              "  nnunet-ext split -d 531 --pattern '^(training\\d+)_'  # subject = the first (...) group\n"
+                              "  nnunet-ext split -d 531 --csv subjects.csv      # columns case,subject\n"
+                              "  nnunet-ext split -d 531 --check                 # validate the existing splits_final.json")
+    p.add_argument("-d", required=True, dest="dataset", help="dataset id or name")
+    p.add_argument("--group-by", choices=("subject", "site"), default="subject",
+                   help="what must never be on both sides of a fold (default subject)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--pattern", default=None, help="regular expression searched in each case id: its first (...) "
+                                                   "group (or whole match) is the case's subject/site")
+    g.add_argument("--csv", default=None, dest="csv_file", help="CSV with a header and the columns case and "
+                                                                "subject (or site)")
+    p.add_argument("-nfolds", "--nfolds", type=int, default=None, dest="n_folds", help="number of folds (default 5)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the fold assignment (default 12345, nnU-Net's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing splits_final.json that differs")
+    p.add_argument("--check", action="store_true",
+                   help="only validate the existing splits_final.json (no subject on both sides of a fold, no "
+                        "pseudo-labelled case in val)")
 
     p = sub.add_parser("consensus", help="multi-rater consensus cascade: one nnU-Net per rater, then a consensus nnU-Net",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -359,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-c", required=True, dest="configuration")
     c.add_argument("-tr", default="nnUNetTrainer", dest="trainer")
     c.add_argument("-p", default="nnUNetPlans", dest="plans")
-    c.add_argument("-f", nargs="+", type=int, default=None, dest="folds", help="default: every fold of the split")
+    c.add_argument("-f", nargs="+", type=int, default=None, dest="folds",
+                   help="default: every fold of the split; with --stage all the stage-2 folds (stage 1 always trains "
+                        "every fold: stage 2's inputs are out of fold)")
     c.add_argument("-device", default="cuda")
     c.add_argument("-np", "--num-processes", type=int, default=2, help="planning/preprocessing processes")
     c.add_argument("--id", type=int, default=None, dest="stage2_id", help="--stage all: id of the consensus dataset")
@@ -486,9 +537,38 @@ def _raw_folder(args) -> str:
 
 
 def run(argv: list[str] | None = None) -> int:
+    import os
+
+    from nnunet_ext import progress
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = {"--quiet", "--verbose"} & set(argv)
+    if len(flags) == 2:
+        raise ValueError("--quiet and --verbose exclude each other; give one")
+    saved = os.environ.get(progress.ENV)
+    if flags:  # accepted anywhere on the command line, like --debug; the processes the command starts follow it
+        argv = [a for a in argv if a not in flags]
+        progress.set_verbosity(progress.QUIET if "--quiet" in flags else progress.VERBOSE)
+    try:
+        return _run(argv)
+    finally:
+        progress.end()
+        if flags:
+            if saved is None:
+                os.environ.pop(progress.ENV, None)
+            else:
+                os.environ[progress.ENV] = saved
+
+
+def _run(argv: list[str]) -> int:
+    from nnunet_ext.platforms import check_command
     from nnunet_ext.validate import check_cli_args
 
     args = build_parser().parse_args(argv)
+    from nnunet_ext.paths import resolve_nnunet_folders
+
+    resolve_nnunet_folders()  # relative nnUNet_* folders: absolute from here on, for this command and its children
+    check_command(args.command, getattr(args, "num_processes", None))
     check_cli_args(args)
     if args.command == "trainers-path":
         from nnunet_ext.paths import trainers_path
@@ -515,7 +595,7 @@ def run(argv: list[str] | None = None) -> int:
                                min_overlap=args.min_overlap, bins=parse_bins(args.bins), allow_missing=args.allow_missing,
                                label=args.label, num_workers=args.num_processes, preset=args.preset,
                                prob_dir=args.prob, soft_ref_dir=args.soft_ref, detection=args.detection,
-                               size_unit=args.size_unit, symmetric=args.symmetric,
+                               size_unit=args.size_unit, symmetric=args.symmetric, counting=args.counting,
                                isbi_rater_score=args.isbi_rater_score,
                                reliability_png=str(Path(args.output).with_suffix(".reliability.png")) if args.prob else None)
         print(format_table(res))
@@ -529,7 +609,8 @@ def run(argv: list[str] | None = None) -> int:
         res = sweep(ref_dir=args.ref, prob_dir=args.prob, thresholds=args.thresholds, connectivity=args.connectivity,
                     min_overlap=args.min_overlap, bins=parse_bins(args.bins), class_index=args.class_index,
                     label=args.label, allow_missing=args.allow_missing, detection=args.detection,
-                    size_unit=args.size_unit, symmetric=args.symmetric)
+                    size_unit=args.size_unit, symmetric=args.symmetric, counting=args.counting,
+                    preset=args.preset)
         png = args.png or str(Path(args.output).with_suffix(".png"))
         write_sweep(res, args.output, png, args.title)
         bs, bd = res["best_segmentation"], res["best_detection"]
@@ -537,6 +618,9 @@ def run(argv: list[str] | None = None) -> int:
               f"lesion F1 {bs['lesion_f1']:.3f}")
         print(f"best detection threshold {bd['threshold']:g}: voxel F1 {bd['voxel_f1']:.3f}, "
               f"lesion F1 {bd['lesion_f1']:.3f}")
+        if res["voxel_ap"] is not None:
+            print(f"voxel average precision: {res['voxel_ap']:.3f} (all voxels pooled), per-scan mean "
+                  f"{res['voxel_ap_per_scan']['mean']:.3f}")
         print(f"wrote {args.output} and {png}")
     elif args.command == "lesion-metrics":
         from nnunet_ext.metrics.lesions import parse_bins
@@ -621,6 +705,8 @@ def run(argv: list[str] | None = None) -> int:
                 raise ValueError("-part_id is chosen by the launcher; drop it (or drop --launcher/-j to run one shard)")
             from pathlib import Path
 
+            pl.check_launch(args.dataset, args.configuration, args.input, args.trainer, args.plans, args.folds,
+                            args.checkpoint, args.workdir)  # before any script is written, dry runs too
             argv = ["-d", str(args.dataset), "-c", args.configuration, "-tr", args.trainer, "-p", args.plans,
                     "-f", *map(str, args.folds), "-chk", args.checkpoint, "-i", str(Path(args.input).resolve()),
                     "-o", args.output, "--alpha", repr(args.alpha), "--vpt", repr(args.vpt), "--tst", repr(args.tst),
@@ -644,7 +730,15 @@ def run(argv: list[str] | None = None) -> int:
         from nnunet_ext import submission
 
         if args.action == "build":
-            if args.selection is not None:
+            if args.consensus is not None:
+                given = [flag for dest, flag in (("configuration", "-c"), ("trainer", "-tr"), ("plans", "-p"),
+                                                 ("folds", "-f"), ("cohort", "--cohort"), ("selection", "--selection"))
+                         if getattr(args, dest) is not None]
+                if given:
+                    raise ValueError(f"--consensus chooses the models and folds; drop {' '.join(given)}")
+                out = submission.build(out_dir=args.output, dataset=args.dataset, challenge=args.challenge,
+                                       checkpoint=args.checkpoint, tag=args.tag, consensus=args.consensus)
+            elif args.selection is not None:
                 _refuse_beside_selection(args)
                 out = submission.build(out_dir=args.output, dataset=args.dataset, challenge=args.challenge,
                                        checkpoint=args.checkpoint, tag=args.tag, selection=args.selection)
@@ -677,10 +771,31 @@ def run(argv: list[str] | None = None) -> int:
         elif args.challenge == "isbi2015":
             root = isbi2015.convert(**common, name=args.name or "ISBI2015", label=args.label or "rater1")
         elif args.challenge == "msseg2":
-            root = msseg2.convert(**common, name=args.name or "MSSEG2", test_source=args.test_input)
+            root = msseg2.convert(**common, name=args.name or "MSSEG2", test_source=args.test_input,
+                                  subtraction=args.subtraction)
         else:
             root = msseg2016.convert(**common, name=args.name or "MSSEG2016")
         print(f"wrote {root}")
+    elif args.command == "split":
+        from nnunet_ext import splits
+
+        if args.check:
+            res = splits.check_existing(args.dataset, group_by=args.group_by, pattern=args.pattern,
+                                        csv_file=args.csv_file)
+            print(splits.format_split(res))
+            if res["unused"]:
+                print(f"note: {len(res['unused'])} training case(s) are in no fold, e.g. {res['unused'][0]}")
+            print(f"{res['file']}: {len(res['splits'])} folds, no {args.group_by} on both sides of a fold, no "
+                  f"pseudo-labelled case in val")
+        else:
+            res = splits.make_split(args.dataset, group_by=args.group_by, pattern=args.pattern,
+                                    csv_file=args.csv_file, n_folds=5 if args.n_folds is None else args.n_folds,
+                                    seed=12345 if args.seed is None else args.seed, overwrite=args.overwrite)
+            print(splits.format_split(res))
+            for f in res["written"]:
+                print(f"wrote {f}")
+            for f in res["unchanged"]:
+                print(f"{f} already holds this split")
     elif args.command == "consensus":
         from nnunet_ext import consensus
 
@@ -716,14 +831,11 @@ def run(argv: list[str] | None = None) -> int:
         elif args.consensus_command == "predict":
             options = launcher_options(args)
             if options.launcher == "slurm" or options.dry_run:
-                from pathlib import Path
-
-                inner = ["-i", str(Path(args.input).resolve()), "-o", str(Path(args.output).resolve()), "-chk",
-                         args.checkpoint, "-device", args.device, "-j", str(args.jobs), "-np", str(args.num_processes)] \
-                    + (["--save_probabilities"] if args.save_probabilities else []) \
-                    + (["--keep-rater-predictions"] if args.keep_rater_predictions else [])
-                res = consensus.launch_predict(dataset=args.dataset, predict_args=inner, output_dir=args.output,
-                                               launcher=options, workdir=args.workdir)
+                res = consensus.launch_predict(dataset=args.dataset, input_dir=args.input, output_dir=args.output,
+                                               launcher=options, workdir=args.workdir, checkpoint=args.checkpoint,
+                                               device=args.device, jobs=args.jobs, n_proc=args.num_processes,
+                                               save_probabilities=args.save_probabilities,
+                                               keep_rater_predictions=args.keep_rater_predictions)
                 _print_launched(res)
             else:
                 res = consensus.predict(dataset=args.dataset, input_dir=args.input, output_dir=args.output,

@@ -45,10 +45,13 @@ import numpy as np
 from nnunet_ext.io import read_geometry, read_image
 from nnunet_ext.metrics.lesions import DEFAULT_BINS, bin_name, label_components, lesion_counts, lesion_rates
 from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
+from nnunet_ext.progress import step
 
-OPERATING_POINTS = ("model", "argmax", "segmentation_optimal", "detection_optimal")
+OPERATING_POINTS = ("model", "argmax", "segmentation_optimal", "detection_optimal", "fdr_limited")
+FDR_LIMIT = 0.20  # "a convention to select operating points with an fdr of 0.20 or less" (Nichyporuk 2021, 4.2.1)
 OP_TITLES = {"model": "model output (stored threshold + post-processing)", "argmax": "nnU-Net argmax",
-             "segmentation_optimal": "segmentation-optimal threshold", "detection_optimal": "detection-optimal threshold"}
+             "segmentation_optimal": "segmentation-optimal threshold", "detection_optimal": "detection-optimal threshold",
+             "fdr_limited": f"best lesion TPR at lesion FDR <= {FDR_LIMIT:.2f}"}
 CI_METRICS = ("small_lesion_tpr", "lesion_f1", "dice")
 METRIC_TITLES = {"small_lesion_tpr": "small-lesion TPR", "lesion_f1": "lesion F1", "dice": "Dice"}
 BUDGET_ENV = {"epochs": "NNUNET_EXT_NUM_EPOCHS", "iterations": "NNUNET_EXT_ITERATIONS",
@@ -114,6 +117,21 @@ def choose_thresholds(points: Sequence[dict]) -> dict:
     det = max(range(len(points)), key=lambda i: (-1 if points[i]["lesion_f1"] is None else points[i]["lesion_f1"], -i))
     return {"segmentation_optimal": seg, "detection_optimal": det,
             "gap": round(abs(points[seg]["threshold"] - points[det]["threshold"]), 6)}
+
+
+def fdr_limited_point(points: Sequence[dict], limit: float = FDR_LIMIT) -> int:
+    """Index of the sweep point with the highest pooled lesion TPR among those whose pooled lesion FDR is at
+    most ``limit`` (ties: the higher threshold, the fewer false positives); when no point reaches the limit,
+    the point with the lowest FDR. Comparing arms here compares their lesion TPR at (about) equal FDR."""
+    if not points:
+        raise ValueError("empty threshold sweep")
+    if not 0 < limit < 1:
+        raise ValueError(f"limit must be in (0, 1), got {limit}")
+    fdr = [1.0 if p["lesion_fdr"] is None and p["pred_lesions"] else (p["lesion_fdr"] or 0.0) for p in points]
+    ok = [i for i in range(len(points)) if fdr[i] <= limit + 1e-12]
+    if not ok:
+        return min(range(len(points)), key=lambda i: (fdr[i], -i))
+    return max(ok, key=lambda i: (points[i]["lesion_tpr"] or 0.0, i))
 
 
 def statistic_arrays(cases: Sequence[dict], small_bin: str) -> dict[str, np.ndarray]:
@@ -368,12 +386,16 @@ def check_test_set(images: Path, labels: Path, channels: int, ending: str) -> li
     if no_label:
         raise ValueError(f"test labels do not match the images: {len(no_label)} image case(s) without label, e.g. "
                          f"{no_label[0]} (no {labels / (no_label[0] + ending)})")
+    from nnunet_ext.checks import check_image
+
     for c in lab:
+        check_image(labels / f"{c}{ending}", what="--test-labels")  # whole file, finite, 3-D: before any training
         g = read_geometry(labels / f"{c}{ending}")
         for ch in range(channels):
             f = images / f"{c}_{ch:04d}{ending}"
             if not f.is_file():
                 raise ValueError(f"test images incomplete: {f} missing (the dataset has {channels} channel(s))")
+            check_image(f, what="--test-images")
             gi = read_geometry(f)
             if gi["size"] != g["size"] or not np.allclose(gi["spacing"], g["spacing"], rtol=1e-4):
                 raise ValueError(f"test labels do not match the images: {labels / (c + ending)} has size {g['size']}, "
@@ -407,6 +429,10 @@ def _model_dir(p: _Plan, cfg: CompareConfig, trainer: str) -> Path:
 def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
     """Every check that must pass before training starts (see the module docstring)."""
     cfg.validate()
+    if cfg.output:  # a file or an unwritable folder there: one clear line before anything else
+        from nnunet_ext.checks import check_writable_folder
+
+        check_writable_folder(cfg.output, "-o/--output")
     env = nnunet_env(None, cfg.n_proc)
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         if not env.get(k):
@@ -460,6 +486,9 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
         raise ValueError(f"missing split: fold(s) {missing} are not in {split_p} ({len(split)} fold(s)); nnU-Net "
                          f"would silently train them on a random 80:20 split")
     report = Path(cfg.output or f"compare_{name}_{cfg.configuration}").resolve()
+    from nnunet_ext.checks import check_writable_folder
+
+    check_writable_folder(report, "-o/--output")  # before any training: a file there is one clear line
     plan = _Plan(name, env, raw, pre, results, report, ending, channels, split, plans_json, notes=notes)
     # trained arms: same plans, same split, same budget
     budgets = {}
@@ -467,7 +496,7 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
         mdir = _model_dir(plan, cfg, t)
         for f in cfg.folds:
             fd = mdir / f"fold_{f}"
-            final = (fd / "checkpoint_final.pth").is_file()
+            final = _whole_checkpoint(fd / "checkpoint_final.pth")  # a training killed while saving it: not final
             started = fd.is_dir() and any(fd.glob("checkpoint_*.pth"))
             if not started:
                 plan.to_train.append((t, f, False))
@@ -514,6 +543,14 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
     return plan
 
 
+def _whole_checkpoint(path: Path) -> bool:
+    """``path`` exists and is a whole ``torch.save`` file (a zip archive: its directory is written last, so a
+    file cut off by a kill is not one)."""
+    import zipfile
+
+    return path.is_file() and zipfile.is_zipfile(path)
+
+
 def write_default_split(preprocessed_folder: Path, split_file: Path) -> list:
     """nnU-Net's default split (what ``nnUNetTrainer.do_split`` writes when there is none)."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -544,6 +581,9 @@ def training_tasks(cfg: CompareConfig, plan: _Plan) -> list[dict]:
     extra.update({BUDGET_ENV[k]: str(v) for k, v in cfg.budget.items()})
     tasks = []
     for t, f, resume in plan.to_train:
+        broken = _model_dir(plan, cfg, t) / f"fold_{f}" / "checkpoint_final.pth"
+        if broken.is_file() and not _whole_checkpoint(broken):  # cut off by a kill: nnU-Net would try to load it
+            broken.unlink()
         argv = [nnunet_command("nnUNetv2_train"), str(cfg.dataset), cfg.configuration, str(f), "-tr", t, "-p",
                 cfg.plans, "-device", cfg.device]
         if resume:
@@ -628,6 +668,9 @@ def _validation_inputs(plan: _Plan, fold: int, report: Path) -> Path:
         for ch in range(plan.channels):
             src = plan.raw / plan.name / "imagesTr" / f"{c}_{ch:04d}{plan.ending}"
             dst = d / src.name
+            src = src.absolute()  # a link must not depend on the folder it lies in
+            if os.path.islink(dst) and os.readlink(dst) != str(src):
+                os.unlink(dst)  # a dangling or stale link (relative nnUNet_raw of an earlier version): made again
             if not dst.exists():
                 try:
                     os.symlink(src, dst)
@@ -690,8 +733,7 @@ def evaluate_arm(cfg: CompareConfig, plan: _Plan, trainer: str, where: dict, thr
         with np.load(w["dir"] / f"{case}.npz") as z:
             argmax = np.argmax(z["probabilities"], 0) == 1
         records[case] = case_record(ref == 1, soft, argmax, mask == 1, thresholds, cfg.connectivity, cfg.bins)
-        print(f"\r   {trainer}: evaluated {n}/{len(where)} cases", end="", flush=True)
-    print(flush=True)
+        step(f"   {trainer}: evaluated", n, len(where), item=case)
     _write_json(cache, {"key": key, "cases": records})
     return records
 
@@ -704,12 +746,15 @@ def arm_summary(records: dict[str, dict], thresholds) -> dict:
         s = summarise([records[c]["sweep"][i] for c in cases])
         points.append({"threshold": t, **s})
     ch = choose_thresholds(points)
+    ch["fdr_limited"] = fdr_limited_point(points)
     per_op = {"model": [records[c]["model"] for c in cases], "argmax": [records[c]["argmax"] for c in cases],
               "segmentation_optimal": [records[c]["sweep"][ch["segmentation_optimal"]] for c in cases],
-              "detection_optimal": [records[c]["sweep"][ch["detection_optimal"]] for c in cases]}
+              "detection_optimal": [records[c]["sweep"][ch["detection_optimal"]] for c in cases],
+              "fdr_limited": [records[c]["sweep"][ch["fdr_limited"]] for c in cases]}
     ops = {op: summarise(v) for op, v in per_op.items()}
     ops["segmentation_optimal"]["threshold"] = thresholds[ch["segmentation_optimal"]]
     ops["detection_optimal"]["threshold"] = thresholds[ch["detection_optimal"]]
+    ops["fdr_limited"]["threshold"] = thresholds[ch["fdr_limited"]]
     return {"points": points, "operating_points": ops, "threshold_gap": ch["gap"], "_per_op": per_op}
 
 
@@ -738,20 +783,106 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(report: dict, png: Path) -> Path:
+def curve_bands(records: dict[str, dict], kind: str, bin_: str | None, idx: np.ndarray,
+                level: float = 0.95) -> dict[str, np.ndarray]:
+    """Pointwise percentile band of one arm's operating-point curve over case resamples.
+
+    ``records``: the arm's per-case records (:func:`case_record`; cases in sorted order are resampled);
+    ``kind``: ``"voxel"`` or ``"lesion"``; ``bin_``: a size bin of the lesion curve or None (all lesions);
+    ``idx``: (resamples, cases) case indices (:func:`bootstrap_indices`; give every arm the same ones).
+    On each resample the curve's rates are recomputed from pooled counts at every sweep threshold, as
+    :func:`summarise` does for the point estimate: voxel TPR = TP / (TP + FN), FDR = FP / (TP + FP); lesion
+    TPR = detected / reference lesions, FDR = false positive / predicted lesions. Returns ``fdr_lo, fdr_hi,
+    tpr_lo, tpr_hi``, one value per threshold (the ``(1 - level) / 2`` and ``(1 + level) / 2`` percentiles of
+    the resamples where the rate is defined; NaN where it is defined in none)."""
+    if kind not in ("voxel", "lesion"):
+        raise ValueError(f"kind must be 'voxel' or 'lesion', got {kind!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    cases = sorted(records)
+    if not cases:
+        raise ValueError("no cases to resample")
+
+    def counts(c):
+        return [s if bin_ is None else s["bins"][bin_] for s in records[c]["sweep"]]
+
+    if kind == "voxel":
+        if bin_ is not None:
+            raise ValueError("the voxel curve has no size bins; pass bin_=None")
+        keys = ("voxel_tp", "voxel_fn", "voxel_fp")
+    else:
+        keys = ("lesion_tp", "ref_lesions", "lesion_fp", "pred_lesions")
+    a = {k: np.array([[s[k] for s in counts(c)] for c in cases], float) for k in keys}  # (cases, thresholds)
+    idx = np.atleast_2d(np.asarray(idx))
+    s = {k: v[idx].sum(1) for k, v in a.items()}  # (resamples, thresholds)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if kind == "voxel":
+            tpr = s["voxel_tp"] / (s["voxel_tp"] + s["voxel_fn"])
+            fdr = s["voxel_fp"] / (s["voxel_tp"] + s["voxel_fp"])
+        else:
+            tpr = s["lesion_tp"] / s["ref_lesions"]
+            fdr = s["lesion_fp"] / s["pred_lesions"]
+    q = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
+    out = {}
+    for name, v in (("fdr", fdr), ("tpr", tpr)):
+        v = np.where(np.isfinite(v), v, np.nan)
+        lo, hi = np.full(v.shape[1], np.nan), np.full(v.shape[1], np.nan)
+        ok = np.isfinite(v).any(0)
+        if ok.any():
+            lo[ok], hi[ok] = np.nanpercentile(v[:, ok], q, axis=0)
+        out[f"{name}_lo"], out[f"{name}_hi"] = lo, hi
+    return out
+
+
+def _zoomed_limits(values, pad: float = 0.06, min_span: float = 0.15) -> tuple[float, float]:
+    """Axis limits around ``values`` (rates in [0, 1]) with a margin; at least ``min_span`` wide."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], float)
+    if v.size == 0:
+        return -0.02, 1.02
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo < min_span:
+        mid = (lo + hi) / 2
+        lo, hi = mid - min_span / 2, mid + min_span / 2
+    span = hi - lo
+    lo, hi = lo - pad * span, hi + pad * span
+    if lo < -0.02:
+        lo, hi = -0.02, hi + (-0.02 - lo)
+    if hi > 1.02:
+        lo, hi = max(-0.02, lo - (hi - 1.02)), 1.02
+    return lo, hi
+
+
+def plot_curves(report: dict, png: Path, records: dict[str, dict] | None = None, panels=None,
+                dpi: int = 110) -> Path:
     """One figure: every arm's voxel curve, all-lesion curve and lesion curve per size bin (TPR vs FDR), the
-    segmentation-optimal (circle), detection-optimal (square), model-output (triangle) and argmax (cross)
-    points marked."""
+    segmentation-optimal (circle), detection-optimal (square), model-output (triangle), argmax (cross) and
+    FDR-limited (diamond) points marked; each panel zoomed to its data.
+
+    ``records`` (arm -> per-case records, as :func:`evaluate_arm` returns): adds each arm's pointwise 95 %
+    band (:func:`curve_bands`) from the report's paired bootstrap resamples (the same resampled case sets for
+    every arm, as the report's intervals). ``panels``: which panels, e.g. ``[("lesion", None), ("lesion",
+    "3-10")]`` (default: voxels, all lesions, then every size bin)."""
     from nnunet_ext.plotting import pyplot, save_figure
 
     plt = pyplot()
     bins = report["bins"]
-    panels = [("voxel", None, "voxels (segmentation)"), ("lesion", None, "all lesions (detection)")] + \
-             [("lesion", b, f"lesions of {b} voxels (n={report['reference_lesions'][b]})") for b in bins]
-    ncol = 3
+    titles = {("voxel", None): "voxels (segmentation)", ("lesion", None): "all lesions (detection)",
+              **{("lesion", b): f"lesions of {b} voxels (n={report['reference_lesions'][b]})" for b in bins}}
+    keys = [("voxel", None), ("lesion", None)] + [("lesion", b) for b in bins] if panels is None else \
+        [tuple(p) for p in panels]
+    for k in keys:
+        if k not in titles:
+            raise ValueError(f"unknown panel {k}; panels: {list(titles)}")
+    panels = [(kind, b, titles[(kind, b)]) for kind, b in keys]
+    ncol = min(3, len(panels))
     nrow = (len(panels) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 4.6 * nrow), squeeze=False)
     colors = ["black", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown"]
+    idx = None
+    if records is not None:
+        boot = report.get("bootstrap", {})
+        n = len(next(iter(records.values())))
+        idx = bootstrap_indices(n, int(boot.get("resamples", 2000)), int(boot.get("seed", 0)))
 
     def xy(o, kind, b):
         src = o if b is None else o["bins"][b]
@@ -759,19 +890,38 @@ def plot_curves(report: dict, png: Path) -> Path:
 
     for k, (kind, b, title) in enumerate(panels):
         ax = axes[k // ncol][k % ncol]
+        xs, ys = [], []
         for i, (arm, a) in enumerate(report["arms"].items()):
             c = colors[i % len(colors)]
+            if idx is not None and arm in records:
+                band = curve_bands(records[arm], kind, b, idx)
+                ok = np.isfinite(band["fdr_lo"]) & np.isfinite(band["tpr_hi"]) & np.isfinite(band["fdr_hi"]) & \
+                    np.isfinite(band["tpr_lo"])
+                if ok.any():
+                    # better corner (lower FDR, higher TPR) out along the thresholds, worse corner back
+                    bx = np.concatenate([band["fdr_lo"][ok], band["fdr_hi"][ok][::-1]])
+                    by = np.concatenate([band["tpr_hi"][ok], band["tpr_lo"][ok][::-1]])
+                    ax.fill(bx, by, color=c, alpha=0.15, lw=0)
+                    xs += list(bx)
+                    ys += list(by)
             pts = [xy(p, kind, b) for p in a["points"]]
             pts = [(x, y) for x, y in pts if x is not None and y is not None]
             if pts:
                 ax.plot(*zip(*pts), "-", marker=".", ms=4, color=c, lw=1.8, label=arm)
-            for op, m in (("segmentation_optimal", "o"), ("detection_optimal", "s"), ("model", "^"), ("argmax", "x")):
+                xs += [x for x, _ in pts]
+                ys += [y for _, y in pts]
+            for op, m in (("segmentation_optimal", "o"), ("detection_optimal", "s"), ("model", "^"), ("argmax", "x"),
+                          ("fdr_limited", "D")):
+                if op not in a["operating_points"]:  # a report written before this operating point existed
+                    continue
                 x, y = xy(a["operating_points"][op], kind, b)
                 if x is not None and y is not None:
                     ax.plot([x], [y], m, ms=10, mfc="none", mew=2, color=c)
+                    xs.append(x)
+                    ys.append(y)
         ax.set_title(title, fontsize=10)
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlim(*_zoomed_limits(xs))
+        ax.set_ylim(*_zoomed_limits(ys))
         ax.set_xlabel(f"{kind} FDR")
         ax.set_ylabel(f"{kind} TPR")
         ax.grid(alpha=0.3)
@@ -779,13 +929,15 @@ def plot_curves(report: dict, png: Path) -> Path:
         axes[k // ncol][k % ncol].axis("off")
     ax = axes[0][0]
     for m, lab in (("o", "segmentation-optimal t"), ("s", "detection-optimal t"), ("^", "model output"),
-                   ("x", "argmax")):
+                   ("x", "argmax"), ("D", f"lesion FDR <= {FDR_LIMIT:.2f}")):
         ax.plot([], [], m, ms=9, mfc="none", mew=2, color="gray", label=lab)
-    ax.legend(loc="lower right", fontsize=8)
+    if idx is not None:
+        ax.fill([], [], color="gray", alpha=0.3, lw=0, label="95 % band (paired case bootstrap)")
+    ax.legend(loc="best", fontsize=8)
     fig.suptitle(f"{report['dataset']} {report['configuration']}, {report['eval_set']} ({report['n_cases']} cases): "
                  f"operating-point curves (thresholds {report['thresholds'][0]:g}-{report['thresholds'][-1]:g})",
                  fontsize=11)
-    return save_figure(fig, png)
+    return save_figure(fig, png, dpi=dpi)
 
 
 def write_markdown(report: dict, path: Path) -> Path:
@@ -936,7 +1088,7 @@ def compare(cfg: CompareConfig, lookup=lookup_trainers) -> dict:
     report["files"] = {"markdown": str(report_dir / "report.md"), "json": str(report_dir / "report.json"),
                        "curves": str(report_dir / "curves.png")}
     report["seconds"] = round(time.time() - t0, 1)
-    plot_curves(report, report_dir / "curves.png")
+    plot_curves(report, report_dir / "curves.png", records)
     write_markdown(report, report_dir / "report.md")
     _write_json(report_dir / "report.json", report)
     print(format_table(report))

@@ -254,30 +254,58 @@ def _targets(dataset, state: dict, stage: int, raters=None) -> list[dict]:
     raise ValueError(f"stage must be 1 or 2, got {stage}")
 
 
+def _native_plans(plans: str, state: dict) -> bool:
+    """Whether ``plans`` is a native-resolution plan (``nnunet-ext plan-native``): its default name, or a
+    rater dataset's plans file of that name with a configuration marked native."""
+    from nnunet_ext.native import NATIVE_KEY, NATIVE_PLANS
+
+    if plans == NATIVE_PLANS:
+        return True
+    for r in state["raters"].values():
+        f = _env_folder("nnUNet_preprocessed") / r["name"] / f"{plans}.json"
+        if f.is_file() and any(c.get(NATIVE_KEY) for c in json.loads(f.read_text())["configurations"].values()):
+            return True
+    return False
+
+
 def prepare(dataset, stage: int, configuration: str, plans: str = "nnUNetPlans", raters=None, n_proc: int = 2,
             log: Path | None = None) -> list[str]:
     """Everything the concurrent fold trainings of a stage must not do at the same time: plan/preprocess
     (when missing), the shared split, and nnU-Net's one-off unpacking of the preprocessed data (a no-op for
     the blosc2 format of nnU-Net >= 2.6; legacy ``.npz`` datasets are unpacked to ``.npy`` here, once).
-    Returns the prepared dataset names."""
+    A native-resolution ``plans`` (``nnUNetPlans_native``, :func:`_native_plans`) is planned and
+    preprocessed with :func:`nnunet_ext.native.plan_native`, the stage-2 dataset too. Returns the prepared
+    dataset names."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnunet_ext.native import NATIVE_KEY, NativeResolutionPreprocessor, plan_native
 
     src, state = load_state(dataset)
     env = nnunet_env(None, n_proc)
     log = log or src / "consensus.log"
+    native = _native_plans(plans, state)
     done = []
     for t in _targets(dataset, state, stage, raters):
         pre = _env_folder("nnUNet_preprocessed") / t["name"]
-        if not (pre / f"{plans}.json").is_file():
+        pfile = pre / f"{plans}.json"
+        if native:  # McGill's stage-1/2 models: every case at its own resolution (nnunet_ext.native)
+            planned = json.loads(pfile.read_text())["configurations"] if pfile.is_file() else {}
+            if not planned.get(configuration, {}).get(NATIVE_KEY):
+                print(f"plan_native({t['name']}, {configuration}, plans {plans})", flush=True)
+                plan_native(t["id"], (configuration,), plans_name=plans, n_proc=n_proc)
+        elif not pfile.is_file():
             run_logged([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(t["id"]), "-c", configuration,
                         "-np", str(n_proc)], env, log)
-        plan = json.loads((pre / f"{plans}.json").read_text())
+        plan = json.loads(pfile.read_text())
         if configuration not in plan["configurations"]:
-            raise ValueError(f"configuration {configuration!r} is not in {pre / (plans + '.json')}")
+            raise ValueError(f"configuration {configuration!r} is not in {pfile}")
         data = pre / plan["configurations"][configuration].get("data_identifier", f"{plans}_{configuration}")
         if not data.is_dir() or not any(data.iterdir()):
-            run_logged([nnunet_command("nnUNetv2_preprocess"), "-d", str(t["id"]), "-c", configuration, "-plans_name",
-                        plans, "-np", str(n_proc)], env, log)
+            if plan["configurations"][configuration].get(NATIVE_KEY):  # nnUNetv2_preprocess would resample
+                NativeResolutionPreprocessor(verbose=False).run(t["id"], configuration, plans, n_proc)
+            else:
+                run_logged([nnunet_command("nnUNetv2_preprocess"), "-d", str(t["id"]), "-c", configuration,
+                            "-plans_name", plans, "-np", str(n_proc)], env, log)
         write_splits(t["name"], state["splits"])
         infer_dataset_class(str(data)).unpack_dataset(str(data), overwrite_existing=False, num_processes=n_proc,
                                                       verify=True)
@@ -319,26 +347,29 @@ def train_stages(dataset, stage, configuration: str, trainer: str = "nnUNetTrain
         raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
     if num_gpus > 1 and device != "cuda":
         raise NotImplementedError("nnU-Net's DDP training (-num_gpus > 1) needs -device cuda")
+    from nnunet_ext.call import function_argv
+
     src, state = load_state(dataset)
-    folds = list(range(state["n_folds"])) if folds is None else list(folds)
+    all_folds = list(range(state["n_folds"]))
+    folds = all_folds if folds is None else list(folds)
     bad = [f for f in folds if not 0 <= int(f) < state["n_folds"]]
     if bad or not folds:
         raise ValueError(f"folds must be in 0..{state['n_folds'] - 1} (the shared split), got {folds}")
-    ext = nnunet_command("nnunet-ext")
     # nnU-Net's folders and our trainers (absolute, written into the scripts); thread and process counts
     # come from the task's CPUs unless nnUNet_def_n_proc/nnUNet_n_proc_DA are set in this shell
     env = task_env({k: v for k, v in nnunet_env(None, n_proc).items() if k in NNUNET_FOLDERS + ("nnUNet_extTrainer",)})
-    common = ["-c", configuration, "-p", plans, "-np", str(n_proc)]
-    f_args = ["-f", *map(str, folds)]
+    ds = str(dataset)
     stages = []
 
-    def block(s: int, targets: list[dict], after: list[str]) -> list:
+    def block(s: int, targets: list[dict], after: list[str], folds: list[int]) -> list:
         pre = f"stage{s}_prepare"
         if s == 1:
-            prep = [Task(t["rater"], [ext, "consensus", "prepare", "-d", str(dataset), "--stage", "1", "--rater",
-                                      t["rater"], *common], env) for t in targets]
+            prep = [Task(t["rater"], function_argv(prepare, dataset=ds, stage=1, configuration=configuration,
+                                                   plans=plans, raters=[t["rater"]], n_proc=n_proc), env)
+                    for t in targets]
         else:
-            prep = [Task("consensus", [ext, "consensus", "prepare", "-d", str(dataset), "--stage", "2", *common], env)]
+            prep = [Task("consensus", function_argv(prepare, dataset=ds, stage=2, configuration=configuration,
+                                                    plans=plans, n_proc=n_proc), env)]
         fold_tasks = []
         for t in targets:
             for f in folds:
@@ -351,26 +382,26 @@ def train_stages(dataset, stage, configuration: str, trainer: str = "nnUNetTrain
                     done=str(_model_dir(t["name"], trainer, plans, configuration) / f"fold_{f}" / "validation" /
                              "summary.json")))
         out = [Stage(pre, prep, after), Stage(f"stage{s}_train", fold_tasks, [pre])]
-        out.append(Stage(f"stage{s}_record", [Task("record", [ext, "consensus", "train", "-d", str(dataset), "--stage",
-                                                               str(s), "-c", configuration, "-tr", trainer, "-p", plans,
-                                                               *f_args, "--record-only"], env)], [f"stage{s}_train"]))
+        out.append(Stage(f"stage{s}_record", [Task("record", function_argv(
+            record_training, dataset=ds, stage=s, configuration=configuration, trainer=trainer, plans=plans,
+            folds=[int(f) for f in folds]), env)], [f"stage{s}_train"]))
         return out
 
-    if stage in (1, "all"):
-        stages += block(1, _targets(dataset, state, 1), [])
+    if stage == 1:
+        stages += block(1, _targets(dataset, state, 1), [], folds)
     if stage == 2:
-        stages += block(2, _targets(dataset, state, 2), [])
-    if stage == "all":
+        stages += block(2, _targets(dataset, state, 2), [], folds)
+    if stage == "all":  # stage 1 needs every fold (out-of-fold stage-2 inputs); -f chooses the stage-2 folds
+        stages += block(1, _targets(dataset, state, 1), [], all_folds)
         if "stage2" in state:
             s2 = state["stage2"]
         else:
             did = _free_ids(1, stage2_id)[0]
             s2 = {"id": did, "name": f"Dataset{did:03d}_{src.name.split('_', 1)[1]}_consensus"}
-        stages.append(Stage("build_stage2", [Task("build_stage2", [
-            ext, "consensus", "build-stage2", "-d", str(dataset), "-c", configuration, "-tr", trainer, "-p", plans,
-            "--id", str(s2["id"]), "-device", device, "-np", str(n_proc)], env,
-            done=None)], ["stage1_record"]))
-        stages += block(2, [s2], ["build_stage2"])
+        stages.append(Stage("build_stage2", [Task("build_stage2", function_argv(
+            build_stage2, dataset=ds, configuration=configuration, trainer=trainer, plans=plans, stage2_id=s2["id"],
+            device=device, n_proc=n_proc), env, done=None)], ["stage1_record"]))
+        stages += block(2, [s2], ["build_stage2"], folds)
     return stages
 
 
@@ -397,6 +428,14 @@ def train(dataset, stage, configuration: str, trainer: str = "nnUNetTrainer", pl
         raise ValueError(f"-num_gpus {num_gpus} needs --gpus-per-task >= {num_gpus} (one task runs nnU-Net's DDP)")
     stages = train_stages(dataset, stage, configuration, trainer, plans, folds, device, n_proc, stage2_id, num_gpus)
     workdir = Path(workdir) if workdir else default_workdir(dataset, f"consensus_train_stage{stage}")
+    from nnunet_ext.checks import check_fan_out
+
+    # before any script is written (dry runs too): work folder writable, configuration planned, trainer known
+    state = load_state(dataset)[1]
+    names = [t["name"] for s in ((1, 2) if stage == "all" else (stage,)) if s == 1 or "stage2" in state
+             for t in _targets(dataset, state, s)]
+    check_fan_out([trainer], [_env_folder("nnUNet_preprocessed") / n / f"{plans}.json" for n in names], configuration,
+                  {"--workdir": workdir})
     res = run_stages(stages, workdir, options)
     out = {"launcher": options.launcher, "workdir": str(workdir), "stages": res}
     if options.launcher == "local" and not options.dry_run:
@@ -445,14 +484,16 @@ def _write_prob(prob: np.ndarray, reference_image: Path, out: Path) -> None:
 
 def _predict(model: dict, input_dir: Path, output_dir: Path, folds, env, log, device, checkpoint="checkpoint_final.pth",
              probabilities=True) -> None:
-    """``nnunet-ext predict`` (the one predictor, with the model's contract) in its own process, so that
-    rater models can run in parallel: ``<case><ending>`` masks, ``soft/`` maps, ``.npz`` on request."""
-    cmd = [nnunet_command("nnunet-ext"), "predict", "-i", str(input_dir), "-o", str(output_dir), "-d", str(model["id"]),
-           "-c", model["configuration"], "-tr", model["trainer"], "-p", model["plans"], "-f", *map(str, folds),
-           "-chk", checkpoint, "-device", device, "-npp", env["nnUNet_def_n_proc"], "-nps", env["nnUNet_def_n_proc"]]
-    if probabilities:
-        cmd.append("--save_probabilities")
-    run_logged(cmd, env, log)
+    """:func:`nnunet_ext.predict.predict` (the one predictor, with the model's contract) in its own process
+    (spawned on the function): ``<case><ending>`` masks, ``soft/`` maps, ``.npz`` on request."""
+    from nnunet_ext.call import function_argv
+    from nnunet_ext.predict import predict as predict_model
+
+    n = int(env["nnUNet_def_n_proc"])
+    run_logged(function_argv(predict_model, input_dir=str(input_dir), output_dir=str(output_dir),
+                             dataset=str(model["id"]), configuration=model["configuration"], trainer=model["trainer"],
+                             plans=model["plans"], folds=list(folds), checkpoint=checkpoint, device=device,
+                             keep_probabilities=probabilities, npp=n, nps=n), env, log)
 
 
 def build_stage2(dataset, configuration: str | None = None, trainer: str | None = None, plans: str | None = None,
@@ -525,18 +566,32 @@ def build_stage2(dataset, configuration: str | None = None, trainer: str | None 
 # ---------------------------------------------------------------------------------------------- predict
 
 
-def predict(dataset, input_dir, output_dir, device: str = "cuda", jobs: int = 1, keep_rater_predictions: bool = False,
-            save_probabilities: bool = False, n_proc: int = 2, checkpoint: str = "checkpoint_final.pth") -> dict:
-    """Rater models (fold ensembles, ``jobs`` in parallel) -> stage-2 inputs -> consensus model. Writes
-    ``<out>/<case><ending>`` (and ``.npz`` probabilities on request); rater masks in ``<out>/raters/<rater>/``
-    with ``keep_rater_predictions``."""
-    src, state = load_state(dataset)
-    if "stage2" not in state or "stage2_training" not in state:
-        raise RuntimeError("the cascade is not trained: build-stage2 and `consensus train --stage 2` first")
-    s1, s2 = state["stage1"], {**state["stage2"], **state["stage2_training"]}
-    dj = json.loads((src / "dataset.json").read_text())
-    ending, n_ch = dj["file_ending"], len(dj["channel_names"])
+def predict_cascade(raters: list[dict], consensus_model: dict, input_dir, output_dir, *, device: str = "cuda",
+                    jobs: int = 1, n_proc: int = 2, checkpoint: str = "checkpoint_final.pth",
+                    save_probabilities: bool = False, keep_rater_predictions: bool = False,
+                    write_soft: bool = True) -> dict:
+    """The cascade on every case of ``input_dir`` (nnU-Net naming, the source dataset's channels): each rater
+    model (``raters``: ``[{"name", "model_dir", "folds"}]`` in the consensus model's channel order) as the
+    ensemble of its folds, its soft lesion map (its contract's activation) appended as one more channel, then
+    the consensus model (``{"model_dir", "folds"}``), every model through the one predictor and its contract.
+    ``consensus predict`` and a cascade submission's entrypoint both run this.
+
+    Writes ``<out>/<case><ending>`` (the consensus model's mask; ``soft/`` maps with ``write_soft``, ``.npz``
+    with ``save_probabilities``) and, with ``keep_rater_predictions``, ``<out>/raters/<rater>/<case><ending>``.
+    ``jobs`` > 1: that many rater models at once, each in its own process (spawned on
+    :func:`nnunet_ext.predictor.predict_cases`, output in ``<out>/consensus_predict.log``); otherwise one after
+    the other in this process."""
+    from nnunet_ext.call import function_argv
+    from nnunet_ext.predictor import predict_cases
+
     input_dir, out = Path(input_dir), Path(output_dir)
+    c_dir = Path(consensus_model["model_dir"])
+    dj = json.loads((c_dir / "dataset.json").read_text())
+    ending, n_ch = dj["file_ending"], len(dj["channel_names"]) - len(raters)
+    rater_ch = [len(json.loads((Path(r["model_dir"]) / "dataset.json").read_text())["channel_names"]) for r in raters]
+    if n_ch < 1 or set(rater_ch) != {n_ch}:
+        raise ValueError(f"the consensus model {c_dir} takes {len(dj['channel_names'])} channels, which is not the "
+                         f"rater models' {sorted(set(rater_ch))} plus one per rater ({len(raters)})")
     cases = sorted({p.name[: -len(ending) - 5] for p in input_dir.glob(f"*_0000{ending}")})
     if not cases:
         raise FileNotFoundError(f"no <case>_0000{ending} files in {input_dir}")
@@ -548,51 +603,96 @@ def predict(dataset, input_dir, output_dir, device: str = "cuda", jobs: int = 1,
     work = out / ".cascade"
     env = nnunet_env(None, n_proc)
     log = out / "consensus_predict.log"
-    raters = state["stage2"]["rater_order"]
-    s1_folds = list(range(state["n_folds"]))
-    _stage1_contract(state, s1)
+    common = dict(checkpoint=checkpoint, device=device, write_mask=keep_rater_predictions, npp=n_proc, nps=n_proc)
 
     def run_rater(i_r):
         i, r = i_r
-        print(f"[{i + 1}/{len(raters) + 1}] rater model {r} (folds {s1_folds}) on {len(cases)} case(s)", flush=True)
-        _predict({**state["raters"][r], **s1}, input_dir, work / r, s1_folds, env, log, device, checkpoint,
-                 probabilities=False)
-        return r
+        print(f"[{i + 1}/{len(raters) + 1}] rater model {r['name']} (folds {list(r['folds'])}) on {len(cases)} "
+              f"case(s)", flush=True)
+        kw = dict(model_dir=str(r["model_dir"]), folds=list(r["folds"]), inputs=str(input_dir),
+                  output_dir=str(work / r["name"]), **common)
+        if jobs > 1:
+            run_logged(function_argv(predict_cases, **kw), env, log)
+        else:
+            predict_cases(**kw)
+        return r["name"]
 
-    with ThreadPoolExecutor(max(1, jobs)) as ex:
-        list(ex.map(run_rater, enumerate(raters)))
-    s2_in = work / "stage2_input"
-    for c in cases:
-        for k in range(n_ch):
-            _link(input_dir / f"{c}_{k:04d}{ending}", s2_in / f"{c}_{k:04d}{ending}", False)
-        for i, r in enumerate(raters):  # the rater model's soft lesion map, as in build-stage2
-            soft, _ = read_image(work / r / "soft" / f"{c}{ending}")
-            _write_prob(soft.astype(np.float32), input_dir / f"{c}_0000{ending}", s2_in / f"{c}_{n_ch + i:04d}{ending}")
-    print(f"[{len(raters) + 1}/{len(raters) + 1}] consensus model on {len(cases)} case(s)", flush=True)
-    _predict(s2, s2_in, out, s2["folds"], env, log, device, checkpoint, probabilities=save_probabilities)
-    if keep_rater_predictions:
-        for r in raters:
-            for c in cases:
-                (out / "raters" / r).mkdir(parents=True, exist_ok=True)
-                shutil.copy2(work / r / f"{c}{ending}", out / "raters" / r / f"{c}{ending}")
-    shutil.rmtree(work)
-    summary = {"cases": cases, "raters": raters, "stage1": s1, "stage2": s2}
+    try:
+        if jobs > 1:
+            with ThreadPoolExecutor(jobs) as ex:
+                list(ex.map(run_rater, enumerate(raters)))
+        else:
+            for item in enumerate(raters):
+                run_rater(item)
+        s2_in = work / "stage2_input"
+        for c in cases:
+            for k in range(n_ch):
+                _link(input_dir / f"{c}_{k:04d}{ending}", s2_in / f"{c}_{k:04d}{ending}", False)
+            for i, r in enumerate(raters):  # the rater model's soft lesion map, as in build-stage2
+                soft, _ = read_image(work / r["name"] / "soft" / f"{c}{ending}")
+                _write_prob(soft.astype(np.float32), input_dir / f"{c}_0000{ending}",
+                            s2_in / f"{c}_{n_ch + i:04d}{ending}")
+        print(f"[{len(raters) + 1}/{len(raters) + 1}] consensus model on {len(cases)} case(s)", flush=True)
+        summary = predict_cases(c_dir, list(consensus_model["folds"]), str(s2_in), out, checkpoint=checkpoint,
+                                device=device, save_probabilities=save_probabilities, write_soft=write_soft,
+                                npp=n_proc, nps=n_proc)
+        if keep_rater_predictions:
+            for r in raters:
+                for c in cases:
+                    (out / "raters" / r["name"]).mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(work / r["name"] / f"{c}{ending}", out / "raters" / r["name"] / f"{c}{ending}")
+    finally:  # the rater outputs and stage-2 inputs are scratch, also when a model fails
+        shutil.rmtree(work, ignore_errors=True)
+    return {"cases": cases, "raters": [r["name"] for r in raters], "consensus": summary}
+
+
+def cascade_models(state: dict) -> tuple[list[dict], dict]:
+    """(rater models, consensus model) of a trained cascade, as :func:`predict_cascade` takes them."""
+    if "stage2" not in state or "stage2_training" not in state:
+        raise RuntimeError("the cascade is not trained: build-stage2 and `consensus train --stage 2` first")
+    s1, s2 = state["stage1"], {**state["stage2"], **state["stage2_training"]}
+    _stage1_contract(state, s1)
+    raters = [{"name": r, "model_dir": _model_dir(state["raters"][r]["name"], s1["trainer"], s1["plans"],
+                                                  s1["configuration"]), "folds": list(range(state["n_folds"]))}
+              for r in state["stage2"]["rater_order"]]
+    consensus_model = {"model_dir": _model_dir(s2["name"], s2["trainer"], s2["plans"], s2["configuration"]),
+                       "folds": list(s2["folds"])}
+    return raters, consensus_model
+
+
+def predict(dataset, input_dir, output_dir, device: str = "cuda", jobs: int = 1, keep_rater_predictions: bool = False,
+            save_probabilities: bool = False, n_proc: int = 2, checkpoint: str = "checkpoint_final.pth") -> dict:
+    """Rater models (fold ensembles, ``jobs`` in parallel) -> stage-2 inputs -> consensus model
+    (:func:`predict_cascade`). Writes ``<out>/<case><ending>`` (and ``.npz`` probabilities on request); rater
+    masks in ``<out>/raters/<rater>/`` with ``keep_rater_predictions``."""
+    from nnunet_ext.safety import check_output_not_input
+
+    src, state = load_state(dataset)
+    raters, consensus_model = cascade_models(state)
+    check_output_not_input(output_dir, [input_dir], allow_containing=True, what="-o (output folder)")
+    res = predict_cascade(raters, consensus_model, input_dir, output_dir, device=device, jobs=max(1, int(jobs)),
+                          n_proc=n_proc, checkpoint=checkpoint, save_probabilities=save_probabilities,
+                          keep_rater_predictions=keep_rater_predictions)
+    summary = {"cases": res["cases"], "raters": res["raters"], "stage1": state["stage1"],
+               "stage2": {**state["stage2"], **state["stage2_training"]}}
     from nnunet_ext.safety import atomic_write_text
 
-    atomic_write_text(out / "consensus_predict.json", json.dumps(summary, indent=1))
+    atomic_write_text(Path(output_dir) / "consensus_predict.json", json.dumps(summary, indent=1))
     return summary
 
 
-def launch_predict(dataset, predict_args: list[str], output_dir, launcher, workdir=None) -> dict:
+def launch_predict(dataset, input_dir, output_dir, launcher, workdir=None, **predict_kwargs) -> dict:
     """``consensus predict`` as one launcher task (one Slurm job holding every rater model and the consensus
-    model; ``-j`` inside it still runs rater models at once): ``nnunet-ext consensus predict -d D
-    PREDICT_ARGS``. Scripts, markers and logs in ``workdir`` (default ``<output>/.nnunet_ext_jobs``).
-    Returns ``{"launcher", "workdir", "stages"}``."""
+    model; ``jobs`` inside it still runs rater models at once): :func:`predict` with ``predict_kwargs``, in
+    a process spawned on the function. Scripts, markers and logs in ``workdir`` (default
+    ``<output>/.nnunet_ext_jobs``). Returns ``{"launcher", "workdir", "stages"}``."""
+    from nnunet_ext.call import function_argv
     from nnunet_ext.launcher import Stage, Task, run_stages, task_env
 
     load_state(dataset)  # fails early when the cascade does not exist
     env = task_env({k: v for k, v in nnunet_env(None).items() if k in NNUNET_FOLDERS + ("nnUNet_extTrainer",)})
-    task = Task("predict", [nnunet_command("nnunet-ext"), "consensus", "predict", "-d", str(dataset), *predict_args], env)
+    task = Task("predict", function_argv(predict, dataset=str(dataset), input_dir=str(Path(input_dir).resolve()),
+                                         output_dir=str(Path(output_dir).resolve()), **predict_kwargs), env)
     workdir = Path(workdir) if workdir else Path(output_dir).resolve() / ".nnunet_ext_jobs"
     res = run_stages([Stage("consensus_predict", [task])], workdir, launcher)
     return {"launcher": launcher.launcher, "workdir": str(workdir), "stages": res}

@@ -7,7 +7,8 @@ predictor every command uses, reads it. Fields:
 ``condition``       None, ``"spacing"`` (resolution FiLM) or ``"cohort"`` (SCIN)
 ``cohorts``         the cohort names a SCIN model knows (its slot table, from the checkpoint)
 ``activation``      how the soft lesion map is read from the network output: ``"softmax"`` or SoftSeg's
-                    ``"normalized_relu"`` (:func:`nnunet_ext.thresholds.soft_output`)
+                    ``"normalized_relu"``, which the network applies per patch at prediction
+                    (:mod:`nnunet_ext.activations`, :func:`nnunet_ext.thresholds.soft_output`)
 ``tta``             how the flips of test-time augmentation are aggregated: ``"mean_logits"`` (nnU-Net's)
                     or ``"mean_probabilities"``
 ``threshold``       ``"stored"``: apply the Dice-optimal validation threshold of the folds in use
@@ -95,7 +96,11 @@ def write_contract(model_dir, contract: ModelContract) -> Path:
     """Write ``contract`` into ``model_dir`` (atomic)."""
     contract.validate(str(contract_path(model_dir)))
     p = contract_path(model_dir)
-    _atomic_write_json(p, contract.to_json())
+    from nnunet_ext.checks import check_contract_identity, folder_identity
+
+    check_contract_identity(p, contract.to_json(), model_dir)
+    # plans and configuration from the folder name: a contract copied into another model's folder is refused
+    _atomic_write_json(p, {**contract.to_json(), **{k: v for k, v in folder_identity(model_dir).items() if k != "trainer"}})
     return p
 
 
@@ -109,6 +114,9 @@ def read_contract_file(model_dir) -> ModelContract | None:
         raise ValueError(f"{p}: not valid JSON ({e}); delete it to re-derive the contract from the checkpoint")
     if not isinstance(d, dict) or d.get("version") != VERSION:
         raise ValueError(f"{p}: unsupported model contract (version {d.get('version') if isinstance(d, dict) else '?'})")
+    from nnunet_ext.checks import check_contract_identity
+
+    check_contract_identity(p, d, model_dir)  # trainer / plans / configuration of the folder it lies in
     known = {k: d[k] for k in ("condition", "cohorts", "activation", "tta", "threshold", "postprocessing", "trainer")
              if k in d}
     return ModelContract(**known, source="file").validate(str(p))

@@ -59,6 +59,10 @@ def read_selection(path) -> dict:
                          f"({type(e).__name__}: {e})") from None
     if not members or any(m.count("__") != 2 for m in members):
         raise ValueError(f"{path}: members must be Trainer__Plans__configuration names, got {members}")
+    from nnunet_ext.checks import split_member
+
+    for m in members:  # names from a file are data, never paths (no '/', no '..')
+        split_member(m, str(path))
     if not 0 < choice["threshold"] < 1:
         raise ValueError(f"{path}: threshold must be in (0, 1), got {choice['threshold']}")
     if not (choice["min_lesion_mm3"] >= 0 and np.isfinite(choice["min_lesion_mm3"])):
@@ -68,9 +72,11 @@ def read_selection(path) -> dict:
 
 def member_folders(choice: dict, dataset_folder) -> list[Path]:
     """The members' model folders in ``dataset_folder`` (``$nnUNet_results/<Dataset>``)."""
+    from nnunet_ext.checks import member_folder
+
     out = []
     for m in choice["members"]:
-        d = Path(dataset_folder) / m
+        d = member_folder(dataset_folder, m, choice["selection"])
         if not d.is_dir():
             raise FileNotFoundError(f"{d} not found: the selection {choice['selection']} names model {m}")
         out.append(d)
@@ -126,6 +132,7 @@ def predict_ensemble(folders: Sequence[Path], folds, inputs, output_dir, *, thre
 
     from nnunet_ext.io import read_sitk, write_sitk
     from nnunet_ext.predictor import predict_cases
+    from nnunet_ext.progress import step
 
     folders = [Path(d) for d in folders]
     ending = _check_members(folders, folds, checkpoint)
@@ -154,10 +161,7 @@ def predict_ensemble(folders: Sequence[Path], folds, inputs, output_dir, *, thre
                 img.CopyInformation(imgs[0])
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_sitk(img, path)
-            if progress:
-                print(f"\rensemble: combined {n}/{len(cases)} cases", end="", flush=True)
-        if progress:
-            print(flush=True)
+            step("ensemble: combined", n, len(cases), progress, item=case)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"model": [str(d) for d in folders], "folds": list(folds), "cases": cases, "condition": None,

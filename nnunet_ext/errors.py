@@ -53,6 +53,10 @@ def format_error(e: BaseException) -> str:
             return f"{f} is a folder; give a file path"
         if isinstance(e, NotADirectoryError):
             return f"{f}: a part of this path is a file, not a folder; choose another path"
+        if isinstance(e, FileExistsError):  # mkdir over a file: a file given where a folder is expected
+            if os.path.lexists(f) and not os.path.isdir(f):
+                return f"{f} is a file, not a folder; give a folder path there (or move the file away)"
+            return f"{f} exists already; choose another path or remove it"
         if getattr(e, "errno", None) == 28:
             return f"{f}: no space left on the device; free some space and run again"
         if getattr(e, "errno", None) == 30:
@@ -92,7 +96,9 @@ def run_cli(run, argv: list[str], console: bool = False) -> int:
         warnings.formatwarning = _warning_line
     try:
         if console and getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_interrupted_early":
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # nnunet_ext._console's, until here
+            from nnunet_ext.safety import interrupted_handler
+
+            signal.signal(signal.SIGINT, interrupted_handler)  # nnunet_ext._console's, until here
         rc = run(argv)
         return 0 if rc is None else int(rc)
     except KeyboardInterrupt:

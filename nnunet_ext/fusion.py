@@ -14,10 +14,12 @@ and returns an array of that shape: uint8 for hard methods, float32 in [0, 1] fo
   half; with two raters this is their intersection, with one rater its mask) -- plus a rim: the core dilated
   by a ball of ``radius_mm`` (spacing honoured); rim voxels brighter than the mean intensity of the lesion
   they surround (26-connected components of the core) get ``gamma``, other rim voxels 0.
-* ``inter_soft_union_rim``: 1 where all raters agree (intersection), ``gamma`` where only some do (union
-  minus intersection), and ``gamma`` on the intensity-gated rim of ``radius_mm`` around the *union* (the
-  gate of ``soft_rim``, with the lesions taken as components of the union); 0 elsewhere. With one rater it
-  equals ``soft_rim`` of that rater.
+* ``inter_soft_union_rim`` (Bar-Ilan thesis, section 3.2.1, Fig. 9d, "intersection + soft union"): 1 on the
+  raters' intersection; ``gamma`` on the voxels where the raters disagree (union minus intersection) and on
+  the intensity-gated 3D dilation of the *intersection* -- ``soft_rim`` of the intersection: voxels within
+  a ball of ``radius_mm`` (spacing honoured) of an intersection lesion and brighter than that lesion's mean
+  intensity; 0 elsewhere. A lesion marked by only some raters is ``gamma`` and gets no rim. With one rater
+  it equals ``soft_rim`` of that rater. Paper defaults: ``gamma`` 0.5, ``radius_mm`` 1.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+
+from nnunet_ext.progress import step
 
 HARD_METHODS = ("majority", "intersection", "union", "staple")
 SOFT_METHODS = ("mean", "staple_soft", "inter_soft_union", "soft_rim", "inter_soft_union_rim")
@@ -119,11 +123,11 @@ def soft_rim(mask: np.ndarray, image: np.ndarray, spacing=(1.0, 1.0, 1.0), radiu
 
 def inter_soft_union_rim(raters, image: np.ndarray, spacing=(1.0, 1.0, 1.0), radius_mm: float = 1.0,
                          gamma: float = 0.5, connectivity: int = 26) -> np.ndarray:
-    """Intersection 1, rater disagreement ``gamma``, intensity-gated rim around the union ``gamma``."""
+    """Intersection 1; rater disagreement and the intensity-gated rim around the intersection ``gamma``."""
     s = _stack(raters)
-    union_mask = s.any(0)
-    out = soft_rim(union_mask.astype(np.uint8), image, spacing, radius_mm, gamma, connectivity)
-    out[union_mask & ~s.all(0)] = gamma
+    inter = s.all(0)
+    out = soft_rim(inter.astype(np.uint8), image, spacing, radius_mm, gamma, connectivity)
+    out[s.any(0) & ~inter] = gamma
     return out
 
 
@@ -222,8 +226,5 @@ def fuse_folders(method: str, rater_dirs: Sequence, output_dir, image_dir=None, 
             spacing = tuple(reversed(imgs[0].GetSpacing()))
             fused = fuse(method, arrays, gamma, image, spacing, radius_mm)
             write_image(fused, spacing, out / f"{case}{file_ending}", reference=imgs[0])
-            if progress:
-                print(f"\rfuse {method}: {k}/{len(cases)}", end="", flush=True)
-        if progress:
-            print()
+            step(f"fuse {method}", k, len(cases), progress, item=case)
     return cases

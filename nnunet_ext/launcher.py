@@ -259,7 +259,13 @@ def load_manifest(workdir) -> dict:
     f = Path(workdir) / MANIFEST
     if not f.is_file():
         raise FileNotFoundError(f"{f} not found: {workdir} is not a work folder written by nnunet-ext")
-    return json.loads(f.read_text())
+    from nnunet_ext.checks import read_json_named
+
+    manifest = read_json_named(f, "launcher manifest")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), list):
+        raise ValueError(f"{f}: damaged launcher manifest (no list of stages); restore it or delete the work "
+                         f"folder and run the command that wrote it again")
+    return manifest
 
 
 def _stages_of(manifest: dict) -> list[Stage]:
@@ -415,6 +421,10 @@ def _run_local(stages: list[Stage], workdir: Path, options: LauncherOptions, scr
     slots = list(range(jobs))
     lock = threading.Lock()
     result = {}
+    from nnunet_ext import guard
+
+    running: set = set()  # the tasks' guard processes (each the leader of its task's process group)
+    stopping = threading.Event()
     for st in stages:
         todo = [(k, t) for k, t in enumerate(st.tasks) if not _finished(workdir, st, t)]
         skipped = [t.name for t in st.tasks if _finished(workdir, st, t)]
@@ -434,18 +444,37 @@ def _run_local(stages: list[Stage], workdir: Path, options: LauncherOptions, scr
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * g + d) for d in range(g))
                 print(f"[{st.name}] {t.name}: running (log {task_log(workdir, st.name, t.name)})", flush=True)
                 t0 = time.time()
-                r = subprocess.run(["bash", str(scripts[st.name]), str(k)], env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-                ok = r.returncode == 0 and _finished(workdir, st, t)
-                print(f"[{st.name}] {t.name}: {'done' if ok else f'FAILED (exit {r.returncode})'} "
-                      f"({time.time() - t0:.0f} s)", flush=True)
+                # under the guard (nnunet_ext.guard): the task and every process it starts end with this
+                # command, also when it is killed with SIGKILL
+                with lock:
+                    if stopping.is_set():
+                        return t.name, False
+                    proc = guard.popen(["bash", str(scripts[st.name]), str(k)], env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True)
+                    running.add(proc)
+                try:
+                    proc.communicate()
+                finally:
+                    with lock:
+                        running.discard(proc)
+                ok = proc.returncode == 0 and _finished(workdir, st, t)
+                if not stopping.is_set():
+                    print(f"[{st.name}] {t.name}: {'done' if ok else f'FAILED (exit {proc.returncode})'} "
+                          f"({time.time() - t0:.0f} s)", flush=True)
                 return t.name, ok
             finally:
                 with lock:
                     slots.append(slot)
 
         with ThreadPoolExecutor(max(1, min(jobs, len(todo) or 1))) as ex:
-            outcome = list(ex.map(one, todo))
+            try:
+                outcome = list(ex.map(one, todo))
+            except BaseException:  # Ctrl-C, SIGTERM: end the running tasks (else leaving the pool waits for them)
+                with lock:
+                    stopping.set()
+                    for proc in running:
+                        guard.stop(proc)
+                raise
         failed = [n for n, ok in outcome if not ok]
         result[st.name] = {"ran": [n for n, _ in outcome], "skipped": skipped}
         if failed:

@@ -150,12 +150,69 @@ def _lesion_logit(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, 1].float() - logits[:, 0].float()
 
 
+def _masked_prob_and_target(logits: torch.Tensor, target: torch.Tensor, ignore_label, soft_channel: int | None):
+    """(P, S, m): lesion probability ``sigmoid(z_lesion - z_background)`` and target, both zero where the
+    ignore label is (m the float mask of annotated voxels, ones without ignore label). ``soft_channel``
+    None: the hard label ``label == 1``."""
+    d = _lesion_logit(logits)
+    s = (target[:, 0] == 1).float() if soft_channel is None else _soft_target(target, soft_channel)
+    _, mask = _labels_and_mask(target, ignore_label)
+    m = torch.ones_like(s) if mask is None else mask
+    return torch.sigmoid(d) * m, s * m, m
+
+
+class SoftDiceLoss(nn.Module):
+    """Soft Dice loss of Kats et al. (2019), as the Bar-Ilan thesis trains with it (eq. 1), alone:
+
+    ``L = -sum((T + gamma D) P) / (0.5 sum P + 0.5 sum (T + gamma D) + eps)``
+
+    for a soft target S = T + gamma D in [0, 1] (hard mask T, soft rim D) and P the lesion probability
+    (sigmoid of the lesion-minus-background logit = the 2-class softmax). Sums run over batch and voxels
+    (``batch=True``, nnU-Net's batch Dice) or per sample, then averaged; ``eps`` only guards an empty patch.
+    Ignored voxels (``ignore_label`` in channel 0) count in no sum. Range [-1, 0]."""
+
+    def __init__(self, batch: bool = True, eps: float = 1e-5, ignore_label: int | None = None, soft_channel: int = 1):
+        super().__init__()
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if soft_channel < 1:
+            raise ValueError(f"soft_channel must be >= 1, got {soft_channel}")
+        self.batch, self.eps, self.ignore_label, self.soft_channel = batch, eps, ignore_label, soft_channel
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        p, s, _ = _masked_prob_and_target(logits, target, self.ignore_label, self.soft_channel)
+        axes = list(range(0, p.ndim)) if self.batch else list(range(1, p.ndim))
+        return (-(p * s).sum(axes) / (0.5 * p.sum(axes) + 0.5 * s.sum(axes) + self.eps)).mean()
+
+
+class SigmoidDiceLoss(nn.Module):
+    """The Dice loss of SoftSeg's conventional baseline ("Conv", Lemay 2022, ch. 4-5; ivadomed's
+    ``DiceLoss``, after Milletari et al. 2016) on a sigmoid output and the hard labels:
+
+    ``L = -(2 sum(P T) + smooth) / (sum P + sum T + smooth)``, smooth 1,
+
+    P = sigmoid(z_lesion - z_background) (the lesion probability of the 2-class network), T = (label == 1);
+    one sum over the whole batch (ivadomed flattens prediction and target). Ignored voxels count in no sum.
+    Range [-1, 0)."""
+
+    def __init__(self, smooth: float = 1.0, ignore_label: int | None = None):
+        super().__init__()
+        if not smooth >= 0:
+            raise ValueError(f"smooth must be >= 0, got {smooth}")
+        self.smooth, self.ignore_label = float(smooth), ignore_label
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        p, t, _ = _masked_prob_and_target(logits, target, self.ignore_label, None)
+        return -(2.0 * (p * t).sum() + self.smooth) / (p.sum() + t.sum() + self.smooth)
+
+
 class SoftDiceBCELoss(nn.Module):
     """Soft Dice of Kats et al. (2019) plus soft binary cross-entropy, for a soft target S in [0, 1]:
 
     ``L = -sum(S P) / (0.5 sum P + 0.5 sum S + eps)  +  BCE(P, S)``, with P the lesion probability
     (sigmoid of the lesion-minus-background logit). With S = T + gamma D (hard mask T, soft rim D) the Dice
-    term is exactly the paper's. Sums run over batch and voxels (``batch=True``, nnU-Net's batch Dice) or per
+    term is exactly the paper's (:class:`SoftDiceLoss`); the BCE term is our addition (the thesis trains
+    with the Dice term alone). Sums run over batch and voxels (``batch=True``, nnU-Net's batch Dice) or per
     sample, then averaged. Ignored voxels (``ignore_label`` in channel 0) count in neither term."""
 
     def __init__(self, batch: bool = True, weight_dice: float = 1.0, weight_bce: float = 1.0, eps: float = 1e-5,
@@ -182,18 +239,22 @@ class SoftDiceBCELoss(nn.Module):
 
 
 def normalized_relu(x: torch.Tensor, leak: float = 0.0) -> torch.Tensor:
-    """SoftSeg's output activation: ``relu(x) / max(relu(x))`` per sample (over all but the batch axis);
-    0 where the maximum is 0.
+    """SoftSeg's output activation (Lemay 2022, eq. 4.1): ``relu(x) / max(relu(x))``, 0 where the maximum
+    is 0, with the maximum taken per sample over all but the batch axis, i.e. over the whole output of one
+    network input (a training patch; at prediction one sliding-window patch, see
+    :mod:`nnunet_ext.activations`).
 
-    ``leak > 0`` changes only the backward pass: negative inputs get gradient ``leak / max(max, 1e-3)``
-    (straight-through), so units that went negative everywhere can recover. The forward value is unchanged."""
+    ``leak > 0`` (the ``_leak`` trainers) changes only the backward pass: negative inputs get gradient
+    ``leak / max(max, 1e-3)`` (straight-through), so a network whose lesion logits all went negative can
+    recover. The forward value is that of ``leak = 0``."""
     r = F.relu(x)
     mx = r.flatten(1).max(1).values.view(-1, *([1] * (r.ndim - 1)))
+    out = torch.where(mx > 0, r / mx.clamp(min=torch.finfo(r.dtype).tiny), torch.zeros_like(r))
     if leak > 0:
         neg = (x < 0).to(x.dtype)
-        r = r + leak * neg * (x - x.detach())  # adds 0 to the value, leak to the gradient of negative inputs
-        return r / mx.clamp(min=1e-3)
-    return torch.where(mx > 0, r / mx.clamp(min=torch.finfo(r.dtype).tiny), torch.zeros_like(r))
+        # adds 0 to the value, leak / max to the gradient of negative inputs
+        out = out + leak * neg * (x - x.detach()) / mx.detach().clamp(min=1e-3)
+    return out
 
 
 class AdaptiveWingLoss(nn.Module):
@@ -203,13 +264,13 @@ class AdaptiveWingLoss(nn.Module):
     ``omega ln(1 + |(y - p) / eps|^(a - y))`` where ``|y - p| < theta``, else ``A |y - p| - C`` with
     ``A = omega (a - y) (theta/eps)^(a - y - 1) / (eps (1 + (theta/eps)^(a - y)))`` and
     ``C = theta A - omega ln(1 + (theta/eps)^(a - y))`` (continuous at theta). Defaults epsilon=1, a=2.1,
-    theta=0.5, omega=8. The prediction is SoftSeg's normalized ReLU of the lesion logit; ``leak`` (default
-    0.01) lets gradient through negative logits (forward unchanged, see :func:`normalized_relu`): with tiny
-    lesions, plain normalized ReLU drove every logit negative within one epoch and never recovered.
-    ``leak=0`` is SoftSeg exactly."""
+    theta=0.5, omega=8. The prediction is SoftSeg's normalized ReLU of the lesion logit, per sample
+    (:func:`normalized_relu`); ``leak=0`` (default) is SoftSeg exactly. ``leak > 0`` lets gradient through
+    negative logits (forward unchanged): with tiny lesions, plain normalized ReLU drove every logit negative
+    within one epoch and never recovered (docs/benchmarks.md)."""
 
     def __init__(self, omega: float = 8.0, theta: float = 0.5, epsilon: float = 1.0, alpha: float = 2.1,
-                 ignore_label: int | None = None, leak: float = 0.01, soft_channel: int = 1):
+                 ignore_label: int | None = None, leak: float = 0.0, soft_channel: int = 1):
         super().__init__()
         if soft_channel < 1:
             raise ValueError(f"soft_channel must be >= 1, got {soft_channel}")
@@ -240,3 +301,96 @@ class AdaptiveWingLoss(nn.Module):
         if mask is None:
             return loss.mean()
         return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ---------------------------------------------------------------- the LSR thesis' baselines (Fig. 5.1)
+
+
+def _two_class_ce(logits: torch.Tensor, target: torch.Tensor, ignore_label) -> tuple:
+    """(CE, lesion, m): the two-class cross-entropy per voxel (= BCE of the lesion-minus-background logit),
+    the hard lesion target (label == 1) and the float mask of annotated voxels (ones without ignore label)."""
+    if logits.ndim != target.ndim or logits.shape[2:] != target.shape[2:]:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must be "
+                         f"(B, C, *spatial) and (B, K, *spatial)")
+    d = _lesion_logit(logits)
+    y = (target[:, 0] == 1).float()
+    _, mask = _labels_and_mask(target, ignore_label)
+    m = torch.ones_like(y) if mask is None else mask
+    return F.binary_cross_entropy_with_logits(d, y, reduction="none"), y, m
+
+
+class WeightedBCELoss(nn.Module):
+    """Weighted BCE (the LSR thesis' "WBCE", Fig. 5.1): lesion voxels weigh ``pos_weight``, background 1,
+    ``sum(w * BCE) / N`` over the N annotated voxels (PyTorch's ``BCEWithLogitsLoss(pos_weight=...)``).
+    Logits ``(B, 2, *spatial)``: BCE of the lesion-minus-background logit = the 2-class softmax."""
+
+    def __init__(self, pos_weight: float, ignore_label: int | None = None):
+        super().__init__()
+        if not pos_weight > 0 or pos_weight == float("inf"):
+            raise ValueError(f"pos_weight must be a finite number > 0, got {pos_weight}")
+        self.pos_weight, self.ignore_label = float(pos_weight), ignore_label
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce, y, m = _two_class_ce(logits, target, self.ignore_label)
+        w = (1.0 + (self.pos_weight - 1.0) * y) * m
+        return (w * ce).sum() / m.sum().clamp(min=1.0)
+
+
+class FocalLoss(nn.Module):
+    """Binary focal loss (Lin et al. 2017; the LSR thesis' "FL", Fig. 5.1):
+    ``-alpha_t (1 - p_t)^gamma ln p_t`` with ``p_t`` the probability of the voxel's true class and
+    ``alpha_t = alpha`` on lesion voxels, ``1 - alpha`` on background; mean over annotated voxels.
+    Defaults gamma 2, alpha 0.25 (Lin et al.'s best setting; torchvision's ``sigmoid_focal_loss``).
+    ``alpha=None`` switches the class balance off (``alpha_t = 1``)."""
+
+    def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25, ignore_label: int | None = None):
+        super().__init__()
+        if not gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] or None, got {alpha}")
+        self.gamma, self.alpha, self.ignore_label = float(gamma), alpha, ignore_label
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce, y, m = _two_class_ce(logits, target, self.ignore_label)
+        p_t = torch.exp(-ce)  # ce = -ln p_t
+        loss = (1.0 - p_t) ** self.gamma * ce
+        if self.alpha is not None:
+            loss = (self.alpha * y + (1.0 - self.alpha) * (1.0 - y)) * loss
+        return (loss * m).sum() / m.sum().clamp(min=1.0)
+
+
+class InverseWeightedBCELoss(nn.Module):
+    """BCE with inverse lesion-size weights (the LSR thesis' "BCE+IW", Fig. 5.1, after Shirokikh et al.
+    2020, its ref. [88]): in each sample, every lesion carries the same total weight and the lesions together
+    keep their voxel count, ``w = P / (K |L|)`` on the voxels of a lesion L (P lesion voxels and K lesions in
+    the sample), background 1; ``sum(w * BCE) / N`` over the N annotated voxels.
+
+    Lesion sizes come from target channel ``size_channel`` (whole-case sizes, as for LSR): with them
+    ``K = sum over the sample's lesion voxels of 1 / |L|``, which is the number of lesions in the sample and
+    keeps the weights of a deep-supervision scale equal to those of full resolution; a lesion cut by the
+    patch border counts for the fraction of it inside. Without the channel (validation) every voxel
+    weighs 1."""
+
+    def __init__(self, size_channel: int = 1, ignore_label: int | None = None):
+        super().__init__()
+        if size_channel < 1:
+            raise ValueError(f"size_channel must be >= 1, got {size_channel}")
+        self.size_channel, self.ignore_label = size_channel, ignore_label
+
+    def voxel_weights(self, target: torch.Tensor) -> torch.Tensor:
+        w = torch.ones_like(target[:, 0], dtype=torch.float32)
+        if target.shape[1] <= self.size_channel:
+            return w
+        sizes = target[:, self.size_channel].float()
+        lesion = (target[:, 0] == 1) & (sizes > 0)
+        inv = torch.where(lesion, 1.0 / sizes.clamp(min=1.0), torch.zeros_like(sizes))
+        dims = tuple(range(1, inv.ndim))
+        n_lesion_voxels = lesion.float().sum(dims, keepdim=True)  # P per sample
+        n_lesions = inv.sum(dims, keepdim=True)  # K per sample
+        iw = n_lesion_voxels * inv / n_lesions.clamp(min=torch.finfo(torch.float32).tiny)
+        return torch.where(lesion, iw, w)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce, _, m = _two_class_ce(logits, target, self.ignore_label)
+        return (self.voxel_weights(target) * m * ce).sum() / m.sum().clamp(min=1.0)

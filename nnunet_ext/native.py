@@ -61,7 +61,8 @@ def is_native(configuration_manager) -> bool:
 def plan_native(dataset, configurations=("3d_fullres",), plans_name: str = NATIVE_PLANS, n_proc: int = 2,
                 verify: bool = False) -> Path:
     """Plan ``configurations`` of ``dataset`` at native resolution and preprocess them; returns the plans file."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                      preprocess_dataset)
 
     from nnunet_ext.nnunet_adapter import dataset_id, dataset_name, env_folder
 
@@ -69,26 +70,48 @@ def plan_native(dataset, configurations=("3d_fullres",), plans_name: str = NATIV
         raise ValueError(f"n_proc must be >= 1, got {n_proc}")
     if not plans_name or "/" in plans_name:
         raise ValueError(f"invalid plans name {plans_name!r}")
+    from nnunet_ext.checks import STANDARD_CONFIGURATIONS
+
+    odd = [c for c in configurations if c not in STANDARD_CONFIGURATIONS[:3]]  # before anything is written
+    if odd:
+        raise ValueError(f"-c {' '.join(odd)}: nnU-Net's planner makes {', '.join(STANDARD_CONFIGURATIONS[:3])} "
+                         f"(native-resolution planning takes no cascade configuration); choose from those")
     name = dataset_name(dataset)
     did = dataset_id(name)
     pre = env_folder("nnUNet_preprocessed") / name
     if not (pre / "dataset_fingerprint.json").is_file():
         extract_fingerprints([did], num_processes=n_proc, check_dataset_integrity=verify, verbose=False)
-    plan_experiments([did], overwrite_plans_name=plans_name)
     plans_file = pre / f"{plans_name}.json"
+    # configurations planned natively before (nnU-Net's planner rewrites the file) stay marked
+    earlier = [c for c, v in json.loads(plans_file.read_text())["configurations"].items() if v.get(NATIVE_KEY)] \
+        if plans_file.is_file() else []
+    before = plans_file.read_bytes() if plans_file.is_file() else None
+    plan_experiments([did], overwrite_plans_name=plans_name)
     plans = json.loads(plans_file.read_text())
     unknown = [c for c in configurations if c not in plans["configurations"]]
-    if unknown:
+    if unknown:  # (3d_lowres is planned only for large images) the plans file is left as it was
+        if before is None:
+            plans_file.unlink()
+        else:
+            from nnunet_ext.safety import atomic_write_text
+
+            atomic_write_text(plans_file, before.decode())
         raise ValueError(f"configuration(s) {unknown} not planned for {name}; planned: {sorted(plans['configurations'])}")
     for c in configurations:
         if "inherits_from" in plans["configurations"][c] or plans["configurations"][c].get("previous_stage"):
             raise NotImplementedError(f"native-resolution planning of the cascade configuration {c!r}")
         plans["configurations"][c][NATIVE_KEY] = True
+    for c in earlier:
+        if c in plans["configurations"]:
+            plans["configurations"][c][NATIVE_KEY] = True
     from nnunet_ext.safety import atomic_write_text
 
     atomic_write_text(plans_file, json.dumps(plans, indent=4))
     for c in configurations:
         NativeResolutionPreprocessor(verbose=False).run(did, c, plans_name, n_proc)
+    # nnU-Net's own last preprocessing step, without its preprocessors: the training labels copied to
+    # gt_segmentations/, which the end-of-training validation scores against
+    preprocess_dataset(did, plans_name, configurations=(), num_processes=())
     return plans_file
 
 

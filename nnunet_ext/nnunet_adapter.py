@@ -66,6 +66,9 @@ def model_folder(dataset, trainer: str, plans: str, configuration: str, must_exi
     """nnU-Net's model folder ``$nnUNet_results/DatasetXXX/<trainer>__<plans>__<configuration>``."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
+    from nnunet_ext.checks import model_name
+
+    model_name(trainer, plans, configuration)  # names, never paths (they may come from a file)
     env_folder("nnUNet_results")
     d = Path(get_output_folder(dataset_name(dataset), trainer, plans, configuration))
     if must_exist and not d.is_dir():
@@ -75,6 +78,23 @@ def model_folder(dataset, trainer: str, plans: str, configuration: str, must_exi
 
 def preprocessed_folder(dataset) -> Path:
     return env_folder("nnUNet_preprocessed") / dataset_name(dataset)
+
+
+def raw_training_cases(raw_folder) -> list[str]:
+    """The training case ids of a raw dataset folder, as nnU-Net's planning lists them (``imagesTr``, or the
+    ``dataset`` entry of ``dataset.json``), sorted."""
+    import json
+
+    from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
+
+    raw_folder = Path(raw_folder)
+    ds = json.loads((raw_folder / "dataset.json").read_text())
+    if "dataset" in ds:
+        return sorted(map(str, ds["dataset"]))
+    if not (raw_folder / "imagesTr").is_dir():
+        raise FileNotFoundError(f"{raw_folder / 'imagesTr'} not found")
+    return sorted(map(str, get_identifiers_from_splitted_dataset_folder(str(raw_folder / "imagesTr"),
+                                                                        ds["file_ending"])))
 
 
 def crossval_splits(identifiers, n_folds: int = 5, seed: int = 12345) -> list[dict]:

@@ -12,6 +12,24 @@ from pathlib import Path
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
+def resolve_nnunet_folders(environ=None) -> dict[str, str]:
+    """Make relative ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` / ``nnUNet_extTrainer``
+    values absolute (against the current folder), once, when a command starts: every path the command
+    writes (links, launcher scripts, reports) and every process it starts then sees the same folders,
+    wherever they run. Returns the variables it changed."""
+    environ = os.environ if environ is None else environ
+    changed = {}
+    for name in NNUNET_FOLDERS + ("nnUNet_extTrainer",):
+        v = environ.get(name)
+        if not v:
+            continue
+        parts = v.split(os.pathsep) if name == "nnUNet_extTrainer" else [v]
+        absolute = os.pathsep.join(os.path.abspath(os.path.expanduser(p)) if p else p for p in parts)
+        if absolute != v:
+            environ[name] = changed[name] = absolute
+    return changed
+
+
 def trainers_path() -> Path:
     """Absolute path of the folder that nnU-Net's ``nnUNet_extTrainer`` should point at.
 
@@ -65,14 +83,22 @@ def run_logged(cmd: list[str], env: dict, log: Path) -> None:
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            f.write(line)
-            # show nnU-Net's epoch summaries and errors, keep the rest in the log
-            if any(k in line for k in ("Epoch ", "train_loss", "Pseudo dice", "Error", "error", "Traceback",
-                                       "Predicting", "done with")):
-                print("   " + line.rstrip(), flush=True)
-        rc = proc.wait()
+        from nnunet_ext import guard
+
+        # under the guard: the command and its workers end with this process, however it ends
+        proc = guard.popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            for line in proc.stdout:
+                f.write(line)
+                # show nnU-Net's epoch summaries and errors, keep the rest in the log
+                if any(k in line for k in ("Epoch ", "train_loss", "Pseudo dice", "Error", "error", "Traceback",
+                                           "Predicting", "done with")):
+                    print("   " + line.rstrip(), flush=True)
+            rc = proc.wait()
+        except BaseException:  # Ctrl-C, SIGTERM, an error: the command's whole process group ends now
+            guard.stop(proc)
+            proc.wait()
+            raise
     if rc != 0:
         raise RuntimeError(f"command failed with exit code {rc}: {' '.join(cmd)} (full output in {log})")
     print(f"   ... {time.time() - t:.0f} s", flush=True)

@@ -42,6 +42,7 @@ import numpy as np
 from scipy import ndimage
 
 from nnunet_ext.io import write_image
+from nnunet_ext.progress import step
 
 DIFFICULTY_LEVELS = {"easy": 0.0, "medium": 0.5, "hard": 1.0}
 
@@ -475,16 +476,13 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, n_train:
         def collect(results):
             for k, (cid, rows, site, cohort) in enumerate(results, 1):
                 table[cid], sites[cid], cohorts[cid] = rows, site, cohort
-                if progress:
-                    print(f"\rphantom: {k}/{len(jobs)} cases", end="", flush=True)
+                step("phantom", k, len(jobs), progress, item=cid)
 
         if num_workers > 1:
             with worker_pool(min(num_workers, len(jobs))) as pool:
                 collect(pool.imap(_write_case, jobs))
         else:
             collect(map(_write_case, jobs))
-        if progress:
-            print()
         channels = {"0": "FLAIR"} if cfg.timepoints == 1 else {"0": "FLAIR_tp1", "1": "FLAIR_tp2"}
         dataset_json = {
             "channel_names": channels,

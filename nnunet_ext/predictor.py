@@ -15,14 +15,20 @@ comparisons, the demo) calls :func:`predict_cases`. What it adds to nnU-Net's pr
   normalized ReLU for SoftSeg models), optionally nnU-Net's ``<case>.npz``/``.pkl``; every file is written to
   a temporary name and renamed, so an interrupted run leaves no half-written output;
 * an optional per-case hook (a module-level function, e.g. pseudo-labelling's confidence filter) called in
-  the export worker with the case's probabilities.
+  the export worker with the case's class probabilities (``(1 - q, q)`` of the soft map for SoftSeg models).
+
+SoftSeg models (activation ``normalized_relu``) get a forward hook on the network: every forward pass (one
+sliding-window patch, one flip) returns its own normalized ReLU, as in training (nnunet_ext.activations).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import multiprocessing
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -83,6 +89,10 @@ def export_with_contract(options: dict, predicted_logits, properties: dict, conf
     out = Path(output_file_truncated)
     case = out.name
     soft = soft_output(prob, options["activation"]) if prob.shape[0] == 2 else None
+    if soft is not None and options["activation"] != "softmax":
+        hook_prob = np.stack([1 - soft, soft])  # the model's class probabilities under its activation
+    else:
+        hook_prob = prob
     threshold = options["threshold"]
     if threshold is not None and soft is not None:
         mask = (soft >= threshold).astype(np.uint8)
@@ -93,8 +103,8 @@ def export_with_contract(options: dict, predicted_logits, properties: dict, conf
         import importlib
 
         mod, fn = options["hook"].split(":")
-        getattr(importlib.import_module(mod), fn)(case=case, probabilities=prob, mask=mask, properties=properties,
-                                                  **options.get("hook_args", {}))
+        getattr(importlib.import_module(mod), fn)(case=case, probabilities=hook_prob, mask=mask,
+                                                  properties=properties, **options.get("hook_args", {}))
     if options["save_probabilities"] or save_probabilities:
         import pickle
 
@@ -123,9 +133,14 @@ def predictor_class():
         cohort_slot: int | None = None
 
         def use_contract(self, contract: ModelContract, cohort: str | None = None) -> None:
+            from nnunet_ext.activations import add_output_activation
             from nnunet_ext.cohorts import slot_of
 
             self.contract = contract
+            if getattr(self, "_activation_hook", None) is not None:
+                self._activation_hook.remove()
+            # SoftSeg: each forward pass (one sliding-window patch) returns its own normalized ReLU, as in training
+            self._activation_hook = add_output_activation(self.network, contract.activation)
             state = condition_state(self.network)
             kind = None if state is None else state.kind
             if kind != contract.condition:
@@ -159,15 +174,36 @@ def predictor_class():
             finally:
                 state.clear()
 
+        def _manage_input_and_output_lists(self, *args, **kwargs):
+            from nnunet_ext.progress import VERBOSE, verbosity
+
+            with contextlib.redirect_stdout(io.StringIO()) if verbosity() < VERBOSE else contextlib.nullcontext():
+                lists = super()._manage_input_and_output_lists(*args, **kwargs)
+            self._n_cases = len(lists[0])  # the cases this call predicts (after nnU-Net's overwrite filter)
+            return lists
+
         def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
                                        num_processes_segmentation_export: int = 2):
             if self.contract.condition is not None:
                 data_iterator = self._conditioned(data_iterator)
-            return super().predict_from_data_iterator(data_iterator, save_probabilities,
-                                                      num_processes_segmentation_export)
+            total, self._n_cases = getattr(self, "_n_cases", None), None
+            if not total:
+                return super().predict_from_data_iterator(data_iterator, save_probabilities,
+                                                          num_processes_segmentation_export)
+            # a progress bar (plain lines off a terminal) instead of nnU-Net's five lines per case, which
+            # --verbose keeps
+            from nnunet_ext.progress import VERBOSE, verbosity
+
+            data_iterator = _counted(data_iterator, total, sys.stdout)
+            quiet = contextlib.redirect_stdout(io.StringIO()) if verbosity() < VERBOSE else contextlib.nullcontext()
+            with quiet:
+                return super().predict_from_data_iterator(data_iterator, save_probabilities,
+                                                          num_processes_segmentation_export)
 
         def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-            if self.contract.tta == "mean_logits":
+            if self.contract.tta == "mean_logits" or self.contract.activation != "softmax":
+                # (a normalized-ReLU network already returns its activation: nnU-Net's mean of the flips is
+                # the mean of the activation's outputs, whichever TTA mode)
                 return super()._internal_maybe_mirror_and_predict(x)
             import itertools
 
@@ -186,6 +222,18 @@ def predictor_class():
             return torch.log((prob / n).clamp(min=1e-8))
 
     return ExtPredictor
+
+
+def _counted(data_iterator, total: int, stream):
+    """``data_iterator``'s items; a case counts as predicted when the next one is asked for."""
+    from nnunet_ext.progress import step
+
+    k = 0
+    for item in data_iterator:
+        yield item
+        k += 1
+        ofile = item.get("ofile") if isinstance(item, dict) else None
+        step("predict", k, total, item=os.path.basename(ofile) if ofile else None, stream=stream)
 
 
 def _cpu_threads(device: torch.device) -> None:
@@ -257,6 +305,9 @@ def predict_cases(model_dir, folds, inputs, output_dir, *, checkpoint: str = "ch
     from nnunet_ext.nnunet_adapter import export_function
 
     model_dir, out = Path(model_dir), Path(output_dir)
+    from nnunet_ext.checks import check_model_inputs
+
+    check_model_inputs(model_dir, inputs)  # every input image whole, finite, 3-D, the model's channels: before any work
     if predictor is None:
         predictor = load_predictor(model_dir, folds, checkpoint, device, cohort, disable_tta, tta)
     contract = predictor.contract

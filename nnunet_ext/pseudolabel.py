@@ -211,6 +211,11 @@ def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_datas
     unl = _cases_of(Path(unlabeled_dir), ending, n_ch)
     if not unl:
         raise ValueError(f"no images ending in {ending} in {unlabeled_dir}")
+    from nnunet_ext.checks import check_image, check_prediction_inputs
+
+    # every image this part will predict and copy: whole, finite, 3-D, one grid per case -- before any work
+    check_prediction_inputs([unl[c] for c in sorted(unl)[part_id::num_parts]
+                             if not (root / ".nnunet_ext_progress" / f"{c}.json").exists()], ending, n_ch)
     teacher_raw = Path(nnUNet_raw) / teacher_name
     from nnunet_ext.safety import check_output_not_input
 
@@ -242,6 +247,7 @@ def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_datas
                         sl = teacher_raw / "softlabelsTr" / lab.name
                         copies.append((sl if sl.is_file() else lab, root / "softlabelsTr" / lab.name))
                     for src, dst in copies + [(lab, root / "labelsTr" / lab.name)]:
+                        check_image(src)  # never copy a damaged file into the student dataset
                         tmp = dst.with_name(f".tmp_{os.getpid()}_{dst.name}")
                         shutil.copyfile(src, tmp)
                         os.replace(tmp, dst)
@@ -286,6 +292,7 @@ def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_datas
         _merge_provenance(root, prov)
         if all((done_dir / f"{c}.json").exists() for c in unl):  # every shard done: nnU-Net may use the dataset
             _write_dataset_json(root, teacher_ds, ignore_uncertain)
+            student_split(root, teacher_raw, ending, progress)
         elif progress:
             print(f"pseudolabel part {part_id}/{num_parts} done; dataset.json is written when every part has finished")
         return prov
@@ -364,7 +371,77 @@ def merge_parts(output_dataset: str, num_parts: int) -> dict:
     _merge_provenance(root, first)
     teacher_ds = json.loads((Path(first["teacher"]["model"]) / "dataset.json").read_text())
     _write_dataset_json(root, teacher_ds, first["parameters"]["ignore_uncertain"])
+    student_split(root, Path(nnUNet_raw) / first["teacher"]["dataset"], teacher_ds["file_ending"])
     return json.loads((root / "provenance.json").read_text())
+
+
+STUDENT_FOLDS = 5
+
+
+def _write_root_file(root: Path, name: str, text: str) -> None:
+    """A file of the student's root folder, through a per-process temporary name that a later run removes
+    when a kill left it (:func:`_clean_own_host_tmp`); shards may write the same file at the same time."""
+    tmp = root / f".tmp_{name}.{_host_tag()}.{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, root / name)
+
+
+def student_split(root, teacher_raw, ending: str = ".nii.gz", progress: bool = True) -> Path | None:
+    """``case_groups.json`` and ``splits_final.json`` of a finished student dataset ``root`` (raw folder).
+
+    The pseudo-labelled cases (``provenance.json``'s ``kept``) are flagged in ``case_groups.json`` and put in
+    the training list of every fold, never in a validation list; the labelled cases are split into
+    ``STUDENT_FOLDS`` folds (fewer when they hold fewer subjects) that keep each subject whole, subjects from
+    the teacher dataset's ``case_groups.json`` (a case without one is its own subject; nnunet_ext.splits).
+    The split goes to the raw dataset folder, from where ``nnUNetv2_plan_and_preprocess`` copies it into the
+    preprocessed folder that nnU-Net's training reads, so the student is never validated on pseudo-labels.
+    An existing ``splits_final.json`` that differs is kept when it names every case, validates on no
+    pseudo-label and splits no subject; otherwise the error names the case. Returns the split file, or
+    ``None`` when fewer than 2 labelled subjects leave nothing to validate on (train with fold ``all``)."""
+    from nnunet_ext import splits as sp
+
+    root, teacher_raw = Path(root), Path(teacher_raw)
+    cases = sorted(p.name[: -len(ending)] for p in (root / "labelsTr").iterdir()
+                   if p.name.endswith(ending) and not p.name.startswith("."))
+    teacher_groups = sp.read_case_groups(teacher_raw)
+    # this round's pseudo-labels, and an earlier round's that came with a student teacher's labelled cases
+    pseudo = sorted(set(json.loads((root / "provenance.json").read_text())["kept"])
+                    | {c for c in cases if teacher_groups.get(c, {}).get("pseudo_labelled")})
+    labelled = [c for c in cases if c not in set(pseudo)]
+    meta = {c: dict(teacher_groups.get(c, {})) for c in labelled}
+    meta.update({c: {"pseudo_labelled": True} for c in pseudo})
+    _write_root_file(root, sp.GROUPS_FILE, json.dumps({c: meta[c] for c in sorted(meta)}, indent=1))
+    groups = {c: str(meta[c].get("subject", c)) for c in labelled}
+    groups.update({c: c for c in pseudo})
+    n_subjects = len(set(groups[c] for c in labelled))
+    target = root / sp.SPLITS_FILE
+    if n_subjects < 2:
+        if progress:
+            print(f"no {sp.SPLITS_FILE} written: {n_subjects} labelled subject(s) leave nothing to validate on "
+                  f"without pseudo-labels; train the student with fold all")
+        return None
+    n_folds = min(STUDENT_FOLDS, n_subjects)
+    splits = sp.grouped_splits({c: groups[c] for c in labelled}, n_folds, 12345, {c: c for c in pseudo})
+    if target.is_file():
+        try:
+            old = json.loads(target.read_text())
+        except ValueError:
+            raise ValueError(f"{target}: not valid JSON; delete it to get the student split written again") from None
+        if sp.same_split(old, splits):
+            return target
+        sp.check_splits(old, groups, cases, set(pseudo), source=str(target))
+        missing = sp.unused_cases(old, cases)
+        if missing:
+            raise ValueError(f"{target} names no fold for case {missing[0]}; delete it to get the student split "
+                             f"written again (or write one with nnunet-ext split -d {root.name} --overwrite)")
+        if progress:
+            print(f"keeping {target}: it differs from the default student split but validates on no pseudo-label")
+        return target
+    _write_root_file(root, sp.SPLITS_FILE, json.dumps(splits, indent=1))
+    if progress:
+        print(f"wrote {target}: {n_folds} folds of the {len(labelled)} labelled cases; the {len(pseudo)} "
+              f"pseudo-labelled cases are in every fold's training list only")
+    return target
 
 
 def pseudolabel_stages(argv: list[str], output_dataset: str, num_parts: int):
@@ -398,3 +475,25 @@ def launch(argv: list[str], output_dataset: str, num_parts: int, launcher, workd
     workdir = Path(workdir) if workdir else Path(nnUNet_results) / "nnunet_ext_jobs" / output_dataset / "pseudolabel"
     res = run_stages(pseudolabel_stages(argv, output_dataset, num_parts), workdir, launcher)
     return {"launcher": launcher.launcher, "workdir": str(workdir), "stages": res}
+
+
+def check_launch(teacher_dataset, configuration: str, unlabeled_dir, trainer: str = "nnUNetTrainer",
+                 plans: str = "nnUNetPlans", folds=(0,), checkpoint: str = "checkpoint_final.pth", workdir=None) -> None:
+    """What ``pseudolabel --launcher ... / -j N / --dry-run`` checks before it writes a script: the teacher
+    model exists with ``configuration`` in its plans and a checkpoint of every fold, every unlabeled image is
+    sound (:func:`nnunet_ext.checks.check_prediction_inputs`), the work folder is writable."""
+    from nnunet_ext.checks import check_configuration, check_prediction_inputs, check_writable_folder
+    from nnunet_ext.io import read_json
+    from nnunet_ext.predict import model_folder
+
+    mdir = model_folder(teacher_dataset, configuration, trainer, plans)
+    check_configuration(mdir / "plans.json", configuration)
+    for f in folds:
+        ck = mdir / f"fold_{f}" / checkpoint
+        if not ck.is_file():
+            raise FileNotFoundError(f"{ck} not found: the teacher has no fold {f} ({checkpoint}); train it or choose "
+                                    f"the trained folds with -f")
+    ds = read_json(mdir / "dataset.json", required=("file_ending", "channel_names"))
+    check_prediction_inputs(str(unlabeled_dir), ds["file_ending"], len(ds["channel_names"]))
+    if workdir is not None:
+        check_writable_folder(workdir, "--workdir")

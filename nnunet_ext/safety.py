@@ -20,6 +20,7 @@ import ctypes
 import os
 import shutil
 import signal
+import threading
 import uuid
 from pathlib import Path
 from typing import Iterable
@@ -95,27 +96,41 @@ def lock_path_for(target) -> Path:
 @contextlib.contextmanager
 def output_lock(lock_file, what=None):
     """Hold an exclusive lock on ``lock_file`` (created if needed) for the block; OutputLocked when another
-    process holds it."""
-    import fcntl
-
+    process holds it. ``flock`` on POSIX; elsewhere (Windows) ``msvcrt.locking`` of the file's first byte."""
     lock_file = Path(lock_file)
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusive(fd)
         except BlockingIOError:
             try:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() if hasattr(os, "pread") else "?"
             except OSError:
                 holder = "?"
             raise OutputLocked(f"{what or lock_file} is being written by another nnunet-ext run (pid {holder or '?'}, "
                                f"lock {lock_file}); wait for it to finish or choose another output") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        if hasattr(os, "pwrite"):  # the holder's pid, for the message of a second run (POSIX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _lock_exclusive(fd: int) -> None:
+    """A non-blocking exclusive lock on ``fd`` that ends with the process; BlockingIOError when taken."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            raise BlockingIOError(fd) from None
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 _RENAME_EXCHANGE = 2
@@ -126,7 +141,7 @@ def _exchange(a: Path, b: Path) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # not Linux (TypeError: Windows has no CDLL(None))
         return False
     AT_FDCWD = -100
     rc = fn(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE)
@@ -202,9 +217,9 @@ def die_with_parent() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # not Linux
         pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    if os.name == "posix" and os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(1)
 
 
@@ -221,6 +236,9 @@ def worker_pool(n: int):
     the block raises, Ctrl-C and SIGTERM included."""
     import multiprocessing as mp
 
+    if not can_fork():
+        raise ValueError(f"{n} worker processes need a POSIX system (Linux); on this system use 1 "
+                         f"(-np 1 / --num-processes 1)")
     pool = mp.get_context("fork").Pool(n, initializer=_worker_init)
     try:
         yield pool
@@ -242,7 +260,24 @@ class Terminated(BaseException):
 
 
 def _terminated_handler(signum, frame):
+    _stop_guarded_children()
     raise Terminated(signum)
+
+
+def interrupted_handler(signum, frame):
+    """Ctrl-C in the ``nnunet-ext`` command: its guarded children end first (threads waiting for them return at
+    once, so unwinding never waits for a training to finish), then KeyboardInterrupt as usual."""
+    _stop_guarded_children()
+    raise KeyboardInterrupt
+
+
+def _stop_guarded_children() -> None:
+    """End the process groups of this process's guarded children (:mod:`nnunet_ext.guard`)."""
+    import sys
+
+    guard = sys.modules.get("nnunet_ext.guard")  # none started when it was never imported
+    if guard is not None:
+        guard.stop_all()
 
 
 def _default_termination_in_forked_child() -> None:
@@ -250,7 +285,7 @@ def _default_termination_in_forked_child() -> None:
     process again: a pool's ``terminate()`` must end a worker blocked on the pool's queue lock, and a
     worker that unwinds a :class:`Terminated` instead was seen to stay blocked there, so that ``terminate``
     then waited for it forever."""
-    for s in (signal.SIGTERM, signal.SIGHUP):
+    for s in _termination_signals():
         try:
             if signal.getsignal(s) is _terminated_handler:
                 signal.signal(s, signal.SIG_DFL)
@@ -258,10 +293,42 @@ def _default_termination_in_forked_child() -> None:
             pass
     if _CONSOLE:  # helpers forked by the console command (pool workers, multiprocessing managers) end with it
         die_with_parent()
+    _restore_mask_after_fork()
 
 
+def _block_termination_before_fork() -> None:
+    """While a process forks, SIGTERM / SIGHUP wait (blocked, not lost): in the child they are delivered
+    only once :func:`_default_termination_in_forked_child` has put the default action back. One arriving in
+    between (a pool's ``terminate()`` right after the pool started, on a loaded machine) reached the Python
+    handler instead and was lost: the worker stayed blocked on the pool's queue lock and ``terminate()``
+    waited for it forever."""
+    if hasattr(signal, "pthread_sigmask"):
+        _FORK_MASK.old = signal.pthread_sigmask(signal.SIG_BLOCK, _termination_signals())
+
+
+def _restore_mask_after_fork() -> None:
+    """The signal mask the forking thread had before :func:`_block_termination_before_fork` (parent and child)."""
+    old = getattr(_FORK_MASK, "old", None)
+    if old is not None:
+        _FORK_MASK.old = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+_FORK_MASK = threading.local()
 _AT_FORK = []
 _CONSOLE = []
+
+
+def can_fork() -> bool:
+    """Whether this system forks processes (POSIX); nnunet-ext's worker pools and launchers need it."""
+    import multiprocessing as mp
+
+    return os.name == "posix" and hasattr(os, "fork") and "fork" in mp.get_all_start_methods()
+
+
+def _termination_signals() -> tuple:
+    """SIGTERM, and SIGHUP where it exists (not on Windows)."""
+    return tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def install_termination_handlers(console: bool = False) -> None:
@@ -270,10 +337,11 @@ def install_termination_handlers(console: bool = False) -> None:
     the processes it forks from now on also die with it (SIGKILL included), so none is left orphaned."""
     if console and not _CONSOLE:
         _CONSOLE.append(True)
-    if not _AT_FORK:
-        os.register_at_fork(after_in_child=_default_termination_in_forked_child)
+    if not _AT_FORK and hasattr(os, "register_at_fork"):  # POSIX only; nothing forks elsewhere
+        os.register_at_fork(before=_block_termination_before_fork, after_in_parent=_restore_mask_after_fork,
+                            after_in_child=_default_termination_in_forked_child)
         _AT_FORK.append(True)
-    for s in (signal.SIGTERM, signal.SIGHUP):
+    for s in _termination_signals():
         try:
             signal.signal(s, _terminated_handler)
         except (ValueError, OSError):  # not the main thread

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from nnunet_ext.io import read_image
+from nnunet_ext.progress import step
 from nnunet_ext.metrics.cases import check_same_grid, list_cases, load_probabilities
 from nnunet_ext.metrics.lesions import (BIN_COUNTS, DEFAULT_BINS, POOLED_COUNTS, _bin_key, _bin_rates,
                                         check_connectivity, label_components, lesion_counts, parse_detection,
@@ -112,10 +113,7 @@ def _evaluate_candidate(members: list[dict[str, Path]], refs: dict[str, Path], t
                 for b in a["bins"]:
                     for k in BIN_COUNTS:
                         a["bins"][b][k] += lc["bins"][b][k]
-        if progress:
-            print(f"\rselect {progress_label}: {n}/{len(cases)} cases", end="", flush=True)
-    if progress:
-        print()
+        step(f"select {progress_label}", n, len(cases), progress)
     out = {}
     for key, a in grid.items():
         r = {**{k: a[k] for k in POOLED_COUNTS}, **pooled_rates(a)}

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.maps import SOFT_SCALE, map_path, read_map, save_map_like_seg
+from nnunet_ext.progress import step
 
 SOFT_FOLDER = "nnunet_ext_soft"
 
@@ -120,10 +121,7 @@ def preprocess_soft_dataset(dataset: str | int, configuration: str, plans: str =
                 manifest[case] = stamp
                 _write_manifest(manifest_file, manifest)
             soft_bytes += target.stat().st_size
-            if progress:
-                print(f"\rpreprocess-soft: {k}/{len(cases)}", end="", flush=True)
-        if progress:
-            print()
+            step("preprocess-soft", k, len(cases), progress, item=case)
     return {"cases": len(cases), "folder": str(out), "soft_bytes": soft_bytes, "hard_label_bytes": hard_bytes}
 
 

@@ -20,15 +20,15 @@ ACTIVATIONS = ("softmax", "normalized_relu")
 
 def soft_output(prob: np.ndarray, activation: str = "softmax") -> np.ndarray:
     """The model's soft lesion map from nnU-Net's class probabilities ``prob`` (C, ...): the lesion
-    probability (``softmax``), or SoftSeg's normalized ReLU of the lesion logit ``z1 - z0 = ln p1 - ln p0``
-    over the whole case (``normalized_relu``)."""
+    probability (``softmax``), or, for ``normalized_relu``, the blended SoftSeg output Q that the network
+    produced per patch (:mod:`nnunet_ext.activations`): nnU-Net exports softmax([0, Q]), so
+    ``Q = ln p1 - ln p0`` (clipped to [0, 1] against rounding; outside the crop, where nnU-Net writes
+    p0 = 1, it is 0)."""
     if activation == "softmax":
         return prob[1].astype(np.float32)
     if activation == "normalized_relu":
         p = np.clip(prob.astype(np.float64), 1e-12, 1.0)
-        d = np.maximum(np.log(p[1]) - np.log(p[0]), 0.0)
-        mx = d.max()
-        return (d / mx if mx > 0 else d).astype(np.float32)
+        return np.clip(np.log(p[1]) - np.log(p[0]), 0.0, 1.0).astype(np.float32)
     raise ValueError(f"unknown output activation {activation!r}; known: {ACTIVATIONS}")
 
 

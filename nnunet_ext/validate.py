@@ -191,6 +191,9 @@ def check_cli_args(args) -> None:
         if args.label is not None and args.challenge != "isbi2015":
             raise NotImplementedError(f"--label only applies to isbi2015 (two raters); {args.challenge} labels are "
                                       f"fixed (see `nnunet-ext convert --help`)")
+        if getattr(args, "subtraction", False) and args.challenge != "msseg2":
+            raise NotImplementedError(f"--subtraction (follow-up minus baseline) needs two time points: it applies to "
+                                      f"msseg2, not {args.challenge}")
         if args.test_input is not None and args.challenge not in ("wmh2017", "msseg2"):
             raise NotImplementedError(f"--test-input is supported for wmh2017 and msseg2, not {args.challenge} "
                                       f"(its test release has no masks; convert it as a separate dataset)")
@@ -199,6 +202,18 @@ def check_cli_args(args) -> None:
         for src in (args.input, args.test_input):
             if src is not None and args.raw is not None:
                 check_output_not_input(args.raw, [src], what="--raw")
+    elif cmd == "split":
+        _dataset_ref(args.dataset, "-d")
+        if args.check:
+            given = [f for f, v in (("-nfolds", args.n_folds), ("--seed", args.seed), ("--overwrite", args.overwrite))
+                     if v not in (None, False)]
+            if given:
+                raise NotImplementedError(f"--check validates the existing split and writes nothing; "
+                                          f"drop {' '.join(given)}")
+        if args.n_folds is not None:
+            integer(args.n_folds, "-nfolds", 2, 100)
+        if args.seed is not None:
+            integer(args.seed, "--seed", 0, 2 ** 32 - 1)
     elif cmd == "preprocess-soft":
         _dataset_ref(args.dataset, "-d/--dataset")
         if args.raters and args.soft_dir != "softlabelsTr":

@@ -146,7 +146,7 @@ def nnunet_paths(env):
 # temporary folder: private munged (own key and socket), slurmctld and slurmd with SLURM_CONF pointing at a
 # generated slurm.conf (one node with this machine's CPUs and memory, one partition). Stopped at the end;
 # only the daemons started here (by their pid files) and the jobs of this private cluster are ended.
-# Skipped with the reason when the packages are missing (scripts/setup.sh installs them as root with apt).
+# Skipped with the reason when the packages are missing (scripts/setup.sh --test installs them as root with apt).
 
 SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol", "sinfo")
 
@@ -159,9 +159,9 @@ def _slurm_missing() -> str | None:
         return None
     why = ("not running as root" if os.geteuid() != 0 else
            "apt-get is not available" if shutil.which("apt-get") is None else
-           "the apt install in scripts/setup.sh failed or was not run")
+           "the apt install of scripts/setup.sh --test failed or was not run")
     return (f"Slurm tests need slurm-wlm and munge ({', '.join(missing)} not found): {why}; "
-            f"as root run `apt-get install -y slurm-wlm munge` or scripts/setup.sh")
+            f"as root run `apt-get install -y slurm-wlm munge` or `bash scripts/setup.sh --test`")
 
 
 def _free_port() -> int:

@@ -347,3 +347,22 @@ def test_compare_cli_validation_folds(nnunet_environ, tmp_path):
     rep = json.loads((tmp_path / "v" / "report.json").read_text())
     val = json.loads(split.read_text())[0]["val"]
     assert rep["eval_set"] == "validation" and rep["cases"] == sorted(val)
+
+
+def test_fdr_limited_point_by_hand():
+    from nnunet_ext.compare import fdr_limited_point
+
+    def pt(t, tpr, fdr, pred=5):
+        return {"threshold": t, "lesion_tpr": tpr, "lesion_fdr": fdr, "pred_lesions": pred}
+
+    # FDR <= 0.20 at thresholds 0.5 (TPR 0.7) and 0.7 (TPR 0.6): the higher TPR wins
+    pts = [pt(0.1, 0.95, 0.5), pt(0.3, 0.8, 0.25), pt(0.5, 0.7, 0.2), pt(0.7, 0.6, 0.1)]
+    assert fdr_limited_point(pts) == 2
+    # equal TPR: the higher threshold (fewer false positives)
+    assert fdr_limited_point([pt(0.5, 0.7, 0.2), pt(0.7, 0.7, 0.1)]) == 1
+    # no point reaches FDR 0.20: the lowest FDR; an empty prediction (FDR undefined) counts as FDR 0
+    assert fdr_limited_point([pt(0.1, 0.9, 0.6), pt(0.5, 0.5, 0.3)]) == 1
+    assert fdr_limited_point([pt(0.1, 0.9, 0.6), pt(0.9, 0.0, None, pred=0)]) == 1
+    assert fdr_limited_point(pts, limit=0.3) == 1
+    with pytest.raises(ValueError, match="limit"):
+        fdr_limited_point(pts, limit=0)

@@ -21,7 +21,7 @@ def test_composition_rules_name_both_parts():
         check_composition(LSRBCE(4, 4), (), None)
     with pytest.raises(NotImplementedError, match=r"DiceCE\(\) does not use SoftTargets\(\)"):
         check_composition(DiceCE(), (SoftTargets(),), None)
-    with pytest.raises(NotImplementedError, match=r"FocalTversky.*does not use LesionSizes\(connectivity=26\)"):
+    with pytest.raises(NotImplementedError, match=r"FocalTversky.*does not use LesionSizes\(connectivity=18\)"):
         check_composition(FocalTversky(), (LesionSizes(),), None)
     with pytest.raises(NotImplementedError, match="SoftSegAW.*needs the 'soft' map"):
         check_composition(SoftSegAW(), (RandomRater(),), None)

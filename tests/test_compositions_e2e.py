@@ -66,6 +66,16 @@ def test_softseg_random_rater_end_to_end(planned_phantom, tmp_path):
     assert contract["activation"] == "normalized_relu" and contract["condition"] is None
     th = json.loads((mdir / "fold_0" / "nnunet_ext_threshold.json").read_text())
     assert th["activation"] == "normalized_relu"
+    # nnU-Net's end-of-training validation ran the network with its normalized ReLU per patch, as training
+    # does: the exported softmax is that of [0, Q] with Q in [0, 1] (raw logits would be unbounded)
+    vals = sorted((mdir / "fold_0" / "validation").glob("*.npz"))
+    assert vals
+    for npz in vals:
+        with np.load(npz) as f:
+            p = f["probabilities"].astype(np.float64)
+        inside = p[1] > 0  # (outside nnU-Net's crop it writes p = (1, 0))
+        q = np.log(p[1][inside]) - np.log(p[0][inside])
+        assert q.min() >= -2e-3 and q.max() <= 1 + 2e-3
     settings = json.loads((mdir / "fold_0" / "nnunet_ext_settings.json").read_text())
     assert settings["target_layout"] == {"soft": 1} and "RandomRater()" in settings["targets"]
     pred = tmp_path / "pred"

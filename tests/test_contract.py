@@ -45,10 +45,10 @@ def test_derived_from_checkpoint_of_an_old_model(tmp_path):
 
 def test_file_round_trip_and_update_keeps_other_fields(tmp_path):
     m = _old_model(tmp_path, "spacing")
-    write_contract(m, ModelContract(condition="spacing", activation="softmax", trainer="LSRFiLMTrainer"))
+    write_contract(m, ModelContract(condition="spacing", activation="softmax", trainer="SCINTrainer"))
     c = update_contract(m, [0], postprocessing={"min_lesion_mm3": 3.0}, threshold=0.3)
     again = load_contract(m, [0])
-    assert again.source == "file" and again.condition == "spacing" and again.trainer == "LSRFiLMTrainer"
+    assert again.source == "file" and again.condition == "spacing" and again.trainer == "SCINTrainer"
     assert again.postprocessing == {"min_lesion_mm3": 3.0, "connectivity": 26} and again.threshold == 0.3
     assert c.postprocessing == again.postprocessing
     assert resolve_threshold(m, [0], again) == (0.3, "model contract")

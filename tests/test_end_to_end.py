@@ -82,7 +82,7 @@ def test_method_trainers_end_to_end(planned, trainer, tmp_path):
     if trainer.startswith("LSR"):
         assert settings["loss_parameters"] == {"alpha": 4.0, "beta": 4.0}
         sizes = next((work / "nnUNet_preprocessed").glob(f"Dataset{DATASET}_*")) / "nnUNetPlans_2d" / \
-            "nnunet_ext_lesion_sizes_cc26"
+            "nnunet_ext_lesion_sizes_cc18"
         split = json.loads((sizes.parent.parent / "splits_final.json").read_text())[0]
         assert sorted(p.stem for p in sizes.glob("*.b2nd")) == sorted(split["train"])
         case = split["train"][0]
@@ -90,6 +90,11 @@ def test_method_trainers_end_to_end(planned, trainer, tmp_path):
         lesions = json.loads((root / "lesions.json").read_text())[case]
         # same grid as the raw data here (isotropic 1 mm): the map holds each lesion's size on its voxels
         assert sorted(set(np.unique(size_map)) - {0}) == sorted({r["voxels"] for r in lesions})
+    if trainer == "LSRTrainer":  # cross-entropy alone: output bias from the class fractions, stored threshold
+        fractions = settings["output_bias"]["class_fractions"]
+        assert settings["output_bias"]["bias"][1] == pytest.approx(np.log(fractions[1] / fractions[0]), abs=1e-5)
+        th = json.loads((out / "fold_0" / "nnunet_ext_threshold.json").read_text())
+        assert th["best_threshold"] in th["thresholds"] and th["activation"] == "softmax"
     else:
         assert settings["loss_parameters"]["a"] == 0.7
     assert run(["evaluate", "--ref", str(root / "labelsTs"), "--pred", str(pred), "-o", str(tmp_path / "r.json")]) == 0
@@ -201,8 +206,8 @@ def test_lsr_with_ignore_label(tmp_path):
     run_nnunet([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", "512", "-c", "2d", "-np", "2"], env)
     run_nnunet([nnunet_command("nnUNetv2_train"), "512", "2d", "0", "-tr", "LSRTrainer", "-device", "cpu"], env)
     pre = tmp_path / "nnUNet_preprocessed" / "Dataset512_MSPhantom" / "nnUNetPlans_2d"
-    case = sorted((pre / "nnunet_ext_lesion_sizes_cc26").glob("*.b2nd"))[0].stem
-    sizes = read_map(pre / "nnunet_ext_lesion_sizes_cc26", case)
+    case = sorted((pre / "nnunet_ext_lesion_sizes_cc18").glob("*.b2nd"))[0].stem
+    sizes = read_map(pre / "nnunet_ext_lesion_sizes_cc18", case)
     seg = np.asarray(blosc2.open(str(pre / f"{case}_seg.b2nd"), mode="r")[:])[0]
     assert (seg == 2).any() and np.all(sizes[seg == 2] == 0) and np.all((sizes > 0) == (seg == 1))
 
@@ -243,6 +248,14 @@ def test_pseudolabel_student_shards_and_resume(planned, tmp_path):
         rim = ndimage.binary_dilation(lab == 1, ndimage.generate_binary_structure(3, 1)) & (lab == 0)
         assert np.all(soft[(soft == 0.5)] == 0.5) and np.all(rim[soft == 0.5])  # the rim lies 1 voxel around
     assert (student / "imagesTr" / "phantom_008_0000.nii.gz").is_file() and (student / "labelsTr" / "phantom_000.nii.gz").is_file()
+    # the student's split (raw folder, copied by nnU-Net's planning): the 8 labelled cases (each its own
+    # subject: the teacher has no case_groups.json) in nnU-Net's own 5 folds, the 2 pseudo-labels added to
+    # every training list and to no validation list
+    from nnunet_ext.nnunet_adapter import crossval_splits
+
+    split = json.loads((student / "splits_final.json").read_text())
+    assert split == [{"train": sorted(f["train"] + list(TEST_CASES)), "val": f["val"]}
+                     for f in crossval_splits([f"phantom_{k:03d}" for k in range(8)], 5)]
     # two shards give the same dataset as one run
     for part in ("0", "1"):
         r = _pseudo(env, root, "Dataset514_Shards", "-num_parts", "2", "-part_id", part)
@@ -268,8 +281,13 @@ def test_pseudolabel_student_shards_and_resume(planned, tmp_path):
                           read_image(shards / "labelsTr" / "phantom_009.nii.gz")[0])
     # the student trains on its soft labels with nnU-Net's own commands
     run_nnunet([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", "513", "-c", "2d", "-np", "2"], env)
+    assert json.loads((work / "nnUNet_preprocessed" / "Dataset513_Student" / "splits_final.json").read_text()) == split
     run_nnunet([nnunet_command("nnunet-ext"), "preprocess-soft", "-d", "513", "-c", "2d"], env)
     run_nnunet([nnunet_command("nnUNetv2_train"), "513", "2d", "0", "-tr", "SoftDiceTrainer", "-device", "cpu"], env)
+    log = "".join(p.read_text() for p in (work / "nnUNet_results" / "Dataset513_Student" /
+                                          "SoftDiceTrainer__nnUNetPlans__2d" / "fold_0").glob("training_log_*.txt"))
+    # fold 0 of 8 labelled cases validates on 2; it trains on the other 6 and both pseudo-labels
+    assert "Using splits from existing split file" in log and "This split has 8 training and 2 validation" in log
 
 
 def test_pseudolabel_rejects_wrong_channels(planned, tmp_path):

@@ -137,10 +137,12 @@ def test_soft_rim_core_is_strict_majority_intersection_for_two_raters():
 
 def _isur_case():
     """3 x 3 x 9 volume (z, y, x), masks on the middle row (z=1, y=1):
-    rater A x = 3..5, rater B x = 4..6 -> intersection x = 4, 5; disagreement x = 3, 6; union x = 3..6
-    (one lesion, image mean 4 inside). The 1 mm rim (6-neighbourhood at 1 mm spacing) around the union has
-    18 voxels: (1,1,2), (1,1,7) and 4 lateral neighbours of each of the 4 union voxels. Bright (10 > 4):
-    (1,1,2) and the 4 voxels above the union at z=0 -> 5 rim voxels get gamma; the other 13 stay 0."""
+    rater A x = 3..5, rater B x = 4..6 -> intersection x = 4, 5 (one lesion, FLAIR mean (4 + 4)/2 = 4);
+    disagreement x = 3, 6. The 1 mm ball at 1 mm spacing is the 6-neighbourhood, so the dilation of the
+    *intersection* is (1,1,3), (1,1,6) and the 4 lateral neighbours of x = 4 and of x = 5 (10 voxels).
+    Bright (10 > 4) among them: (0,1,4), (0,1,5) -> gamma; (1,1,3), (1,1,6) (intensity 4, not brighter) are
+    gamma as disagreement voxels. Not in the dilation although bright: (1,1,2) (2 mm from x = 4) and
+    (0,1,3), (0,1,6) (sqrt 2 mm) -> 0 (a rim around the union would have given them gamma)."""
     a = np.zeros((3, 3, 9), np.uint8)
     b = np.zeros_like(a)
     a[1, 1, 3:6] = 1
@@ -158,12 +160,12 @@ def test_inter_soft_union_rim_by_hand():
     g = 0.3
     out = fuse("inter_soft_union_rim", [a, b], gamma=g, image=img)
     assert out.dtype == np.float32
-    assert (out == 1).sum() == 2 and out[1, 1, 4] == 1 and out[1, 1, 5] == 1
-    assert np.isclose(out, g).sum() == 2 + 5
-    assert np.isclose(out[1, 1, 3], g) and np.isclose(out[1, 1, 6], g)  # disagreement
-    assert np.isclose(out[1, 1, 2], g) and np.allclose(out[0, 1, 3:7], g)  # bright rim
-    assert out[1, 1, 7] == 0 and out[2, 1, 3:7].sum() == 0  # dark rim
-    assert np.isclose(out.sum(), 2 + 7 * g)
+    want = np.zeros(a.shape, np.float32)
+    want[1, 1, 4:6] = 1  # intersection
+    want[1, 1, 3] = want[1, 1, 6] = g  # disagreement
+    want[0, 1, 4:6] = g  # bright voxels of the 1 mm dilation of the intersection
+    np.testing.assert_array_equal(out, want)
+    assert out[1, 1, 2] == 0 and out[0, 1, 3] == 0 and out[0, 1, 6] == 0  # bright, but not next to the intersection
     # one rater: equals soft_rim of that rater
     assert np.array_equal(fuse("inter_soft_union_rim", [a], gamma=g, image=img),
                           fuse("soft_rim", [a], gamma=g, image=img))
@@ -177,6 +179,62 @@ def test_inter_soft_union_rim_cli(tmp_path):
     assert run(["fuse", "--method", "inter_soft_union_rim", "--raters", str(tmp_path / "r1"), str(tmp_path / "r2"),
                 "--images", str(tmp_path / "img"), "--gamma", "0.5", "-o", str(tmp_path / "out")]) == 0
     out, _ = read_image(tmp_path / "out" / "c.nii.gz")
-    assert (out == 1).sum() == 2 and (out == 0.5).sum() == 7
+    assert (out == 1).sum() == 2 and (out == 0.5).sum() == 4
     with pytest.raises(ValueError, match="needs --images"):
         run(["fuse", "--method", "inter_soft_union_rim", "--raters", str(tmp_path / "r1"), "-o", str(tmp_path / "o2")])
+
+
+def _isur_anisotropic():
+    """3 x 3 x 11 volume (z, y, x) at spacing (2, 1, 0.5) mm, masks on the row z=1, y=1:
+    rater A x = 4..6, rater B x = 5..7 -> intersection x = 5, 6 (FLAIR 4 and 6: lesion mean 5);
+    disagreement x = 4, 7. The 1 mm ball at this spacing holds the offsets (0, dy, dx) with
+    (dy * 1)^2 + (dx * 0.5)^2 <= 1: dx in -2..2 at dy = 0, dy = +-1 at dx = 0, nothing in z (2 mm).
+    Dilation of the intersection: x = 3, 4, 7, 8 on the row and (1, 0|2, 5|6)."""
+    a = np.zeros((3, 3, 11), np.uint8)
+    b = np.zeros_like(a)
+    a[1, 1, 4:7] = 1
+    b[1, 1, 5:8] = 1
+    img = np.zeros(a.shape, np.float32)
+    img[1, 1, 5], img[1, 1, 6] = 4.0, 6.0
+    img[1, 1, 3] = 9.0  # 1 mm (2 voxels in x) from x = 5, brighter than 5 -> gamma
+    img[1, 1, 8] = 2.0  # in the dilation but darker -> 0
+    img[1, 1, 9] = 9.0  # 1.5 mm from x = 6: outside the ball -> 0
+    img[0, 1, 5] = 9.0  # 2 mm away in z: outside -> 0
+    img[1, 0, 5] = 9.0  # 1 mm away in y: inside, bright -> gamma
+    img[1, 0, 4] = 9.0  # dy = 1, dx = -1: 1 + 0.25 > 1 mm^2 -> outside -> 0
+    img[1, 2, 6] = 5.0  # inside, equal to the mean (not brighter) -> 0
+    want = lambda g: _put(a.shape, {(1, 1, 5): 1, (1, 1, 6): 1, (1, 1, 4): g, (1, 1, 7): g,  # noqa: E731
+                                     (1, 1, 3): g, (1, 0, 5): g})
+    return a, b, img, want
+
+
+def _put(shape, values):
+    out = np.zeros(shape, np.float32)
+    for k, v in values.items():
+        out[k] = v
+    return out
+
+
+def test_inter_soft_union_rim_anisotropic_by_hand():
+    a, b, img, want = _isur_anisotropic()
+    out = fuse("inter_soft_union_rim", [a, b], gamma=0.5, image=img, spacing=(2.0, 1.0, 0.5))
+    np.testing.assert_array_equal(out, want(0.5))
+    # radius 2 mm: dx in -4..4 at dy = 0 (x = 1..10 around x = 5, 6), so x = 9 (9 > 5) now gets gamma too;
+    # z (2 mm away, 0 in y and x) joins: (0, 1, 5) = 9 -> gamma
+    big = fuse("inter_soft_union_rim", [a, b], gamma=0.25, image=img, spacing=(2.0, 1.0, 0.5), radius_mm=2.0)
+    assert big[1, 1, 9] == 0.25 and big[0, 1, 5] == 0.25 and big[1, 0, 4] == 0.25  # (1 + 0.25 <= 4 mm^2)
+    assert big[1, 1, 8] == 0 and big[1, 2, 6] == 0 and big[1, 1, 5] == 1
+
+
+def test_inter_soft_union_rim_cli_anisotropic_defaults(tmp_path):
+    """Through the command with the paper's defaults (gamma 0.5, 1 mm): the spacing comes from the
+    NIfTI header (x, y, z) = (0.5, 1, 2)."""
+    a, b, img, want = _isur_anisotropic()
+    for k, m in enumerate((a, b), 1):
+        write_image(m, (2.0, 1.0, 0.5), tmp_path / f"r{k}" / "c.nii.gz")
+    write_image(img, (2.0, 1.0, 0.5), tmp_path / "img" / "c_0000.nii.gz")
+    assert run(["fuse", "--method", "inter_soft_union_rim", "--raters", str(tmp_path / "r1"), str(tmp_path / "r2"),
+                "--images", str(tmp_path / "img"), "-o", str(tmp_path / "out")]) == 0
+    out, spacing = read_image(tmp_path / "out" / "c.nii.gz")
+    assert tuple(spacing) == (2.0, 1.0, 0.5)
+    np.testing.assert_array_equal(out, want(0.5))

@@ -7,7 +7,7 @@ import pytest
 
 from nnunet_ext.metrics.lesions import (RULE_PRESETS, DetectionRule, case_metrics, lesion_counts, lesion_rates,
                                         parse_bins, parse_detection, remove_small_lesions)
-from nnunet_ext.metrics.soft import (ece, entropy_abs_error, image_entropy, ipe_voxelwise,
+from nnunet_ext.metrics.soft import (ece_probability_bins, entropy_abs_error, image_entropy, ipe_voxelwise,
                                      probability_calibration_counts, probability_reliability_diagram)
 
 
@@ -107,18 +107,21 @@ def test_remove_small_lesions_by_volume():
 
 def test_case_metrics_with_lsr_preset_rule():
     ref, pred = _four_lesions()
-    m = case_metrics(ref, pred, connectivity=RULE_PRESETS["lsr"]["connectivity"], detection=RULE_PRESETS["lsr"]["detection"])
-    assert m["lesion_tp"] == 3 and m["lesion_fp"] == 0 and m["lesion_f1"] == pytest.approx(2 * 0.75 / 1.75)
+    p = RULE_PRESETS["lsr"]
+    m = case_metrics(ref, pred, connectivity=p["connectivity"], detection=p["detection"], counting=p["counting"])
+    # predicted lesions (3, 2, 3, 2 voxels): the 2 voxels in L2 are neither >= 3 nor > 50 % of it -> FP;
+    # TP 3, FP 1, FN 1 (L2): F1 = 6 / (6 + 1 + 1)
+    assert m["lesion_tp"] == 3 and m["lesion_fp"] == 1 and m["lesion_f1"] == pytest.approx(0.75)
 
 
-def test_softseg_ece_ten_bins_on_unit_interval(tmp_path):
+def test_ece_probability_bins_ten_bins_on_unit_interval(tmp_path):
     p = np.array([0.05, 0.15, 0.95, 0.85, 1.0])
     ref = np.array([0, 1, 1, 1, 1])
     c = probability_calibration_counts(p, ref)
     assert c["count"] == [1, 1, 0, 0, 0, 0, 0, 0, 1, 2]  # 1.0 falls in the last bin [0.9, 1]
     # gaps: 0.05, 0.85, 0.15 and, in the last bin (mean p 0.975, freq 1), 0.025 for 2 voxels
-    assert ece(p, ref) == pytest.approx((0.05 + 0.85 + 0.15 + 2 * 0.025) / 5)
-    assert ece(p, p) == pytest.approx(0.0, abs=1e-12)  # a soft target equal to p is perfectly calibrated
+    assert ece_probability_bins(p, ref) == pytest.approx((0.05 + 0.85 + 0.15 + 2 * 0.025) / 5)
+    assert ece_probability_bins(p, p) == pytest.approx(0.0, abs=1e-12)  # a soft target equal to p: calibrated
     png = probability_reliability_diagram(c, tmp_path / "rel.png", "test")
     assert png.stat().st_size > 5000
     with pytest.raises(ValueError):
@@ -130,7 +133,7 @@ def test_softseg_ece_ten_bins_on_unit_interval(tmp_path):
 def test_image_entropy_mae_differs_from_voxelwise():
     p = np.array([0.5, 0.0])
     s = np.array([0.0, 0.5])
-    assert image_entropy(p) == pytest.approx(math.log(2) / 2)
+    assert image_entropy(p) == pytest.approx(math.log(2))  # summed over voxels (SoftSeg thesis eq. 5.1)
     assert entropy_abs_error(p, s) == pytest.approx(0.0)  # same whole-image uncertainty
     assert ipe_voxelwise(p, s) == pytest.approx(math.log(2))  # but at other voxels
-    assert entropy_abs_error(np.array([0.5, 0.5]), np.array([1.0, 0.0])) == pytest.approx(math.log(2), abs=1e-9)
+    assert entropy_abs_error(np.array([0.5, 0.5]), np.array([1.0, 0.0])) == pytest.approx(2 * math.log(2), abs=1e-9)

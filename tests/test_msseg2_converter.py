@@ -84,3 +84,41 @@ def test_msseg2_bad_inputs(source, tmp_path):
         convert(source, tmp_path / "raw2", 542, progress=False)
     with pytest.raises(ValueError, match="MSSEG-2 layout"):
         convert(tmp_path / "raw2", tmp_path / "raw3", 543, progress=False)
+
+
+def test_msseg2_subtraction_channel_by_hand(source, tmp_path):
+    """--subtraction: channel 2 = z(tp2) - z(tp1), each z-scored over its own nonzero voxels, 0 where either
+    time point is 0; named noNorm so nnU-Net feeds it as written."""
+    p = source / "020"
+    # voxels 0..8 of a 1x3x3 image
+    tp1 = np.array([0, 1, 1, 1, 1, 3, 3, 3, 3], np.float32).reshape(1, 3, 3)
+    tp2 = np.array([2, 0, 2, 6, 2, 6, 6, 2, 6], np.float32).reshape(1, 3, 3)
+    _write(p / "flair_time01_on_middle_space.nii.gz", tp1)
+    _write(p / "flair_time02_on_middle_space.nii.gz", tp2)
+    _write(p / "ground_truth.nii.gz", np.zeros((1, 3, 3), np.uint8))
+    for k in range(1, 5):
+        _write(p / f"ground_truth_expert{k}.nii.gz", np.zeros((1, 3, 3), np.uint8))
+    raw = tmp_path / "raw"
+    assert run(["convert", "msseg2", "-i", str(source), "-d", "544", "--raw", str(raw), "--subtraction"]) == 0
+    root = raw / "Dataset544_MSSEG2"
+    dj = json.loads((root / "dataset.json").read_text())
+    assert dj["channel_names"] == {"0": "FLAIR_tp1", "1": "FLAIR_tp2", "2": "noNorm"}
+    assert dj["subtraction"]["channel"] == 2
+    # by hand: tp1's nonzero voxels are four 1s and four 3s -> mean 2, std 1 -> z1 = -1 (voxels 1-4), +1 (5-8);
+    # tp2's nonzero voxels (all but voxel 1) are four 2s and four 6s -> mean 4, std 2 -> z2 = -1 (2), +1 (6).
+    # voxel 0 (tp1 = 0) and voxel 1 (tp2 = 0) -> 0; voxel 3: +1 - (-1) = 2; voxel 7: -1 - (+1) = -2; others 0.
+    sub, _ = read_image(root / "imagesTr" / "MSSEG2_020_0002.nii.gz")
+    assert sub.dtype == np.float32
+    assert np.allclose(sub.ravel(), [0, 0, 0, 2, 0, 0, 0, -2, 0], atol=1e-6)
+    # the two time points are unchanged; every case has the channel, the test patient without ground truth too
+    assert np.allclose(read_image(root / "imagesTr" / "MSSEG2_020_0001.nii.gz")[0], tp2)
+    assert sorted(p.name for p in (root / "imagesTs").iterdir()) == [
+        "MSSEG2_099_0000.nii.gz", "MSSEG2_099_0001.nii.gz", "MSSEG2_099_0002.nii.gz"]
+    assert (root / "imagesTr" / "MSSEG2_013_0002.nii.gz").is_file()
+    # the subject of each case (one case per patient) for `nnunet-ext split`
+    assert json.loads((root / "case_groups.json").read_text())["MSSEG2_013"] == {"subject": "MSSEG2_013"}
+
+
+def test_msseg2_subtraction_only_for_msseg2(source, tmp_path):
+    with pytest.raises(NotImplementedError, match="--subtraction .* applies to msseg2, not wmh2017"):
+        run(["convert", "wmh2017", "-i", str(source), "-d", "545", "--raw", str(tmp_path / "raw"), "--subtraction"])

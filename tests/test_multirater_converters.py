@@ -113,3 +113,10 @@ def test_msseg2016_missing_and_nonbinary(msseg_source, tmp_path):
     (msseg_source / "Center_01" / "Patient_01" / "Preprocessed_Data" / "GADO_preprocessed.nii.gz").unlink()
     with pytest.raises(FileNotFoundError, match="GADO_preprocessed.nii.gz"):
         run(["convert", "msseg2016", "-i", str(msseg_source), "-d", "533", "--raw", str(tmp_path / "raw")])
+
+
+def test_msseg2016_records_subject_and_centre(msseg_source, tmp_path):
+    assert run(["convert", "msseg2016", "-i", str(msseg_source), "-d", "534", "--raw", str(tmp_path / "raw")]) == 0
+    groups = json.loads((tmp_path / "raw" / "Dataset534_MSSEG2016" / "case_groups.json").read_text())
+    assert groups == {"Center_01_Patient_01": {"subject": "Center_01_Patient_01", "site": "Center_01"},
+                      "Center_07_Patient_02": {"subject": "Center_07_Patient_02", "site": "Center_07"}}

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -422,3 +423,91 @@ def test_two_pseudolabel_runs_on_one_student(pseudo_setup):
             assert "being written by another nnunet-ext run" in err, err
     student = work / "nnUNet_raw" / "Dataset595_Twice"
     assert digest(student) == ref and leftovers(student) == []
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+
+def _ours(marker: str) -> list[int]:
+    """Processes (not zombies) whose environment holds ``marker`` (this test's own nnUNet_results folder):
+    the command, its guards, nnUNetv2_train and every worker they started."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (d / "environ").read_bytes() and alive(int(d.name)):
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _training_started(results: Path) -> bool:
+    return any(results.glob("Dataset*/*__nnUNetPlans__2d/fold_0/training_log_*.txt"))
+
+
+def _comparable(report: dict) -> dict:
+    """A report without what differs between two runs on the same models: times, file paths, the commands
+    (they name the report folder), whether an arm was trained by this run, notes about a split written."""
+    r = {k: v for k, v in report.items() if k not in ("seconds", "files", "commands", "notes")}
+    r["arms"] = {a: {k: v for k, v in arm.items() if k != "training"} for a, arm in report["arms"].items()}
+    return r
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # two 1-epoch x 2-iteration 2d trainings (one of them twice) and three predictions per arm
+def test_compare_killed_during_training(tmp_path, planned_phantom):
+    """SIGKILL of `nnunet-ext compare` while nnU-Net trains: within 10 s no process of the run is left (not
+    nnUNetv2_train, not its data-loader workers); the same command then continues (the interrupted fold is
+    trained again) and writes the report an uninterrupted run writes on the same trained models (another
+    report folder: every step from the checks to the report, training reused)."""
+    from conftest import PLANNED_ID
+    from nnunet_ext.paths import nnunet_env
+
+    work, planned_env, root = planned_phantom
+    w = tmp_path / "w"
+    for k in ("nnUNet_raw", "nnUNet_preprocessed"):  # a private copy: its own split and models
+        shutil.copytree(Path(planned_env[k]) / root.name, w / k / root.name)
+    env = nnunet_env(w, n_proc=1)
+    env.update({"nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1"})
+    results = Path(env["nnUNet_results"])
+    split = w / "nnUNet_preprocessed" / root.name / "splits_final.json"
+    args = ["compare", "-d", PLANNED_ID, "-c", "2d", "-tr", "ExtBaselineTrainer", "FocalTverskyTrainer", "-f", 0,
+            "--epochs", 1, "--iterations", 2, "--val-iterations", 1, "-device", "cpu", "-np", 1, "--bootstrap", 200]
+    args += [] if split.exists() else ["--create-split"]
+    t0 = time.time()
+    p = subprocess.Popen([NNUNET_EXT, *map(str, args), "-o", str(tmp_path / "report")], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not _training_started(results):
+        assert p.poll() is None, p.communicate()[0][-3000:]
+        assert time.time() - t0 < 600, "training did not start"
+        time.sleep(0.2)
+    assert any(b"nnUNetv2_train" in _cmdline(q) for q in _ours(str(results)))
+    p.kill()
+    p.communicate(timeout=60)
+    t_kill = time.time()
+    while _ours(str(results)) and time.time() - t_kill < 10:
+        time.sleep(0.1)
+    left = _ours(str(results))
+    for q in left:
+        os.kill(q, signal.SIGKILL)
+    assert not left, [_cmdline(q)[:200] for q in left]
+    assert not (tmp_path / "report" / "report.json").exists()
+
+    run_ok([*args, "-o", tmp_path / "report"], env=env)  # the same command continues
+    resumed = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert all("trained now" in a["training"] for a in resumed["arms"].values())  # the killed fold: trained again
+    run_ok([*args, "-o", tmp_path / "report2"], env=env)  # an uninterrupted run on the same models
+    fresh = json.loads((tmp_path / "report2" / "report.json").read_text())
+    assert all("reused" in a["training"] for a in fresh["arms"].values())
+    assert _comparable(resumed) == _comparable(fresh)
+    assert resumed["n_cases"] == len(json.loads(split.read_text())[0]["val"])
+    print(f"compare killed during training, resumed, compared: {time.time() - t0:.0f} s")

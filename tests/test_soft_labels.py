@@ -169,8 +169,11 @@ def test_soft_output_activations():
     p1 = np.array([0.5, 0.8, 0.2, 0.9])
     prob = np.stack([1 - p1, p1])
     assert np.allclose(soft_output(prob), p1)
-    # lesion logit ln(p1/p0): 0, ln 4, -ln 4, ln 9 -> relu / max = 0, ln4/ln9, 0, 1
-    assert np.allclose(soft_output(prob, "normalized_relu"), [0, np.log(4) / np.log(9), 0, 1], atol=1e-6)
+    # a normalized-ReLU network exports softmax([0, Q]) (nnunet_ext.activations): ln(p1/p0) = Q, clipped to
+    # [0, 1]: ln(p1/p0) = 0, ln 4, -ln 4, ln 9 -> 0, 1 (ln 4 = 1.39 clipped), 0, 1; no rescaling by the maximum
+    assert np.allclose(soft_output(prob, "normalized_relu"), [0, 1, 0, 1], atol=1e-6)
+    q = np.array([0.3, 0.0, 0.6])
+    assert np.allclose(soft_output(np.stack([1 / (1 + np.exp(q)), 1 / (1 + np.exp(-q))]), "normalized_relu"), q)
     assert np.all(soft_output(np.stack([p1 * 0 + 1, p1 * 0]), "normalized_relu") == 0)
     with pytest.raises(ValueError, match="activation"):
         soft_output(prob, "tanh")

@@ -103,3 +103,19 @@ def test_inplane_surface_definition():
     assert len(_surface_points(block, (1, 1, 1))) == 66
     assert len(_surface_points(block, (1, 1, 1), inplane=True)) == 48
     assert hd95(block, block, inplane_surface=True) == 0.0
+
+
+def test_convert_records_sites_and_split_by_site(wmh_source, tmp_path, monkeypatch):
+    """case_groups.json: site = the first folder below the release root; `split --group-by site` then leaves
+    one site out per fold."""
+    raw, pre = tmp_path / "raw", tmp_path / "pre"
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    monkeypatch.setenv("nnUNet_preprocessed", str(pre))
+    assert run(["convert", "wmh2017", "-i", str(wmh_source), "-d", "522"]) == 0
+    groups = json.loads((raw / "Dataset522_WMH2017" / "case_groups.json").read_text())
+    assert groups == {"Amsterdam_GE3T_100": {"subject": "Amsterdam_GE3T_100", "site": "Amsterdam"},
+                      "Singapore_50": {"subject": "Singapore_50", "site": "Singapore"},
+                      "Utrecht_0": {"subject": "Utrecht_0", "site": "Utrecht"}}
+    assert run(["split", "-d", "522", "--group-by", "site", "-nfolds", "3"]) == 0
+    s = json.loads((pre / "Dataset522_WMH2017" / "splits_final.json").read_text())
+    assert sorted(v for f in s for v in f["val"]) == sorted(groups) and all(len(f["val"]) == 1 for f in s)

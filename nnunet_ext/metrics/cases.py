@@ -14,13 +14,26 @@ import numpy as np
 from nnunet_ext.io import case_name, read_image
 
 
+_NIFTI_ENDINGS = (".nii.gz", ".nii")
+
+
 def list_cases(folder: str | os.PathLike, file_ending: str = ".nii.gz") -> dict[str, Path]:
-    """``{case: path}`` of the files ending in ``file_ending`` in ``folder`` (hidden files skipped)."""
+    """``{case: path}`` of the files ending in ``file_ending`` in ``folder`` (hidden files skipped). NIfTI is
+    NIfTI: for ``.nii.gz`` or ``.nii`` both endings are case files (a case present as both is an error)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"folder not found: {folder}")
-    return {case_name(p, file_ending): p for p in sorted(folder.iterdir())
-            if p.name.endswith(file_ending) and not p.name.startswith(".")}
+    endings = _NIFTI_ENDINGS if file_ending in _NIFTI_ENDINGS else (file_ending,)
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        ending = next((e for e in endings if p.name.endswith(e)), None)
+        if ending is None or p.name.startswith("."):
+            continue
+        c = case_name(p, ending)
+        if c in out:
+            raise ValueError(f"case {c} is in {folder} twice ({out[c].name} and {p.name}); remove one of them")
+        out[c] = p
+    return out
 
 
 def as_binary(arr: np.ndarray, what: str) -> np.ndarray:

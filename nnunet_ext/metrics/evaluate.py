@@ -12,22 +12,25 @@ from typing import Sequence
 import numpy as np
 
 from nnunet_ext.io import read_image
+from nnunet_ext.progress import step
 from nnunet_ext.metrics.cases import (as_binary, check_same_grid, check_same_header, list_cases,  # noqa: F401
                                       load_mask, load_probabilities, need_3d, prob_files)
 from nnunet_ext.metrics.lesions import (DEFAULT_BINS, RULE_PRESETS, SIZE_UNITS, aggregate, case_metrics,
-                                        check_connectivity, parse_bins, parse_detection)
-from nnunet_ext.metrics.soft import (add_counts, ece_from_counts, ece_from_probability_counts,
-                                     probability_reliability_diagram, reliability_diagram, volume_pearson)
+                                        check_connectivity, check_counting, parse_bins, parse_detection)
+from nnunet_ext.metrics.soft import (add_ap_counts, add_counts, average_precision_from_counts, ece_from_counts,
+                                     ece_from_probability_counts, probability_reliability_diagram,
+                                     reliability_diagram, volume_pearson)
 
 # Presets reproduce a challenge's (or a seed paper's) scoring; docs/evaluation.md has one table per preset.
 # wmh2017: the organisers' evaluation.py (nnunet_ext.metrics.wmh2017): label 2 masked out, their
 #   binarisation of the prediction, 26-connected lesions detected by any overlap, HD95 on their border.
 # msseg2: Anima's animaSegPerfAnalyzer lesion detection (nnunet_ext.metrics.anima), masks read as Anima does.
 # isbi2015: Carass et al. 2017 score and components (nnunet_ext.metrics.isbi).
-# lsr / focal_tversky: the seed theses' lesion rules (nnunet_ext.metrics.lesions.RULE_PRESETS).
+# nichyporuk (= lsr) / focal_tversky: the seed theses' lesion rules (nnunet_ext.metrics.lesions.RULE_PRESETS).
 PRESETS = {"wmh2017": {**RULE_PRESETS["wmh2017"], "reader": "wmh2017", "surface": "wmh2017"},
            "msseg2": {"connectivity": 6, "detection": "any", "reader": "anima", "anima": True},
            "isbi2015": {"connectivity": 26, "detection": "any", "isbi": True},
+           "nichyporuk": dict(RULE_PRESETS["nichyporuk"]),
            "lsr": dict(RULE_PRESETS["lsr"]),
            "focal_tversky": dict(RULE_PRESETS["focal_tversky"])}
 
@@ -73,7 +76,7 @@ def _evaluate_one(args) -> tuple[str, dict, dict | None]:
     ref, pred, spacing = _read_case(ref_path, pred_path, label, p.get("reader"))
     m = case_metrics(ref, pred, spacing, connectivity=opts["connectivity"], bins=opts["bins"],
                      detection=opts["detection"], size_unit=opts["size_unit"], symmetric=opts["symmetric"],
-                     surface=p.get("surface", "face"))
+                     surface=p.get("surface", "face"), counting=opts["counting"])
     if p.get("anima"):
         from nnunet_ext.metrics.anima import anima_detection
 
@@ -99,22 +102,28 @@ def _evaluate_one(args) -> tuple[str, dict, dict | None]:
                 raise ValueError(f"{soft_path}: soft reference values must be finite and in [0, 1], found "
                                  f"[{np.nanmin(soft_ref):g}, {np.nanmax(soft_ref):g}]")
         sm = soft_case_metrics(prob, ref, soft_ref)
-        calib = {"calibration": sm.pop("calibration"), "calibration_confidence_05": sm.pop("calibration_confidence_05")}
+        calib = {"calibration": sm.pop("calibration"), "calibration_confidence_05": sm.pop("calibration_confidence_05"),
+                 "calibration_probability_bins": sm.pop("calibration_probability_bins"),
+                 "ap_counts": sm.pop("ap_counts")}
         m.update(sm)
     return case, m, calib
 
 
 def resolve_options(preset: str | None = None, connectivity: int = 26, min_overlap: float = 0.0,
                     bins: Sequence = DEFAULT_BINS, detection=None, size_unit: str = "voxels",
-                    symmetric: bool = False) -> dict:
-    """The lesion rule in force: a preset's connectivity / detection (/ bins) override the arguments."""
+                    symmetric: bool = False, counting: str = "reference", presets: dict | None = None) -> dict:
+    """The lesion rule in force: a preset's connectivity / detection (/ bins, counting) override the
+    arguments; ``presets`` (default :data:`PRESETS`) are the presets accepted."""
+    presets = PRESETS if presets is None else presets
     if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-        p = PRESETS[preset]
+        if preset not in presets:
+            raise ValueError(f"unknown preset {preset!r}; known: {sorted(presets)}")
+        p = presets[preset]
         connectivity, detection = p["connectivity"], p["detection"]
         bins = p.get("bins", bins)
+        counting = p.get("counting", "reference")
     check_connectivity(connectivity)
+    check_counting(counting, symmetric)
     if size_unit not in SIZE_UNITS:
         raise ValueError(f"size_unit must be one of {SIZE_UNITS}, got {size_unit!r}")
     if isinstance(bins, str):
@@ -125,7 +134,7 @@ def resolve_options(preset: str | None = None, connectivity: int = 26, min_overl
 
         rule = rule_from_min_overlap(min_overlap)
     return {"connectivity": connectivity, "detection": rule, "bins": tuple(tuple(b) for b in bins),
-            "size_unit": size_unit, "symmetric": bool(symmetric)}
+            "size_unit": size_unit, "symmetric": bool(symmetric), "counting": counting}
 
 
 def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None, connectivity: int = 26,
@@ -134,13 +143,14 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
                      num_workers: int = 1, progress: bool = True, preset: str | None = None,
                      prob_dir=None, soft_ref_dir=None, reliability_png=None, detection=None,
                      size_unit: str = "voxels", symmetric: bool = False, cases: Sequence[str] | None = None,
-                     isbi_rater_score: float | None = None) -> dict:
+                     isbi_rater_score: float | None = None, counting: str = "reference",
+                     check_label: bool = True) -> dict:
     """Evaluate every reference case (or only ``cases``); return (and write to ``output`` JSON + CSV)
     per-case results and aggregates. A reference case without prediction is an error unless
     ``allow_missing`` (then it counts as an empty prediction). ``detection`` (e.g.
     ``"voxels>=3 or fraction>0.5"``) overrides ``min_overlap``; a ``preset`` overrides both and the
-    connectivity."""
-    opts = resolve_options(preset, connectivity, min_overlap, bins, detection, size_unit, symmetric)
+    connectivity (and ``counting``: ``"prediction"`` counts TP on predicted lesions, the Nichyporuk thesis)."""
+    opts = resolve_options(preset, connectivity, min_overlap, bins, detection, size_unit, symmetric, counting)
     refs, preds = list_cases(ref_dir, file_ending), list_cases(pred_dir, file_ending)
     if cases is not None:
         unknown = [c for c in cases if c not in refs]
@@ -167,16 +177,18 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
             if lacking:
                 raise FileNotFoundError(f"no soft reference {Path(soft_ref_dir) / (lacking[0] + file_ending)}")
     jobs = [(c, refs[c], preds.get(c), label, opts, preset, probs.get(c), softs.get(c)) for c in refs]
-    per_case, calibration, calibration05 = {}, None, None
+    per_case, calibration, calibration05, ap = {}, None, None, None
+    calibration_pb = [None]  # counts of ece_probability_bins
 
     def collect(k, c, m, calib):
-        nonlocal calibration, calibration05
+        nonlocal calibration, calibration05, ap
         per_case[c] = m
         if calib is not None:
             calibration = add_counts(calibration, calib["calibration"])
             calibration05 = add_counts(calibration05, calib["calibration_confidence_05"])
-        if progress:
-            print(f"\revaluate: {k}/{len(jobs)}", end="", flush=True)
+            calibration_pb[0] = add_counts(calibration_pb[0], calib["calibration_probability_bins"])
+            ap = add_ap_counts(ap, calib["ap_counts"])
+        step("evaluate", k, len(jobs), progress, item=c)
 
     if num_workers > 1:
         with ProcessPoolExecutor(num_workers) as ex:
@@ -185,16 +197,17 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
     else:
         for k, job in enumerate(jobs, 1):
             collect(k, *_evaluate_one(job))
-    if progress:
-        print()
-    if label is not None and not any(m["ref_volume_mm3"] or m["pred_volume_mm3"] for m in per_case.values()):
+    # check_label=False: the label is the dataset's lesion label by construction (a fold's validation), and
+    # folds whose cases and predictions are all lesion-free (e.g. MSSEG-2 patients without new lesions) are valid
+    if check_label and label is not None and not any(m["ref_volume_mm3"] or m["pred_volume_mm3"]
+                                                     for m in per_case.values()):
         raise ValueError(f"--label {label}: no reference in {ref_dir} and no prediction in {pred_dir} holds label "
                          f"{label} (every score would be that of two empty masks); check the label value")
     result = {
         "settings": {"ref_dir": str(ref_dir), "pred_dir": str(pred_dir), "connectivity": opts["connectivity"],
                      "detection": opts["detection"].text(), "min_overlap": min_overlap,
                      "bins": [list(b) for b in opts["bins"]], "size_unit": opts["size_unit"],
-                     "symmetric": opts["symmetric"], "label": label, "preset": preset,
+                     "symmetric": opts["symmetric"], "counting": opts["counting"], "label": label, "preset": preset,
                      "missing_predictions": missing, "predictions_without_reference": extra},
         "per_case": per_case,
         "aggregate": aggregate(per_case, opts["bins"]),
@@ -212,16 +225,22 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
                                                      isbi_rater_score)
     if calibration is not None:
         agg = result["aggregate"]
-        agg["pooled"]["ece"] = ece_from_probability_counts(calibration)
+        agg["pooled"]["ece"] = ece_from_counts(calibration)  # the SoftSeg thesis' ECE, cases pooled
+        agg["pooled"]["ece_probability_bins"] = ece_from_probability_counts(calibration_pb[0])
         agg["pooled"]["ece_confidence_05"] = ece_from_counts(calibration05)
+        agg["pooled"]["voxel_ap"] = average_precision_from_counts(ap)
         agg["calibration_counts"] = calibration
         agg["calibration_counts_confidence_05"] = calibration05
-        for k in ("soft_dice", "brier", "entropy_mae", "ipe_voxelwise", "ece", "ece_confidence_05"):
+        agg["calibration_counts_probability_bins"] = calibration_pb[0]
+        for k in ("soft_dice", "brier", "entropy_mae", "ipe_voxelwise", "ece", "ece_probability_bins",
+                  "ece_confidence_05", "voxel_ap"):
             vals = [m[k] for m in per_case.values() if m.get(k) is not None]
             agg["mean"][k] = float(np.mean(vals)) if vals else None
         if reliability_png is not None:
             title = f"{Path(pred_dir).name}: {len(per_case)} cases"
-            probability_reliability_diagram(calibration, reliability_png, title)
+            reliability_diagram(calibration, reliability_png, title, low=0.0)
+            probability_reliability_diagram(calibration_pb[0],
+                                            Path(reliability_png).with_suffix(".probability_bins.png"), title)
             reliability_diagram(calibration05, Path(reliability_png).with_suffix(".confidence_05.png"), title)
     if output is not None:
         write_results(result, output)
@@ -264,13 +283,17 @@ def format_table(result: dict) -> str:
     fmt = lambda v: "  n/a" if v is None else f"{v:6.3f}"  # noqa: E731
     s = result["settings"]
     lines = [f"cases: {result['aggregate']['n_cases']}  (lesions: {s['connectivity']}-connected, detected when "
-             f"{s.get('detection', 'any')})",
+             f"{s.get('detection', 'any')}"
+             f"{'; TP counted on predicted lesions' if s.get('counting') == 'prediction' else ''})",
              f"mean  dice {fmt(mean['dice'])}  ppv {fmt(mean['ppv'])}  tpr {fmt(mean['tpr'])}  "
              f"hd95 {fmt(mean['hd95'])} mm  avd {fmt(mean['avd'])} %",
              f"lesions (pooled): ref {pooled['ref_lesions']}  pred {pooled['pred_lesions']}  tp {pooled['lesion_tp']}"
              f"  fn {pooled['lesion_fn']}  fp {pooled['lesion_fp']}  tpr {fmt(pooled['lesion_tpr'])}"
              f"  fdr {fmt(pooled['lesion_fdr'])}  f1 {fmt(pooled['lesion_f1'])}",
              f"size bin ({s.get('size_unit', 'voxels')})   ref  tp  fn  fp    tpr    f1"]
+    if s.get("counting") == "prediction":  # the thesis' per-scan convention beside the dataset-level one
+        lines.insert(3, f"lesions (per-scan mean): tpr {fmt(mean['lesion_tpr'])}  fdr {fmt(mean['lesion_fdr'])}  "
+                        f"f1 {fmt(mean['lesion_f1'])}  (undefined, skipped: {mean.get('n_undefined', {})})")
     for name, b in pooled["bins"].items():
         lines.append(f"{name:>16} {b['ref_lesions']:5d} {b['lesion_tp']:3d} {b['lesion_fn']:3d} {b['lesion_fp']:3d}"
                      f" {fmt(b['lesion_tpr'])} {fmt(b['lesion_f1'])}")
@@ -288,5 +311,6 @@ def format_table(result: dict) -> str:
                      f"  ppv {fmt(r['ppv'])}  ltpr {fmt(r['ltpr'])}  lfpr {fmt(r['lfpr'])}  corr {fmt(r['corr'])})")
     if "ece" in pooled:
         lines.append(f"soft: dice {fmt(mean['soft_dice'])}  brier {fmt(mean['brier'])}  entropy MAE "
-                     f"{fmt(mean['entropy_mae'])}  ECE (10 bins on [0,1], pooled) {fmt(pooled['ece'])}")
+                     f"{fmt(mean['entropy_mae'])}  ECE (pooled) {fmt(pooled['ece'])}  voxel AP "
+                     f"(pooled) {fmt(pooled.get('voxel_ap'))}")
     return "\n".join(lines)

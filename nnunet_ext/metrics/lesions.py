@@ -15,6 +15,14 @@ Definitions (also in docs/evaluation.md):
   with ``symmetric=True`` the detection rule is applied to it against the reference instead.
   This is many-to-many: one predicted component can detect several reference lesions (merged lesions) and
   one reference lesion can be covered by several components (split lesion, no FP counted).
+* ``counting="prediction"`` (Nichyporuk thesis, section 3.4.2; ``--preset nichyporuk``): the rule is
+  applied to every (predicted lesion P, reference lesion R) pair with ``c = |P & R|`` and ``n = |R|``; a
+  predicted lesion is a TP when it satisfies the rule with at least one reference lesion, otherwise an FP;
+  a reference lesion that no predicted lesion satisfies the rule with is an FN. ``lesion_tp`` then counts
+  predicted lesions, ``TPR = TP / (TP + FN)``, ``PPV = TP / (TP + FP)``, ``F1 = 2 TP / (2 TP + FP + FN)``
+  (the thesis' eq. 3.1-3.3), undefined (``None``) where the denominator is 0; in size bins TP and FP
+  lesions are binned by their (predicted) size, FN lesions by their (reference) size.
+  ``lesion_tp_ref`` reports the matched reference lesions.
 * Rates: :func:`lesion_rates` is the one place computing lesion TPR / PPV / FDR / F1 and their empty-case
   conventions (``"wmh"``: TPR 1 without reference lesions, PPV 1 without predicted lesions, F1 = 2PR/(P+R),
   0 when P + R = 0; ``"bin"``: missing sides are ``None`` and F1 takes a missing side as 1; ``"anima"``:
@@ -60,6 +68,7 @@ from nnunet_ext.metrics.cases import as_binary  # noqa: F401  (re-exported: olde
 DEFAULT_BINS: tuple[tuple[int, int | None], ...] = ((3, 10), (11, 50), (51, None))
 SIZE_UNITS = ("voxels", "mm3")
 CONVENTIONS = ("wmh", "bin", "anima")
+COUNTINGS = ("reference", "prediction")
 
 
 # ----------------------------------------------------------------------------------------------- size bins
@@ -213,9 +222,14 @@ def rule_from_min_overlap(min_overlap: float) -> DetectionRule:
 
 
 # Lesion rules of the seed papers/challenges (``nnunet-ext evaluate --preset NAME``; see docs/evaluation.md).
+# nichyporuk: the LSR thesis' section 3.4.2 (Tiny 1-2, Small 3-10, Medium 11-50, Large 51+ voxels); "lsr" is
+# the same preset under its older name.
+_NICHYPORUK = {"connectivity": 18, "detection": "voxels>=3 or fraction>0.5", "counting": "prediction",
+               "bins": ((1, 2), (3, 10), (11, 50), (51, None))}
 RULE_PRESETS = {
     "wmh2017": {"connectivity": 26, "detection": "any"},
-    "lsr": {"connectivity": 18, "detection": "voxels>=3 or fraction>0.5"},
+    "nichyporuk": dict(_NICHYPORUK),
+    "lsr": dict(_NICHYPORUK),
     "focal_tversky": {"connectivity": 26, "detection": "fraction>=0.6",
                       "bins": ((0, 10, "[)"), (10, 400, "[)"), (400, 1000, "[)"), (1000, None, "[)"))},
 }
@@ -297,19 +311,25 @@ def remove_small_lesions(mask: np.ndarray, spacing: Sequence[float], min_lesion_
 def lesion_counts(ref: np.ndarray, pred: np.ndarray, connectivity: int = 26, min_overlap: float = 0.0,
                   bins: Sequence = DEFAULT_BINS, ref_labels=None, pred_labels=None,
                   detection: str | DetectionRule | None = None, size_unit: str = "voxels",
-                  spacing: Sequence[float] | None = None, symmetric: bool = False) -> dict:
+                  spacing: Sequence[float] | None = None, symmetric: bool = False,
+                  counting: str = "reference") -> dict:
     """Lesion-wise detection counts and rates of binary ``ref``/``pred`` (see module docstring).
     ``ref_labels``/``pred_labels`` are precomputed ``(labels, n)`` to reuse; ``detection`` (text or
-    :class:`DetectionRule`) overrides ``min_overlap``; ``size_unit="mm3"`` bins by volume (needs ``spacing``)."""
+    :class:`DetectionRule`) overrides ``min_overlap``; ``size_unit="mm3"`` bins by volume (needs ``spacing``);
+    ``counting="prediction"`` counts TP on predicted lesions, pair by pair (Nichyporuk thesis)."""
     rule = parse_detection(detection) if detection is not None else rule_from_min_overlap(min_overlap)
     if size_unit not in SIZE_UNITS:
         raise ValueError(f"size_unit must be one of {SIZE_UNITS}, got {size_unit!r}")
     if size_unit == "mm3" and spacing is None:
         raise ValueError("size_unit='mm3' needs the voxel spacing")
+    check_counting(counting, symmetric)
     rl, nr = ref_labels if ref_labels is not None else label_components(ref, connectivity)
     pl, npred = pred_labels if pred_labels is not None else label_components(pred, connectivity)
     ref_sizes = np.bincount(rl.ravel(), minlength=nr + 1)[1:]
     pred_sizes = np.bincount(pl.ravel(), minlength=npred + 1)[1:]
+    if counting == "prediction":
+        return _counts_on_predictions(rl, nr, pl, npred, ref_sizes, pred_sizes, rule, bins,
+                                      voxel_volume(spacing) if size_unit == "mm3" else 1.0)
     covered = np.bincount(rl[pl > 0], minlength=nr + 1)[1:]  # predicted voxels in each reference lesion
     detected = rule.detected(covered, ref_sizes)
     in_ref = np.bincount(pl[rl > 0], minlength=npred + 1)[1:]  # reference voxels in each predicted component
@@ -327,9 +347,47 @@ def lesion_counts(ref: np.ndarray, pred: np.ndarray, connectivity: int = 26, min
     return out
 
 
+def check_counting(counting: str, symmetric: bool = False) -> str:
+    if counting not in COUNTINGS:
+        raise ValueError(f"counting must be one of {COUNTINGS}, got {counting!r}")
+    if counting == "prediction" and symmetric:
+        raise ValueError("symmetric applies to counting='reference' only: counting='prediction' already "
+                         "applies the rule to every predicted lesion")
+    return counting
+
+
+def _counts_on_predictions(rl, nr, pl, npred, ref_sizes, pred_sizes, rule: DetectionRule, bins, scale) -> dict:
+    """``counting="prediction"`` (module docstring): the rule on every overlapping (predicted, reference)
+    lesion pair, ``c`` = shared voxels, ``n`` = the reference lesion's size."""
+    both = (rl > 0) & (pl > 0)
+    p_idx = r_idx = shared = np.zeros(0, np.int64)
+    if both.any():
+        key = pl[both].astype(np.int64) * (nr + 1) + rl[both].astype(np.int64)  # one key per lesion pair
+        pair, shared = np.unique(key, return_counts=True)
+        p_idx, r_idx = pair // (nr + 1) - 1, pair % (nr + 1) - 1
+    ok = rule.detected(shared, ref_sizes[r_idx])
+    true_pred = np.zeros(npred, bool)
+    true_pred[p_idx[ok]] = True
+    matched_ref = np.zeros(nr, bool)
+    matched_ref[r_idx[ok]] = True
+    tp, fp, fn = int(true_pred.sum()), int((~true_pred).sum()), int((~matched_ref).sum())
+    out = {"ref_lesions": nr, "pred_lesions": npred, "lesion_tp": tp, "lesion_fn": fn, "lesion_fp": fp,
+           "lesion_tp_ref": int(matched_ref.sum()), "lesion_counting": "prediction",
+           **lesion_rates(tp, tp + fn, tp, npred, "bin"), "bins": {}}
+    rs, ps = ref_sizes * scale, pred_sizes * scale
+    for b in bins:
+        rb, pb = _in_bin(rs, b), _in_bin(ps, b)
+        out["bins"][_bin_key(b)] = _bin_rates({
+            "ref_lesions": int(rb.sum()), "pred_lesions": int(pb.sum()), "lesion_tp": int((true_pred & pb).sum()),
+            "lesion_fn": int((~matched_ref & rb).sum()), "lesion_fp": int((~true_pred & pb).sum())})
+    return out
+
+
 def _bin_rates(b: dict) -> dict:
-    """TPR/PPV/F1 of one size bin from its counts (``"bin"`` convention)."""
-    r = lesion_rates(b["lesion_tp"], b["ref_lesions"], b["pred_lesions"] - b["lesion_fp"], b["pred_lesions"], "bin")
+    """TPR/PPV/F1 of one size bin from its counts (``"bin"`` convention); TPR = TP / (TP + FN), which is
+    TP / reference lesions unless TP counts predicted lesions (``counting="prediction"``)."""
+    r = lesion_rates(b["lesion_tp"], b["lesion_tp"] + b["lesion_fn"], b["pred_lesions"] - b["lesion_fp"],
+                     b["pred_lesions"], "bin")
     return {**b, "lesion_tpr": r["lesion_tpr"], "lesion_ppv": r["lesion_ppv"], "lesion_f1": r["lesion_f1"]}
 
 
@@ -406,7 +464,8 @@ def hd95(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] = (1.0, 1.0
 def case_metrics(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
                  connectivity: int = 26, min_overlap: float = 0.0, bins: Sequence = DEFAULT_BINS,
                  inplane_surface: bool = False, detection: str | DetectionRule | None = None,
-                 size_unit: str = "voxels", symmetric: bool = False, surface: str | None = None) -> dict:
+                 size_unit: str = "voxels", symmetric: bool = False, surface: str | None = None,
+                 counting: str = "reference") -> dict:
     """All per-case metrics for binary ``ref`` and ``pred`` (same shape) with voxel ``spacing`` (array
     order, mm)."""
     if ref.shape != pred.shape:
@@ -428,7 +487,7 @@ def case_metrics(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] = (
            "voxel_tp": tp, "voxel_fp": fp, "voxel_fn": fn,
            "ref_volume_mm3": n_ref * voxel_mm3, "pred_volume_mm3": n_pred * voxel_mm3}
     out.update(lesion_counts(ref, pred, connectivity, min_overlap, bins, detection=detection, size_unit=size_unit,
-                             spacing=spacing, symmetric=symmetric))
+                             spacing=spacing, symmetric=symmetric, counting=counting))
     if n_ref == 0:
         out["fp_volume_mm3"] = n_pred * voxel_mm3
     return out
@@ -440,17 +499,21 @@ BIN_COUNTS = ("ref_lesions", "pred_lesions", "lesion_tp", "lesion_fn", "lesion_f
 
 
 def pooled_rates(counts: dict, bins_convention: bool = False) -> dict:
-    """Pooled Dice and lesion rates from summed counts (``POOLED_COUNTS``)."""
+    """Pooled Dice and lesion rates from summed counts (``POOLED_COUNTS``); lesion TPR = TP / (TP + FN)
+    (= TP / reference lesions when TP counts reference lesions)."""
     tp, fp, fn = counts["voxel_tp"], counts["voxel_fp"], counts["voxel_fn"]
     out = {"dice": 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0}
-    out.update(lesion_rates(counts["lesion_tp"], counts["ref_lesions"], counts["pred_lesions"] - counts["lesion_fp"],
-                            counts["pred_lesions"], "bin" if bins_convention else "wmh"))
+    out.update(lesion_rates(counts["lesion_tp"], counts["lesion_tp"] + counts["lesion_fn"],
+                            counts["pred_lesions"] - counts["lesion_fp"], counts["pred_lesions"],
+                            "bin" if bins_convention else "wmh"))
     return out
 
 
 def aggregate(per_case: dict[str, dict], bins: Sequence = DEFAULT_BINS) -> dict:
     """Mean over cases of each metric (``None`` skipped, ``n_undefined`` counts them) and pooled lesion
-    and voxel counts with rates recomputed from the pooled counts."""
+    and voxel counts with rates recomputed from the pooled counts. With ``counting="prediction"`` (the
+    Nichyporuk thesis) ``mean`` holds its *per-scan* and ``pooled`` its *dataset-level* metrics, and undefined
+    pooled rates are ``None`` as per case."""
     keys = ["dice", "ppv", "tpr", "avd", "hd95", "lesion_tpr", "lesion_ppv", "lesion_fdr", "lesion_f1"]
     mean = {}
     for k in keys:
@@ -460,7 +523,8 @@ def aggregate(per_case: dict[str, dict], bins: Sequence = DEFAULT_BINS) -> dict:
         if undefined:
             mean.setdefault("n_undefined", {})[k] = undefined
     pooled = {k: int(sum(c[k] for c in per_case.values())) for k in POOLED_COUNTS}
-    pooled.update(pooled_rates(pooled))
+    on_predictions = any(c.get("lesion_counting") == "prediction" for c in per_case.values())
+    pooled.update(pooled_rates(pooled, bins_convention=on_predictions))
     pooled["bins"] = {}
     for b in bins:
         name = _bin_key(b)
@@ -469,6 +533,6 @@ def aggregate(per_case: dict[str, dict], bins: Sequence = DEFAULT_BINS) -> dict:
     return {"mean": mean, "pooled": pooled, "n_cases": len(per_case)}
 
 
-__all__ = ["DEFAULT_BINS", "RULE_PRESETS", "DetectionRule", "parse_detection", "parse_bins", "label_components",
+__all__ = ["DEFAULT_BINS", "RULE_PRESETS", "COUNTINGS", "DetectionRule", "parse_detection", "parse_bins", "label_components",
            "lesion_counts", "lesion_rates", "remove_small_lesions", "surface_mask", "hd95", "case_metrics",
            "aggregate", "as_binary", "bin_name"]

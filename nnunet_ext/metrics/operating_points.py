@@ -2,8 +2,13 @@
 
 Input probability maps are nnU-Net's ``--save_probabilities`` output (``<case>.npz`` with key
 ``probabilities``, classes first, in the geometry of the original image) or NIfTI probability maps. Counts
-are pooled over cases at each threshold; the *segmentation* operating point maximises voxel F1 (pooled
-Dice), the *detection* operating point maximises lesion F1.
+are pooled over cases at each threshold (dataset-level); the *segmentation* operating point maximises voxel
+F1 (pooled Dice), the *detection* operating point maximises lesion F1. Each point also holds ``per_scan``:
+the mean over cases of each case's own voxel and lesion TPR / FDR / F1 at that same threshold (the
+Nichyporuk thesis' per-scan curves, section 3.4.2: averaged at a fixed threshold, never at a fixed
+precision; undefined values skipped and counted in ``n_undefined``). ``voxel_ap`` is the dataset-level
+voxel average precision (:mod:`nnunet_ext.metrics.soft`) and ``voxel_ap_per_scan`` its mean over cases;
+both use every probability value, not only the sweep's thresholds.
 """
 from __future__ import annotations
 
@@ -15,7 +20,10 @@ from typing import Sequence
 import numpy as np
 
 from nnunet_ext.metrics.cases import check_same_grid, check_same_header, list_cases, load_mask, load_probabilities, prob_files
-from nnunet_ext.metrics.lesions import DEFAULT_BINS, _bin_key, label_components, lesion_counts, lesion_rates
+from nnunet_ext.metrics.lesions import (DEFAULT_BINS, RULE_PRESETS, _bin_key, label_components, lesion_counts,
+                                        lesion_rates)
+from nnunet_ext.metrics.soft import add_ap_counts, ap_counts, average_precision_from_counts
+from nnunet_ext.progress import step
 
 _prob_files = prob_files  # old private name
 
@@ -27,14 +35,24 @@ def default_thresholds() -> list[float]:
 def sweep(ref_dir, prob_dir, thresholds: Sequence[float] | None = None, connectivity: int = 26,
           min_overlap: float = 0.0, bins=DEFAULT_BINS, class_index: int = 1, label: int | None = None,
           allow_missing: bool = False, progress: bool = True, detection=None, size_unit: str = "voxels",
-          symmetric: bool = False) -> dict:
-    """Pooled voxel and lesion rates at each threshold (a voxel is foreground when p >= threshold); the lesion
-    rule (``connectivity``, ``detection`` / ``min_overlap``, ``bins``, ``size_unit``) as in
-    :func:`nnunet_ext.metrics.evaluate.evaluate_folders`."""
+          symmetric: bool = False, counting: str = "reference", preset: str | None = None) -> dict:
+    """Pooled voxel and lesion rates at each threshold (a voxel is foreground when p >= threshold), per-scan
+    means at each threshold, voxel AP; the lesion rule (``connectivity``, ``detection`` / ``min_overlap``,
+    ``bins``, ``size_unit``, ``counting``, or a lesion-rule ``preset``: ``wmh2017``, ``nichyporuk`` / ``lsr``,
+    ``focal_tversky``) as in :func:`nnunet_ext.metrics.evaluate.evaluate_folders`."""
+    from nnunet_ext.metrics.evaluate import resolve_options
+
+    opts = resolve_options(preset, connectivity, min_overlap, bins, detection, size_unit, symmetric, counting,
+                           presets=RULE_PRESETS)
+    connectivity, bins, detection = opts["connectivity"], opts["bins"], opts["detection"]
+    size_unit, symmetric, counting = opts["size_unit"], opts["symmetric"], opts["counting"]
     thresholds = sorted(float(t) for t in (thresholds if thresholds is not None else default_thresholds()))
     if not thresholds or thresholds[0] <= 0 or thresholds[-1] > 1:
         raise ValueError("thresholds must be in (0, 1]")
     refs, probs = list_cases(ref_dir), prob_files(prob_dir)
+    if not refs:
+        raise ValueError(f"--ref {ref_dir}: no reference masks (<case>.nii.gz) in this folder; give the folder of "
+                         f"the reference labels")
     missing = [c for c in refs if c not in probs]
     if missing and not allow_missing:
         raise FileNotFoundError(f"no probability map for reference case {missing[0]} in {prob_dir}")
@@ -42,6 +60,11 @@ def sweep(ref_dir, prob_dir, thresholds: Sequence[float] | None = None, connecti
     acc = [{k: 0 for k in keys} | {"bins": {_bin_key(b): {k: 0 for k in keys[3:]} for b in bins}}
            for _ in thresholds]
     cases = [c for c in refs if c in probs]
+    if not cases:
+        raise ValueError(f"--prob {prob_dir}: no probability map of any reference case of {ref_dir} (e.g. "
+                         f"{next(iter(refs))}); give the prediction folder of these cases")
+    scans = [{k: [] for k in _PER_SCAN} for _ in thresholds]
+    ap, ap_scans = None, []
     label_seen = False
     for n, c in enumerate(cases, 1):
         ref, spacing = load_mask(refs[c], label)
@@ -51,30 +74,38 @@ def sweep(ref_dir, prob_dir, thresholds: Sequence[float] | None = None, connecti
         check_same_header(refs[c], probs[c], "the probability map")
         ref_labels = label_components(ref, connectivity)
         n_ref = int(ref.sum())
-        for a, t in zip(acc, thresholds):
+        counts = ap_counts(p, ref)
+        ap = add_ap_counts(ap, counts)
+        ap_scans.append(average_precision_from_counts(counts))
+        for a, sc, t in zip(acc, scans, thresholds):
             pred = p >= t
             tp = int(np.count_nonzero(pred & ref))
+            fp = int(np.count_nonzero(pred)) - tp
             a["voxel_tp"] += tp
-            a["voxel_fp"] += int(np.count_nonzero(pred)) - tp
+            a["voxel_fp"] += fp
             a["voxel_fn"] += n_ref - tp
             lc = lesion_counts(ref, pred, connectivity, min_overlap, bins, ref_labels=ref_labels, detection=detection,
-                               size_unit=size_unit, spacing=spacing, symmetric=symmetric)
+                               size_unit=size_unit, spacing=spacing, symmetric=symmetric, counting=counting)
             for k in keys[3:]:
                 a[k] += lc[k]
                 for b in a["bins"]:
                     a["bins"][b][k] += lc["bins"][b][k]
-        if progress:
-            print(f"\roperating points: {n}/{len(cases)} cases", end="", flush=True)
-    if progress:
-        print()
+            case = {"voxel_tpr": tp / n_ref if n_ref else None, "voxel_ppv": tp / (tp + fp) if tp + fp else None,
+                    "voxel_f1": 2 * tp / (tp + fp + n_ref) if tp + fp + n_ref else None,
+                    "lesion_tpr": lc["lesion_tpr"], "lesion_ppv": lc["lesion_ppv"], "lesion_f1": lc["lesion_f1"]}
+            for k in _PER_SCAN:
+                sc[k].append(case[k])
+        step("operating points", n, len(cases), progress, item=c)
     if label is not None and not label_seen:
         raise ValueError(f"--label {label}: no reference in {ref_dir} holds label {label}; check the label value")
     points = []
-    for t, a in zip(thresholds, acc):
+    for t, a, sc in zip(thresholds, acc, scans):
         row = {"threshold": t, **{k: a[k] for k in keys}}
         row.update(_rates(a))
         row["bins"] = {b: {**v, **_rates(v, voxel=False)} for b, v in a["bins"].items()}
+        row["per_scan"] = _per_scan_means(sc)
         points.append(row)
+    ap_defined = [v for v in ap_scans if v is not None]
     best_seg = max(points, key=lambda r: r["voxel_f1"])
     best_det = max(points, key=lambda r: (r["lesion_f1"] if r["lesion_f1"] is not None else -1))
     return {"thresholds": thresholds, "points": points, "cases": cases, "missing": missing,
@@ -82,7 +113,31 @@ def sweep(ref_dir, prob_dir, thresholds: Sequence[float] | None = None, connecti
                                   "lesion_f1": best_seg["lesion_f1"]},
             "best_detection": {"threshold": best_det["threshold"], "voxel_f1": best_det["voxel_f1"],
                                "lesion_f1": best_det["lesion_f1"]},
-            "threshold_gap": abs(best_seg["threshold"] - best_det["threshold"])}
+            "threshold_gap": abs(best_seg["threshold"] - best_det["threshold"]),
+            "voxel_ap": average_precision_from_counts(ap) if ap is not None else None,
+            "voxel_ap_per_scan": {"mean": float(np.mean(ap_defined)) if ap_defined else None,
+                                  "n_undefined": len(ap_scans) - len(ap_defined)},
+            "rule": {"connectivity": connectivity, "detection": detection.text(), "counting": counting,
+                     "bins": [list(b) for b in bins], "size_unit": size_unit, "symmetric": symmetric,
+                     "preset": preset}}
+
+
+_PER_SCAN = ("voxel_tpr", "voxel_ppv", "voxel_f1", "lesion_tpr", "lesion_ppv", "lesion_f1")
+
+
+def _per_scan_means(values: dict) -> dict:
+    """Mean over cases of each per-case rate at one threshold (``None`` skipped and counted); FDR = 1 - PPV."""
+    out, undefined = {}, {}
+    for k, vals in values.items():
+        ok = [v for v in vals if v is not None]
+        out[k] = float(np.mean(ok)) if ok else None
+        if len(ok) < len(vals):
+            undefined[k] = len(vals) - len(ok)
+    for kind in ("voxel", "lesion"):
+        ppv = out.pop(f"{kind}_ppv")
+        out[f"{kind}_fdr"] = None if ppv is None else 1.0 - ppv
+    out["n_undefined"] = undefined
+    return out
 
 
 def _rates(a: dict, voxel: bool = True) -> dict:
@@ -94,7 +149,8 @@ def _rates(a: dict, voxel: bool = True) -> dict:
         out["voxel_tpr"] = tp / (tp + fn) if tp + fn else None
         out["voxel_fdr"] = fp / (tp + fp) if tp + fp else 0.0
         out["voxel_f1"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
-    r = lesion_rates(a["lesion_tp"], a["ref_lesions"], a["pred_lesions"] - a["lesion_fp"], a["pred_lesions"], "bin")
+    r = lesion_rates(a["lesion_tp"], a["lesion_tp"] + a["lesion_fn"], a["pred_lesions"] - a["lesion_fp"],
+                     a["pred_lesions"], "bin")
     out["lesion_tpr"], out["lesion_fdr"], out["lesion_f1"] = r["lesion_tpr"], r["lesion_fdr"], r["lesion_f1"]
     return out
 

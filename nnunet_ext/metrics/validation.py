@@ -24,7 +24,7 @@ def write_fold_lesion_metrics(fold_dir, gt_dir, file_ending: str = ".nii.gz", **
     ``fold_dir/validation/lesion_summary.json`` (plus its ``.csv``); returns the result.
 
     ``rule_options`` are :func:`~nnunet_ext.metrics.evaluate.evaluate_folders` keywords (``preset``,
-    ``connectivity``, ``detection``, ``bins``, ``size_unit``, ``symmetric``, ``label``; default ``label=1``,
+    ``connectivity``, ``detection``, ``bins``, ``size_unit``, ``symmetric``, ``counting``, ``label``; default ``label=1``,
     the lesion label of an nnU-Net dataset). Only the cases predicted in the validation folder are scored.
     A missing folder, no validation prediction, or a prediction without reference is a clear error."""
     from nnunet_ext.metrics.evaluate import evaluate_folders
@@ -42,14 +42,14 @@ def write_fold_lesion_metrics(fold_dir, gt_dir, file_ending: str = ".nii.gz", **
     lacking = [c for c in preds if c not in refs]
     if lacking:
         raise FileNotFoundError(f"no reference {gt_dir / (lacking[0] + file_ending)} for validation case {lacking[0]}")
-    known = {"preset", "connectivity", "min_overlap", "bins", "detection", "size_unit", "symmetric", "label",
+    known = {"preset", "connectivity", "min_overlap", "bins", "detection", "size_unit", "symmetric", "counting", "label",
              "num_workers", "isbi_rater_score"}
     unknown = sorted(set(rule_options) - known)
     if unknown:
         raise ValueError(f"write_fold_lesion_metrics: unknown option(s) {unknown}; known: {sorted(known)}")
     opts = {"label": 1, **rule_options}
     res = evaluate_folders(gt_dir, val, val / SUMMARY_FILE, file_ending=file_ending, cases=sorted(preds),
-                           progress=False, **opts)
+                           progress=False, check_label="label" in rule_options, **opts)
     return res
 
 

@@ -6,6 +6,8 @@
 * ``model_extras/`` -- what prediction needs beyond the weights: the model contract
   (``nnunet_ext_model.json``, :mod:`nnunet_ext.contract`) and every ``fold_<k>/nnunet_ext_*.json``
   (thresholds, settings) our trainers store beside the checkpoints,
+* ``model_<i>.zip``/``model_extras_<i>/`` -- the other models of an ensemble (``--selection``) or the rater
+  models of a consensus cascade (``--consensus``, whose ``model.zip`` is the consensus model),
 * ``vendor/nnunet_ext/`` -- this package's code (the trainer classes must be importable to load the model),
 * ``submission.json`` -- challenge, model selection, condition and cohort, versions,
 * ``requirements.txt`` -- every Python package prediction imports, pinned to the versions in use here,
@@ -261,7 +263,7 @@ def _check_model(mdir: Path, folds, checkpoint: str, challenge: str) -> tuple[in
 
 def build(out_dir, dataset, configuration: str | None = None, trainer: str | None = None, plans: str = "nnUNetPlans",
           folds=(0,), challenge: str = "generic", checkpoint: str = "checkpoint_final.pth",
-          tag: str = "nnunet-ext-submission", cohort: str | None = None, selection=None) -> Path:
+          tag: str = "nnunet-ext-submission", cohort: str | None = None, selection=None, consensus=None) -> Path:
     """Write the submission folder ``out_dir`` (refused when it exists and is not empty, or overlaps a
     model folder); see the module docstring for its content.
 
@@ -269,11 +271,19 @@ def build(out_dir, dataset, configuration: str | None = None, trainer: str | Non
     of ``configuration/trainer/plans/folds``. A single selected model is packaged as usual (its contract holds
     the selection); an ensemble packages every member (``model.zip``/``model_extras`` for the first,
     ``model_<i>.zip``/``model_extras_<i>`` for the others) and the ensemble's threshold and minimum lesion
-    size in ``submission.json`` (``ensemble``), which the entrypoint applies (:mod:`nnunet_ext.ensemble`)."""
+    size in ``submission.json`` (``ensemble``), which the entrypoint applies (:mod:`nnunet_ext.ensemble`).
+
+    ``consensus``: a trained consensus cascade (``consensus.json``, its folder, or "" / True: the one of
+    ``dataset``) instead of one model: :func:`_build_cascade`."""
     from nnunet_ext.nnunet_adapter import dataset_name
 
-    import nnunet_ext
-    from nnunet_ext.paths import trainers_path
+    if consensus is not None and consensus is not False:
+        given = [o for o, v in (("-c", configuration), ("-tr", trainer), ("--cohort", cohort),
+                                ("--selection", selection)) if v not in (None, False)]
+        if given:
+            raise ValueError(f"--consensus chooses the models and folds; drop {' '.join(given)}")
+        return _build_cascade(out_dir, dataset, consensus, challenge, checkpoint, tag)
+
     from nnunet_ext.predict import model_folder
 
     ensemble = None
@@ -297,11 +307,7 @@ def build(out_dir, dataset, configuration: str | None = None, trainer: str | Non
             raise ValueError("submission build needs -c CONFIGURATION and -tr TRAINER (or --selection)")
         members = [(trainer, plans, configuration)]
     folds = _check_build_args(folds, challenge, checkpoint, tag)
-    out = Path(out_dir)
-    if os.path.lexists(out) and not out.is_dir():
-        raise ValueError(f"-o {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"-o {out} exists and is not empty; choose a new folder")
+    out = _new_output(out_dir)
     shapes = set()
     for tr, pl, cf in members:
         mdir = model_folder(dataset, cf, tr, pl)
@@ -329,36 +335,136 @@ def build(out_dir, dataset, configuration: str | None = None, trainer: str | Non
             if ensemble is not None:
                 ensemble["members"].append({"trainer": tr, "plans": pl, "configuration": cf, "zip": zip_name,
                                             "extras": extras_name})
-        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-        vendor = stage / "vendor" / "nnunet_ext"
-        shutil.copytree(Path(nnunet_ext.__file__).parent, vendor, ignore=ignore, dirs_exist_ok=True)
-        shutil.copytree(trainers_path(), vendor / "trainers", ignore=ignore, dirs_exist_ok=True)
-        from nnunet_ext import dataset_conversion
-
-        shutil.copytree(Path(dataset_conversion.__file__).parent, vendor / "dataset_conversion", ignore=ignore,
-                        dirs_exist_ok=True)
-        versions = _versions()
         cfg = {"challenge": challenge, "dataset": dataset_name(dataset),
                "configuration": configuration, "trainer": trainer, "plans": plans, "folds": folds,
                "checkpoint": checkpoint, "file_ending": file_ending, "n_channels": n_ch,
-               "condition": condition, "cohort": cohort, "ensemble": ensemble, "versions": versions}
-        (stage / "submission.json").write_text(json.dumps(cfg, indent=1))
-        (stage / "requirements.txt").write_text("\n".join(requirements()) + "\n")
-        (stage / "entrypoint.py").write_text(ENTRYPOINT)
-        (stage / "Dockerfile").write_text(DOCKERFILE.format(python=versions["python"]))
-        (stage / ".dockerignore").write_text(DOCKERIGNORE)
+               "condition": condition, "cohort": cohort, "ensemble": ensemble}
         model_line = " + ".join(f"`{tr}__{pl}__{cf}`" for tr, pl, cf in members)
         if ensemble is not None:
             model_line += (f" (ensemble: mean probability >= {ensemble['threshold']:g}, lesions >= "
                            f"{ensemble['min_lesion_mm3']:g} mm3, from {ensemble['selection']})")
-        (stage / "README.md").write_text(README.format(
-            challenge=challenge, model=model_line, dataset=cfg["dataset"],
-            folds=folds, checkpoint=checkpoint, ext_version=nnunet_ext.__version__,
-            cohort_line=f", cohort `{cohort}`" if cohort else "",
-            nnunet_version=versions.get("nnunetv2"), torch_version=versions.get("torch"), out=out, tag=tag))
-        if out.is_dir():
-            out.rmdir()  # empty (checked above); fails if something appeared meanwhile
-        os.rename(stage, out)
+        _finish(stage, out, cfg, model_line, tag)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    return out
+
+
+def _new_output(out_dir) -> Path:
+    """``-o``: a new or empty folder."""
+    out = Path(out_dir)
+    if os.path.lexists(out) and not out.is_dir():
+        raise ValueError(f"-o {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"-o {out} exists and is not empty; choose a new folder")
+    return out
+
+
+def _finish(stage: Path, out: Path, cfg: dict, model_line: str, tag: str) -> None:
+    """Everything but the models: vendored code, ``submission.json`` (``cfg`` + versions), requirements,
+    entrypoint, Dockerfile, README; then the staging folder is renamed to ``out``."""
+    import nnunet_ext
+    from nnunet_ext import dataset_conversion
+    from nnunet_ext.paths import trainers_path
+
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    vendor = stage / "vendor" / "nnunet_ext"
+    shutil.copytree(Path(nnunet_ext.__file__).parent, vendor, ignore=ignore, dirs_exist_ok=True)
+    shutil.copytree(trainers_path(), vendor / "trainers", ignore=ignore, dirs_exist_ok=True)
+    shutil.copytree(Path(dataset_conversion.__file__).parent, vendor / "dataset_conversion", ignore=ignore,
+                    dirs_exist_ok=True)
+    versions = _versions()
+    cfg = {**cfg, "versions": versions}
+    (stage / "submission.json").write_text(json.dumps(cfg, indent=1))
+    (stage / "requirements.txt").write_text("\n".join(requirements()) + "\n")
+    (stage / "entrypoint.py").write_text(ENTRYPOINT)
+    (stage / "Dockerfile").write_text(DOCKERFILE.format(python=versions["python"]))
+    (stage / ".dockerignore").write_text(DOCKERIGNORE)
+    cohort = cfg.get("cohort")
+    (stage / "README.md").write_text(README.format(
+        challenge=cfg["challenge"], model=model_line, dataset=cfg["dataset"],
+        folds=cfg["folds"], checkpoint=cfg["checkpoint"], ext_version=nnunet_ext.__version__,
+        cohort_line=f", cohort `{cohort}`" if cohort else "",
+        nnunet_version=versions.get("nnunetv2"), torch_version=versions.get("torch"), out=out, tag=tag))
+    if out.is_dir():
+        out.rmdir()  # empty (checked before building); fails if something appeared meanwhile
+    os.rename(stage, out)
+
+
+def _consensus_state(dataset, consensus) -> dict:
+    """The cascade's ``consensus.json``: "" / True -> the one of ``dataset``; a folder -> its consensus.json;
+    a file. It must belong to ``dataset``."""
+    from nnunet_ext.consensus import STATE, load_state
+    from nnunet_ext.io import read_json
+    from nnunet_ext.nnunet_adapter import dataset_name
+
+    if consensus in ("", True):
+        return load_state(dataset)[1]
+    f = Path(consensus)
+    f = f / STATE if f.is_dir() else f
+    if not f.is_file():
+        raise FileNotFoundError(f"--consensus {consensus}: {f} not found (written by `nnunet-ext consensus split-raters`)")
+    state = read_json(f, required=("source", "raters", "n_folds"))
+    if state["source"]["name"] != dataset_name(dataset):
+        raise ValueError(f"--consensus {f} is the cascade of {state['source']['name']}, not of -d {dataset}")
+    return state
+
+
+def _build_cascade(out_dir, dataset, consensus, challenge: str, checkpoint: str, tag: str) -> Path:
+    """A consensus cascade as one submission: every rater model (all folds of the shared split) as
+    ``model_<i>.zip``/``model_extras_<i>``, the consensus model as ``model.zip``/``model_extras``, and
+    ``submission.json`` ``cascade`` (rater order = the consensus model's channel order), which the entrypoint
+    runs with :func:`nnunet_ext.consensus.predict_cascade`, as ``nnunet-ext consensus predict`` does."""
+    from nnunet_ext.consensus import cascade_models
+    from nnunet_ext.contract import load_contract
+    from nnunet_ext.nnunet_adapter import dataset_name
+
+    state = _consensus_state(dataset, consensus)
+    _check_build_args([0], challenge, checkpoint, tag)
+    raters, cons = cascade_models(state)
+    out = _new_output(out_dir)
+    s1, s2 = state["stage1"], {**state["stage2"], **state["stage2_training"]}
+    members = [{"role": "consensus", "name": "consensus", "id": s2["id"], "dataset": s2["name"],
+                "trainer": s2["trainer"], "plans": s2["plans"], "configuration": s2["configuration"],
+                "folds": cons["folds"], "zip": "model.zip", "extras": "model_extras"}]
+    for i, r in enumerate(raters, start=1):
+        rds = state["raters"][r["name"]]
+        members.append({"role": "rater", "name": r["name"], "id": rds["id"], "dataset": rds["name"],
+                        "trainer": s1["trainer"], "plans": s1["plans"], "configuration": s1["configuration"],
+                        "folds": r["folds"], "zip": f"model_{i}.zip", "extras": f"model_extras_{i}"})
+    shapes = []
+    for m, mdir in zip(members, [cons["model_dir"]] + [r["model_dir"] for r in raters]):
+        n_ch, file_ending, _ = _check_model(mdir, m["folds"], checkpoint,
+                                            challenge if m["role"] == "rater" else "generic")
+        shapes.append((n_ch, file_ending))
+        ro, rm = _resolved(out), _resolved(mdir)
+        if ro == rm or rm in ro.parents or ro in rm.parents:
+            raise ValueError(f"-o {out} overlaps the model folder {mdir}; choose an output outside it")
+        if load_contract(mdir, m["folds"], checkpoint).condition == "cohort":
+            raise NotImplementedError(f"--consensus with a cohort-conditioned (SCIN) {m['role']} model "
+                                      f"({m['trainer']}): the cascade predicts in no cohort")
+    n_ch, file_ending = shapes[1]
+    if shapes[0] != (n_ch + len(raters), file_ending) or len(set(shapes[1:])) != 1:
+        raise ValueError(f"the consensus model takes {shapes[0][0]} channels, not the {n_ch} images plus one "
+                         f"per rater ({len(raters)}): rebuild stage 2 (`nnunet-ext consensus build-stage2`)")
+    condition = load_contract(cons["model_dir"], cons["folds"], checkpoint).condition
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        for m in members:
+            _package_model(stage, m["id"], m["configuration"], m["trainer"], m["plans"], m["folds"], checkpoint,
+                           m["zip"], m["extras"])
+        cfg = {"challenge": challenge, "dataset": s2["name"], "configuration": s2["configuration"],
+               "trainer": s2["trainer"], "plans": s2["plans"], "folds": cons["folds"], "checkpoint": checkpoint,
+               "file_ending": file_ending, "n_channels": n_ch, "condition": condition, "cohort": None,
+               "ensemble": None, "cascade": {"source": dataset_name(dataset), "consensus": members[0],
+                                             "raters": members[1:]}}
+        model_line = (f"consensus cascade of {cfg['cascade']['source']}: rater models "
+                      + ", ".join(f"`{m['dataset']}/{m['trainer']}__{m['plans']}__{m['configuration']}` (folds "
+                                  f"{m['folds']})" for m in members[1:])
+                      + f", then the consensus model `{s2['trainer']}__{s2['plans']}__{s2['configuration']}`")
+        _finish(stage, out, cfg, model_line, tag)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
@@ -487,7 +593,10 @@ def check_submission(sub_dir, input_dir, work_dir=None, device: str = "cpu",
                "--device", device]
         t0 = time.monotonic()
         with open(log, "w") as lf:
-            proc = subprocess.Popen(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+            from nnunet_ext import guard
+
+            # a process group of its own under the guard: it ends with this command, also on SIGKILL
+            proc = guard.popen(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT)
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -11,7 +11,11 @@ from pathlib import Path
 
 
 def _members(cfg: dict) -> list[dict]:
-    """The packaged models: one, or the ensemble's members (``submission.json``: ``ensemble.members``)."""
+    """The packaged models: one, the ensemble's members (``submission.json``: ``ensemble.members``), or a
+    consensus cascade's consensus model and rater models (``cascade``; each with its own dataset and folds)."""
+    cascade = cfg.get("cascade")
+    if cascade:
+        return [dict(cascade["consensus"])] + [dict(m) for m in cascade["raters"]]
     ens = cfg.get("ensemble")
     if ens:
         return [dict(m) for m in ens["members"]]
@@ -19,20 +23,20 @@ def _members(cfg: dict) -> list[dict]:
              "zip": "model.zip", "extras": "model_extras"}]
 
 
-def _extras(sub: Path, cfg: dict, extras_name: str = "model_extras") -> list[tuple[Path, str]]:
+def _extras(sub: Path, cfg: dict, extras_name: str = "model_extras", folds=None) -> list[tuple[Path, str]]:
     """(packaged file, its place relative to the model folder): the model contract and every fold's
     ``nnunet_ext_*.json`` that ``submission build`` put in ``model_extras/``."""
     extras = sub / extras_name
     out = [(p, p.name) for p in sorted(extras.glob("*.json"))] if extras.is_dir() else []
-    for f in cfg["folds"]:
+    for f in (cfg["folds"] if folds is None else folds):
         d = extras / f"fold_{f}"
         if d.is_dir():
             out += [(p, f"fold_{f}/{p.name}") for p in sorted(d.glob("*.json"))]
     return out
 
 
-def _installed(mdir: Path, cfg: dict, extras) -> bool:
-    if not all((mdir / f"fold_{f}" / cfg["checkpoint"]).is_file() for f in cfg["folds"]):
+def _installed(mdir: Path, cfg: dict, extras, folds=None) -> bool:
+    if not all((mdir / f"fold_{f}" / cfg["checkpoint"]).is_file() for f in (cfg["folds"] if folds is None else folds)):
         return False
     return all((mdir / rel).is_file() and (mdir / rel).read_bytes() == src.read_bytes() for src, rel in extras)
 
@@ -48,19 +52,20 @@ def install(sub: Path, results: Path, cfg: dict, member: dict | None = None) -> 
     sub, results = Path(sub), Path(results)
     member = member or _members(cfg)[0]
     name = f"{member['trainer']}__{member['plans']}__{member['configuration']}"
-    mdir = results / cfg["dataset"] / name
-    extras = _extras(sub, cfg, member["extras"])
+    dataset, folds = member.get("dataset", cfg["dataset"]), member.get("folds", cfg["folds"])
+    mdir = results / dataset / name
+    extras = _extras(sub, cfg, member["extras"], folds)
     archive = sub / member["zip"]
-    if _installed(mdir, cfg, extras):
+    if _installed(mdir, cfg, extras, folds):
         return mdir
     results.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=results))
     try:
         safe_extract(archive, tmp / "x")
-        new = tmp / "x" / cfg["dataset"] / name
-        for f in cfg["folds"]:
+        new = tmp / "x" / dataset / name
+        for f in folds:
             if not (new / f"fold_{f}" / cfg["checkpoint"]).is_file():
-                raise ValueError(f"{archive} has no {cfg['dataset']}/{name}/fold_{f}/{cfg['checkpoint']}; "
+                raise ValueError(f"{archive} has no {dataset}/{name}/fold_{f}/{cfg['checkpoint']}; "
                                  f"rebuild the submission")
         for src, rel in extras:
             (new / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -100,8 +105,22 @@ def main(sub_dir) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         # the one predictor: the model's contract (condition, cohort, TTA, threshold, post-processing)
         inputs, ids = [[str(p) for p in c.channels] for c in cases], [c.case_id for c in cases]
-        ens = cfg.get("ensemble")
-        if ens:  # the mean of the members' soft maps at the selection's threshold and minimum size
+        ens, pred = cfg.get("ensemble"), Path(tmp)
+        if cfg.get("cascade"):  # rater models, their soft maps as channels, the consensus model: as consensus predict
+            from nnunet_ext.consensus import predict_cascade
+
+            folder, pred = Path(tmp) / "input", Path(tmp) / "cascade"
+            folder.mkdir()
+            for c in cases:  # nnU-Net's naming, which the cascade reads
+                for k, p in enumerate(c.channels):
+                    os.symlink(Path(p).resolve(), folder / f"{c.case_id}_{k:04d}{cfg['file_ending']}")
+            members = _members(cfg)
+            raters = [{"name": m["name"], "model_dir": d, "folds": m["folds"]}
+                      for m, d in zip(members[1:], mdirs[1:])]
+            res = predict_cascade(raters, {"model_dir": mdirs[0], "folds": members[0]["folds"]}, folder, pred,
+                                  device=args.device, jobs=1, n_proc=1, checkpoint=cfg["checkpoint"],
+                                  write_soft=False)["consensus"]
+        elif ens:  # the mean of the members' soft maps at the selection's threshold and minimum size
             from nnunet_ext.ensemble import predict_ensemble
 
             res = predict_ensemble(mdirs, cfg["folds"], inputs, tmp, threshold=ens["threshold"],
@@ -112,7 +131,7 @@ def main(sub_dir) -> int:
                                 cohort=cfg.get("cohort"), write_soft=False, npp=1, nps=1, case_ids=ids)
         for c in cases:
             ref = sitk.ReadImage(str(c.reference))
-            seg = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(tmp) / f"{c.case_id}{cfg['file_ending']}")))
+            seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / f"{c.case_id}{cfg['file_ending']}")))
             seg = (np.asarray(seg) == 1).astype(np.uint8)  # lesion label 1; ignore-label models never predict it
             if seg.shape != sitk.GetArrayViewFromImage(ref).shape:
                 raise RuntimeError(f"{c.case_id}: prediction shape {seg.shape} differs from {c.reference}")

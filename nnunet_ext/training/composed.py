@@ -13,8 +13,11 @@ What the parts change, and nothing else:
   (the maps travel as segmentation channels beside the labels, nnunet_ext.training.targets); validation
   keeps nnU-Net's hard targets;
 * the network (conditional instance norms) and the condition of every batch and validation case;
+* the output heads' bias, for losses that are voxel-wise cross-entropies alone (``LossPart.prior_bias``):
+  set from the training cases' class frequencies (nnunet_ext.training.prior);
 * the model contract (nnunet_ext.contract) written into the model folder when training starts, and, for
-  soft outputs, the Dice-optimal validation threshold of each fold after nnU-Net's validation.
+  soft outputs and cross-entropy-only losses, the Dice-optimal validation threshold of each fold after
+  nnU-Net's validation.
 """
 from __future__ import annotations
 
@@ -114,6 +117,26 @@ class ComposedTrainer(ExtTrainer):
         super().initialize()
         if self.network_part is not None:
             self.condition.ddp_safe = bool(self.is_ddp)  # every cohort slot in the graph under DDP
+        if self.loss_part.prior_bias:  # before any checkpoint is loaded (--c and -pretrained_weights win)
+            self.init_output_bias()
+
+    def init_output_bias(self) -> list[float]:
+        """Start every output head at the class frequencies of this fold's training cases
+        (:mod:`nnunet_ext.training.prior`); the fractions and biases go to the log and the settings."""
+        from nnunet_ext.training.prior import class_fractions, prior_bias, set_output_bias
+
+        tr_keys, _ = self.do_split()
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, tr_keys)
+        n = self.label_manager.num_segmentation_heads  # output channels: the classes without an ignore label
+        fractions = class_fractions(dataset, tr_keys, n, self.preprocessed_dataset_folder)
+        bias = prior_bias(fractions)
+        heads = set_output_bias(self.network, bias)
+        self.output_bias = {"class_fractions": [round(float(f), 8) for f in fractions],
+                            "bias": [round(b, 6) for b in bias], "heads": heads, "training_cases": len(tr_keys)}
+        self.print_to_log_file(f"output bias from the class fractions of {len(tr_keys)} training cases "
+                               f"{self.output_bias['class_fractions']}: {self.output_bias['bias']} on {heads} "
+                               f"output heads")
+        return bias
 
     def train_step(self, batch: dict) -> dict:
         self._set_condition(batch["keys"])
@@ -194,9 +217,10 @@ class ComposedTrainer(ExtTrainer):
     def stores_threshold(self) -> bool:
         if self.soft_threshold is not None:
             return self.soft_threshold
-        return "soft" in self.layout or self.loss_part.activation != "softmax"
+        return "soft" in self.layout or self.loss_part.activation != "softmax" or self.loss_part.prior_bias
 
     def perform_actual_validation(self, save_probabilities: bool = False):
+        from nnunet_ext.activations import output_activation
         from nnunet_ext.training.conditioning import conditioning_dataset_class
 
         soft = self.stores_threshold()
@@ -205,7 +229,9 @@ class ComposedTrainer(ExtTrainer):
             self.network_part.prepare(self)
             self.dataset_class = conditioning_dataset_class(base, lambda k: self._set_condition([k]))
         try:
-            super().perform_actual_validation(save_probabilities or soft)
+            # the network returns its activation per forward pass (patch), as the predictor makes it do
+            with output_activation(self.network, self.loss_part.activation):
+                super().perform_actual_validation(save_probabilities or soft)
         finally:
             self.dataset_class = base
             if self.network_part is not None:
@@ -225,4 +251,6 @@ class ComposedTrainer(ExtTrainer):
              "targets": [part_name(t) for t in self.target_parts], "target_layout": self.layout}
         if self.network_part is not None:
             s.update(self.network_part.settings(self))
+        if getattr(self, "output_bias", None) is not None:
+            s["output_bias"] = self.output_bias
         return s

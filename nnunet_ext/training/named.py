@@ -5,15 +5,21 @@ a new one takes a few lines (docs/trainers.md, "Your own combination")."""
 from __future__ import annotations
 
 from nnunet_ext.training.composed import ComposedTrainer
-from nnunet_ext.training.parts import (LSRBCE, CohortNorm, CohortNormFineTune, DiceCE, FiLM, FocalTversky, LesionSizes,
-                                       LSRDice, RandomRater, SoftDiceBCE, SoftSegAW, SoftTargets)
+from nnunet_ext.training.parts import (BCEIW, LSRBCE, WBCE, CohortNorm, CohortNormFineTune, DiceCE, FiLM, FocalBCE,
+                                       FocalTversky, LesionSizes, LSRDice, RandomRater, SigmoidDice, SoftDice,
+                                       SoftDiceBCE, SoftSegAW, SoftTargets)
 
 # ---------------------------------------------------------------- lesion size reweighting (Nichyporuk et al. 2021)
 
 
 class LSRTrainer(ComposedTrainer):
-    """LSR-weighted BCE, alpha = beta = 4, whole-case lesion sizes (26-connected)."""
+    """LSR-weighted BCE, alpha = beta = 4, whole-case lesion sizes (18-connected, the thesis' lesions)."""
     loss_part = LSRBCE(4, 4)
+    target_parts = (LesionSizes(18),)
+
+
+class LSRTrainer_cc26(LSRTrainer):
+    """LSRTrainer with the weights of 26-connected lesions (the thesis' lesions are 18-connected)."""
     target_parts = (LesionSizes(26),)
 
 
@@ -30,10 +36,47 @@ class BCETrainer(ComposedTrainer):
     loss_part = LSRBCE(0, 4)
 
 
+class LSRTrainer_zeroBias(LSRTrainer):
+    """LSRTrainer with nnU-Net's zero-initialised output bias instead of the class-frequency prior (the
+    behaviour before the prior initialisation; kept to reproduce it, see docs/results.md)."""
+    loss_part = LSRBCE(4, 4, prior_bias=False)
+
+
+class BCETrainer_zeroBias(BCETrainer):
+    """BCETrainer with nnU-Net's zero-initialised output bias (see LSRTrainer_zeroBias)."""
+    loss_part = LSRBCE(0, 4, prior_bias=False)
+
+
 class LSRDiceTrainer(ComposedTrainer):
     """nnU-Net's soft Dice + LSR-weighted BCE."""
     loss_part = LSRDice(4, 4)
+    target_parts = (LesionSizes(18),)
+
+
+class LSRDiceTrainer_cc26(LSRDiceTrainer):
+    """LSRDiceTrainer with the weights of 26-connected lesions."""
     target_parts = (LesionSizes(26),)
+
+
+# ------------------------------------------------ the LSR thesis' other Fig. 5.1 baselines (BCE: BCETrainer)
+
+
+class WBCETrainer(ComposedTrainer):
+    """Weighted BCE: lesion voxels weigh #background / #lesion voxels inside the nonzero region of the
+    training cases (the thesis' section 4.3.1 weight)."""
+    loss_part = WBCE()
+
+
+class FocalLossTrainer(ComposedTrainer):
+    """Binary focal loss, gamma 2, alpha 0.25 (Lin et al.'s defaults; the thesis gives none)."""
+    loss_part = FocalBCE(2.0, 0.25)
+
+
+class BCEIWTrainer(ComposedTrainer):
+    """BCE with inverse lesion-size weights: every lesion of a sample carries the same total weight (Shirokikh
+    et al. 2020), 18-connected lesions."""
+    loss_part = BCEIW()
+    target_parts = (LesionSizes(18),)
 
 
 # ---------------------------------------------------------------- focal Tversky
@@ -49,23 +92,50 @@ class FocalTverskyTrainer_a085(FocalTverskyTrainer):
 
 
 class FocalTverskyTrainer_thesis(FocalTverskyTrainer):
-    """The focal-Tversky thesis' best setting: a/b = 0.85/0.15 with its own smoothing Omega = 2."""
-    loss_part = FocalTversky(0.85, 0.15, 4 / 3, 2.0)
+    """The focal-Tversky thesis' best setting: a/b = 0.85/0.15, gamma 4/3, smoothing Omega = 2, TP/FN/FP over
+    the flattened mini-batch."""
+    loss_part = FocalTversky(0.85, 0.15, 4 / 3, 2.0, batch=True)
+
+
+class FocalTverskyTrainer_thesis_a07(FocalTverskyTrainer):
+    """The focal-Tversky thesis' default setting: a/b = 0.7/0.3, gamma 4/3, smoothing Omega = 2, TP/FN/FP over
+    the flattened mini-batch."""
+    loss_part = FocalTversky(0.7, 0.3, 4 / 3, 2.0, batch=True)
 
 
 # ---------------------------------------------------------------- soft and multi-rater labels
 
 
 class SoftDiceTrainer(ComposedTrainer):
-    """Soft Dice (Kats et al. 2019) + soft BCE on the preprocessed soft labels."""
+    """Kats et al.'s soft Dice alone on the preprocessed soft labels (the Bar-Ilan thesis' loss, eq. 1)."""
+    loss_part = SoftDice()
+    target_parts = (SoftTargets(),)
+
+
+class SoftDiceBCETrainer(ComposedTrainer):
+    """Kats et al.'s soft Dice + a soft BCE term (not in the thesis) on the preprocessed soft labels."""
     loss_part = SoftDiceBCE()
     target_parts = (SoftTargets(),)
 
 
 class SoftSegTrainer(ComposedTrainer):
-    """SoftSeg (Gros et al. 2021): normalized ReLU + Adaptive Wing on the soft labels."""
+    """SoftSeg as published (Gros et al. 2021; Lemay 2022): normalized ReLU (per patch, in training and at
+    prediction) + Adaptive Wing on the soft labels."""
     loss_part = SoftSegAW()
     target_parts = (SoftTargets(),)
+
+
+class SoftSegTrainer_leak(SoftSegTrainer):
+    """SoftSeg with a 0.01 straight-through gradient through negative lesion logits (forward unchanged): on
+    tiny lesions the published activation can drive every logit negative and stop learning."""
+    loss_part = SoftSegAW(leak=0.01)
+
+
+class ConvDiceTrainer(ComposedTrainer):
+    """SoftSeg's conventional baseline ("Conv", Lemay 2022): Dice loss on a sigmoid output, hard labels
+    (labelsTr, e.g. a STAPLE or majority fusion); Dice-optimal validation threshold, as the thesis."""
+    loss_part = SigmoidDice()
+    soft_threshold = True
 
 
 class RandomRaterTrainer(ComposedTrainer):
@@ -79,22 +149,37 @@ class SoftSegRandomRaterTrainer(ComposedTrainer):
     target_parts = (RandomRater(), SoftTargets())
 
 
+class SoftSegRandomRaterTrainer_leak(SoftSegRandomRaterTrainer):
+    """SoftSegRandomRaterTrainer with the 0.01 gradient leak of SoftSegTrainer_leak."""
+    loss_part = SoftSegAW(leak=0.01)
+
+
+class ConvDiceRandomRaterTrainer(ConvDiceTrainer):
+    """The "Conv-RandomSampling" candidate of Lemay 2022: Conv on one rater's hard mask drawn per sample."""
+    target_parts = (RandomRater(),)
+
+
 class SoftDiceRandomRaterTrainer(ComposedTrainer):
+    """Kats et al.'s soft Dice alone on a rater drawn per sample (its mask kept soft through augmentation)."""
+    loss_part = SoftDice()
+    target_parts = (RandomRater(), SoftTargets())
+
+
+class SoftDiceBCERandomRaterTrainer(SoftDiceRandomRaterTrainer):
     """Soft Dice + soft BCE on a rater drawn per sample."""
     loss_part = SoftDiceBCE()
-    target_parts = (RandomRater(), SoftTargets())
 
 
 class LSRRandomRaterTrainer(ComposedTrainer):
     """LSR-weighted BCE on a rater drawn per sample, sizes of that rater's lesions."""
     loss_part = LSRBCE(4, 4)
-    target_parts = (RandomRater(), LesionSizes(26))
+    target_parts = (RandomRater(), LesionSizes(18))
 
 
 class LSRSoftTrainer(ComposedTrainer):
     """LSR-weighted soft BCE on the soft labels (sizes of the binarized labels)."""
     loss_part = LSRBCE(4, 4)
-    target_parts = (SoftTargets(), LesionSizes(26))
+    target_parts = (SoftTargets(), LesionSizes(18))
 
 
 # ---------------------------------------------------------------- conditional instance norm
@@ -126,14 +211,14 @@ class LSRFiLMTrainer(ComposedTrainer):
     """McGill MSSEG-2 stage 1: LSR-weighted BCE with resolution FiLM (plan with nnunet-ext's native-resolution
     planner to keep each scan's own spacing, docs/conditioning.md)."""
     loss_part = LSRBCE(4, 4)
-    target_parts = (LesionSizes(26),)
+    target_parts = (LesionSizes(18),)
     network_part = FiLM()
 
 
 class LSRSCINTrainer(ComposedTrainer):
     """LSR-weighted BCE with cohort-conditioned instance norms."""
     loss_part = LSRBCE(4, 4)
-    target_parts = (LesionSizes(26),)
+    target_parts = (LesionSizes(18),)
     network_part = CohortNorm(8)
 
 

@@ -7,7 +7,8 @@
 
 * **Loss parts** build an ``nn.Module`` ``(logits (B, C, *sp), target (B, 1 + K, *sp)) -> scalar`` from the
   trainer and the target layout (map name -> target channel): :class:`DiceCE` (nnU-Net's), :class:`LSRBCE`,
-  :class:`LSRDice`, :class:`FocalTversky`, :class:`SoftDiceBCE`, :class:`SoftSegAW`.
+  :class:`LSRDice`, :class:`FocalTversky`, :class:`SoftDice`, :class:`SoftDiceBCE`, :class:`SoftSegAW`,
+  :class:`SigmoidDice`, and the LSR thesis' baselines :class:`WBCE`, :class:`FocalBCE`, :class:`BCEIW`.
 * **Target parts** add maps that travel beside the labels (``nnunet_ext.training.targets``):
   :class:`LesionSizes` (exact, nearest), :class:`SoftTargets` (linear), :class:`RandomRater` (replaces the
   labels, and the sources of the other maps, by one rater drawn per sample).
@@ -46,6 +47,10 @@ class LossPart:
     uses: frozenset = frozenset()    # maps it uses when present
     activation = "softmax"           # how the soft output is read at prediction (nnunet_ext.contract)
     two_class_only = False
+    # start every output head at the training set's class frequencies (nnunet_ext.training.prior): for
+    # losses that are voxel-wise cross-entropies alone, which otherwise spend their first hundreds of
+    # iterations predicting background everywhere
+    prior_bias = False
 
     def build(self, trainer, layout: dict):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -68,10 +73,13 @@ class LSRBCE(LossPart):
     soft map is present. ``alpha = 0`` is plain (B)CE and needs no sizes."""
 
     uses = frozenset({"sizes", "soft"})
+    prior_bias = True
 
-    def __init__(self, alpha: float = 4.0, beta: float = 4.0):
+    def __init__(self, alpha: float = 4.0, beta: float = 4.0, prior_bias: bool | None = None):
         check_alpha_beta(alpha, beta)
         self.alpha, self.beta = float(alpha), float(beta)
+        if prior_bias is not None:
+            self.prior_bias = bool(prior_bias)
         self.needs = frozenset({"sizes"}) if self.alpha > 0 else frozenset()
 
     def _lsr(self, trainer, layout):
@@ -87,6 +95,8 @@ class LSRBCE(LossPart):
 class LSRDice(LSRBCE):
     """nnU-Net's soft Dice on the labels plus LSR-weighted cross-entropy."""
 
+    prior_bias = False  # the Dice term learns the lesions from the start, as in nnU-Net's Dice + CE
+
     def build(self, trainer, layout):
         from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
         from nnunetv2.utilities.helpers import softmax_helper_dim1
@@ -100,24 +110,125 @@ class LSRDice(LSRBCE):
 
 
 class FocalTversky(LossPart):
-    """Focal Tversky loss (nnunet_ext.losses.FocalTverskyLoss)."""
+    """Focal Tversky loss (nnunet_ext.losses.FocalTverskyLoss). ``batch``: True pools TP/FN/FP over the
+    flattened mini-batch (the focal-Tversky thesis), False per sample, None (default) follows the plan's
+    ``batch_dice`` as nnU-Net's Dice does."""
 
-    def __init__(self, a: float = 0.7, b: float = 0.3, gamma: float = 4 / 3, smooth: float = 1.0):
+    def __init__(self, a: float = 0.7, b: float = 0.3, gamma: float = 4 / 3, smooth: float = 1.0,
+                 batch: bool | None = None):
         from nnunet_ext.losses import FocalTverskyLoss
 
         FocalTverskyLoss(a, b, gamma, smooth)  # validates
-        self.a, self.b, self.gamma, self.smooth = a, b, gamma, smooth
+        if batch not in (None, True, False):
+            raise ValueError(f"batch must be True, False or None, got {batch!r}")
+        self.a, self.b, self.gamma, self.smooth, self.batch = a, b, gamma, smooth, batch
 
     def build(self, trainer, layout):
         from nnunet_ext.losses import FocalTverskyLoss
 
-        return FocalTverskyLoss(self.a, self.b, self.gamma, self.smooth,
-                                batch=bool(trainer.configuration_manager.batch_dice),
+        batch = bool(trainer.configuration_manager.batch_dice) if self.batch is None else self.batch
+        return FocalTverskyLoss(self.a, self.b, self.gamma, self.smooth, batch=batch,
                                 ignore_label=trainer.label_manager.ignore_label), False
 
 
+class SoftDice(LossPart):
+    """Kats et al.'s soft Dice alone on the soft map (nnunet_ext.losses.SoftDiceLoss): the Bar-Ilan thesis'
+    loss (eq. 1)."""
+
+    needs = uses = frozenset({"soft"})
+    two_class_only = True
+
+    def build(self, trainer, layout):
+        from nnunet_ext.losses import SoftDiceLoss
+
+        return SoftDiceLoss(batch=bool(trainer.configuration_manager.batch_dice),
+                            ignore_label=trainer.label_manager.ignore_label, soft_channel=layout["soft"]), False
+
+
+class SigmoidDice(LossPart):
+    """Dice loss on the sigmoid of the lesion logit and the hard labels (nnunet_ext.losses.SigmoidDiceLoss):
+    SoftSeg's conventional baseline ("Conv", Lemay 2022)."""
+
+    two_class_only = True
+
+    def __init__(self, smooth: float = 1.0):
+        from nnunet_ext.losses import SigmoidDiceLoss
+
+        SigmoidDiceLoss(smooth)  # validates
+        self.smooth = float(smooth)
+
+    def build(self, trainer, layout):
+        from nnunet_ext.losses import SigmoidDiceLoss
+
+        return SigmoidDiceLoss(self.smooth, ignore_label=trainer.label_manager.ignore_label), False
+
+
+class WBCE(LossPart):
+    """Weighted BCE (nnunet_ext.losses.WeightedBCELoss), the LSR thesis' WBCE. ``pos_weight=None``
+    (default): the thesis' section 4.3.1 weight, #negative / #positive voxels of the training cases counted
+    inside the brain region (nnU-Net's nonzero mask: its ``-1`` crop marker is outside), computed when the
+    trainer builds its loss and written to the training log."""
+
+    two_class_only = True
+    prior_bias = True
+
+    def __init__(self, pos_weight: float | None = None):
+        if pos_weight is not None and not (0 < pos_weight < float("inf")):
+            raise ValueError(f"pos_weight must be a finite number > 0 or None, got {pos_weight}")
+        self.pos_weight = None if pos_weight is None else float(pos_weight)
+
+    def build(self, trainer, layout):
+        from nnunet_ext.losses import WeightedBCELoss
+
+        w = self.pos_weight
+        if w is None:
+            from nnunet_ext.training.class_weights import negative_positive_ratio
+
+            tr_keys, _ = trainer.do_split()
+            w, counts = negative_positive_ratio(trainer.dataset_class(trainer.preprocessed_dataset_folder, tr_keys),
+                                                tr_keys, trainer.preprocessed_dataset_folder)
+            trainer.print_to_log_file(f"WBCE positive weight {w:.6g} = {counts['negative']} background / "
+                                      f"{counts['positive']} lesion voxels inside the nonzero region of "
+                                      f"{len(tr_keys)} training cases")
+        return WeightedBCELoss(w, ignore_label=trainer.label_manager.ignore_label), False
+
+
+class FocalBCE(LossPart):
+    """Binary focal loss (nnunet_ext.losses.FocalLoss), the LSR thesis' FL; gamma 2, alpha 0.25 by default
+    (the thesis gives no values: Lin et al.'s)."""
+
+    two_class_only = True
+    prior_bias = True
+
+    def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25):
+        from nnunet_ext.losses import FocalLoss
+
+        FocalLoss(gamma, alpha)  # validates
+        self.gamma, self.alpha = float(gamma), alpha
+
+    def build(self, trainer, layout):
+        from nnunet_ext.losses import FocalLoss
+
+        return FocalLoss(self.gamma, self.alpha, ignore_label=trainer.label_manager.ignore_label), False
+
+
+class BCEIW(LossPart):
+    """BCE with inverse lesion-size weights (nnunet_ext.losses.InverseWeightedBCELoss), the LSR thesis'
+    BCE+IW; needs the lesion sizes (:class:`LesionSizes`)."""
+
+    needs = uses = frozenset({"sizes"})
+    two_class_only = True
+    prior_bias = True
+
+    def build(self, trainer, layout):
+        from nnunet_ext.losses import InverseWeightedBCELoss
+
+        return InverseWeightedBCELoss(size_channel=layout["sizes"],
+                                      ignore_label=trainer.label_manager.ignore_label), False
+
+
 class SoftDiceBCE(LossPart):
-    """Soft Dice (Kats et al.) + soft BCE on the soft map."""
+    """Soft Dice (Kats et al.) + soft BCE on the soft map (the BCE term is not in the thesis: see SoftDice)."""
 
     needs = uses = frozenset({"soft"})
     two_class_only = True
@@ -130,13 +241,14 @@ class SoftDiceBCE(LossPart):
 
 
 class SoftSegAW(LossPart):
-    """SoftSeg: normalized ReLU of the lesion logit + Adaptive Wing loss on the soft map."""
+    """SoftSeg: normalized ReLU of the lesion logit + Adaptive Wing loss on the soft map. ``leak=0`` is the
+    published SoftSeg; ``leak > 0`` only lets gradient through negative logits (the ``_leak`` trainers)."""
 
     needs = uses = frozenset({"soft"})
     activation = "normalized_relu"
     two_class_only = True
 
-    def __init__(self, leak: float = 0.01):
+    def __init__(self, leak: float = 0.0):
         if leak < 0:
             raise ValueError(f"leak must be >= 0, got {leak}")
         self.leak = leak
@@ -190,11 +302,12 @@ class SoftTargets(TargetPart):
 
 class LesionSizes(TargetPart):
     """Whole-case lesion sizes (voxels, per foreground class, ``connectivity``), computed once per case from
-    the preprocessed labels (or from each rater's mask with :class:`RandomRater`) and carried exactly."""
+    the preprocessed labels (or from each rater's mask with :class:`RandomRater`) and carried exactly.
+    Default 18-connected lesions, the LSR thesis' lesions (section 3.4.2)."""
 
     provides = "sizes"
 
-    def __init__(self, connectivity: int = 26):
+    def __init__(self, connectivity: int = 18):
         if connectivity not in (6, 18, 26):
             raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
         self.connectivity = connectivity
