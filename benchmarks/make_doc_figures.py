@@ -111,16 +111,18 @@ def reliability(png_pattern: str) -> list[Path]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", type=Path, default=None, help="a finished demo's --workdir: store its results first")
+    ap.add_argument("--out", type=Path, default=IMG, help="folder of the pictures (default docs/img)")
     args = ap.parse_args(argv)
     if args.demo is not None:
         store_demo(args.demo)
-    IMG.mkdir(parents=True, exist_ok=True)
-    made = [demo_curves(IMG / "demo_curves.png"), phantom_case(IMG / "phantom_case.png"),
-            *reliability(str(IMG / "reliability_{arm}.png"))]
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    made = [demo_curves(out / "demo_curves.png"), phantom_case(out / "phantom_case.png"),
+            *reliability(str(out / "reliability_{arm}.png"))]
     too_big = []
     for p in made:
         size = p.stat().st_size
-        print(f"{p.relative_to(REPO)}: {size // 1000} KB")
+        print(f"{p}: {size // 1000} KB")
         if size > MAX_BYTES:
             too_big.append(p)
     if too_big:

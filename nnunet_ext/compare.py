@@ -13,9 +13,11 @@ Steps (each one resumable: a re-run skips what exists and continues where an int
    through the launcher (local or Slurm); trained arms are reused and the command says so.
 3. **Prediction** through the one model contract (:func:`nnunet_ext.predict.predict`, probabilities kept):
    the test set with the ensemble of the folds, or each fold's validation cases with that fold's model.
-4. **Evaluation** of four operating points per arm on the soft maps: the model's own output (stored
+4. **Evaluation** of five operating points per arm on the soft maps: the model's own output (stored
    threshold and post-processing, ``model``), nnU-Net's ``argmax``, the ``segmentation_optimal`` threshold
-   (best pooled voxel F1 over the sweep) and the ``detection_optimal`` threshold (best pooled lesion F1).
+   (best pooled voxel F1 over the sweep), the ``detection_optimal`` threshold (best pooled lesion F1) and
+   ``fdr_limited``, the threshold with the best pooled lesion TPR at a pooled lesion FDR of at most 0.20
+   (the arms compared at about equal FDR).
 5. **Report** ``report.md`` / ``report.json`` / ``curves.png``: per arm and operating point mean Dice, lesion
    F1 and TPR/FDR per size bin, the gap between the two optimal thresholds, overlaid TPR-vs-FDR curves, and
    paired case-level bootstrap 95 % intervals of each arm's difference from the first arm in small-lesion

@@ -100,7 +100,8 @@ def write_contract(model_dir, contract: ModelContract) -> Path:
 
     check_contract_identity(p, contract.to_json(), model_dir)
     # plans and configuration from the folder name: a contract copied into another model's folder is refused
-    _atomic_write_json(p, {**contract.to_json(), **{k: v for k, v in folder_identity(model_dir).items() if k != "trainer"}})
+    where = {k: v for k, v in folder_identity(model_dir).items() if k != "trainer"}
+    _atomic_write_json(p, {**contract.to_json(), **where})
     return p
 
 

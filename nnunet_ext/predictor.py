@@ -262,8 +262,11 @@ def load_predictor(model_dir, folds, checkpoint: str = "checkpoint_final.pth", d
     p = predictor_class()(tile_step_size=0.5, use_gaussian=True, use_mirroring=not disable_tta,
                           perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
                           allow_tqdm=False)
-    try:
-        p.initialize_from_trained_model_folder(str(model_dir), tuple(folds), checkpoint)
+    from nnunet_ext.progress import VERBOSE, verbosity
+
+    try:  # nnU-Net's trainer search prints a line per module it inspects: only with --verbose
+        with contextlib.redirect_stdout(io.StringIO()) if verbosity() < VERBOSE else contextlib.nullcontext():
+            p.initialize_from_trained_model_folder(str(model_dir), tuple(folds), checkpoint)
     except (RuntimeError, EOFError, OSError, KeyError) as e:  # unreadable/incompatible checkpoint
         raise ValueError(f"cannot load the model in {model_dir} (folds {list(folds)}, {checkpoint}): "
                          f"{type(e).__name__}: {e}") from None

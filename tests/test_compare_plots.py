@@ -59,6 +59,7 @@ def test_zoomed_limits():
     assert _zoomed_limits([]) == (-0.02, 1.02)
 
 
+@pytest.mark.slow  # draws three figures (seconds)
 def test_plot_with_bands_and_panel_choice(tmp_path):
     """A stored comparison report with synthetic per-case records: the figure is drawn, smaller with fewer
     panels; an unknown panel is refused."""

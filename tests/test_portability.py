@@ -32,6 +32,7 @@ def _nnunet_ext(tmp_path, *args, extra=""):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # three commands in subprocesses (seconds, no nnU-Net training)
 def test_file_commands_work_without_posix(tmp_path):
     r = _nnunet_ext(tmp_path, "trainers-path")
     assert r.returncode == 0 and r.stderr == "", r.stderr
@@ -45,6 +46,7 @@ def test_file_commands_work_without_posix(tmp_path):
     assert [c["dice"] for c in res["per_case"].values()] == [1.0, 1.0]  # a mask against itself
 
 
+@pytest.mark.slow
 def test_lock_still_refuses_a_second_writer(tmp_path):
     """The stand-in lock is taken by this process first: the command's own lock on the same output fails,
     with the one-line message (no pid: there is no pread without POSIX)."""
@@ -61,7 +63,7 @@ def test_lock_still_refuses_a_second_writer(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["predict", "-i", "x", "-o", "y", "-d", "1", "-c", "2d"], "`nnunet-ext predict` needs Linux"),
-    (["demo"], "`nnunet-ext demo` needs Linux"),
+    pytest.param(["demo"], "`nnunet-ext demo` needs Linux", marks=pytest.mark.slow),
     (["phantom", "-d", "7", "--cases", "2", "--shape", "24", "24", "24", "-np", "2", "--raw", "raw"],
      "-np 2: worker processes need Linux"),
 ])

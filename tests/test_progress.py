@@ -66,13 +66,13 @@ def test_terminal_gets_a_tqdm_bar(level):
 
 def test_cli_quiet_and_verbose_anywhere(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv(progress.ENV, raising=False)
-    args = ["phantom", "-d", "9", "--cases", "3", "--shape", "24", "24", "24", "--raw", str(tmp_path / "q")]
+    args = ["phantom", "-d", "9", "--cases", "2", "--shape", "24", "24", "24", "--raw", str(tmp_path / "q")]
     assert run_cli(run, args + ["--quiet"]) == 0
     assert [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("phantom:")] == []
     args[-1] = str(tmp_path / "v")
     assert run_cli(run, ["--verbose"] + args) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("phantom:")]
-    assert lines == [f"phantom: {k}/3 cases (phantom_{k - 1:03d})" for k in (1, 2, 3)]
+    assert lines == [f"phantom: {k}/2 cases (phantom_{k - 1:03d})" for k in (1, 2)]
     assert progress.ENV not in __import__("os").environ  # the level does not outlive the command
     assert run_cli(run, ["--quiet", "--verbose", "trainers-path"]) == 2
     assert "--quiet and --verbose" in capsys.readouterr().err
