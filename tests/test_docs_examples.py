@@ -32,7 +32,7 @@ REASONS = {"needs real data", "needs a GPU", "needs Slurm", "needs Docker", "set
 # what makes a runnable example tiny: the phantom and the budget (every runnable block must use them as written)
 TINY = [("NNUNET_EXT_NUM_EPOCHS=20 NNUNET_EXT_ITERATIONS=20",
          "NNUNET_EXT_NUM_EPOCHS=1 NNUNET_EXT_ITERATIONS=2 NNUNET_EXT_VAL_ITERATIONS=1"),
-        ("--cases 20 --test-cases 6 --shape 64 64 64", "--cases 5 --test-cases 2 --shape 32 32 32")]
+        ("--cases 20 --test-cases 6 --shape 64 64 64", "--cases 5 --test-cases 1 --shape 24 24 24")]
 
 # words about how the package was developed, not about what it does
 PROCESS_WORDS = [r"\bsessions?\b", r"\bissues? ?(\d+|:)", r"\(issue\b", r"-issue-", r"\bpre-issue\b",
