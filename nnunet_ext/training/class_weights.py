@@ -8,10 +8,11 @@ training cases, counted inside nnU-Net's nonzero mask (the brain of a skull-stri
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from nnunet_ext.training.case_stats import cached_case_counts
 
 CACHE_FILE = "nnunet_ext_stats/region_voxels.json"  # a subfolder: nnU-Net infers its dataset class from the files beside the cases
 
@@ -31,28 +32,10 @@ def negative_positive_ratio(dataset, identifiers, cache_folder=None) -> tuple[fl
     ids = list(identifiers)
     if not ids:
         raise ValueError("negative_positive_ratio needs at least one training case")
-    cache_path = Path(cache_folder) / CACHE_FILE if cache_folder is not None else None
-    cache = {}
-    if cache_path is not None and cache_path.is_file():
-        try:
-            cache = json.loads(cache_path.read_text())
-        except (OSError, ValueError):
-            cache = {}
-    changed = False
-    total = {"outside": 0, "negative": 0, "positive": 0}
-    for key in ids:
-        counts = cache.get(key)
-        if not (isinstance(counts, dict) and set(counts) == set(total)):
-            _, seg, _, _ = dataset.load_case(key)
-            counts = region_voxel_counts(seg[0])
-            cache[key] = counts
-            changed = True
-        for k in total:
-            total[k] += int(counts[k])
-    if changed and cache_path is not None:
-        from nnunet_ext.safety import atomic_write_text
-
-        atomic_write_text(cache_path, json.dumps(cache))
+    keys = ("outside", "negative", "positive")
+    counts = cached_case_counts(dataset, ids, Path(cache_folder) / CACHE_FILE if cache_folder is not None else None,
+                                region_voxel_counts, lambda c: isinstance(c, dict) and set(c) == set(keys))
+    total = {k: sum(int(c[k]) for c in counts) for k in keys}
     if total["positive"] == 0:
         raise ValueError(f"the {len(ids)} training cases hold no lesion voxel (label 1): no positive-class weight")
     return total["negative"] / total["positive"], total

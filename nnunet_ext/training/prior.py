@@ -17,13 +17,14 @@ loss for dense object detection", 2017, section 4.1, uses the same initialisatio
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from nnunet_ext.training.case_stats import cached_case_counts
 
 CACHE_FILE = "nnunet_ext_stats/class_voxels.json"  # a subfolder: nnU-Net infers its dataset class from the files beside the cases
 MIN_FRACTION = 1e-6
@@ -40,30 +41,15 @@ def class_fractions(dataset, identifiers, n_classes: int, cache_folder=None) -> 
     ids = list(identifiers)
     if not ids:
         raise ValueError("class_fractions needs at least one training case")
-    cache_path = Path(cache_folder) / CACHE_FILE if cache_folder is not None else None
-    cache = {}
-    if cache_path is not None and cache_path.is_file():
-        try:
-            cache = json.loads(cache_path.read_text())
-        except (OSError, ValueError):
-            cache = {}
-    changed = False
-    total = np.zeros(n_classes, dtype=np.float64)
-    for key in ids:
-        counts = cache.get(key)
-        if not (isinstance(counts, list) and len(counts) == n_classes):
-            _, seg, _, _ = dataset.load_case(key)
-            s = np.asarray(seg[0]).astype(np.int64)
-            s = np.where(s < 0, 0, s)
-            counts = np.bincount(s[s < n_classes].ravel(), minlength=n_classes)[:n_classes].tolist()
-            cache[key] = counts
-            changed = True
-        total += np.asarray(counts, dtype=np.float64)
-    if changed and cache_path is not None:
-        from nnunet_ext.safety import atomic_write_text
 
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cache_path, json.dumps(cache))
+    def count(seg):
+        s = np.asarray(seg).astype(np.int64)
+        s = np.where(s < 0, 0, s)
+        return np.bincount(s[s < n_classes].ravel(), minlength=n_classes)[:n_classes].tolist()
+
+    counts = cached_case_counts(dataset, ids, Path(cache_folder) / CACHE_FILE if cache_folder is not None else None,
+                                count, lambda c: isinstance(c, list) and len(c) == n_classes)
+    total = np.asarray(counts, dtype=np.float64).sum(0)
     if total.sum() == 0:
         raise ValueError("the training cases hold no labelled voxels")
     return total / total.sum()
