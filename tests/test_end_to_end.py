@@ -95,7 +95,7 @@ def test_method_trainers_end_to_end(planned, trainer, tmp_path):
         assert settings["output_bias"]["bias"][1] == pytest.approx(np.log(fractions[1] / fractions[0]), abs=1e-5)
         th = json.loads((out / "fold_0" / "nnunet_ext_threshold.json").read_text())
         assert th["best_threshold"] in th["thresholds"] and th["activation"] == "softmax"
-    else:
+    if trainer == "FocalTverskyTrainer":
         assert settings["loss_parameters"]["a"] == 0.7
     assert run(["evaluate", "--ref", str(root / "labelsTs"), "--pred", str(pred), "-o", str(tmp_path / "r.json")]) == 0
     res = json.loads((tmp_path / "r.json").read_text())
