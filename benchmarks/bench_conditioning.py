@@ -33,9 +33,9 @@ import numpy as np
 
 from nnunet_ext.metrics.evaluate import evaluate_folders
 from nnunet_ext.metrics.lesions import lesion_rates
-from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
-from nnunet_ext.phantom import PhantomConfig, dataset_folder_name, write_phantom_dataset
-from nnunet_ext.predict import predict
+from nnunet_ext.core.paths import nnunet_command, nnunet_env, run_logged
+from nnunet_ext.data.phantom import PhantomConfig, dataset_folder_name, write_phantom_dataset
+from nnunet_ext.inference.predict import predict
 
 SCIN_DS, SINGLE_DS, FILM_DS = 530, 531, 532
 

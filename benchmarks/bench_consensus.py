@@ -20,10 +20,10 @@ import shutil
 import time
 from pathlib import Path
 
-from nnunet_ext import consensus
+from nnunet_ext.workflows import consensus
 from nnunet_ext.metrics.evaluate import evaluate_folders
-from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
-from nnunet_ext.phantom import PhantomConfig, dataset_folder_name, write_phantom_dataset
+from nnunet_ext.core.paths import nnunet_command, nnunet_env, run_logged
+from nnunet_ext.data.phantom import PhantomConfig, dataset_folder_name, write_phantom_dataset
 
 SRC = 580
 

@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from nnunet_ext.metrics.lesions import case_metrics, label_components
-from nnunet_ext.phantom import PhantomConfig, generate_case
+from nnunet_ext.data.phantom import PhantomConfig, generate_case
 
 
 def make_pair(size: int, seed: int, upsample: int):

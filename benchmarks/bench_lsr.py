@@ -23,8 +23,8 @@ from pathlib import Path
 
 from nnunet_ext.metrics.evaluate import evaluate_folders
 from nnunet_ext.metrics.operating_points import sweep, write_sweep
-from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
-from nnunet_ext.phantom import PhantomConfig, dataset_folder_name, write_phantom_dataset
+from nnunet_ext.core.paths import nnunet_command, nnunet_env, run_logged
+from nnunet_ext.data.phantom import PhantomConfig, dataset_folder_name, write_phantom_dataset
 
 DATASET = 520
 ARMS = ["ExtBaselineTrainer", "BCETrainer", "LSRTrainer"]

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_ext.paths import nnunet_command, nnunet_env
+from nnunet_ext.core.paths import nnunet_command, nnunet_env
 
 TEACHER = 873
 
@@ -182,7 +182,7 @@ def export_profile(work: Path, dataset: int, repeats: int = 3) -> dict:
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")})
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
-    from nnunet_ext.predictor import export_with_contract, load_predictor
+    from nnunet_ext.inference.predictor import export_with_contract, load_predictor
 
     torch.set_num_threads(1)
     tname = f"Dataset{dataset:03d}_MSPhantom"
@@ -205,7 +205,7 @@ def export_profile(work: Path, dataset: int, repeats: int = 3) -> dict:
                      "files": {case: [str(img)]}, "soft": False, "soft_rim_gamma": None, "soft_rim_mm": 1.0}
         options = {"activation": "softmax", "threshold": None, "min_lesion_mm3": 0.0, "connectivity": 26,
                    "save_probabilities": False, "write_soft": False, "write_mask": False,
-                   "hook": "nnunet_ext.pseudolabel:finish_case", "hook_args": hook_args}
+                   "hook": "nnunet_ext.workflows.pseudolabel:finish_case", "hook_args": hook_args}
         ours = functools.partial(export_with_contract, options)
         tile = torch.from_numpy(np.asarray(data[:, :cm.patch_size[0], :cm.patch_size[1], :cm.patch_size[2]])).float()[None]
         for _ in range(repeats):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
-from nnunet_ext.phantom import PhantomConfig, dataset_folder_name, write_phantom_dataset
+from nnunet_ext.core.paths import nnunet_command, nnunet_env, run_logged
+from nnunet_ext.data.phantom import PhantomConfig, dataset_folder_name, write_phantom_dataset
 
 DATASET = 530
 TRAINER = "ExtBaselineTrainer"
@@ -117,7 +117,7 @@ def score_validation_fold(env, fold: int, threshold: float | None, min_mm3: floa
 def crossfold(env, args) -> dict:
     """Select on the validation cases of one fold, score on another fold's validation cases (never seen by
     the selection, predicted by a model that never trained on them); every ordered pair of folds."""
-    from nnunet_ext.selection import select
+    from nnunet_ext.workflows.selection import select
 
     out = {}
     for f_sel in args.folds:
@@ -177,7 +177,7 @@ def main() -> None:
     import os
 
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
-    from nnunet_ext.selection import select
+    from nnunet_ext.workflows.selection import select
 
     sel = select(dataset=DATASET, configurations=["2d"], trainers=[TRAINER], plans="nnUNetPlans", folds=args.folds,
                  metric=args.metric, write_contract=False, progress=False)

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.metrics.evaluate import evaluate_folders
-from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
-from nnunet_ext.phantom import PhantomConfig, dataset_folder_name, write_phantom_dataset
+from nnunet_ext.core.paths import nnunet_command, nnunet_env, run_logged
+from nnunet_ext.data.phantom import PhantomConfig, dataset_folder_name, write_phantom_dataset
 
 DATASET = 540
 ARMS = ["ExtBaselineTrainer", "SoftDiceTrainer", "SoftSegTrainer"]

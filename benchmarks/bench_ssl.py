@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from nnunet_ext.metrics.evaluate import evaluate_folders
-from nnunet_ext.paths import nnunet_command, nnunet_env, run_logged
-from nnunet_ext.phantom import PhantomConfig, write_phantom_dataset
+from nnunet_ext.core.paths import nnunet_command, nnunet_env, run_logged
+from nnunet_ext.data.phantom import PhantomConfig, write_phantom_dataset
 
 TEACHER, STUDENT = 550, 551
 

@@ -57,8 +57,8 @@ def make_case(shape, n_lesions, seed):
 def write_cases(folder: Path, shape, n_lesions, patch, n_cases=2):
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
 
-    from nnunet_ext.lsr import lesion_size_map
-    from nnunet_ext.maps import map_path, save_map_like_seg
+    from nnunet_ext.training.lsr import lesion_size_map
+    from nnunet_ext.preprocessing.maps import map_path, save_map_like_seg
 
     folder.mkdir(parents=True, exist_ok=True)
     distinct = []
@@ -151,7 +151,7 @@ def whole_iterations(folder, patch, n):
     import torch
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-    from nnunet_ext.losses import LSRCrossEntropyLoss
+    from nnunet_ext.training.losses import LSRCrossEntropyLoss
 
     torch.set_num_threads(1)
     arms = ["labels", "lsr"]

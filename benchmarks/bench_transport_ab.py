@@ -20,7 +20,7 @@ def tf():
     t = nnUNetTrainer.get_training_transforms(patch, (-0.52,0.52), ds, (0,1,2), False, use_mask_for_norm=[False], foreground_labels=[1])
     sp = [x for x in t.transforms if type(x).__name__=="SpatialTransform"][0]; sp.p_rotation = sp.p_scaling = P
     return t
-from nnunet_ext.lsr import lesion_size_map
+from nnunet_ext.training.lsr import lesion_size_map
 for n in (30, 300):
     img, seg = b.make_case((180,180,180), n, 1); img = img.astype(np.float32)
     sizes = lesion_size_map(seg, [1], 26).astype(np.int16); soft = (seg*200).astype(np.int16)

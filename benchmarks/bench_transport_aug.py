@@ -27,7 +27,7 @@ def main(argv=None):
     import bench_transport as b
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_ext.lsr import lesion_size_map
+    from nnunet_ext.training.lsr import lesion_size_map
     from nnunet_ext.training.targets import MapSpec, MapTransport, Packing
 
     ap = argparse.ArgumentParser()

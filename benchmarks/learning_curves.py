@@ -33,7 +33,7 @@ import torch
 
 def _soft(logits: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "normalized_relu":
-        from nnunet_ext.losses import normalized_relu
+        from nnunet_ext.training.losses import normalized_relu
 
         return normalized_relu(logits[:, 1].float() - logits[:, 0].float())
     return torch.softmax(logits.float(), 1)[:, 1]

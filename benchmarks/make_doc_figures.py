@@ -7,9 +7,9 @@ Pictures (each < 150 KB):
 
 * ``docs/img/demo_curves.png``: the demo's comparison, lesion TPR against FDR over probability thresholds
   (all lesions, lesions of 3-10 voxels) and the voxel curve, with 95 % paired-bootstrap bands
-  (``nnunet_ext.compare.plot_curves``), from ``benchmarks/results/demo_report.json`` and the per-case counts
+  (``nnunet_ext.workflows.compare.plot_curves``), from ``benchmarks/results/demo_report.json`` and the per-case counts
   ``benchmarks/results/demo_counts.json``;
-* ``docs/img/phantom_case.png``: one phantom case (``nnunet_ext.phantom.generate_case``, 64^3, 3 raters,
+* ``docs/img/phantom_case.png``: one phantom case (``nnunet_ext.data.phantom.generate_case``, 64^3, 3 raters,
   soft label): the FLAIR-like slice, the reference, the raters' masks and the soft label;
 * ``docs/img/reliability_<arm>.png``: reliability diagrams of the demo's two arms on its held-out cases
   (``nnunet_ext.metrics.soft.probability_reliability_diagram``), from ``benchmarks/results/demo_calibration.json``.
@@ -36,7 +36,7 @@ MAX_BYTES = 150_000
 
 def store_demo(workdir: Path) -> None:
     """Copy what the pictures need out of a finished demo run into benchmarks/results/."""
-    from nnunet_ext.io import read_image
+    from nnunet_ext.core.io import read_image
     from nnunet_ext.metrics.soft import add_counts, probability_calibration_counts
 
     report_dir = workdir / "report"
@@ -61,7 +61,7 @@ def store_demo(workdir: Path) -> None:
 
 
 def demo_curves(png: Path) -> Path:
-    from nnunet_ext.compare import plot_curves
+    from nnunet_ext.workflows.compare import plot_curves
 
     report = json.loads((RESULTS / "demo_report.json").read_text())
     records = json.loads((RESULTS / "demo_counts.json").read_text())
@@ -70,8 +70,8 @@ def demo_curves(png: Path) -> Path:
 
 
 def phantom_case(png: Path) -> Path:
-    from nnunet_ext.phantom import PhantomConfig, generate_case
-    from nnunet_ext.plotting import pyplot, save_figure
+    from nnunet_ext.data.phantom import PhantomConfig, generate_case
+    from nnunet_ext.core.plotting import pyplot, save_figure
 
     case = generate_case(PhantomConfig(shape=(64, 64, 64), raters=3, soft=True, seed=0, empty_fraction=0.0), 0)
     z = int(np.argmax(case.label.sum((1, 2))))  # the axial slice with the most lesion voxels

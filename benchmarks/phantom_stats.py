@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.metrics.lesions import label_components
-from nnunet_ext.phantom import PhantomConfig, contrast_to_noise, generate_case
+from nnunet_ext.data.phantom import PhantomConfig, contrast_to_noise, generate_case
 
 
 def main():

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_ext.dataset_conversion.common import (read_checked, staged_dataset, write_dataset_json, write_json,
-                                                  write_like, write_multirater_case)
-from nnunet_ext.progress import step
-from nnunet_ext.splits import write_case_groups
+from nnunet_ext.data.raw import (read_checked, staged_dataset, write_dataset_json, write_json,
+                                 write_like, write_multirater_case)
+from nnunet_ext.core.progress import step
+from nnunet_ext.workflows.splits import write_case_groups
 
 TIMEPOINTS = ("flair_time01_on_middle_space.nii.gz", "flair_time02_on_middle_space.nii.gz")
 CONSENSUS = "ground_truth.nii.gz"

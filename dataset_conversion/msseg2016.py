@@ -13,11 +13,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from nnunet_ext.dataset_conversion.common import find_files
-from nnunet_ext.dataset_conversion.common import (read_checked, staged_dataset, write_dataset_json, write_json,
-                                                  write_multirater_case)
-from nnunet_ext.progress import step
-from nnunet_ext.splits import write_case_groups
+from nnunet_ext.data.raw import find_files
+from nnunet_ext.data.raw import (read_checked, staged_dataset, write_dataset_json, write_json,
+                                 write_multirater_case)
+from nnunet_ext.core.progress import step
+from nnunet_ext.workflows.splits import write_case_groups
 
 MODALITIES = ("FLAIR", "T1", "T2", "DP", "GADO")
 _RATER = re.compile(r"ManualSegmentation_(\d+)\.nii\.gz$")

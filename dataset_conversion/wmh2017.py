@@ -19,11 +19,11 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from nnunet_ext.dataset_conversion.common import find_files
-from nnunet_ext.dataset_conversion.common import (mask_array, read_checked, staged_dataset, write_dataset_json,
-                                                  write_json, write_like)
-from nnunet_ext.progress import step
-from nnunet_ext.splits import write_case_groups
+from nnunet_ext.data.raw import find_files
+from nnunet_ext.data.raw import (mask_array, read_checked, staged_dataset, write_dataset_json,
+                                 write_json, write_like)
+from nnunet_ext.core.progress import step
+from nnunet_ext.workflows.splits import write_case_groups
 
 
 def find_cases(source: str | os.PathLike) -> dict[str, Path]:

@@ -1,15 +1,19 @@
 """Everything nnunet-ext needs from nnU-Net's internals, in one place: an nnU-Net upgrade is a change here.
 
-Paths and dataset names/ids, model folders, cross-validation splits, deep-supervision weights, the
-version check, and the ``-pretrained_weights`` file of the running training. Everything else in the
+Paths and dataset names/ids, model folders, preprocessed case ids, cross-validation splits, nnU-Net's
+trainer lookup, deep-supervision weights, the version check, and the ``-pretrained_weights`` file of the
+running training. Everything else in the
 package calls these functions rather than nnU-Net's modules (the trainers subclass nnU-Net's trainer and
 the predictor subclasses nnU-Net's predictor: those are the documented extension points).
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -58,6 +62,16 @@ def dataset_name(dataset) -> str:
         raise FileNotFoundError(f"dataset {dataset}: {e}") from None
 
 
+def nnunet_setting(name: str) -> str | None:
+    """nnU-Net's own value of ``$nnUNet_raw`` / ``$nnUNet_preprocessed`` / ``$nnUNet_results``
+    (``nnunetv2.paths``: the environment when nnU-Net was first imported; None when unset)."""
+    if name not in NNUNET_FOLDERS:
+        raise ValueError(f"not an nnU-Net folder variable: {name}")
+    import nnunetv2.paths
+
+    return getattr(nnunetv2.paths, name)
+
+
 def dataset_id(name: str) -> int:
     return int(name[7:10])
 
@@ -66,7 +80,7 @@ def model_folder(dataset, trainer: str, plans: str, configuration: str, must_exi
     """nnU-Net's model folder ``$nnUNet_results/DatasetXXX/<trainer>__<plans>__<configuration>``."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    from nnunet_ext.checks import model_name
+    from nnunet_ext.core.checks import model_name
 
     model_name(trainer, plans, configuration)  # names, never paths (they may come from a file)
     env_folder("nnUNet_results")
@@ -97,6 +111,23 @@ def raw_training_cases(raw_folder) -> list[str]:
                                                                         ds["file_ending"])))
 
 
+def preprocessed_identifiers(folder) -> list[str]:
+    """The case ids of a preprocessed configuration folder (e.g. ``.../nnUNetPlans_2d``), as nnU-Net's
+    dataset class lists them."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    return infer_dataset_class(str(folder)).get_identifiers(str(folder))
+
+
+def unpack_preprocessed(folder, num_processes: int) -> None:
+    """nnU-Net's unpacking of a preprocessed configuration folder (existing unpacked files are kept and
+    verified), as its trainer does before training."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    infer_dataset_class(str(folder)).unpack_dataset(str(folder), overwrite_existing=False,
+                                                    num_processes=num_processes, verify=True)
+
+
 def crossval_splits(identifiers, n_folds: int = 5, seed: int = 12345) -> list[dict]:
     """nnU-Net's own seeded K-fold split of ``identifiers`` (what ``nnUNetv2_train`` writes to
     ``splits_final.json`` when it has none)."""
@@ -114,7 +145,7 @@ def ensure_ext_trainer_path(environ=None) -> None:
     """Put our trainer folder on ``nnUNet_extTrainer`` (in front of any the user set) in this process, so
     nnU-Net's in-process lookups (the predictor builds the network through the trainer class named in the
     checkpoint) find our trainers also when the shell did not export it."""
-    from nnunet_ext.paths import with_our_trainers
+    from nnunet_ext.core.paths import with_our_trainers
 
     environ = os.environ if environ is None else environ
     environ["nnUNet_extTrainer"] = with_our_trainers(environ.get("nnUNet_extTrainer", ""))
@@ -128,6 +159,69 @@ def trainer_class(name: str):
     cls = recursive_find_trainer_class_by_name(os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer"),
                                                name, "nnunetv2.training.nnUNetTrainer")
     return cls
+
+
+# ------------------------------------------------------------------------------------------ trainer lookup
+
+
+_LOOKUP = r"""
+import json, sys
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+from nnunet_ext.training.base import ExtTrainer
+out = {}
+for name in sys.argv[1:]:
+    try:
+        c = recursive_find_trainer_class_by_name(name)
+        out[name] = {"found": True, "module": c.__module__, "honours_budget": issubclass(c, ExtTrainer)}
+    except Exception as e:
+        out[name] = {"found": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+print("NNUNET_EXT_LOOKUP " + json.dumps(out))
+"""
+
+
+def lookup_trainers(names: Sequence[str], env: dict) -> dict:
+    """Look every name up with nnU-Net's own ``recursive_find_trainer_class_by_name`` (our trainer folder on
+    ``nnUNet_extTrainer``), in one child process (the lookup imports every trainer module, ~5 s)."""
+    r = subprocess.run([sys.executable, "-c", _LOOKUP, *names], env=env, capture_output=True, text=True)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("NNUNET_EXT_LOOKUP ")), None)
+    if line is None:
+        raise RuntimeError(f"trainer lookup failed (exit code {r.returncode}): {(r.stdout + r.stderr)[-2000:]}")
+    return json.loads(line[len("NNUNET_EXT_LOOKUP "):])
+
+
+def check_trainers(names: Sequence[str], option: str = "-tr") -> None:
+    """Every trainer name found by nnU-Net's own lookup (its trainers, then ``nnUNet_extTrainer`` with our
+    trainer folder in front), in one child process; ValueError naming the unknown ones."""
+    from nnunet_ext.core.checks import _TRAINER
+    from nnunet_ext.core.paths import nnunet_env
+
+    names = list(dict.fromkeys(names))
+    for n in names:
+        if not isinstance(n, str) or not _TRAINER.match(n):
+            raise ValueError(f"{option} {n!r}: a trainer is a Python class name (letters, digits, _)")
+    env = nnunet_env(None)
+    found = lookup_trainers(names, env)
+    unknown = [n for n in names if not found.get(n, {}).get("found")]
+    if unknown:
+        raise ValueError(f"{option} {' '.join(unknown)}: no trainer of that name (nnU-Net's lookup: its own trainers, "
+                         f"then nnUNet_extTrainer={env['nnUNet_extTrainer']}); check the spelling "
+                         f"(`nnunet-ext trainers-path` holds ours)")
+
+
+def check_fan_out(trainers: Sequence[str] = (), plans_files: Sequence = (), configuration: str | None = None,
+                  folders: dict | None = None) -> None:
+    """What a fan-out command checks before it writes a script: its work folders (``{option: path}``) are
+    writable, the configuration is planned (or plannable) in each plans file, every trainer exists."""
+    from nnunet_ext.core.checks import check_configuration, check_writable_folder
+
+    for option, folder in (folders or {}).items():
+        if folder is not None:
+            check_writable_folder(folder, option)
+    if configuration is not None:
+        for f in plans_files:
+            check_configuration(f, configuration)
+    if trainers:
+        check_trainers(trainers)
 
 
 # ------------------------------------------------------------------------------------------ training

@@ -39,7 +39,7 @@ if [ "$have" != "$hash $mode" ] && [ "$have" != "$hash test" ]; then
   echo "$hash $mode" > "$stamp"
 fi
 [ "$mode" = test ] || exit 0
-# Slurm for the launcher's tests (tests/test_slurm.py start a private single-node cluster): slurm-wlm and
+# Slurm for the launcher's tests (tests/cluster/test_slurm.py start a private single-node cluster): slurm-wlm and
 # munge from apt when running as root with apt; quiet, idempotent, and never a reason to fail the set-up
 # (without them those tests are skipped with the reason).
 have_slurm() { for p in sbatch squeue slurmctld slurmd munged; do command -v "$p" >/dev/null 2>&1 || [ -x "/usr/sbin/$p" ] || return 1; done; }

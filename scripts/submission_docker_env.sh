@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the container test (tests/test_submission_docker.py) needs, set up idempotently:
+# What the container test (tests/workflows/test_submission_docker.py) needs, set up idempotently:
 #   1. a running Docker daemon (as root: Debian's docker.io is installed with apt-get if missing, and dockerd
 #      is started in the background when there is no init system to do it);
 #   2. a local base image with Python 3.11 (registries may be unreachable): Debian bookworm made with

@@ -57,7 +57,7 @@ def run_nnunet(cmd, env, ok=True, check_text=""):
         raise ValueError(f"{name} is not a console command of this environment")
     if name == "nnunet-ext":  # the library's run loop, without main()'s process-exit signal handling
         from nnunet_ext.cli import run as ext_run
-        from nnunet_ext.errors import run_cli
+        from nnunet_ext.core.errors import run_cli
 
         def target():
             return run_cli(ext_run, cmd[1:])
@@ -102,9 +102,9 @@ def run_nnunet(cmd, env, ok=True, check_text=""):
 def planned_phantom(tmp_path_factory):
     """(work, env, raw dataset folder): 8 + 2 cases of 32^3 in two cohorts and two sites (1 and 2 mm
     slices), soft labels, 2 raters; planned 2d and 3d_fullres; soft labels and raters preprocessed."""
-    from nnunet_ext.paths import nnunet_command, nnunet_env
-    from nnunet_ext.phantom import PhantomConfig, write_phantom_dataset
-    from nnunet_ext.soft_preprocess import preprocess_raters, preprocess_soft_dataset
+    from nnunet_ext.core.paths import nnunet_command, nnunet_env
+    from nnunet_ext.data.phantom import PhantomConfig, write_phantom_dataset
+    from nnunet_ext.preprocessing.soft_preprocess import preprocess_raters, preprocess_soft_dataset
 
     work = tmp_path_factory.mktemp("planned")
     env = nnunet_env(work, n_proc=2)

@@ -1,7 +1,7 @@
 """Case files of an evaluation: folders matched by case name, masks, probability maps, grid checks.
 
 Shared by :mod:`nnunet_ext.metrics.evaluate`, :mod:`nnunet_ext.metrics.operating_points`,
-:mod:`nnunet_ext.metrics.validation` and :mod:`nnunet_ext.selection` (no module here imports another
+:mod:`nnunet_ext.metrics.validation` and :mod:`nnunet_ext.workflows.selection` (no module here imports another
 evaluation module, so there is no import cycle). Arrays are in SimpleITK order ``(z, y, x)``.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_ext.io import case_name, read_image
+from nnunet_ext.core.io import case_name, read_image
 
 
 _NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -77,7 +77,7 @@ def load_probabilities(path: Path, class_index: int = 1) -> np.ndarray:
     ``probabilities``, classes first) or a NIfTI map."""
     path = Path(path)
     if path.suffix == ".npz":
-        from nnunet_ext.io import read_npz
+        from nnunet_ext.core.io import read_npz
 
         arrays = read_npz(path)  # a damaged archive is a ValueError naming the file
         if "probabilities" not in arrays:
@@ -108,7 +108,7 @@ def check_same_header(ref_path, other_path, what: str = "") -> None:
     """ValueError naming both files unless ``other_path`` has the reference's dimension, size, spacing,
     origin and direction (read from the headers only; ``.npz`` probability files carry no geometry and are
     checked by shape where they are read)."""
-    from nnunet_ext.io import read_geometry
+    from nnunet_ext.core.io import read_geometry
 
     if str(other_path).endswith(".npz"):
         return

@@ -11,8 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from nnunet_ext.io import read_image
-from nnunet_ext.progress import step
+from nnunet_ext.core.io import read_image
+from nnunet_ext.core.progress import step
 from nnunet_ext.metrics.cases import (as_binary, check_same_grid, check_same_header, list_cases,  # noqa: F401
                                       load_mask, load_probabilities, need_3d, prob_files)
 from nnunet_ext.metrics.lesions import (DEFAULT_BINS, RULE_PRESETS, SIZE_UNITS, aggregate, case_metrics,
@@ -261,7 +261,7 @@ def write_results(result: dict, output: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``output`` (JSON) and the same name with ``.csv`` (one row per case, then ``mean`` and
     ``pooled`` rows)."""
     output = Path(output)
-    from nnunet_ext.safety import atomic_write_text
+    from nnunet_ext.core.safety import atomic_write_text
 
     atomic_write_text(output, json.dumps(result, indent=1))
     rows = [{"case": c, **_flatten(m)} for c, m in result["per_case"].items()]

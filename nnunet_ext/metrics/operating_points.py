@@ -23,7 +23,7 @@ from nnunet_ext.metrics.cases import check_same_grid, check_same_header, list_ca
 from nnunet_ext.metrics.lesions import (DEFAULT_BINS, RULE_PRESETS, _bin_key, label_components, lesion_counts,
                                         lesion_rates)
 from nnunet_ext.metrics.soft import add_ap_counts, ap_counts, average_precision_from_counts
-from nnunet_ext.progress import step
+from nnunet_ext.core.progress import step
 
 _prob_files = prob_files  # old private name
 
@@ -158,7 +158,7 @@ def _rates(a: dict, voxel: bool = True) -> dict:
 def plot_operating_points(result: dict, png: str | os.PathLike, title: str = "") -> Path:
     """TPR-vs-FDR curves: voxel level (left) and lesion level per size bin (right), with the best
     segmentation (voxel F1) and best detection (lesion F1) operating points marked."""
-    from nnunet_ext.plotting import pyplot, save_figure
+    from nnunet_ext.core.plotting import pyplot, save_figure
 
     plt = pyplot()
 
@@ -213,7 +213,7 @@ def plot_operating_points(result: dict, png: str | os.PathLike, title: str = "")
 
 
 def write_sweep(result: dict, output_json, png=None, title: str = "") -> None:
-    from nnunet_ext.safety import atomic_write_text
+    from nnunet_ext.core.safety import atomic_write_text
 
     atomic_write_text(output_json, json.dumps(result, indent=1))
     if png is not None:

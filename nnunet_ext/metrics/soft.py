@@ -174,7 +174,7 @@ def add_counts(a: dict | None, b: dict) -> dict:
 def probability_reliability_diagram(counts: dict, png, title: str = "") -> Path:
     """Reliability diagram of ``ece_probability_bins``: observed reference frequency against mean probability per bin
     on [0, 1], with the voxel count per bin below (log scale)."""
-    from nnunet_ext.plotting import pyplot, save_figure
+    from nnunet_ext.core.plotting import pyplot, save_figure
 
     plt = pyplot()
     n = np.asarray(counts["count"], float)
@@ -206,7 +206,7 @@ def probability_reliability_diagram(counts: dict, png, title: str = "") -> Path:
 def reliability_diagram(counts: dict, png, title: str = "", low: float = 0.5) -> Path:
     """Reliability diagram of confidence counts with bins over [``low``, 1]: the thesis' ECE
     (:func:`confidence_counts`, ``low=0``) or the ``ece_confidence_05`` variant (``low=0.5``)."""
-    from nnunet_ext.plotting import pyplot, save_figure
+    from nnunet_ext.core.plotting import pyplot, save_figure
 
     plt = pyplot()
 
@@ -309,3 +309,27 @@ def volume_pearson(ref_volumes, pred_volumes) -> float | None:
     if len(r) < 2 or r.std() == 0 or p.std() == 0:
         return None
     return float(np.corrcoef(r, p)[0, 1])
+
+
+def calibration_record(p: np.ndarray, ref: np.ndarray, soft_ref: np.ndarray, n_bins: int = 10) -> dict:
+    """What a case contributes to the pooled calibration statistics of a method comparison: the Brier score
+    of the lesion probabilities ``p`` against the rater average ``soft_ref`` (Lemay 2022, eq. 5.2) and the
+    thesis' ECE counts of ``p`` against the hard reference ``ref`` (:func:`confidence_counts`)."""
+    if np.shape(soft_ref) != np.shape(p):
+        raise ValueError(f"shape mismatch: probabilities {np.shape(p)} vs soft reference {np.shape(soft_ref)}")
+    c = confidence_counts(p, ref, n_bins)
+    return {"brier": brier(p, soft_ref), "count": c["count"], "conf_sum": c["conf_sum"], "correct": c["correct"]}
+
+
+def calibration_on_indices(records, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Brier (mean over the resampled cases) and ECE (from the bin counts pooled over the resampled cases,
+    ``sum_b |correct_b - conf_sum_b| / N``, which equals :func:`ece_from_counts` of the pooled counts) on each
+    resample; ``records`` are :func:`calibration_record` values, ``idx`` (resamples, cases) case indices."""
+    idx = np.atleast_2d(np.asarray(idx))
+    b = np.array([r["brier"] for r in records], float)
+    n, conf, corr = (np.array([r[k] for r in records], float) for k in ("count", "conf_sum", "correct"))
+    total = n[idx].sum(1).sum(1)
+    gap = np.abs(corr[idx].sum(1) - conf[idx].sum(1)).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ece_ = np.where(total > 0, gap / np.maximum(total, 1), 0.0)
+    return {"brier": b[idx].mean(1), "ece": ece_}

@@ -33,7 +33,7 @@ def cached_case_counts(dataset, identifiers, cache_path, count: Callable, valid:
             changed = True
         out.append(counts)
     if changed and cache_path is not None:
-        from nnunet_ext.safety import atomic_write_text
+        from nnunet_ext.core.safety import atomic_write_text
 
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache_path, json.dumps(cache))

@@ -15,7 +15,7 @@ What the parts change, and nothing else:
 * the network (conditional instance norms) and the condition of every batch and validation case;
 * the output heads' bias, for losses that are voxel-wise cross-entropies alone (``LossPart.prior_bias``):
   set from the training cases' class frequencies (nnunet_ext.training.prior);
-* the model contract (nnunet_ext.contract) written into the model folder when training starts, and, for
+* the model contract (nnunet_ext.inference.contract) written into the model folder when training starts, and, for
   soft outputs and cross-entropy-only losses, the Dice-optimal validation threshold of each fold after
   nnU-Net's validation.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from nnunet_ext.contract import ModelContract, read_contract_file, write_contract
+from nnunet_ext.inference.contract import ModelContract, read_contract_file, write_contract
 from nnunet_ext.training.base import ExtTrainer
 from nnunet_ext.training.parts import DiceCE, LossPart, NetworkPart, RandomRater, TargetPart, part_name
 from nnunet_ext.training.plumbing import refuse_unsupported, wrap_deep_supervision
@@ -152,7 +152,7 @@ class ComposedTrainer(ExtTrainer):
         return loss if wrapped else wrap_deep_supervision(self, loss)
 
     def _raters(self):
-        from nnunet_ext.soft_preprocess import rater_folders
+        from nnunet_ext.preprocessing.soft_preprocess import rater_folders
 
         if not any(isinstance(t, RandomRater) for t in self.target_parts):
             return None
@@ -220,7 +220,7 @@ class ComposedTrainer(ExtTrainer):
         return "soft" in self.layout or self.loss_part.activation != "softmax" or self.loss_part.prior_bias
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        from nnunet_ext.activations import output_activation
+        from nnunet_ext.networks.activations import output_activation
         from nnunet_ext.training.conditioning import conditioning_dataset_class
 
         soft = self.stores_threshold()
@@ -240,7 +240,7 @@ class ComposedTrainer(ExtTrainer):
             return
         gt = os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations")
         if soft:
-            from nnunet_ext.thresholds import fold_threshold_from_validation
+            from nnunet_ext.inference.thresholds import fold_threshold_from_validation
 
             fold_threshold_from_validation(self.output_folder, gt, self.dataset_json["file_ending"],
                                            self.loss_part.activation)

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunet_ext.lsr import check_alpha_beta, lesion_size_map
-from nnunet_ext.maps import map_path, read_map, save_map_like_seg
-from nnunet_ext.soft_preprocess import RATER_FOLDER, soft_folder
-from nnunet_ext.maps import SOFT_SCALE
+from nnunet_ext.training.lsr import check_alpha_beta, lesion_size_map
+from nnunet_ext.preprocessing.maps import map_path, read_map, save_map_like_seg
+from nnunet_ext.preprocessing.soft_preprocess import RATER_FOLDER, soft_folder
+from nnunet_ext.preprocessing.maps import SOFT_SCALE
 from nnunet_ext.training.targets import MapSpec
 
 
@@ -45,7 +45,7 @@ def part_name(part) -> str:
 class LossPart:
     needs: frozenset = frozenset()   # maps the loss cannot work without
     uses: frozenset = frozenset()    # maps it uses when present
-    activation = "softmax"           # how the soft output is read at prediction (nnunet_ext.contract)
+    activation = "softmax"           # how the soft output is read at prediction (nnunet_ext.inference.contract)
     two_class_only = False
     # start every output head at the training set's class frequencies (nnunet_ext.training.prior): for
     # losses that are voxel-wise cross-entropies alone, which otherwise spend their first hundreds of
@@ -69,7 +69,7 @@ class DiceCE(LossPart):
 
 
 class LSRBCE(LossPart):
-    """LSR-weighted (binary) cross-entropy (nnunet_ext.losses.LSRCrossEntropyLoss); on soft targets when a
+    """LSR-weighted (binary) cross-entropy (nnunet_ext.training.losses.LSRCrossEntropyLoss); on soft targets when a
     soft map is present. ``alpha = 0`` is plain (B)CE and needs no sizes."""
 
     uses = frozenset({"sizes", "soft"})
@@ -83,7 +83,7 @@ class LSRBCE(LossPart):
         self.needs = frozenset({"sizes"}) if self.alpha > 0 else frozenset()
 
     def _lsr(self, trainer, layout):
-        from nnunet_ext.losses import LSRCrossEntropyLoss
+        from nnunet_ext.training.losses import LSRCrossEntropyLoss
 
         return LSRCrossEntropyLoss(self.alpha, self.beta, ignore_label=trainer.label_manager.ignore_label,
                                    size_channel=layout.get("sizes", 1), soft_channel=layout.get("soft"))
@@ -101,7 +101,7 @@ class LSRDice(LSRBCE):
         from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
         from nnunetv2.utilities.helpers import softmax_helper_dim1
 
-        from nnunet_ext.losses import DiceAndLSRLoss
+        from nnunet_ext.training.losses import DiceAndLSRLoss
 
         dice = MemoryEfficientSoftDiceLoss(apply_nonlin=softmax_helper_dim1,
                                            batch_dice=trainer.configuration_manager.batch_dice, do_bg=False,
@@ -110,13 +110,13 @@ class LSRDice(LSRBCE):
 
 
 class FocalTversky(LossPart):
-    """Focal Tversky loss (nnunet_ext.losses.FocalTverskyLoss). ``batch``: True pools TP/FN/FP over the
+    """Focal Tversky loss (nnunet_ext.training.losses.FocalTverskyLoss). ``batch``: True pools TP/FN/FP over the
     flattened mini-batch (the focal-Tversky thesis), False per sample, None (default) follows the plan's
     ``batch_dice`` as nnU-Net's Dice does."""
 
     def __init__(self, a: float = 0.7, b: float = 0.3, gamma: float = 4 / 3, smooth: float = 1.0,
                  batch: bool | None = None):
-        from nnunet_ext.losses import FocalTverskyLoss
+        from nnunet_ext.training.losses import FocalTverskyLoss
 
         FocalTverskyLoss(a, b, gamma, smooth)  # validates
         if batch not in (None, True, False):
@@ -124,7 +124,7 @@ class FocalTversky(LossPart):
         self.a, self.b, self.gamma, self.smooth, self.batch = a, b, gamma, smooth, batch
 
     def build(self, trainer, layout):
-        from nnunet_ext.losses import FocalTverskyLoss
+        from nnunet_ext.training.losses import FocalTverskyLoss
 
         batch = bool(trainer.configuration_manager.batch_dice) if self.batch is None else self.batch
         return FocalTverskyLoss(self.a, self.b, self.gamma, self.smooth, batch=batch,
@@ -132,39 +132,39 @@ class FocalTversky(LossPart):
 
 
 class SoftDice(LossPart):
-    """Kats et al.'s soft Dice alone on the soft map (nnunet_ext.losses.SoftDiceLoss): the Bar-Ilan thesis'
+    """Kats et al.'s soft Dice alone on the soft map (nnunet_ext.training.losses.SoftDiceLoss): the Bar-Ilan thesis'
     loss (eq. 1)."""
 
     needs = uses = frozenset({"soft"})
     two_class_only = True
 
     def build(self, trainer, layout):
-        from nnunet_ext.losses import SoftDiceLoss
+        from nnunet_ext.training.losses import SoftDiceLoss
 
         return SoftDiceLoss(batch=bool(trainer.configuration_manager.batch_dice),
                             ignore_label=trainer.label_manager.ignore_label, soft_channel=layout["soft"]), False
 
 
 class SigmoidDice(LossPart):
-    """Dice loss on the sigmoid of the lesion logit and the hard labels (nnunet_ext.losses.SigmoidDiceLoss):
+    """Dice loss on the sigmoid of the lesion logit and the hard labels (nnunet_ext.training.losses.SigmoidDiceLoss):
     SoftSeg's conventional baseline ("Conv", Lemay 2022)."""
 
     two_class_only = True
 
     def __init__(self, smooth: float = 1.0):
-        from nnunet_ext.losses import SigmoidDiceLoss
+        from nnunet_ext.training.losses import SigmoidDiceLoss
 
         SigmoidDiceLoss(smooth)  # validates
         self.smooth = float(smooth)
 
     def build(self, trainer, layout):
-        from nnunet_ext.losses import SigmoidDiceLoss
+        from nnunet_ext.training.losses import SigmoidDiceLoss
 
         return SigmoidDiceLoss(self.smooth, ignore_label=trainer.label_manager.ignore_label), False
 
 
 class WBCE(LossPart):
-    """Weighted BCE (nnunet_ext.losses.WeightedBCELoss), the LSR thesis' WBCE. ``pos_weight=None``
+    """Weighted BCE (nnunet_ext.training.losses.WeightedBCELoss), the LSR thesis' WBCE. ``pos_weight=None``
     (default): the thesis' section 4.3.1 weight, #negative / #positive voxels of the training cases counted
     inside the brain region (nnU-Net's nonzero mask: its ``-1`` crop marker is outside), computed when the
     trainer builds its loss and written to the training log."""
@@ -178,7 +178,7 @@ class WBCE(LossPart):
         self.pos_weight = None if pos_weight is None else float(pos_weight)
 
     def build(self, trainer, layout):
-        from nnunet_ext.losses import WeightedBCELoss
+        from nnunet_ext.training.losses import WeightedBCELoss
 
         w = self.pos_weight
         if w is None:
@@ -194,26 +194,26 @@ class WBCE(LossPart):
 
 
 class FocalBCE(LossPart):
-    """Binary focal loss (nnunet_ext.losses.FocalLoss), the LSR thesis' FL; gamma 2, alpha 0.25 by default
+    """Binary focal loss (nnunet_ext.training.losses.FocalLoss), the LSR thesis' FL; gamma 2, alpha 0.25 by default
     (the thesis gives no values: Lin et al.'s)."""
 
     two_class_only = True
     prior_bias = True
 
     def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25):
-        from nnunet_ext.losses import FocalLoss
+        from nnunet_ext.training.losses import FocalLoss
 
         FocalLoss(gamma, alpha)  # validates
         self.gamma, self.alpha = float(gamma), alpha
 
     def build(self, trainer, layout):
-        from nnunet_ext.losses import FocalLoss
+        from nnunet_ext.training.losses import FocalLoss
 
         return FocalLoss(self.gamma, self.alpha, ignore_label=trainer.label_manager.ignore_label), False
 
 
 class BCEIW(LossPart):
-    """BCE with inverse lesion-size weights (nnunet_ext.losses.InverseWeightedBCELoss), the LSR thesis'
+    """BCE with inverse lesion-size weights (nnunet_ext.training.losses.InverseWeightedBCELoss), the LSR thesis'
     BCE+IW; needs the lesion sizes (:class:`LesionSizes`)."""
 
     needs = uses = frozenset({"sizes"})
@@ -221,7 +221,7 @@ class BCEIW(LossPart):
     prior_bias = True
 
     def build(self, trainer, layout):
-        from nnunet_ext.losses import InverseWeightedBCELoss
+        from nnunet_ext.training.losses import InverseWeightedBCELoss
 
         return InverseWeightedBCELoss(size_channel=layout["sizes"],
                                       ignore_label=trainer.label_manager.ignore_label), False
@@ -234,7 +234,7 @@ class SoftDiceBCE(LossPart):
     two_class_only = True
 
     def build(self, trainer, layout):
-        from nnunet_ext.losses import SoftDiceBCELoss
+        from nnunet_ext.training.losses import SoftDiceBCELoss
 
         return SoftDiceBCELoss(batch=bool(trainer.configuration_manager.batch_dice),
                                ignore_label=trainer.label_manager.ignore_label, soft_channel=layout["soft"]), False
@@ -254,7 +254,7 @@ class SoftSegAW(LossPart):
         self.leak = leak
 
     def build(self, trainer, layout):
-        from nnunet_ext.losses import AdaptiveWingLoss
+        from nnunet_ext.training.losses import AdaptiveWingLoss
 
         return AdaptiveWingLoss(ignore_label=trainer.label_manager.ignore_label, leak=self.leak,
                                 soft_channel=layout["soft"]), False
@@ -416,7 +416,7 @@ class CohortNorm(NetworkPart):
         self.n_slots = n_slots
 
     def prepare(self, trainer):
-        from nnunet_ext.cohorts import assign_slots, check_cases, cohorts_for_dataset
+        from nnunet_ext.networks.cohorts import assign_slots, check_cases, cohorts_for_dataset
 
         trainer.cohort_of_case, source = cohorts_for_dataset(trainer.plans_manager.dataset_name,
                                                              trainer.preprocessed_dataset_folder)
@@ -429,7 +429,7 @@ class CohortNorm(NetworkPart):
             f"{n} -> slot {i}" for i, n in enumerate(trainer.cohort_table) if n is not None))
 
     def condition_of(self, trainer, keys):
-        from nnunet_ext.cohorts import slot_of
+        from nnunet_ext.networks.cohorts import slot_of
 
         if not hasattr(trainer, "cohort_table"):
             self.prepare(trainer)
@@ -450,7 +450,7 @@ class CohortNormFineTune(CohortNorm):
     restored from the same checkpoint, so the model is the pretrained one except for the tuned norms."""
 
     def prepare(self, trainer):
-        from nnunet_ext.cohorts import slot_of
+        from nnunet_ext.networks.cohorts import slot_of
         from nnunet_ext.networks.conditional_norm import CohortInstanceNorm
         from nnunet_ext.nnunet_adapter import pretrained_weights_of_running_training
 

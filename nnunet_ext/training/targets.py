@@ -4,7 +4,7 @@ One transport serves every target part (lesion sizes, soft targets, a random rat
 
 1. **Reading.** :class:`CaseChannels` is what our dataset wrapper returns as a case's "segmentation": a
    lazy ``(1 + K, *spatial)`` stack of the case's labels (nnU-Net's blosc2 ``_seg.b2nd``, or one rater's
-   mask) and K maps stored chunked like the labels (:mod:`nnunet_ext.maps`); with a :class:`Packing` the
+   mask) and K maps stored chunked like the labels (:mod:`nnunet_ext.preprocessing.maps`); with a :class:`Packing` the
    first map shares the label channel (stored so by :func:`write_packed_maps`), and the stack is
    ``(K, *spatial)``. nnU-Net's data loader crops it exactly as it crops the labels; only the patch is
    read and decompressed, never the whole case.
@@ -16,7 +16,7 @@ One transport serves every target part (lesion sizes, soft targets, a random rat
    (lesion sizes) nearest-neighbour at the foreground output voxels, linear maps (soft targets)
    bilinearly at the output voxels non-zero map voxels can reach, whatever the number of lesions.
 3. **Deep supervision.** Each scale's target is ``[labels, map_1, ..., map_K]`` in the stored dtype
-   (int16) and units (sizes in voxels, soft maps in 1/255 steps, ``nnunet_ext.maps.SOFT_SCALE``), every channel
+   (int16) and units (sizes in voxels, soft maps in 1/255 steps, ``nnunet_ext.preprocessing.maps.SOFT_SCALE``), every channel
    downsampled by nnU-Net's ``nearest-exact`` (so at every scale a voxel's map value comes from the same
    source voxel as its label).
 
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 
-from nnunet_ext.maps import map_path, open_map, save_map_like_seg
+from nnunet_ext.preprocessing.maps import map_path, open_map, save_map_like_seg
 from nnunet_ext.training.plumbing import DatasetWrapper
 
 ACTIVE_BLOCK = 4  # output and source block edge (voxels) of the linear maps' support search

@@ -1,0 +1,173 @@
+"""The model contract: what prediction needs beyond a trained model's weights.
+
+Training writes ``nnunet_ext_model.json`` into the model folder (``<Trainer>__<Plans>__<configuration>``,
+beside nnU-Net's ``plans.json`` / ``dataset.json``); :class:`nnunet_ext.inference.predictor.ExtPredictor`, the one
+predictor every command uses, reads it. Fields:
+
+``condition``       None, ``"spacing"`` (resolution FiLM) or ``"cohort"`` (SCIN)
+``cohorts``         the cohort names a SCIN model knows (its slot table, from the checkpoint)
+``activation``      how the soft lesion map is read from the network output: ``"softmax"`` or SoftSeg's
+                    ``"normalized_relu"``, which the network applies per patch at prediction
+                    (:mod:`nnunet_ext.networks.activations`, :func:`nnunet_ext.inference.thresholds.soft_output`)
+``tta``             how the flips of test-time augmentation are aggregated: ``"mean_logits"`` (nnU-Net's)
+                    or ``"mean_probabilities"``
+``threshold``       ``"stored"``: apply the Dice-optimal validation threshold of the folds in use
+                    (``fold_<k>/nnunet_ext_threshold.json``, :mod:`nnunet_ext.inference.thresholds`) when present;
+                    a number: that threshold; ``None``: nnU-Net's argmax
+``postprocessing``  ``{"min_lesion_mm3": float, "connectivity": int}``: predicted lesions (connected
+                    components) smaller than ``min_lesion_mm3`` are removed; 0 keeps everything
+
+Models trained before the contract existed have no file; their contract is derived from the checkpoint
+(condition kind and cohort table travel in the state dict) and the per-fold threshold files (activation).
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+CONTRACT_FILE = "nnunet_ext_model.json"
+VERSION = 1
+CONDITIONS = (None, "spacing", "cohort")
+ACTIVATIONS = ("softmax", "normalized_relu")
+TTA_MODES = ("mean_logits", "mean_probabilities")
+CONNECTIVITIES = (6, 18, 26)
+
+
+def default_postprocessing() -> dict:
+    return {"min_lesion_mm3": 0.0, "connectivity": 26}
+
+
+@dataclass
+class ModelContract:
+    condition: str | None = None
+    cohorts: list = field(default_factory=list)
+    activation: str = "softmax"
+    tta: str = "mean_logits"
+    threshold: object = "stored"
+    postprocessing: dict = field(default_factory=default_postprocessing)
+    trainer: str = ""
+    source: str = "derived"  # "file" when read from CONTRACT_FILE
+
+    def validate(self, where="model contract") -> "ModelContract":
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"{where}: condition must be one of {CONDITIONS}, got {self.condition!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"{where}: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"{where}: tta must be one of {TTA_MODES}, got {self.tta!r}")
+        t = self.threshold
+        if not (t is None or t == "stored" or (isinstance(t, (int, float)) and not isinstance(t, bool)
+                                               and 0 < float(t) < 1)):
+            raise ValueError(f"{where}: threshold must be 'stored', null or a number in (0, 1), got {t!r}")
+        pp = {**default_postprocessing(), **(self.postprocessing or {})}
+        mm = pp["min_lesion_mm3"]
+        if not isinstance(mm, (int, float)) or isinstance(mm, bool) or not mm >= 0 or mm == float("inf"):
+            raise ValueError(f"{where}: postprocessing.min_lesion_mm3 must be a finite number >= 0, got {mm!r}")
+        if pp["connectivity"] not in CONNECTIVITIES:
+            raise ValueError(f"{where}: postprocessing.connectivity must be one of {CONNECTIVITIES}, "
+                             f"got {pp['connectivity']!r}")
+        self.postprocessing = {"min_lesion_mm3": float(mm), "connectivity": int(pp["connectivity"])}
+        return self
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("source")
+        return {"version": VERSION, **d}
+
+
+def contract_path(model_dir) -> Path:
+    return Path(model_dir) / CONTRACT_FILE
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".tmp_{os.getpid()}_{uuid.uuid4().hex[:8]}_{path.name}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_contract(model_dir, contract: ModelContract) -> Path:
+    """Write ``contract`` into ``model_dir`` (atomic)."""
+    contract.validate(str(contract_path(model_dir)))
+    p = contract_path(model_dir)
+    from nnunet_ext.core.checks import check_contract_identity, folder_identity
+
+    check_contract_identity(p, contract.to_json(), model_dir)
+    # plans and configuration from the folder name: a contract copied into another model's folder is refused
+    where = {k: v for k, v in folder_identity(model_dir).items() if k != "trainer"}
+    _atomic_write_json(p, {**contract.to_json(), **where})
+    return p
+
+
+def read_contract_file(model_dir) -> ModelContract | None:
+    p = contract_path(model_dir)
+    if not p.is_file():
+        return None
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e}); delete it to re-derive the contract from the checkpoint")
+    if not isinstance(d, dict) or d.get("version") != VERSION:
+        raise ValueError(f"{p}: unsupported model contract (version {d.get('version') if isinstance(d, dict) else '?'})")
+    from nnunet_ext.core.checks import check_contract_identity
+
+    check_contract_identity(p, d, model_dir)  # trainer / plans / configuration of the folder it lies in
+    known = {k: d[k] for k in ("condition", "cohorts", "activation", "tta", "threshold", "postprocessing", "trainer")
+             if k in d}
+    return ModelContract(**known, source="file").validate(str(p))
+
+
+def _derived(model_dir, folds, checkpoint) -> ModelContract:
+    """Contract of a model trained before contracts existed: condition and cohorts from the checkpoint,
+    activation from the stored per-fold thresholds."""
+    from nnunet_ext.inference.thresholds import FILE as THRESHOLD_FILE
+
+    model_dir = Path(model_dir)
+    c = ModelContract(trainer=model_dir.name.split("__")[0])
+    fold_dirs = [model_dir / f"fold_{f}" for f in folds] if folds else sorted(model_dir.glob("fold_*"))
+    for fd in fold_dirs:
+        t = fd / THRESHOLD_FILE
+        if t.is_file():
+            c.activation = json.loads(t.read_text()).get("activation", "softmax")
+            break
+    ck = next((fd / checkpoint for fd in fold_dirs if (fd / checkpoint).is_file()), None)
+    if ck is not None:
+        import torch
+
+        from nnunet_ext.networks.conditional_norm import cohort_table_of_state_dict, kind_of_state_dict
+
+        try:
+            weights = torch.load(ck, map_location="cpu", weights_only=False)["network_weights"]
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one clear error
+            raise ValueError(f"{ck}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+        c.condition = kind_of_state_dict(weights)
+        c.cohorts = [n for n in cohort_table_of_state_dict(weights) if n]
+    return c.validate()
+
+
+def load_contract(model_dir, folds=None, checkpoint: str = "checkpoint_final.pth") -> ModelContract:
+    """The contract of the model in ``model_dir``: its file, or derived from the checkpoint of the first of
+    ``folds`` that has one (older models)."""
+    c = read_contract_file(model_dir)
+    return c if c is not None else _derived(model_dir, folds, checkpoint)
+
+
+def update_contract(model_dir, folds=None, checkpoint: str = "checkpoint_final.pth", **fields) -> ModelContract:
+    """Change some fields of a model's contract (e.g. ``postprocessing={"min_lesion_mm3": 3.0}``, chosen by
+    ``nnunet-ext select``) and write it; unknown field names are a ValueError."""
+    c = load_contract(model_dir, folds, checkpoint)
+    for k, v in fields.items():
+        if k not in ("condition", "cohorts", "activation", "tta", "threshold", "postprocessing"):
+            raise ValueError(f"unknown model contract field {k!r}")
+        if k == "postprocessing":
+            v = {**c.postprocessing, **v}
+        setattr(c, k, v)
+    write_contract(model_dir, c)
+    c.source = "file"
+    return c
