@@ -13,6 +13,7 @@ What the parts change, and nothing else:
   (the maps travel as segmentation channels beside the labels, nnunet_ext.training.targets); validation
   keeps nnU-Net's hard targets;
 * the network (conditional instance norms) and the condition of every batch and validation case;
+* the optimizer, where a method was published with its own (``optimizer_part``, nnunet_ext.training.optimizers);
 * the output heads' bias, for losses that are voxel-wise cross-entropies alone (``LossPart.prior_bias``):
   set from the training cases' class frequencies (nnunet_ext.training.prior);
 * the model contract (nnunet_ext.inference.contract) written into the model folder when training starts, and, for
@@ -71,6 +72,7 @@ class ComposedTrainer(ExtTrainer):
     target_parts: tuple = ()
     network_part: NetworkPart | None = None
     soft_threshold: bool | None = None  # store the fold's Dice-optimal threshold (default: soft-target trainers)
+    optimizer_part = None  # None: nnU-Net's SGD + poly schedule; else e.g. AdamCosine (nnunet_ext.training.optimizers)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -112,6 +114,12 @@ class ComposedTrainer(ExtTrainer):
         part = self.network_part
         if part is not None:
             self.condition.set(part.condition_of(self, list(keys)))
+
+    def configure_optimizers(self):
+        if self.optimizer_part is None:
+            return super().configure_optimizers()
+        self.print_to_log_file(f"optimizer: {self.optimizer_part!r} over {self.num_epochs} epochs")
+        return self.optimizer_part.build(self.network.parameters(), self.num_epochs)
 
     def initialize(self):
         super().initialize()
@@ -253,4 +261,7 @@ class ComposedTrainer(ExtTrainer):
             s.update(self.network_part.settings(self))
         if getattr(self, "output_bias", None) is not None:
             s["output_bias"] = self.output_bias
+        if self.optimizer_part is not None:
+            s["optimizer"] = repr(self.optimizer_part)
+            s["initial_lr"] = self.optimizer_part.lr
         return s

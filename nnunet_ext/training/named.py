@@ -5,6 +5,7 @@ a new one takes a few lines (docs/trainers.md, "Your own combination")."""
 from __future__ import annotations
 
 from nnunet_ext.training.composed import ComposedTrainer
+from nnunet_ext.training.optimizers import AdamCosine
 from nnunet_ext.training.parts import (BCEIW, LSRBCE, WBCE, CohortNorm, CohortNormFineTune, DiceCE, FiLM, FocalBCE,
                                        FocalTversky, LesionSizes, LSRDice, RandomRater, SigmoidDice, SoftDice,
                                        SoftDiceBCE, SoftSegAW, SoftTargets)
@@ -120,15 +121,18 @@ class SoftDiceBCETrainer(ComposedTrainer):
 
 class SoftSegTrainer(ComposedTrainer):
     """SoftSeg as published (Gros et al. 2021; Lemay 2022): normalized ReLU (per patch, in training and at
-    prediction) + Adaptive Wing on the soft labels."""
+    prediction) + Adaptive Wing on the soft labels, trained with the published optimizer (Adam, 5e-4, cosine
+    annealing; with nnU-Net's SGD every lesion output dies within ~40 iterations)."""
     loss_part = SoftSegAW()
     target_parts = (SoftTargets(),)
+    optimizer_part = AdamCosine(5e-4)
 
 
 class SoftSegTrainer_leak(SoftSegTrainer):
-    """SoftSeg with a 0.01 straight-through gradient through negative lesion logits (forward unchanged): on
-    tiny lesions the published activation can drive every logit negative and stop learning."""
+    """SoftSeg with a 0.01 straight-through gradient through negative lesion logits (forward unchanged) and
+    nnU-Net's SGD: the way SoftSeg learns under nnU-Net's own optimizer."""
     loss_part = SoftSegAW(leak=0.01)
+    optimizer_part = None
 
 
 class ConvDiceTrainer(ComposedTrainer):
@@ -136,6 +140,7 @@ class ConvDiceTrainer(ComposedTrainer):
     (labelsTr, e.g. a STAPLE or majority fusion); Dice-optimal validation threshold, as the thesis."""
     loss_part = SigmoidDice()
     soft_threshold = True
+    optimizer_part = AdamCosine(5e-4)  # the same training loop as SoftSeg in the paper
 
 
 class RandomRaterTrainer(ComposedTrainer):
@@ -147,11 +152,13 @@ class SoftSegRandomRaterTrainer(ComposedTrainer):
     """SoftSeg on a rater drawn per sample, its mask kept soft through augmentation (SoftSeg thesis, best Brier)."""
     loss_part = SoftSegAW()
     target_parts = (RandomRater(), SoftTargets())
+    optimizer_part = AdamCosine(5e-4)
 
 
 class SoftSegRandomRaterTrainer_leak(SoftSegRandomRaterTrainer):
-    """SoftSegRandomRaterTrainer with the 0.01 gradient leak of SoftSegTrainer_leak."""
+    """SoftSegRandomRaterTrainer with the 0.01 gradient leak and nnU-Net's SGD of SoftSegTrainer_leak."""
     loss_part = SoftSegAW(leak=0.01)
+    optimizer_part = None
 
 
 class ConvDiceRandomRaterTrainer(ConvDiceTrainer):

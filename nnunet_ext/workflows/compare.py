@@ -45,6 +45,7 @@ from typing import Sequence
 import numpy as np
 
 from nnunet_ext.core.io import read_geometry, read_image
+from nnunet_ext.metrics.soft import calibration_on_indices, calibration_record
 from nnunet_ext.metrics.lesions import DEFAULT_BINS, bin_name, label_components, lesion_counts, lesion_rates
 from nnunet_ext.core.paths import nnunet_command, nnunet_env, run_logged
 from nnunet_ext.core.progress import step
@@ -199,6 +200,25 @@ def paired_differences(arm: dict[str, np.ndarray], reference: dict[str, np.ndarr
 
 
 _EPS = 1e-9
+CALIBRATION_METRICS = ("brier", "ece")
+CALIBRATION_TITLES = {"brier": "Brier (vs rater average)", "ece": "ECE (thesis, pooled)"}
+
+
+def paired_calibration(arm: list[dict], reference: list[dict], idx: np.ndarray, level: float = 0.95) -> dict:
+    """Point difference and percentile-bootstrap interval of ``arm - reference`` in Brier score and pooled ECE
+    (:func:`nnunet_ext.metrics.soft.calibration_on_indices`); lower is better for both."""
+    if len(arm) != len(reference):
+        raise ValueError("paired comparison needs the same cases in both arms")
+    full = np.arange(len(arm))[None]
+    pa, pr = calibration_on_indices(arm, full), calibration_on_indices(reference, full)
+    ba, br = calibration_on_indices(arm, idx), calibration_on_indices(reference, idx)
+    q = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
+    out = {}
+    for m in CALIBRATION_METRICS:
+        lo, hi = (float(v) for v in np.percentile(ba[m] - br[m], q))
+        out[m] = {"difference": float(pa[m][0] - pr[m][0]), "ci": [lo, hi], "excludes_zero": bool(lo > _EPS or hi < -_EPS),
+                  "arm": float(pa[m][0]), "reference": float(pr[m][0])}
+    return out
 
 
 def _f(v):
@@ -254,6 +274,7 @@ class CompareConfig:
     thresholds: Sequence[float] | None = None
     create_split: bool = False
     cohort: str | None = None
+    soft_reference: str | None = None  # folder of <case> rater-average maps: adds Brier and ECE (calibration)
     launcher_options: object = None
     command_line: str | None = None
     extra: dict = field(default_factory=dict)
@@ -509,6 +530,19 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
                          [raw / name / "imagesTr" / f"{c}_{ch:04d}{ending}" for ch in range(channels)]:
                     if not p.is_file():
                         raise FileNotFoundError(f"validation case {c} of fold {f}: {p} not found")
+    if cfg.soft_reference is not None:
+        sref = Path(cfg.soft_reference)
+        if not sref.is_dir():
+            raise FileNotFoundError(f"--soft-reference {sref}: folder not found")
+        for c in plan.cases:
+            p = sref / f"{c}{ending}"
+            if not p.is_file():
+                raise FileNotFoundError(f"--soft-reference: case {c}: {p} not found")
+            ref_p = (Path(cfg.test_labels) / f"{c}{ending}") if cfg.test_images is not None else \
+                raw / name / "labelsTr" / f"{c}{ending}"
+            g, gr = read_geometry(p), read_geometry(ref_p)
+            if g["size"] != gr["size"] or not np.allclose(g["spacing"], gr["spacing"], rtol=1e-4):
+                raise ValueError(f"--soft-reference: {p} has another geometry than its label {ref_p}")
     return plan
 
 
@@ -686,7 +720,8 @@ def evaluate_arm(cfg: CompareConfig, plan: _Plan, trainer: str, where: dict, thr
     cache = plan.report / "arms" / trainer / f"{cfg.eval_set}_counts.json"
     stamps = sorted({str(v["dir"]) for v in where.values()})
     key = {"thresholds": list(thresholds), "bins": [list(b) for b in cfg.bins], "connectivity": cfg.connectivity,
-           "predictions": {d: _read_json(Path(d) / "compare_prediction.json") for d in stamps}}
+           "predictions": {d: _read_json(Path(d) / "compare_prediction.json") for d in stamps},
+           "soft_reference": None if cfg.soft_reference is None else str(Path(cfg.soft_reference).resolve())}
     if cache.is_file():
         c = _read_json(cache)
         if c.get("key") == key and sorted(c["cases"]) == sorted(where):
@@ -699,6 +734,9 @@ def evaluate_arm(cfg: CompareConfig, plan: _Plan, trainer: str, where: dict, thr
         with np.load(w["dir"] / f"{case}.npz") as z:
             argmax = np.argmax(z["probabilities"], 0) == 1
         records[case] = case_record(ref == 1, soft, argmax, mask == 1, thresholds, cfg.connectivity, cfg.bins)
+        if cfg.soft_reference is not None:
+            sref, _ = read_image(Path(cfg.soft_reference) / f"{case}{plan.ending}")
+            records[case]["calibration"] = calibration_record(soft, ref == 1, sref)
         step(f"   {trainer}: evaluated", n, len(where), item=case)
     _write_json(cache, {"key": key, "cases": records})
     return records
@@ -960,6 +998,22 @@ def write_markdown(report: dict, path: Path) -> Path:
                 f"{_signed(d[m]['difference'])} [{_signed(d[m]['ci'][0])}, {_signed(d[m]['ci'][1])}]"
                 + (" **excludes 0**" if d[m]["excludes_zero"] else "") for m in CI_METRICS) + " |")
     L += ["", "In words (each model's own output):", ""] + [f"* {report['sentences'][a]}" for a in arms[1:]]
+    if report.get("calibration"):
+        c = report["calibration"]
+        L += ["", "## Calibration of the soft output", "",
+              f"Brier score of each arm's lesion probability map against the rater average (`{c['soft_reference']}`), "
+              "mean over cases; ECE as the SoftSeg thesis (10 confidence bins, confidence = the larger class "
+              "probability, accuracy against the hard reference), pooled over cases. Lower is better; differences "
+              f"from `{arms[0]}` with paired bootstrap 95 % CI.", "",
+              "| arm | " + " | ".join(CALIBRATION_TITLES[m] for m in CALIBRATION_METRICS) + " | "
+              + " | ".join(f"difference in {CALIBRATION_TITLES[m].split(' ')[0]}" for m in CALIBRATION_METRICS) + " |",
+              "|---|" + "---|" * (2 * len(CALIBRATION_METRICS))]
+        for arm in arms:
+            d = c["differences"].get(arm)
+            L.append(f"| `{arm}` | " + " | ".join(f"{c['arms'][arm][m]:.4f}" for m in CALIBRATION_METRICS) + " | "
+                     + " | ".join("reference" if d is None else
+                                  f"{_signed(d[m]['difference'], 4)} [{_signed(d[m]['ci'][0], 4)}, {_signed(d[m]['ci'][1], 4)}]"
+                                  + (" **excludes 0**" if d[m]["excludes_zero"] else "") for m in CALIBRATION_METRICS) + " |")
     L += ["", "The segmentation- and detection-optimal thresholds are chosen on these same cases, so their rows are "
           "optimistic; the model-output and argmax rows use no information from the evaluated labels"
           + (" (on validation folds the stored threshold was itself chosen on that fold's validation cases)"
@@ -1051,6 +1105,12 @@ def compare(cfg: CompareConfig, lookup=lookup_trainers) -> dict:
                 for op in OPERATING_POINTS}
             report["sentences"][t] = difference_sentence(t, cfg.trainers[0], report["differences"][t]["model"],
                                                          len(cases), n_small, small)
+    if cfg.soft_reference is not None:
+        calib = {t: [records[t][c]["calibration"] for c in cases] for t in cfg.trainers}
+        report["calibration"] = {"soft_reference": str(Path(cfg.soft_reference).resolve()), "arms": {
+            t: {m: float(v[0]) for m, v in calibration_on_indices(calib[t], np.arange(len(cases))[None]).items()}
+            for t in cfg.trainers}, "differences": {
+            t: paired_calibration(calib[t], calib[cfg.trainers[0]], idx) for t in cfg.trainers[1:]}}
     report["files"] = {"markdown": str(report_dir / "report.md"), "json": str(report_dir / "report.json"),
                        "curves": str(report_dir / "curves.png")}
     report["seconds"] = round(time.time() - t0, 1)
@@ -1117,6 +1177,8 @@ def _compare_argv(cfg: CompareConfig) -> list[str]:
     for k in ("epochs", "iterations", "val_iterations"):
         if getattr(cfg, k) is not None:
             a += [f"--{k.replace('_', '-')}", str(getattr(cfg, k))]
+    if cfg.soft_reference:
+        a += ["--soft-reference", str(cfg.soft_reference)]
     if cfg.output:
         a += ["-o", str(cfg.output)]
     return a

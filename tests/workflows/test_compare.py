@@ -366,3 +366,38 @@ def test_fdr_limited_point_by_hand():
     assert fdr_limited_point(pts, limit=0.3) == 1
     with pytest.raises(ValueError, match="limit"):
         fdr_limited_point(pts, limit=0)
+
+
+def test_paired_calibration_pools_ece_counts_and_averages_brier():
+    """Hand-worked: ECE from pooled bin counts = sum_b |correct_b - conf_b| / N; Brier = mean over cases."""
+    from nnunet_ext.workflows.compare import paired_calibration
+
+    arm = [{"brier": 0.1, "count": [2, 2], "conf_sum": [1.2, 1.8], "correct": [1, 2]},
+           {"brier": 0.3, "count": [1, 1], "conf_sum": [0.6, 0.9], "correct": [0, 1]}]
+    ref = [{"brier": 0.2, "count": [2, 2], "conf_sum": [1.0, 2.0], "correct": [1, 2]},
+           {"brier": 0.2, "count": [1, 1], "conf_sum": [0.5, 1.0], "correct": [0, 1]}]
+    # arm pooled: count [3,3], conf [1.8,2.7], correct [1,3] -> (0.8 + 0.3) / 6 = 0.18333; Brier 0.2
+    # reference pooled: conf [1.5,3.0], correct [1,3] -> (0.5 + 0) / 6 = 0.08333; Brier 0.2
+    idx = np.array([[0, 1], [0, 0], [1, 1]])
+    d = paired_calibration(arm, ref, idx)
+    assert d["ece"]["arm"] == pytest.approx(1.1 / 6) and d["ece"]["reference"] == pytest.approx(0.5 / 6)
+    assert d["ece"]["difference"] == pytest.approx(0.1)
+    assert d["brier"]["difference"] == pytest.approx(0.0, abs=1e-12)
+    # resamples: [0,1] -> 0.1; [0,0] -> arm 0.4*2/8 = 0.1, ref 0 -> 0.1; [1,1] -> arm 1.4/4 = 0.35, ref 1.0/4 = 0.25 -> 0.1
+    assert d["ece"]["ci"] == pytest.approx([0.1, 0.1])
+    # Brier: [0,0] -> 0.1 - 0.2 = -0.1; [1,1] -> 0.3 - 0.2 = +0.1
+    assert d["brier"]["ci"][0] < 0 < d["brier"]["ci"][1]
+
+
+def test_calibration_record_matches_the_thesis_ece_and_brier():
+    """The record's pooled ECE equals metrics.soft.ece on the concatenated cases; Brier is the voxel MSE."""
+    from nnunet_ext.metrics.soft import calibration_on_indices, calibration_record, ece
+
+    rng = np.random.default_rng(3)
+    p = [rng.random((4, 5, 6)) for _ in range(2)]
+    ref = [rng.random((4, 5, 6)) > 0.6 for _ in range(2)]
+    soft = [rng.random((4, 5, 6)) for _ in range(2)]
+    recs = [calibration_record(a, b, c) for a, b, c in zip(p, ref, soft)]
+    out = calibration_on_indices(recs, np.array([[0, 1]]))
+    assert out["ece"][0] == pytest.approx(ece(np.concatenate(p), np.concatenate(ref)))
+    assert out["brier"][0] == pytest.approx(np.mean([np.mean((a - c) ** 2) for a, c in zip(p, soft)]))
