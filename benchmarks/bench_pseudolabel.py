@@ -122,7 +122,8 @@ def main():
                                "3d_fullres", "-f", "0", "-tr", "ExtBaselineTrainer", "-device", "cpu", "-npp", "1",
                                "-nps", "1"]
     pseudo_cmd = lambda name: [ext, "pseudolabel", "-d", did, "-c", "3d_fullres", "-tr", "ExtBaselineTrainer",  # noqa: E731
-                               "-f", "0", "-i", str(unl), "-o", name, "--tst", repr(args.tst), "-device", "cpu"]
+                               "-f", "0", "-i", str(unl), "--student", name, "--tst", repr(args.tst), "-device", "cpu",
+                               "-npp", "1", "-nps", "1"]
     res = {"issue": 13, "target": "pseudolabel wall time <= 1.05 x nnUNetv2_predict (mirroring on), same cases, same run",
            "command": " ".join([sys.executable.replace(str(Path.cwd()) + "/", ""), *sys.argv]),
            "settings": {**vars(args), "unlabeled_cases": n_unl, "patch_size": plans["patch_size"],
@@ -183,6 +184,7 @@ def export_profile(work: Path, dataset: int, repeats: int = 3) -> dict:
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
     from nnunet_ext.inference.predictor import export_with_contract, load_predictor
+    from nnunet_ext.workflows.pseudolabel import finish_case
 
     torch.set_num_threads(1)
     tname = f"Dataset{dataset:03d}_MSPhantom"
@@ -205,7 +207,7 @@ def export_profile(work: Path, dataset: int, repeats: int = 3) -> dict:
                      "files": {case: [str(img)]}, "soft": False, "soft_rim_gamma": None, "soft_rim_mm": 1.0}
         options = {"activation": "softmax", "threshold": None, "min_lesion_mm3": 0.0, "connectivity": 26,
                    "save_probabilities": False, "write_soft": False, "write_mask": False,
-                   "hook": "nnunet_ext.workflows.pseudolabel:finish_case", "hook_args": hook_args}
+                   "hook": finish_case, "hook_args": hook_args}
         ours = functools.partial(export_with_contract, options)
         tile = torch.from_numpy(np.asarray(data[:, :cm.patch_size[0], :cm.patch_size[1], :cm.patch_size[2]])).float()[None]
         for _ in range(repeats):

@@ -88,7 +88,8 @@ def main():
     shutil.rmtree(raw / sname, ignore_errors=True)
     t = time.perf_counter()
     run_logged([nnunet_command("nnunet-ext"), "pseudolabel", "-d", str(TEACHER), "-c", "2d", "-tr", args.trainer, "-f", "0",
-                "-i", str(unl), "-o", sname, "--tst", str(args.tst), "-device", "cpu"], env, log)
+                "-i", str(unl), "--student", sname, "--tst", str(args.tst), "-device", "cpu", "-npp", "1", "-nps", "1"],
+               env, log)
     t_pseudo = time.perf_counter() - t
     res["cost"] = {"nnUNetv2_predict_s": t_predict, "pseudolabel_s": t_pseudo, "ratio": t_pseudo / t_predict,
                    "cases": args.unlabeled}

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from nnunet_ext.core.paths import CHECKPOINT, NNUNET_FOLDERS  # noqa: F401  (re-exported: defined in core.paths)
+
 # first release with the nnUNet_extTrainer variable (checked in the 2.7.0 and 2.8.0 packages: absent, present)
 MIN_NNUNET = (2, 8, 0)
-NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
 def nnunet_version() -> tuple[int, ...]:
@@ -77,17 +78,99 @@ def dataset_id(name: str) -> int:
 
 
 def model_folder(dataset, trainer: str, plans: str, configuration: str, must_exist: bool = True) -> Path:
-    """nnU-Net's model folder ``$nnUNet_results/DatasetXXX/<trainer>__<plans>__<configuration>``."""
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    """nnU-Net's model folder ``$nnUNet_results/DatasetXXX/<trainer>__<plans>__<configuration>``
+    (:meth:`ModelRef.folder`)."""
+    return ModelRef(str(dataset), configuration, trainer, plans).folder(must_exist)
 
-    from nnunet_ext.core.checks import model_name
 
-    model_name(trainer, plans, configuration)  # names, never paths (they may come from a file)
-    env_folder("nnUNet_results")
-    d = Path(get_output_folder(dataset_name(dataset), trainer, plans, configuration))
-    if must_exist and not d.is_dir():
-        raise FileNotFoundError(f"no trained model in {d}")
-    return d
+def _fold(f):
+    """A fold as nnU-Net names it: an int, or ``"all"``."""
+    if isinstance(f, bool):
+        raise ValueError(f"fold {f!r} is not a fold (an integer >= 0 or 'all')")
+    if isinstance(f, int) or (isinstance(f, str) and f.isdigit()):
+        return int(f)
+    if f == "all":
+        return "all"
+    raise ValueError(f"fold {f!r} is not a fold (an integer >= 0 or 'all')")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One trained nnU-Net model: the folder ``$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>``
+    (:meth:`folder`, the one place a model folder is derived) and the folds and checkpoint used from it
+    (``folds=None``: every fold that has the checkpoint). Stored in files as :meth:`to_json`; names are
+    checked (:func:`nnunet_ext.core.checks.model_name`), never paths."""
+    dataset: str
+    configuration: str
+    trainer: str = "nnUNetTrainer"
+    plans: str = "nnUNetPlans"
+    folds: tuple | None = None
+    checkpoint: str = CHECKPOINT
+
+    def __post_init__(self):
+        from nnunet_ext.core.checks import model_name
+
+        object.__setattr__(self, "dataset", str(self.dataset))
+        model_name(self.trainer, self.plans, self.configuration)
+        if self.folds is not None:
+            object.__setattr__(self, "folds", tuple(_fold(f) for f in self.folds))
+        if not isinstance(self.checkpoint, str) or not self.checkpoint or "/" in self.checkpoint:
+            raise ValueError(f"checkpoint {self.checkpoint!r} is not a checkpoint file name")
+
+    @property
+    def name(self) -> str:
+        """``<trainer>__<plans>__<configuration>``: the model folder's name."""
+        return f"{self.trainer}__{self.plans}__{self.configuration}"
+
+    def folder(self, must_exist: bool = True, results=None) -> Path:
+        """``$nnUNet_results/<DatasetXXX_Name>/<name>`` as nnU-Net's ``get_output_folder`` makes it (the dataset
+        id or name resolved as nnU-Net does); ``results``: another results folder than ``$nnUNet_results``
+        (an installed submission's, a selection file's when ``nnUNet_results`` is unset)."""
+        root = env_folder("nnUNet_results") if results is None else Path(results)
+        d = root / dataset_name(self.dataset) / self.name
+        if must_exist and not d.is_dir():
+            raise FileNotFoundError(f"no trained model in {d} (trainer {self.trainer}, plans {self.plans}, "
+                                    f"configuration {self.configuration})")
+        return d
+
+    def available_folds(self) -> list:
+        """The folds of the model folder that have the checkpoint (sorted; FileNotFoundError when none)."""
+        mdir = self.folder()
+        folds = sorted((p.name[5:] for p in mdir.glob("fold_*") if (p / self.checkpoint).is_file()),
+                       key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0))
+        if not folds:
+            raise FileNotFoundError(f"no fold of {mdir} has {self.checkpoint}")
+        return [_fold(f) for f in folds]
+
+    def with_folds(self, folds=None) -> "ModelRef":
+        """This model with ``folds`` (None: :meth:`available_folds`)."""
+        return replace(self, folds=tuple(self.available_folds() if folds is None else folds))
+
+    @classmethod
+    def from_name(cls, dataset, name: str, folds=None, checkpoint: str = CHECKPOINT, where: str = "") -> "ModelRef":
+        """The model ``<trainer>__<plans>__<configuration>`` (a folder name, e.g. a member of an older
+        selection file) of ``dataset``."""
+        from nnunet_ext.core.checks import split_member
+
+        trainer, plans, configuration = split_member(name, where)
+        return cls(str(dataset), configuration, trainer, plans, None if folds is None else tuple(folds), checkpoint)
+
+    def to_json(self) -> dict:
+        return {"dataset": self.dataset, "configuration": self.configuration, "trainer": self.trainer,
+                "plans": self.plans, "folds": None if self.folds is None else list(self.folds),
+                "checkpoint": self.checkpoint}
+
+    @classmethod
+    def from_json(cls, d, where: str = "model") -> "ModelRef":
+        """The model of :meth:`to_json`'s dict; ValueError naming ``where`` when it is not one."""
+        keys = ("dataset", "configuration", "trainer", "plans", "folds", "checkpoint")
+        if not isinstance(d, dict) or not {"dataset", "configuration", "trainer", "plans"} <= set(d) \
+                or set(d) - set(keys):
+            raise ValueError(f"{where}: not a model reference (keys {list(keys)}), got {d!r}")
+        try:
+            return cls(**{k: d[k] for k in keys if k in d})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
 
 
 def preprocessed_folder(dataset) -> Path:
@@ -164,29 +247,43 @@ def trainer_class(name: str):
 # ------------------------------------------------------------------------------------------ trainer lookup
 
 
-_LOOKUP = r"""
-import json, sys
-from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-from nnunet_ext.training.base import ExtTrainer
-out = {}
-for name in sys.argv[1:]:
-    try:
-        c = recursive_find_trainer_class_by_name(name)
-        out[name] = {"found": True, "module": c.__module__, "honours_budget": issubclass(c, ExtTrainer)}
-    except Exception as e:
-        out[name] = {"found": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-print("NNUNET_EXT_LOOKUP " + json.dumps(out))
-"""
+_LOOKUP_MARK = "NNUNET_EXT_LOOKUP "
+
+
+def print_trainer_lookup(names: Sequence[str]) -> None:
+    """Print nnU-Net's lookup of each trainer name as one JSON line (what :func:`lookup_trainers` runs in its
+    child process)."""
+    import contextlib
+    import io
+
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    out = {}
+    for name in names:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints the modules it searches
+                c = recursive_find_trainer_class_by_name(name)
+            # ExtTrainer (nnunet_ext.training.base) reads the NNUNET_EXT_* budget: found by name, not imported
+            ours = any(k.__name__ == "ExtTrainer" and k.__module__ == "nnunet_ext.training.base" for k in c.__mro__)
+            out[name] = {"found": True, "module": c.__module__, "honours_budget": ours}
+        except Exception as e:  # noqa: BLE001 - any failure of the lookup is "not found", with its reason
+            out[name] = {"found": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    print(_LOOKUP_MARK + json.dumps(out), flush=True)
 
 
 def lookup_trainers(names: Sequence[str], env: dict) -> dict:
     """Look every name up with nnU-Net's own ``recursive_find_trainer_class_by_name`` (our trainer folder on
-    ``nnUNet_extTrainer``), in one child process (the lookup imports every trainer module, ~5 s)."""
-    r = subprocess.run([sys.executable, "-c", _LOOKUP, *names], env=env, capture_output=True, text=True)
-    line = next((x for x in r.stdout.splitlines() if x.startswith("NNUNET_EXT_LOOKUP ")), None)
+    ``nnUNet_extTrainer``), in one child process with the environment ``env`` (the lookup imports every
+    trainer module, ~5 s): :func:`print_trainer_lookup` called through ``python -m nnunet_ext.cluster.call``."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "nnunet_ext.cluster.call", f"{__name__}:print_trainer_lookup",
+            json.dumps({"names": list(names)})]
+    r = subprocess.run(argv, env=env, capture_output=True, text=True)
+    line = next((x for x in r.stdout.splitlines() if x.startswith(_LOOKUP_MARK)), None)
     if line is None:
         raise RuntimeError(f"trainer lookup failed (exit code {r.returncode}): {(r.stdout + r.stderr)[-2000:]}")
-    return json.loads(line[len("NNUNET_EXT_LOOKUP "):])
+    return json.loads(line[len(_LOOKUP_MARK):])
 
 
 def check_trainers(names: Sequence[str], option: str = "-tr") -> None:

@@ -15,6 +15,9 @@ import pytest
 
 # nnU-Net reads its process count once, at import: in-process runs on 2 cores must not start 8 workers
 os.environ.setdefault("nnUNet_def_n_proc", "1")
+# predict's -npp/-nps default to 3 as nnUNetv2_predict's; the tests' predictions run on 2 cores
+os.environ.setdefault("nnUNet_npp", "1")
+os.environ.setdefault("nnUNet_nps", "1")
 
 PLANNED_ID = 590
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -15,6 +15,13 @@ Finished tasks are never run again; ``nnunet-ext jobs status|resume WORKDIR`` (:
 read these markers plus ``squeue`` (and ``scontrol``/``sacct`` where the controller or accounting still
 knows a job), so they work on clusters without accounting. ``WORKDIR/jobs.json`` keeps the stages and
 every submission. docs/cluster.md.
+
+Training budgets (``NNUNET_EXT_NUM_EPOCHS``, ``NNUNET_EXT_ITERATIONS``, ``NNUNET_EXT_VAL_ITERATIONS``,
+nnunet_ext.core.budget) reach a task only through its own ``env``, i.e. when the command asked for them
+(``compare --epochs``, ``train --epochs``, or ``task_env(budget_from_shell=True)``, which says so). Every other
+task's branch of the script unsets them, so a budget merely exported in the submitting shell (which
+``sbatch`` and the local launcher would otherwise hand on) never shortens a training silently: it is dropped,
+with one printed warning per command.
 """
 from __future__ import annotations
 
@@ -31,12 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from nnunet_ext.core.safety import atomic_output, atomic_write_text
+
 MANIFEST = "jobs.json"
 LAUNCHERS = ("local", "slurm")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # variables a task inherits from the submitting shell (written into the script, so a hand re-submission
-# from another shell sees the same folders and budgets)
+# from another shell sees the same folders); the training-budget variables only when asked for (task_env)
 PASS_THROUGH_PREFIXES = ("nnUNet_", "NNUNET_EXT_")
 
 
@@ -109,12 +118,46 @@ def launcher_options(args: argparse.Namespace) -> LauncherOptions:
                            time=args.time, sbatch_args=list(args.sbatch_args or []), dry_run=args.dry_run)
 
 
-def task_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def task_env(extra: dict[str, str] | None = None, budget_from_shell: bool = False) -> dict[str, str]:
     """The submitting shell's ``nnUNet_*`` and ``NNUNET_EXT_*`` variables plus ``extra``: what a task needs
-    to see nnU-Net's folders, our trainers and budgets wherever and whenever it runs."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(PASS_THROUGH_PREFIXES)}
+    to see nnU-Net's folders and our trainers wherever and whenever it runs. The training-budget variables
+    (nnunet_ext.core.budget) of the shell are included only with ``budget_from_shell`` (a command whose
+    documented budget is the shell's, e.g. ``consensus train``), and then printed; a budget in ``extra`` is
+    the command's own."""
+    from nnunet_ext.core.budget import BUDGET_VARIABLES, budget_in
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(PASS_THROUGH_PREFIXES) and k not in BUDGET_VARIABLES}
+    shell = budget_in()
+    if budget_from_shell and shell:
+        env.update(shell)
+        print("training budget from this shell, passed to the jobs: "
+              + " ".join(f"{k}={v}" for k, v in shell.items()), flush=True)
     env.update(extra or {})
     return env
+
+
+def _budget_lines(t: Task) -> list[str]:
+    """The ``unset`` line of a task's script branch: the budget variables the task did not ask for."""
+    from nnunet_ext.core.budget import BUDGET_VARIABLES
+
+    drop = [k for k in BUDGET_VARIABLES if k not in t.env]
+    return [f"  unset {' '.join(drop)}  # training budget: only what the command asked for"] if drop else []
+
+
+def warn_dropped_budget(stages: list[Stage], environ=None) -> list[str]:
+    """Print one warning when budget variables of the submitting shell are kept from tasks that did not ask
+    for them (their script branches unset them); returns those variable names."""
+    import sys
+
+    from nnunet_ext.core.budget import budget_in
+
+    shell = budget_in(environ)
+    dropped = [k for k in shell if any(k not in t.env for st in stages for t in st.tasks)]
+    if dropped:
+        print(f"warning: {' '.join(f'{k}={shell[k]}' for k in dropped)} is set in this shell but this command did "
+              f"not ask for a training budget: its jobs run without it (use the command's budget options, e.g. "
+              f"--epochs, to shorten training)", file=sys.stderr, flush=True)
+    return dropped
 
 
 # ---------------------------------------------------------------------------------------------- scripts
@@ -198,6 +241,7 @@ def stage_script(stage: Stage, workdir: Path, options: LauncherOptions) -> str:
             out.append(f"  DONE={_q(Path(t.done).resolve())}")
         for key, val in sorted(t.env.items()):
             out.append(f"  export {key}={_q(val)}")
+        out += _budget_lines(t)
         out.append("  CMD=(" + " ".join(_q(a) for a in t.argv) + ")")
         out.append("  ;;")
     out += ['*) echo "stage ' + stage.name + ': no task with index $i" >&2; exit 2 ;;', "esac", ""]
@@ -241,18 +285,15 @@ def _write_scripts(stages: list[Stage], workdir: Path, options: LauncherOptions)
         (sdir / "logs").mkdir(parents=True, exist_ok=True)
         (sdir / "status").mkdir(exist_ok=True)
         p = sdir / f"{st.name}.sbatch"
-        tmp = sdir / f".{st.name}.sbatch.tmp"
-        tmp.write_text(stage_script(st, workdir, options))
-        tmp.chmod(0o755)
-        os.replace(tmp, p)
+        with atomic_output(p) as tmp:
+            tmp.write_text(stage_script(st, workdir, options))
+            tmp.chmod(0o755)
         paths[st.name] = p
     return paths
 
 
 def _save_manifest(workdir: Path, manifest: dict) -> None:
-    tmp = workdir / f".{MANIFEST}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, workdir / MANIFEST)
+    atomic_write_text(workdir / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def load_manifest(workdir) -> dict:
@@ -349,6 +390,7 @@ def run_stages(stages: list[Stage], workdir: Path, options: LauncherOptions) -> 
     names every failed task and its log. slurm: returns ``{stage: job_id}`` (``None`` for a stage with
     nothing left to do, or for every stage with ``dry_run``) right after submission."""
     _validate(stages)
+    warn_dropped_budget(stages)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     old = None

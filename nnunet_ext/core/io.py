@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import uuid
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -222,29 +221,28 @@ def read_geometry(path: str | os.PathLike) -> dict:
 
 def unique_tmp(path: str | os.PathLike) -> Path:
     """A per-process, per-call temporary sibling of ``path`` that keeps its file ending (so SimpleITK picks
-    the same format): ``.tmp_<pid>_<random>_<name>``."""
-    path = Path(path)
-    return path.with_name(f".tmp_{os.getpid()}_{uuid.uuid4().hex[:12]}_{path.name}")
+    the same format): ``.tmp_<pid>_<random>_<name>`` (nnunet_ext.core.safety.unique_name)."""
+    from nnunet_ext.core.safety import unique_name
+
+    return unique_name(path)
 
 
-def write_sitk(img: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
-    """Write ``img`` atomically: to a unique temporary name, then renamed over ``path``. Concurrent writers
-    never share a temporary file, and an interrupted write leaves ``path`` as it was (the temporary file
-    is removed unless the process is killed outright; it is never a name anything trusts)."""
+def write_sitk(img: sitk.Image, path: str | os.PathLike, compress: bool = True, compression_level: int = -1) -> None:
+    """Write ``img`` atomically (nnunet_ext.core.safety.atomic_output): to a unique temporary name, then renamed
+    over ``path``. Concurrent writers never share a temporary file, and an interrupted write leaves ``path``
+    as it was (the temporary file is removed unless the process is killed outright; it is never a name
+    anything trusts). ``compression_level``: SimpleITK's (-1: the format's default)."""
+    from nnunet_ext.core.safety import atomic_output
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise IsADirectoryError(21, "output path is a folder", str(path))
-    tmp = unique_tmp(path)
-    try:
+    with atomic_output(path) as tmp:
         try:
-            sitk.WriteImage(img, str(tmp), compress)
+            sitk.WriteImage(img, str(tmp), compress, compression_level)
         except RuntimeError as e:
             raise OSError(f"cannot write {path} ({_itk_message(e)}); check that its folder is writable") from None
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_image(array: np.ndarray, spacing_zyx: Sequence[float], path: str | os.PathLike,
@@ -258,6 +256,18 @@ def write_image(array: np.ndarray, spacing_zyx: Sequence[float], path: str | os.
     else:
         img.SetSpacing([float(s) for s in reversed(tuple(spacing_zyx))])
     write_sitk(img, path)
+
+
+# the image formats the evaluation and fusion commands read and write (``--file-ending``): SimpleITK reads
+# them all with their geometry; NIfTI files also get the integrity checks of check_file
+FILE_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
+
+
+def check_file_ending(file_ending: str, option: str = "--file-ending") -> str:
+    """``file_ending`` when it is one of :data:`FILE_ENDINGS`, else a ValueError naming ``option``."""
+    if file_ending not in FILE_ENDINGS:
+        raise ValueError(f"{option} {file_ending!r}: not a supported image format; use one of {', '.join(FILE_ENDINGS)}")
+    return file_ending
 
 
 def case_name(path: str | os.PathLike, file_ending: str = ".nii.gz") -> str:

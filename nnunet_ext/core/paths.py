@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+CHECKPOINT = "checkpoint_final.pth"  # nnU-Net's final checkpoint of a fold, the default everywhere
 
 
 def resolve_nnunet_folders(environ=None) -> dict[str, str]:

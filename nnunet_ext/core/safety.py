@@ -9,7 +9,10 @@
   refused unless ``overwrite``, with ``overwrite`` the old content is removed as a whole (no stale files);
   on any exception, Ctrl-C or SIGTERM the staging folder is removed and the target is untouched; staging
   folders left by a SIGKILL are removed by the next run (under the lock).
-* :func:`atomic_write_text` -- one file via a per-process temporary name and ``os.replace``.
+* :func:`atomic_output` -- the one atomic writer: a unique temporary sibling (``.tmp_<pid>_<random>_<name>``,
+  the file ending kept) to write to, renamed over the target when the block ends, removed otherwise;
+  :func:`atomic_write_text`, :func:`atomic_write_bytes` and :func:`atomic_copy` are built on it, and
+  :func:`parse_temporary` recognises its names (a killed run's leftovers).
 * :func:`worker_pool` -- a process pool whose workers die with their parent and ignore Ctrl-C (the parent
   handles it and terminates them).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import threading
@@ -55,9 +59,60 @@ def check_output_not_input(output, inputs: Iterable, *, allow_inside: bool = Fal
                              f"choose another {what} path")
 
 
-def unique_name(path, tag: str = "tmp") -> Path:
+TMP_PREFIX = ".tmp_"
+_TMP_NAME = re.compile(r"^\.tmp_(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9-]+))?_(?:[0-9a-f]{8,12}_)?(?P<name>.+)$")
+
+
+def host_tag() -> str:
+    """This machine's name as it appears in host-tagged temporary names (letters, digits, ``-``)."""
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def unique_name(path, tag: str = "tmp", host: bool = False) -> Path:
+    """A per-process, per-call temporary sibling of ``path`` that keeps its name (and so its file ending):
+    ``.<tag>_<pid>[@<host>]_<random>_<name>`` (``host``: for files several machines may write at once)."""
     path = Path(path)
-    return path.with_name(f".{tag}_{os.getpid()}_{uuid.uuid4().hex[:12]}_{path.name}")
+    who = f"{os.getpid()}@{host_tag()}" if host else str(os.getpid())
+    return path.with_name(f".{tag}_{who}_{uuid.uuid4().hex[:12]}_{path.name}")
+
+
+def parse_temporary(name: str) -> dict | None:
+    """``{"pid", "host", "name"}`` of a temporary name of :func:`unique_name` (also the older
+    ``.tmp_<pid>_<name>`` form; ``host`` None when it names none); None for any other name."""
+    m = _TMP_NAME.match(name)
+    return None if m is None else {"pid": int(m["pid"]), "host": m["host"], "name": m["name"]}
+
+
+@contextlib.contextmanager
+def atomic_output(path, host: bool = False):
+    """Yield a temporary sibling of ``path`` (:func:`unique_name`) to write; it replaces ``path`` when the
+    block ends without an exception and is removed otherwise, so ``path`` is never half-written."""
+    path = Path(path)
+    check_output_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = unique_name(path, host=host)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path, data: bytes, host: bool = False) -> None:
+    with atomic_output(path, host) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_copy(src, dst, link: bool = False) -> None:
+    """Copy ``src`` to ``dst`` (or, with ``link``, a symlink to ``src``'s resolved path) atomically."""
+    with atomic_output(dst) as tmp:
+        if link:
+            os.symlink(Path(src).resolve(), tmp)
+        else:
+            shutil.copy2(src, tmp)
 
 
 def check_output_file(path, what: str = "output") -> None:
@@ -73,19 +128,11 @@ def check_output_file(path, what: str = "output") -> None:
             break
 
 
-def atomic_write_text(path, text: str) -> None:
+def atomic_write_text(path, text: str, host: bool = False) -> None:
     """Write ``text`` to ``path`` through a unique temporary sibling and ``os.replace``."""
-    path = Path(path)
-    check_output_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = unique_name(path)
-    try:
+    with atomic_output(path, host) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def lock_path_for(target) -> Path:

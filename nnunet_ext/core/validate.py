@@ -105,11 +105,11 @@ def workers(value, what: str = "--num-processes") -> int:
     return integer(value, what, 1, MAX_WORKERS)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------------------- datasets
 
 
-def _dataset_ref(value, what: str) -> str:
-    """``-d`` of commands that take an existing dataset: an id 1..999 or ``Dataset<ID>_<name>``."""
+def dataset_ref(value, what: str = "-d/--dataset") -> str:
+    """A dataset as nnU-Net's ``-d`` takes it: an id 1..999 or ``Dataset<ID>_<name>``."""
     s = str(value)
     if s.isdigit():
         dataset_id(int(s), what)
@@ -121,136 +121,14 @@ def _dataset_ref(value, what: str) -> str:
     return s
 
 
-def check_cli_args(args) -> None:
-    """Validate the parsed options of the commands that write datasets (phantom, fuse, convert,
-    preprocess-soft, consensus split-raters) and results (evaluate, operating-points, compare, consensus
-    predict / evaluate: never into or onto an input), naming the option. Options that a chosen variant would
-    ignore are errors (``NotImplementedError``) instead of being dropped without a word."""
-    cmd = getattr(args, "command", None)
-    for t in getattr(args, "thresholds", None) or ():  # operating-points, compare, select
-        probability(t, "--thresholds")
-        if not 0 < t < 1:
-            raise ValueError(f"--thresholds must lie strictly between 0 and 1, got {t}")
-    if cmd == "evaluate" and getattr(args, "soft_ref", None) is not None and getattr(args, "prob", None) is None:
-        raise NotImplementedError("--soft-ref without --prob: the soft reference is compared with predicted "
-                                  "probabilities; add --prob FOLDER (or drop --soft-ref)")
-    device = getattr(args, "device", None)
-    if device is not None and cmd in ("predict", "pseudolabel", "compare", "consensus", "submission"):
-        import re
+def options_of(cls, options, fields: dict, what: str):
+    """``options`` (an instance of the dataclass ``cls``, or None for its defaults) with ``fields`` (its field
+    names as keywords) replaced: a function that takes a parameter object also takes its fields as keywords.
+    An unknown keyword is a TypeError naming ``what``, as Python's own."""
+    from dataclasses import fields as dataclass_fields, replace
 
-        if not re.fullmatch(r"(cpu|mps|cuda(:\d+)?)", str(device)):
-            raise ValueError(f"-device must be cpu, cuda (or cuda:N) or mps, got {device!r}")
-    if cmd == "predict":
-        if args.threshold is not None:
-            finite(args.threshold, "--threshold")
-            if not 0 < args.threshold < 1:
-                raise ValueError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
-        if args.min_lesion_mm3 is not None:
-            finite(args.min_lesion_mm3, "--min-lesion-mm3", low=0.0)
-        workers(args.num_processes, "-np/--num-processes")
-        for opt in ("npp", "nps"):
-            if getattr(args, opt) is not None:
-                workers(getattr(args, opt), f"-{opt}")
-    if cmd == "phantom":
-        dataset_id(args.dataset_id, "-d/--dataset-id")
-        dataset_name(args.name, "--name")
-        count(args.cases, "--cases", 1, MAX_CASES)
-        count(args.test_cases, "--test-cases", 0, MAX_CASES)
-        if args.cases + args.test_cases > MAX_CASES:
-            raise ValueError(f"--cases + --test-cases must be at most {MAX_CASES}, got {args.cases + args.test_cases}")
-        shape(args.shape, "--shape", max_voxels=256 ** 3)
-        spacing(args.spacing, "--spacing")
-        for s in args.site_spacing or ():
-            spacing(s, "--site-spacing")
-        integer(args.raters, "--raters", 0, MAX_RATERS)
-        integer(args.seed, "--seed", 0, 2 ** 32 - 1)
-        workers(args.num_processes, "-np/--num-processes")
-    elif cmd == "fuse":
-        probability(args.gamma, "--gamma")
-        finite(args.radius_mm, "--radius-mm", high=20.0, positive=True)
-        integer(args.channel, "--channel", 0, 9999)
-        rim = args.method in ("soft_rim", "inter_soft_union_rim")
-        if rim and args.images is None:
-            raise ValueError(f"--method {args.method} needs --images (the FLAIR its rim is gated by)")
-        if not rim and args.images is not None:
-            raise NotImplementedError(f"--images is only used by --method soft_rim / inter_soft_union_rim, "
-                                      f"not by {args.method}")
-        if not rim and args.channel != 0:
-            raise NotImplementedError(f"--channel is only used by the rim methods, not by {args.method}")
-        if not rim and args.radius_mm != 1.0:
-            raise NotImplementedError(f"--radius-mm is only used by the rim methods, not by {args.method}")
-        if args.method not in ("inter_soft_union", "soft_rim", "inter_soft_union_rim") and args.gamma != 0.5:
-            raise NotImplementedError(f"--gamma is not used by --method {args.method}")
-        from nnunet_ext.core.safety import check_output_not_input
-
-        check_output_not_input(args.output, list(args.raters) + [args.images], what="-o/--output")
-    elif cmd == "convert":
-        dataset_id(args.dataset_id, "-d/--dataset-id")
-        if args.name is not None:
-            dataset_name(args.name, "--name")
-        if args.label is not None and args.challenge != "isbi2015":
-            raise NotImplementedError(f"--label only applies to isbi2015 (two raters); {args.challenge} labels are "
-                                      f"fixed (see `nnunet-ext convert --help`)")
-        if getattr(args, "subtraction", False) and args.challenge != "msseg2":
-            raise NotImplementedError(f"--subtraction (follow-up minus baseline) needs two time points: it applies to "
-                                      f"msseg2, not {args.challenge}")
-        if args.test_input is not None and args.challenge not in ("wmh2017", "msseg2"):
-            raise NotImplementedError(f"--test-input is supported for wmh2017 and msseg2, not {args.challenge} "
-                                      f"(its test release has no masks; convert it as a separate dataset)")
-        from nnunet_ext.core.safety import check_output_not_input
-
-        for src in (args.input, args.test_input):
-            if src is not None and args.raw is not None:
-                check_output_not_input(args.raw, [src], what="--raw")
-    elif cmd == "split":
-        _dataset_ref(args.dataset, "-d")
-        if args.check:
-            given = [f for f, v in (("-nfolds", args.n_folds), ("--seed", args.seed), ("--overwrite", args.overwrite))
-                     if v not in (None, False)]
-            if given:
-                raise NotImplementedError(f"--check validates the existing split and writes nothing; "
-                                          f"drop {' '.join(given)}")
-        if args.n_folds is not None:
-            integer(args.n_folds, "-nfolds", 2, 100)
-        if args.seed is not None:
-            integer(args.seed, "--seed", 0, 2 ** 32 - 1)
-    elif cmd == "preprocess-soft":
-        _dataset_ref(args.dataset, "-d/--dataset")
-        if args.raters and args.soft_dir != "softlabelsTr":
-            raise NotImplementedError("--soft-dir and --raters exclude each other (--raters reads ratersTr/<rater>/)")
-        if ".." in args.soft_dir.split("/") or args.soft_dir.startswith("/"):
-            raise ValueError(f"--soft-dir must be a folder inside the raw dataset, got {args.soft_dir!r}")
-    elif cmd in ("evaluate", "operating-points"):
-        from pathlib import Path
-
-        from nnunet_ext.core.safety import check_output_not_input
-
-        out = Path(args.output)
-        if cmd == "evaluate":
-            inputs = [args.ref, args.pred, args.prob, args.soft_ref]
-            written = [out, out.with_suffix(".csv")] + ([out.with_suffix(".reliability.png")] if args.prob else [])
-        else:
-            inputs = [args.ref, args.prob]
-            written = [out, Path(args.png) if args.png else out.with_suffix(".png")]
-        from nnunet_ext.core.safety import check_output_file
-
-        for w in written:  # a file path; never into an input folder, never onto an input
-            what = "-o/--output" if w == out else f"-o/--output's {w.name}"
-            check_output_file(w, what)
-            check_output_not_input(w, inputs, what=what)
-    elif cmd == "compare" and args.output is not None:
-        from nnunet_ext.core.safety import check_output_not_input
-
-        check_output_not_input(args.output, [args.test_images, args.test_labels], what="-o/--output")
-    elif cmd == "consensus" and getattr(args, "consensus_command", None) in ("predict", "evaluate"):
-        from nnunet_ext.core.safety import check_output_not_input
-
-        if args.consensus_command == "predict":
-            check_output_not_input(args.output, [args.input], what="-o")
-        elif args.output is not None:
-            check_output_not_input(args.output, [args.pred, args.ref, args.raters], what="-o/--output")
-    elif cmd == "consensus" and getattr(args, "consensus_command", None) == "split-raters":
-        _dataset_ref(args.dataset, "-d")
-        integer(args.folds, "--folds", 2, 100)
-        if args.first_id is not None:
-            dataset_id(args.first_id, "--first-id")
+    known = {f.name for f in dataclass_fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise TypeError(f"{what}() got unexpected keyword argument(s) {unknown}")
+    return replace(options if options is not None else cls(), **fields)

@@ -166,7 +166,8 @@ def fuse_folders(method: str, rater_dirs: Sequence, output_dir, image_dir=None, 
                  overwrite: bool = False) -> list[str]:
     """Fuse the rater folders case by case (cases = those present in every rater folder; a case missing
     from some rater is an error naming it). Outputs keep the first rater's geometry; every rater (and the
-    image, for the rim methods: ``<image_dir>/<case>_<channel:04d>.nii.gz``) must share it.
+    image, for the rim methods: ``<image_dir>/<case>_<channel:04d><file_ending>``) must share it.
+    ``file_ending``: one of nnunet_ext.core.io.FILE_ENDINGS (``.nii.gz``, ``.nii``, ``.mha``, ``.nrrd``).
 
     The output folder must not overlap any input; it is built in a staging folder and moved into place at
     the end (a non-empty one is refused unless ``overwrite``, which replaces it as a whole); zero cases is
@@ -175,12 +176,13 @@ def fuse_folders(method: str, rater_dirs: Sequence, output_dir, image_dir=None, 
     from pathlib import Path
 
     from nnunet_ext.core import validate
-    from nnunet_ext.core.io import check_3d, check_same_geometry, mask_array, read_sitk, write_image
+    from nnunet_ext.core.io import check_3d, check_file_ending, check_same_geometry, mask_array, read_sitk, write_image
     from nnunet_ext.metrics.evaluate import list_cases
     from nnunet_ext.core.safety import staged_folder
 
     if method not in METHODS:
         raise ValueError(f"unknown fusion method {method!r}; known: {', '.join(METHODS)}")
+    check_file_ending(file_ending)
     gamma = validate.probability(gamma, "gamma (--gamma)")
     radius_mm = validate.finite(radius_mm, "radius_mm (--radius-mm)", high=20.0, positive=True)
     channel = validate.integer(channel, "channel (--channel)", 0, 9999)

@@ -23,15 +23,14 @@ Models trained before the contract existed have no file; their contract is deriv
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from nnunet_ext.inference.thresholds import ACTIVATIONS  # noqa: F401  (the one definition: soft_output's)
 
 CONTRACT_FILE = "nnunet_ext_model.json"
 VERSION = 1
 CONDITIONS = (None, "spacing", "cohort")
-ACTIVATIONS = ("softmax", "normalized_relu")
 TTA_MODES = ("mean_logits", "mean_probabilities")
 CONNECTIVITIES = (6, 18, 26)
 
@@ -82,16 +81,6 @@ def contract_path(model_dir) -> Path:
     return Path(model_dir) / CONTRACT_FILE
 
 
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".tmp_{os.getpid()}_{uuid.uuid4().hex[:8]}_{path.name}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_contract(model_dir, contract: ModelContract) -> Path:
     """Write ``contract`` into ``model_dir`` (atomic)."""
     contract.validate(str(contract_path(model_dir)))
@@ -101,7 +90,9 @@ def write_contract(model_dir, contract: ModelContract) -> Path:
     check_contract_identity(p, contract.to_json(), model_dir)
     # plans and configuration from the folder name: a contract copied into another model's folder is refused
     where = {k: v for k, v in folder_identity(model_dir).items() if k != "trainer"}
-    _atomic_write_json(p, {**contract.to_json(), **where})
+    from nnunet_ext.core.safety import atomic_write_text
+
+    atomic_write_text(p, json.dumps({**contract.to_json(), **where}, indent=1))
     return p
 
 
@@ -171,3 +162,45 @@ def update_contract(model_dir, folds=None, checkpoint: str = "checkpoint_final.p
     write_contract(model_dir, c)
     c.source = "file"
     return c
+
+
+# ------------------------------------------------------------------------------------------ applying a contract
+
+
+def resolve_threshold(model_dir, folds, contract: ModelContract, override: float | None = None):
+    """(threshold or None for nnU-Net's argmax, its source) of ``contract`` for the folds in use: ``override``
+    when given, else the contract's number, or (``"stored"``) the Dice-optimal validation threshold of
+    ``folds`` (:func:`nnunet_ext.inference.thresholds.combined_threshold`) when any fold has one."""
+    from nnunet_ext.inference.thresholds import combined_threshold
+
+    if override is not None:
+        if not 0 < override < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {override}")
+        return float(override), "given"
+    if contract.threshold is None:
+        return None, "none: nnU-Net argmax"
+    if contract.threshold == "stored":
+        th = combined_threshold(model_dir, folds)
+        if th is None:
+            return None, "none stored: nnU-Net argmax"
+        return th["threshold"], f"validation of folds {th['folds']}"
+    return float(contract.threshold), "model contract"
+
+
+def postprocess(mask, spacing_zyx, rule, labels=None):
+    """The contract's post-processing of a predicted ``mask`` (z, y, x; bool, or label values, which are
+    kept): its lesions (connected components of the foreground, ``rule["connectivity"]``) smaller than
+    ``rule["min_lesion_mm3"]`` removed; 0 keeps everything. ``rule``: a contract's ``postprocessing`` dict
+    (or the :class:`ModelContract`); ``labels``: the foreground's components ``(labels, n)`` when already
+    computed with that connectivity. The predictor, ensemble prediction and ``nnunet-ext select`` all
+    post-process with this function (nnunet_ext.metrics.lesions.remove_small_lesions)."""
+    import numpy as np
+
+    from nnunet_ext.metrics.lesions import remove_small_lesions
+
+    pp = rule.postprocessing if isinstance(rule, ModelContract) else rule
+    pp = {**default_postprocessing(), **pp}
+    mask = np.asarray(mask)
+    kept = remove_small_lesions(mask > 0 if mask.dtype != bool else mask, spacing_zyx, pp["min_lesion_mm3"],
+                                pp["connectivity"], labels=labels)
+    return kept if mask.dtype == bool else (mask * kept).astype(mask.dtype)

@@ -14,7 +14,9 @@ module turns that file into predictions:
 
 Members must have softmax outputs: the selection was made on nnU-Net's validation softmax probabilities.
 Outputs as ``nnunet-ext predict``: ``<out>/<case><ending>`` (mask), ``<out>/soft/<case><ending>`` (mean map,
-float32) and ``<out>/nnunet_ext_predict.json``. Member maps are written to a private folder beside the
+float32) and ``<out>/nnunet_ext_predict.json``; with ``--uncertainty`` ``<out>/<case>_entropy<ending>``, the
+binary entropy of the mean map, and with ``--lesion-table`` ``lesions.csv`` / ``cases.csv`` of the ensemble's
+mask and mean map (nnunet_ext.inference.lesion_table). Member maps are written to a private folder beside the
 output and removed at the end; an interrupted run leaves no half-written output file (every write is
 atomic) and a re-run starts the members again.
 """
@@ -42,27 +44,43 @@ def selection_path(dataset) -> Path:
     return Path(root) / dataset_name(dataset) / SELECTION_FILE
 
 
-def read_selection(path) -> dict:
-    """The choice in a selection file: ``members`` (``Trainer__Plans__configuration`` names), ``folds``,
-    ``threshold``, ``min_lesion_mm3``, ``connectivity``, ``metric``. Raises ValueError naming the file."""
+def _selection_models(best: dict, dataset, folds, path: Path) -> list:
+    """The chosen models of a selection file's ``best`` as ModelRefs: ``members`` holds model references
+    (``ModelRef.to_json``), or, in files of earlier versions, ``Trainer__Plans__configuration`` names of
+    ``dataset`` (the file's ``dataset``)."""
+    from nnunet_ext.nnunet_adapter import ModelRef
+
+    members = best["members"]
+    if not isinstance(members, list) or not members:
+        raise ValueError("members must be a non-empty list")
+    refs = []
+    for m in members:
+        if isinstance(m, dict):
+            refs.append(ModelRef.from_json(m, f"{path}: members"))
+        else:  # names from a file are data, never paths (no '/', no '..'): checked by ModelRef
+            refs.append(ModelRef.from_name(dataset, m, folds, where=str(path)))
+    return refs
+
+
+def read_selection(path, dataset=None) -> dict:
+    """The choice in a selection file: ``models`` (ModelRefs, folds included), ``members`` (their
+    ``Trainer__Plans__configuration`` names), ``folds``, ``threshold``, ``min_lesion_mm3``, ``connectivity``,
+    ``metric``. Files of earlier versions (members as names) are read with ``dataset`` (default: the file's
+    own). Raises ValueError naming the file."""
     path = Path(path)
     try:
-        best = json.loads(path.read_text())["best"]
-        members = [str(m) for m in best["members"]]
-        choice = {"members": members, "folds": list(best["folds"]), "threshold": float(best["threshold"]),
-                  "min_lesion_mm3": float(best["min_lesion_mm3"]), "connectivity": int(best["connectivity"]),
-                  "metric": best.get("metric"), "selection": str(path)}
+        d = json.loads(path.read_text())
+        best = d["best"]
+        folds = list(best["folds"])
+        models = _selection_models(best, dataset if dataset is not None else d.get("dataset"), folds, path)
+        choice = {"models": models, "members": [m.name for m in models], "folds": folds,
+                  "threshold": float(best["threshold"]), "min_lesion_mm3": float(best["min_lesion_mm3"]),
+                  "connectivity": int(best["connectivity"]), "metric": best.get("metric"), "selection": str(path)}
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: run `nnunet-ext select` first (or give --selection FILE)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a selection file written by `nnunet-ext select` "
                          f"({type(e).__name__}: {e})") from None
-    if not members or any(m.count("__") != 2 for m in members):
-        raise ValueError(f"{path}: members must be Trainer__Plans__configuration names, got {members}")
-    from nnunet_ext.core.checks import split_member
-
-    for m in members:  # names from a file are data, never paths (no '/', no '..')
-        split_member(m, str(path))
     if not 0 < choice["threshold"] < 1:
         raise ValueError(f"{path}: threshold must be in (0, 1), got {choice['threshold']}")
     if not (choice["min_lesion_mm3"] >= 0 and np.isfinite(choice["min_lesion_mm3"])):
@@ -70,15 +88,14 @@ def read_selection(path) -> dict:
     return choice
 
 
-def member_folders(choice: dict, dataset_folder) -> list[Path]:
-    """The members' model folders in ``dataset_folder`` (``$nnUNet_results/<Dataset>``)."""
-    from nnunet_ext.core.checks import member_folder
-
+def member_folders(choice: dict, results=None) -> list[Path]:
+    """The members' model folders (:meth:`ModelRef.folder`; ``results``: the results folder when it is not
+    ``$nnUNet_results``)."""
     out = []
-    for m in choice["members"]:
-        d = member_folder(dataset_folder, m, choice["selection"])
+    for m in choice["models"]:
+        d = m.folder(must_exist=False, results=results)
         if not d.is_dir():
-            raise FileNotFoundError(f"{d} not found: the selection {choice['selection']} names model {m}")
+            raise FileNotFoundError(f"{d} not found: the selection {choice['selection']} names model {m.name}")
         out.append(d)
     return out
 
@@ -107,7 +124,7 @@ def combine_soft_maps(maps: Sequence[np.ndarray], spacing_zyx, threshold: float,
                       connectivity: int = 26) -> tuple[np.ndarray, np.ndarray]:
     """(mean map float32, uint8 mask): the voxel-wise mean of the members' soft lesion maps (z, y, x), the mask
     ``mean >= threshold`` without predicted lesions smaller than ``min_lesion_mm3`` (mm^3, ``spacing_zyx``)."""
-    from nnunet_ext.metrics.lesions import remove_small_lesions
+    from nnunet_ext.inference.contract import postprocess
 
     if not maps:
         raise ValueError("combine_soft_maps needs at least one map")
@@ -118,23 +135,29 @@ def combine_soft_maps(maps: Sequence[np.ndarray], spacing_zyx, threshold: float,
     for m in maps:
         mean += m
     mean /= len(maps)
-    mask = remove_small_lesions(mean >= threshold, spacing_zyx, min_lesion_mm3, connectivity)
-    return mean.astype(np.float32), mask.astype(np.uint8)
+    mask = postprocess((mean >= threshold).astype(np.uint8), spacing_zyx,
+                       {"min_lesion_mm3": min_lesion_mm3, "connectivity": connectivity})
+    return mean.astype(np.float32), mask
 
 
 def predict_ensemble(folders: Sequence[Path], folds, inputs, output_dir, *, threshold: float, min_lesion_mm3: float,
                      connectivity: int = 26, checkpoint: str = "checkpoint_final.pth", device: str = "cuda",
                      disable_tta: bool = False, npp: int = 1, nps: int = 1, case_ids=None, write_soft: bool = True,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, uncertainty: bool = False, lesion_table: bool = False) -> dict:
     """Predict ``inputs`` (a folder in nnU-Net's naming, or per-case file lists with ``case_ids``) with the
-    mean of the members' soft maps (module docstring). Returns a summary like :func:`predict_cases`."""
+    mean of the members' soft maps (module docstring). ``uncertainty`` / ``lesion_table`` as in
+    :func:`predict_cases`, from the mean map: the binary entropy of the members' mean lesion probability.
+    Returns a summary like :func:`predict_cases`."""
     import SimpleITK as sitk
 
     from nnunet_ext.core.io import read_sitk, write_sitk
     from nnunet_ext.inference.predictor import predict_cases
     from nnunet_ext.core.progress import step
+    from nnunet_ext.inference.lesion_table import ENTROPY_SUFFIX, Geometry, case_lesions, write_lesion_tables
+    from nnunet_ext.inference.uncertainty import binary_entropy
 
     folders = [Path(d) for d in folders]
+    lesion_rows, case_rows = [], []
     ending = _check_members(folders, folds, checkpoint)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,8 +177,15 @@ def predict_ensemble(folders: Sequence[Path], folds, inputs, output_dir, *, thre
             maps = [sitk.GetArrayFromImage(im) for im in imgs]
             spacing = tuple(float(s) for s in reversed(imgs[0].GetSpacing()))
             mean, mask = combine_soft_maps(maps, spacing, threshold, min_lesion_mm3, connectivity)
-            for arr, path in ((mean, out / "soft" / f"{case}{ending}"), (mask, out / f"{case}{ending}")):
-                if path.parent.name == "soft" and not write_soft:
+            ent = binary_entropy(mean) if uncertainty or lesion_table else None
+            if lesion_table:
+                rows, case_row = case_lesions(case, mask, mean, ent, Geometry.from_image(imgs[0]), connectivity)
+                lesion_rows += rows
+                case_rows.append(case_row)
+            for arr, path in ((mean, out / "soft" / f"{case}{ending}"),
+                              (ent if uncertainty else None, out / f"{case}{ENTROPY_SUFFIX}{ending}"),
+                              (mask, out / f"{case}{ending}")):
+                if (path.parent.name == "soft" and not write_soft) or arr is None:
                     continue
                 img = sitk.GetImageFromArray(arr)
                 img.CopyInformation(imgs[0])
@@ -164,28 +194,36 @@ def predict_ensemble(folders: Sequence[Path], folds, inputs, output_dir, *, thre
             step("ensemble: combined", n, len(cases), progress, item=case)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"model": [str(d) for d in folders], "folds": list(folds), "cases": cases, "condition": None,
-            "activation": "softmax (mean of the members)", "threshold": float(threshold),
-            "threshold_source": "selection (ensemble)",
-            "postprocessing": {"min_lesion_mm3": float(min_lesion_mm3), "connectivity": int(connectivity)}}
+    summary = {"model": [str(d) for d in folders], "folds": list(folds), "cases": cases, "condition": None,
+               "activation": "softmax (mean of the members)", "threshold": float(threshold),
+               "threshold_source": "selection (ensemble)",
+               "postprocessing": {"min_lesion_mm3": float(min_lesion_mm3), "connectivity": int(connectivity)}}
+    if uncertainty:
+        summary["uncertainty"] = {"files": f"<case>{ENTROPY_SUFFIX}{ending}",
+                                  "definition": "binary entropy (nats) of the members' mean lesion probability"}
+    if lesion_table:
+        lesions_csv, cases_csv = write_lesion_tables(out, lesion_rows, case_rows)
+        summary["lesion_table"] = {"lesions": str(lesions_csv), "cases": str(cases_csv)}
+    return summary
 
 
 def predict_selection(input_dir, output_dir, dataset, selection=None, checkpoint: str = "checkpoint_final.pth",
                       device: str = "cuda", disable_tta: bool = False, n_proc: int = 1,
-                      min_lesion_mm3: float | None = None, threshold: float | None = None) -> dict:
+                      min_lesion_mm3: float | None = None, threshold: float | None = None, uncertainty: bool = False,
+                      lesion_table: bool = False) -> dict:
     """``nnunet-ext predict --selection``: predict with the model or ensemble of a selection file (default
     :func:`selection_path` of ``dataset``). ``threshold`` / ``min_lesion_mm3`` override the selection's."""
     from nnunet_ext.inference.predictor import predict_cases
 
     path = Path(selection) if selection is not None else selection_path(dataset)
-    choice = read_selection(path)
+    if os.environ.get("nnUNet_results"):
+        choice = read_selection(path, dataset)
+        folders = member_folders(choice)
+    else:  # the models beside the selection file (select writes it into $nnUNet_results/<Dataset>/)
+        choice = read_selection(path, path.parent.name)
+        folders = member_folders(choice, path.parent.parent)
     if not Path(input_dir).is_dir():
         raise FileNotFoundError(f"input folder {input_dir} not found")
-    from nnunet_ext.nnunet_adapter import dataset_name
-
-    root = Path(os.environ["nnUNet_results"]) / dataset_name(dataset) if os.environ.get("nnUNet_results") \
-        else path.parent
-    folders = member_folders(choice, root)
     from nnunet_ext.core.safety import check_output_not_input
 
     check_output_not_input(output_dir, [input_dir, *folders], allow_containing=True, what="-o (output folder)")
@@ -198,12 +236,14 @@ def predict_selection(input_dir, output_dir, dataset, selection=None, checkpoint
     mm3 = choice["min_lesion_mm3"] if min_lesion_mm3 is None else float(min_lesion_mm3)
     if len(folders) == 1:  # the selection's values, also when `select --no-contract` left the contract alone
         summary = predict_cases(folders[0], folds, str(input_dir), output_dir, checkpoint=checkpoint, device=device,
-                                disable_tta=disable_tta, threshold=th, min_lesion_mm3=mm3, npp=n_proc, nps=n_proc)
+                                disable_tta=disable_tta, threshold=th, min_lesion_mm3=mm3, npp=n_proc, nps=n_proc,
+                                uncertainty=uncertainty, lesion_table=lesion_table)
         summary["threshold_source"] = "selection" if threshold is None else "given"
     else:
         summary = predict_ensemble(folders, folds, str(input_dir), output_dir, threshold=th, min_lesion_mm3=mm3,
                                    connectivity=choice["connectivity"], checkpoint=checkpoint, device=device,
-                                   disable_tta=disable_tta, npp=n_proc, nps=n_proc)
+                                   disable_tta=disable_tta, npp=n_proc, nps=n_proc, uncertainty=uncertainty,
+                                   lesion_table=lesion_table)
         if threshold is not None:
             summary["threshold_source"] = "given"
     summary["selection"] = str(path)

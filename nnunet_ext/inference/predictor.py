@@ -12,9 +12,12 @@ comparisons, the demo) calls :func:`predict_cases`. What it adds to nnU-Net's pr
   probability file is written and read back unless asked for): ``<out>/<case><ending>`` the mask (the soft
   lesion map at the model's threshold, or nnU-Net's argmax; then predicted lesions smaller than
   ``min_lesion_mm3`` removed), ``<out>/soft/<case><ending>`` the soft lesion map (float32; SoftSeg's
-  normalized ReLU for SoftSeg models), optionally nnU-Net's ``<case>.npz``/``.pkl``; every file is written to
+  normalized ReLU for SoftSeg models), optionally nnU-Net's ``<case>.npz``/``.pkl``, the voxel entropy map
+  ``<out>/<case>_entropy<ending>`` and the rows of ``lesions.csv`` / ``cases.csv`` (``uncertainty``,
+  ``lesion_table``: nnunet_ext.inference.uncertainty, .lesion_table); every file is written to
   a temporary name and renamed, so an interrupted run leaves no half-written output;
-* an optional per-case hook (a module-level function, e.g. pseudo-labelling's confidence filter) called in
+* an optional per-case hook (a picklable callable: a module-level function or a ``functools.partial`` of one,
+  e.g. pseudo-labelling's confidence filter) called in
   the export worker with the case's class probabilities (``(1 - q, q)`` of the soft map for SoftSeg models).
 
 SoftSeg models (activation ``normalized_relu``) get a forward hook on the network: every forward pass (one
@@ -29,24 +32,25 @@ import json
 import multiprocessing
 import os
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nnunet_ext.inference.contract import TTA_MODES, ModelContract, load_contract
-from nnunet_ext.inference.thresholds import combined_threshold, soft_output
+from nnunet_ext.inference.contract import (TTA_MODES, ModelContract, load_contract, postprocess,  # noqa: F401
+                                           resolve_threshold)
+from nnunet_ext.inference.thresholds import soft_output
 
 
-def remove_small_lesions(mask: np.ndarray, spacing_zyx, min_mm3: float, connectivity: int = 26) -> np.ndarray:
-    """``mask`` (z, y, x; label values kept) without the predicted lesions (connected components of its
-    foreground) smaller than ``min_mm3``; 0 keeps everything (nnunet_ext.metrics.lesions)."""
-    if not min_mm3 > 0:
-        return mask
-    from nnunet_ext.metrics.lesions import remove_small_lesions as keep_large
-
-    return (mask * keep_large(mask > 0, spacing_zyx, min_mm3, connectivity)).astype(mask.dtype)
+def final_mask(soft, seg, threshold, spacing_zyx, postprocessing: dict) -> np.ndarray:
+    """The model's mask of one case: the soft lesion map at ``threshold`` (nnU-Net's segmentation ``seg`` when
+    there is no threshold or no soft map), post-processed by the contract's rule
+    (:func:`nnunet_ext.inference.contract.postprocess`)."""
+    if threshold is not None and soft is not None:
+        mask = (soft >= threshold).astype(np.uint8)
+    else:
+        mask = np.asarray(seg).astype(np.uint8 if np.max(seg) < 255 else np.uint16)
+    return postprocess(mask, spacing_zyx, postprocessing)
 
 
 def _write(array: np.ndarray, properties: dict, path: str, compression_level: int = 1) -> None:
@@ -61,15 +65,9 @@ def _write(array: np.ndarray, properties: dict, path: str, compression_level: in
     img.SetSpacing(stuff["spacing"])
     img.SetOrigin(stuff["origin"])
     img.SetDirection(stuff["direction"])
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".tmp_{os.getpid()}_{uuid.uuid4().hex[:8]}_{p.name}")
-    try:
-        sitk.WriteImage(img, str(tmp), True, compression_level)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from nnunet_ext.core.io import write_sitk
+
+    write_sitk(img, path, True, compression_level)
 
 
 def export_with_contract(options: dict, predicted_logits, properties: dict, configuration_manager, plans_manager,
@@ -93,32 +91,35 @@ def export_with_contract(options: dict, predicted_logits, properties: dict, conf
         hook_prob = np.stack([1 - soft, soft])  # the model's class probabilities under its activation
     else:
         hook_prob = prob
-    threshold = options["threshold"]
-    if threshold is not None and soft is not None:
-        mask = (soft >= threshold).astype(np.uint8)
-    else:
-        mask = np.asarray(seg).astype(np.uint8 if np.max(seg) < 255 else np.uint16)
-    mask = remove_small_lesions(mask, properties["spacing"], options["min_lesion_mm3"], options["connectivity"])
-    if options.get("hook"):
-        import importlib
+    mask = final_mask(soft, seg, options["threshold"], properties["spacing"],
+                      {"min_lesion_mm3": options["min_lesion_mm3"], "connectivity": options["connectivity"]})
+    if options.get("hook") is not None:
+        options["hook"](case=case, probabilities=hook_prob, mask=mask, properties=properties,
+                        **options.get("hook_args", {}))
+    extra = {}
+    if options.get("uncertainty") or options.get("lesion_table"):
+        # voxel entropy of the class probabilities (and the per-lesion rows) from this case's flip-averaged
+        # prediction: no extra network pass (nnunet_ext.inference.uncertainty, .lesion_table)
+        from nnunet_ext.inference.lesion_table import ENTROPY_SUFFIX, export_extras
 
-        mod, fn = options["hook"].split(":")
-        getattr(importlib.import_module(mod), fn)(case=case, probabilities=hook_prob, mask=mask,
-                                                  properties=properties, **options.get("hook_args", {}))
+        ent, extra = export_extras(case, hook_prob, mask, properties, options["connectivity"],
+                                   bool(options.get("lesion_table")))
+        if options.get("uncertainty"):
+            _write(ent, properties, str(out.parent / f"{case}{ENTROPY_SUFFIX}{ending}"))
+        del ent
     if options["save_probabilities"] or save_probabilities:
         import pickle
 
-        tmp = out.with_name(f".tmp_{os.getpid()}_{case}.npz")
-        with open(tmp, "wb") as f:
+        from nnunet_ext.core.safety import atomic_output, atomic_write_bytes
+
+        with atomic_output(out.with_name(f"{case}.npz")) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, probabilities=prob)
-        os.replace(tmp, out.with_name(f"{case}.npz"))
-        with open(out.with_name(f"{case}.pkl"), "wb") as f:
-            pickle.dump(properties, f)
+        atomic_write_bytes(out.with_name(f"{case}.pkl"), pickle.dumps(properties))
     if soft is not None and options["write_soft"]:
         _write(soft.astype(np.float32), properties, str(out.parent / "soft" / f"{case}{ending}"))
     if options["write_mask"]:
         _write(mask, properties, str(out.parent / f"{case}{ending}"))
-    return {"case": case, "lesion_voxels": int((mask > 0).sum())}
+    return {"case": case, "lesion_voxels": int((mask > 0).sum()), **extra}
 
 
 def predictor_class():
@@ -194,7 +195,7 @@ def predictor_class():
             # --verbose keeps
             from nnunet_ext.core.progress import VERBOSE, verbosity
 
-            data_iterator = _counted(data_iterator, total, sys.stdout)
+            data_iterator = _counted(data_iterator, total, sys.stdout, getattr(self, "show_progress", True))
             quiet = contextlib.redirect_stdout(io.StringIO()) if verbosity() < VERBOSE else contextlib.nullcontext()
             with quiet:
                 return super().predict_from_data_iterator(data_iterator, save_probabilities,
@@ -224,8 +225,9 @@ def predictor_class():
     return ExtPredictor
 
 
-def _counted(data_iterator, total: int, stream):
-    """``data_iterator``'s items; a case counts as predicted when the next one is asked for."""
+def _counted(data_iterator, total: int, stream, enabled: bool = True):
+    """``data_iterator``'s items; a case counts as predicted when the next one is asked for (``enabled``
+    False: no progress output, nnU-Net's ``--disable_progress_bar``)."""
     from nnunet_ext.core.progress import step
 
     k = 0
@@ -233,7 +235,7 @@ def _counted(data_iterator, total: int, stream):
         yield item
         k += 1
         ofile = item.get("ofile") if isinstance(item, dict) else None
-        step("predict", k, total, item=os.path.basename(ofile) if ofile else None, stream=stream)
+        step("predict", k, total, enabled, item=os.path.basename(ofile) if ofile else None, stream=stream)
 
 
 def _cpu_threads(device: torch.device) -> None:
@@ -242,9 +244,13 @@ def _cpu_threads(device: torch.device) -> None:
 
 
 def load_predictor(model_dir, folds, checkpoint: str = "checkpoint_final.pth", device: str = "cuda",
-                   cohort: str | None = None, disable_tta: bool = False, tta: str | None = None):
-    """An :class:`ExtPredictor` of a trained model folder with its contract applied."""
+                   cohort: str | None = None, disable_tta: bool = False, tta: str | None = None,
+                   step_size: float = 0.5):
+    """An :class:`ExtPredictor` of a trained model folder with its contract applied (``step_size``: the
+    sliding window's step as a fraction of the patch, nnU-Net's ``-step_size``)."""
     model_dir = Path(model_dir)
+    if not 0 < step_size <= 1:
+        raise ValueError(f"-step_size must be in (0, 1], got {step_size}")
     for f in folds:
         ck = model_dir / f"fold_{f}" / checkpoint
         if not ck.is_file():
@@ -259,7 +265,7 @@ def load_predictor(model_dir, folds, checkpoint: str = "checkpoint_final.pth", d
         contract.tta = tta
     dev = torch.device(device)
     _cpu_threads(dev)
-    p = predictor_class()(tile_step_size=0.5, use_gaussian=True, use_mirroring=not disable_tta,
+    p = predictor_class()(tile_step_size=float(step_size), use_gaussian=True, use_mirroring=not disable_tta,
                           perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
                           allow_tqdm=False)
     from nnunet_ext.core.progress import VERBOSE, verbosity
@@ -277,43 +283,53 @@ def load_predictor(model_dir, folds, checkpoint: str = "checkpoint_final.pth", d
     return p
 
 
-def resolve_threshold(model_dir, folds, contract: ModelContract, override: float | None = None):
-    """(threshold or None for argmax, its source) for the folds in use."""
-    if override is not None:
-        if not 0 < override < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {override}")
-        return float(override), "given"
-    if contract.threshold is None:
-        return None, "none: nnU-Net argmax"
-    if contract.threshold == "stored":
-        th = combined_threshold(model_dir, folds)
-        if th is None:
-            return None, "none stored: nnU-Net argmax"
-        return th["threshold"], f"validation of folds {th['folds']}"
-    return float(contract.threshold), "model contract"
-
-
 def predict_cases(model_dir, folds, inputs, output_dir, *, checkpoint: str = "checkpoint_final.pth",
                   device: str = "cuda", cohort: str | None = None, disable_tta: bool = False, tta: str | None = None,
                   save_probabilities: bool = False, write_soft: bool = True, write_mask: bool = True,
                   threshold: float | None = None, min_lesion_mm3: float | None = None, npp: int = 2, nps: int = 2,
-                  overwrite: bool = True, hook: str | None = None, hook_args: dict | None = None,
-                  predictor=None, case_ids: list[str] | None = None) -> dict:
+                  overwrite: bool = True, hook=None, hook_args: dict | None = None,
+                  predictor=None, case_ids: list[str] | None = None, uncertainty: bool = False,
+                  lesion_table: bool = False, step_size: float = 0.5, num_parts: int = 1, part_id: int = 0,
+                  prev_stage_predictions=None, progress: bool = True) -> dict:
     """Predict ``inputs`` (an input folder in nnU-Net's naming, or a list of per-case file lists) into
     ``output_dir`` with the model in ``model_dir`` and its contract. ``threshold`` / ``min_lesion_mm3``
     override the contract's. With ``overwrite=False`` cases whose mask exists are skipped (resumption).
     ``case_ids`` names the outputs of a list of per-case file lists (default: nnU-Net's naming of the first
     file, ``<case>_0000<ending>`` -> ``<case>``; challenge layouts name their files otherwise).
+    ``uncertainty`` also writes ``<out>/<case>_entropy<ending>``, the voxel entropy of the predicted class
+    distribution (float32, nats; nnunet_ext.inference.uncertainty); ``lesion_table`` writes
+    ``<out>/lesions.csv`` and ``<out>/cases.csv`` for the cases this call predicts
+    (nnunet_ext.inference.lesion_table; ``lesions_part<K>of<N>.csv`` / ``cases_part<K>of<N>.csv`` for one of
+    ``num_parts`` > 1 parts).
+    As ``nnUNetv2_predict``: ``step_size`` (sliding window), ``num_parts`` / ``part_id`` (this call predicts
+    every ``num_parts``-th case from ``part_id`` on, in nnU-Net's order), ``prev_stage_predictions`` (the
+    folder of the previous stage's masks, ``<case><ending>``: cascade configurations need it),
+    ``progress=False`` (no progress output); ``overwrite=False`` is ``--continue_prediction``.
     Returns a summary (cases, threshold and its source, post-processing)."""
     from nnunet_ext.nnunet_adapter import export_function
 
     model_dir, out = Path(model_dir), Path(output_dir)
+    if int(num_parts) < 1 or not 0 <= int(part_id) < int(num_parts):
+        raise ValueError(f"-part_id must be in 0..num_parts-1 and -num_parts >= 1, got -part_id {part_id} "
+                         f"-num_parts {num_parts}")
+    if npp < 1 or nps < 1:
+        raise ValueError(f"-npp and -nps must be >= 1 (processes), got -npp {npp} -nps {nps}")
     from nnunet_ext.core.checks import check_model_inputs
 
     check_model_inputs(model_dir, inputs)  # every input image whole, finite, 3-D, the model's channels: before any work
     if predictor is None:
-        predictor = load_predictor(model_dir, folds, checkpoint, device, cohort, disable_tta, tta)
+        predictor = load_predictor(model_dir, folds, checkpoint, device, cohort, disable_tta, tta, step_size)
     contract = predictor.contract
+    predictor.show_progress = bool(progress)
+    prev_files = _check_prev_stage(predictor, inputs, prev_stage_predictions)
+    if (uncertainty or lesion_table) and predictor.label_manager.has_regions:
+        raise NotImplementedError("--uncertainty / --lesion-table with a region-based (sigmoid per region) model: "
+                                  "they need a class distribution per voxel")
+    if lesion_table and not overwrite:
+        raise ValueError("lesion_table needs overwrite=True: skipped cases would have no rows")
+    if hook is not None and not callable(hook):
+        raise TypeError(f"hook must be a callable (a module-level function or a functools.partial of one), "
+                        f"got {hook!r}")
     th, th_source = resolve_threshold(model_dir, folds, contract, threshold)
     pp = dict(contract.postprocessing)
     if min_lesion_mm3 is not None:
@@ -322,7 +338,8 @@ def predict_cases(model_dir, folds, inputs, output_dir, *, checkpoint: str = "ch
         pp["min_lesion_mm3"] = float(min_lesion_mm3)
     options = {"activation": contract.activation, "threshold": th, "min_lesion_mm3": pp["min_lesion_mm3"],
                "connectivity": pp["connectivity"], "save_probabilities": save_probabilities,
-               "write_soft": write_soft, "write_mask": write_mask, "hook": hook, "hook_args": hook_args or {}}
+               "write_soft": write_soft, "write_mask": write_mask, "hook": hook, "hook_args": hook_args or {},
+               "uncertainty": bool(uncertainty), "lesion_table": bool(lesion_table)}
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(inputs, (list, tuple)):
         ids = _case_ids(inputs, predictor.dataset_json["file_ending"]) if case_ids is None else list(case_ids)
@@ -333,13 +350,60 @@ def predict_cases(model_dir, folds, inputs, output_dir, *, checkpoint: str = "ch
     else:
         source, truncated = str(inputs), str(out)
     with export_function(functools.partial(export_with_contract, options)):
-        predictor.predict_from_files(source, truncated, save_probabilities=False, overwrite=overwrite,
-                                     num_processes_preprocessing=npp, num_processes_segmentation_export=nps)
+        exported = predictor.predict_from_files(source, truncated, save_probabilities=False, overwrite=overwrite,
+                                                num_processes_preprocessing=npp, num_processes_segmentation_export=nps,
+                                                folder_with_segs_from_prev_stage=prev_files, num_parts=int(num_parts),
+                                                part_id=int(part_id))
     ending = predictor.dataset_json["file_ending"]
-    cases = sorted(p.name[:-len(ending)] for p in out.glob(f"*{ending}") if not p.name.startswith(".tmp_"))
-    return {"model": str(model_dir), "folds": list(folds), "cases": cases, "condition": contract.condition,
-            "cohort": cohort, "activation": contract.activation, "tta": contract.tta, "threshold": th,
-            "threshold_source": th_source, "postprocessing": {**pp}, "contract": contract.source}
+    from nnunet_ext.inference.lesion_table import ENTROPY_SUFFIX, tables_from_export, write_lesion_tables
+
+    from nnunet_ext.core.safety import parse_temporary
+
+    names = {p.name[:-len(ending)] for p in out.glob(f"*{ending}") if parse_temporary(p.name) is None}
+    cases = sorted(c for c in names  # entropy maps beside their masks are no cases
+                   if not (c.endswith(ENTROPY_SUFFIX) and c[:-len(ENTROPY_SUFFIX)] in names))
+    summary = {"model": str(model_dir), "folds": list(folds), "cases": cases, "condition": contract.condition,
+               "cohort": cohort, "activation": contract.activation, "tta": contract.tta, "threshold": th,
+               "threshold_source": th_source, "postprocessing": {**pp}, "contract": contract.source}
+    if uncertainty:
+        from nnunet_ext.inference.uncertainty import DEFINITION
+
+        summary["uncertainty"] = {"files": f"<case>{ENTROPY_SUFFIX}{ending}", "definition": DEFINITION}
+    if lesion_table:
+        part = "" if int(num_parts) == 1 else f"_part{int(part_id)}of{int(num_parts)}"  # parts: one table each
+        lesions_csv, cases_csv = write_lesion_tables(out, *tables_from_export(exported), part=part)
+        summary["lesion_table"] = {"lesions": str(lesions_csv), "cases": str(cases_csv)}
+    return summary
+
+
+def _check_prev_stage(predictor, inputs, prev_stage_predictions) -> str | None:
+    """The previous stage's folder for nnU-Net (None for a model without one), after checking that a cascade
+    model gets it, that others do not, and that it holds every input case's mask."""
+    prev_name = predictor.configuration_manager.previous_stage_name
+    if prev_name is None:
+        if prev_stage_predictions is not None:
+            raise ValueError("-prev_stage_predictions applies to cascade configurations (3d_cascade_fullres); this "
+                             "model's configuration has no previous stage")
+        return None
+    if prev_stage_predictions is None:
+        raise ValueError(f"this model is a cascade stage: pass -prev_stage_predictions, the folder of its previous "
+                         f"stage's ({prev_name}) predictions of these cases")
+    folder = Path(prev_stage_predictions)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"-prev_stage_predictions {folder}: folder not found")
+    ending = predictor.dataset_json["file_ending"]
+    # nnU-Net finds a case's previous-stage mask by its first input file's name without _0000<ending>
+    if isinstance(inputs, (list, tuple)):
+        ids = [os.path.basename(files[0])[:-(len(ending) + 5)] for files in inputs]
+    else:
+        from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
+
+        ids = get_identifiers_from_splitted_dataset_folder(str(inputs), ending)
+    missing = [c for c in ids if not (folder / f"{c}{ending}").is_file()]
+    if missing:
+        raise FileNotFoundError(f"-prev_stage_predictions {folder}: no {missing[0]}{ending} (the previous stage's "
+                                f"prediction of case {missing[0]}; {len(missing)} case(s) missing)")
+    return str(folder)
 
 
 def _case_ids(inputs, ending: str) -> list[str]:

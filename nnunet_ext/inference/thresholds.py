@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))
+from nnunet_ext.metrics.grid import threshold_grid
+
+THRESHOLDS = tuple(threshold_grid())
 FILE = "nnunet_ext_threshold.json"
 ACTIVATIONS = ("softmax", "normalized_relu")
 

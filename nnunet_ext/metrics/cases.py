@@ -94,13 +94,13 @@ def load_probabilities(path: Path, class_index: int = 1) -> np.ndarray:
     return p.astype(np.float32, copy=False)
 
 
-def prob_files(prob_dir) -> dict[str, Path]:
-    """``{case: path}`` of the probability maps in ``prob_dir`` (``*.npz``, else ``*.nii.gz``)."""
+def prob_files(prob_dir, file_ending: str = ".nii.gz") -> dict[str, Path]:
+    """``{case: path}`` of the probability maps in ``prob_dir`` (``*.npz``, else ``*<file_ending>``)."""
     files = {p.name[:-4]: p for p in sorted(Path(prob_dir).glob("*.npz"))}
     if not files:
-        files = list_cases(prob_dir)
+        files = list_cases(prob_dir, file_ending)
     if not files:
-        raise ValueError(f"no probability maps (*.npz or *.nii.gz) in {prob_dir}")
+        raise ValueError(f"no probability maps (*.npz or *{file_ending}) in {prob_dir}")
     return files
 
 

@@ -6,6 +6,7 @@ import io
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -13,10 +14,11 @@ import numpy as np
 
 from nnunet_ext.core.io import read_image
 from nnunet_ext.core.progress import step
+from nnunet_ext.core.validate import options_of
 from nnunet_ext.metrics.cases import (as_binary, check_same_grid, check_same_header, list_cases,  # noqa: F401
                                       load_mask, load_probabilities, need_3d, prob_files)
-from nnunet_ext.metrics.lesions import (DEFAULT_BINS, RULE_PRESETS, SIZE_UNITS, aggregate, case_metrics,
-                                        check_connectivity, check_counting, parse_bins, parse_detection)
+from nnunet_ext.metrics.lesions import (DEFAULT_BINS, RULE_PRESETS, LesionRule, aggregate, case_metrics, rule_of,
+                                        split_rule_fields)
 from nnunet_ext.metrics.soft import (add_ap_counts, add_counts, average_precision_from_counts, ece_from_counts,
                                      ece_from_probability_counts, probability_reliability_diagram,
                                      reliability_diagram, volume_pearson)
@@ -27,12 +29,50 @@ from nnunet_ext.metrics.soft import (add_ap_counts, add_counts, average_precisio
 # msseg2: Anima's animaSegPerfAnalyzer lesion detection (nnunet_ext.metrics.anima), masks read as Anima does.
 # isbi2015: Carass et al. 2017 score and components (nnunet_ext.metrics.isbi).
 # nichyporuk (= lsr) / focal_tversky: the seed theses' lesion rules (nnunet_ext.metrics.lesions.RULE_PRESETS).
-PRESETS = {"wmh2017": {**RULE_PRESETS["wmh2017"], "reader": "wmh2017", "surface": "wmh2017"},
-           "msseg2": {"connectivity": 6, "detection": "any", "reader": "anima", "anima": True},
-           "isbi2015": {"connectivity": 26, "detection": "any", "isbi": True},
-           "nichyporuk": dict(RULE_PRESETS["nichyporuk"]),
-           "lsr": dict(RULE_PRESETS["lsr"]),
-           "focal_tversky": dict(RULE_PRESETS["focal_tversky"])}
+@dataclass(frozen=True)
+class Preset:
+    """A challenge's (or seed paper's) scoring: its lesion rule (the :class:`LesionRule` fields it fixes;
+    :meth:`lesion_rule`) plus the metric choices: how masks are read (``reader``), the HD95 ``surface``, and
+    the organisers' extra scores (``anima``: MSSEG-2's detection, ``isbi``: the ISBI 2015 score)."""
+    rule: dict = field(hash=False)
+    reader: str | None = None
+    surface: str = "face"
+    anima: bool = False
+    isbi: bool = False
+
+    def lesion_rule(self, bins=DEFAULT_BINS, size_unit: str = "voxels", symmetric: bool = False) -> LesionRule:
+        """The preset's :class:`LesionRule` (``bins`` where the preset fixes none)."""
+        return LesionRule.preset("this", {"this": self.rule}, bins, size_unit, symmetric)
+
+
+PRESETS = {"wmh2017": Preset(RULE_PRESETS["wmh2017"], reader="wmh2017", surface="wmh2017"),
+           "msseg2": Preset({"connectivity": 6, "detection": "any"}, reader="anima", anima=True),
+           "isbi2015": Preset({"connectivity": 26, "detection": "any"}, isbi=True),
+           "nichyporuk": Preset(RULE_PRESETS["nichyporuk"]),
+           "lsr": Preset(RULE_PRESETS["lsr"]),
+           "focal_tversky": Preset(RULE_PRESETS["focal_tversky"])}
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """What :func:`evaluate_folders` reads and writes besides the lesion rule: ``allow_missing`` (a reference
+    case without prediction counts as an empty prediction), ``label`` (compare this label only),
+    ``file_ending``, ``num_workers``, ``progress``, soft outputs (``prob_dir`` probability maps,
+    ``soft_ref_dir`` soft references, ``reliability_png``), ``cases`` (only these), ``isbi_rater_score``
+    and ``check_label`` (a ``label`` found in no file is an error)."""
+    allow_missing: bool = False
+    label: int | None = None
+    file_ending: str = ".nii.gz"
+    num_workers: int = 1
+    progress: bool = True
+    prob_dir: object = None
+    soft_ref_dir: object = None
+    reliability_png: object = None
+    cases: tuple | None = None
+    isbi_rater_score: float | None = None
+    check_label: bool = True
+
+
 
 
 def _read_case(ref_path, pred_path, label, reader):
@@ -71,20 +111,18 @@ def _read_case(ref_path, pred_path, label, reader):
 
 
 def _evaluate_one(args) -> tuple[str, dict, dict | None]:
-    case, ref_path, pred_path, label, opts, preset, prob_path, soft_path = args
-    p = PRESETS[preset] if preset else {}
-    ref, pred, spacing = _read_case(ref_path, pred_path, label, p.get("reader"))
-    m = case_metrics(ref, pred, spacing, connectivity=opts["connectivity"], bins=opts["bins"],
-                     detection=opts["detection"], size_unit=opts["size_unit"], symmetric=opts["symmetric"],
-                     surface=p.get("surface", "face"), counting=opts["counting"])
-    if p.get("anima"):
+    case, ref_path, pred_path, label, rule, preset, prob_path, soft_path = args
+    p = PRESETS[preset] if preset else Preset({})
+    ref, pred, spacing = _read_case(ref_path, pred_path, label, p.reader)
+    m = case_metrics(ref, pred, spacing, surface=p.surface, **rule.options())
+    if p.anima:
         from nnunet_ext.metrics.anima import anima_detection
 
         m["msseg2"] = anima_detection(ref, pred, spacing)
-    if p.get("isbi"):
+    if p.isbi:
         from nnunet_ext.metrics.isbi import isbi_case
 
-        m["isbi2015"] = isbi_case(ref, pred, spacing, opts["connectivity"])
+        m["isbi2015"] = isbi_case(ref, pred, spacing, rule.connectivity)
     m["prediction_missing"] = pred_path is None
     calib = None
     if prob_path is not None:
@@ -112,45 +150,36 @@ def _evaluate_one(args) -> tuple[str, dict, dict | None]:
 def resolve_options(preset: str | None = None, connectivity: int = 26, min_overlap: float = 0.0,
                     bins: Sequence = DEFAULT_BINS, detection=None, size_unit: str = "voxels",
                     symmetric: bool = False, counting: str = "reference", presets: dict | None = None) -> dict:
-    """The lesion rule in force: a preset's connectivity / detection (/ bins, counting) override the
-    arguments; ``presets`` (default :data:`PRESETS`) are the presets accepted."""
-    presets = PRESETS if presets is None else presets
-    if preset is not None:
-        if preset not in presets:
-            raise ValueError(f"unknown preset {preset!r}; known: {sorted(presets)}")
-        p = presets[preset]
-        connectivity, detection = p["connectivity"], p["detection"]
-        bins = p.get("bins", bins)
-        counting = p.get("counting", "reference")
-    check_connectivity(connectivity)
-    check_counting(counting, symmetric)
-    if size_unit not in SIZE_UNITS:
-        raise ValueError(f"size_unit must be one of {SIZE_UNITS}, got {size_unit!r}")
-    if isinstance(bins, str):
-        bins = parse_bins(bins)
-    rule = parse_detection(detection) if detection is not None else None
-    if rule is None:
-        from nnunet_ext.metrics.lesions import rule_from_min_overlap
-
-        rule = rule_from_min_overlap(min_overlap)
-    return {"connectivity": connectivity, "detection": rule, "bins": tuple(tuple(b) for b in bins),
-            "size_unit": size_unit, "symmetric": bool(symmetric), "counting": counting}
+    """The lesion rule in force as a dict (:meth:`LesionRule.resolve`, :meth:`LesionRule.options`): a preset's
+    connectivity / detection (/ bins, counting) override the arguments; ``presets`` (default
+    :data:`PRESETS`) are the presets accepted."""
+    return LesionRule.resolve(preset, connectivity, min_overlap, bins, detection, size_unit, symmetric, counting,
+                              PRESETS if presets is None else presets).options()
 
 
-def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None, connectivity: int = 26,
-                     min_overlap: float = 0.0, bins: Sequence = DEFAULT_BINS,
-                     allow_missing: bool = False, label: int | None = None, file_ending: str = ".nii.gz",
-                     num_workers: int = 1, progress: bool = True, preset: str | None = None,
-                     prob_dir=None, soft_ref_dir=None, reliability_png=None, detection=None,
-                     size_unit: str = "voxels", symmetric: bool = False, cases: Sequence[str] | None = None,
-                     isbi_rater_score: float | None = None, counting: str = "reference",
-                     check_label: bool = True) -> dict:
-    """Evaluate every reference case (or only ``cases``); return (and write to ``output`` JSON + CSV)
-    per-case results and aggregates. A reference case without prediction is an error unless
-    ``allow_missing`` (then it counts as an empty prediction). ``detection`` (e.g.
-    ``"voxels>=3 or fraction>0.5"``) overrides ``min_overlap``; a ``preset`` overrides both and the
-    connectivity (and ``counting``: ``"prediction"`` counts TP on predicted lesions, the Nichyporuk thesis)."""
-    opts = resolve_options(preset, connectivity, min_overlap, bins, detection, size_unit, symmetric, counting)
+def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None, rule: LesionRule | None = None,
+                     options: EvaluateOptions | None = None, **fields) -> dict:
+    """Evaluate every reference case (or only ``options.cases``); return (and write to ``output`` JSON + CSV)
+    per-case results and aggregates. ``rule``: the :class:`LesionRule`; or its fields as keywords, with
+    ``preset`` (a :data:`PRESETS` name: its rule and scoring; ``bins``, ``size_unit``, ``symmetric`` apply
+    where the preset fixes none) and the legacy ``min_overlap`` (``detection`` overrides it). ``options``:
+    :class:`EvaluateOptions`, or its fields as keywords. A reference case without prediction is an error
+    unless ``allow_missing`` (then it counts as an empty prediction)."""
+    rule_fields, rest = split_rule_fields(fields)
+    preset, min_overlap = rule_fields.get("preset"), rule_fields.get("min_overlap", 0.0)
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    if preset is not None and rule is None:
+        rule_fields["presets"] = PRESETS
+    rule = rule_of(rule, rule_fields, "evaluate_folders")
+    o = options_of(EvaluateOptions, options, rest, "evaluate_folders")
+    return _evaluate(ref_dir, pred_dir, output, rule, preset, min_overlap, o)
+
+
+def _evaluate(ref_dir, pred_dir, output, rule: LesionRule, preset, min_overlap, o: EvaluateOptions) -> dict:
+    allow_missing, label, file_ending, num_workers, progress = (o.allow_missing, o.label, o.file_ending,
+                                                                o.num_workers, o.progress)
+    prob_dir, soft_ref_dir, reliability_png, cases = o.prob_dir, o.soft_ref_dir, o.reliability_png, o.cases
     refs, preds = list_cases(ref_dir, file_ending), list_cases(pred_dir, file_ending)
     if cases is not None:
         unknown = [c for c in cases if c not in refs]
@@ -167,7 +196,7 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
     extra = sorted(set(preds) - set(refs))
     probs = softs = {}
     if prob_dir is not None:
-        probs = prob_files(prob_dir)
+        probs = prob_files(prob_dir, file_ending)
         lacking = [c for c in refs if c not in probs]
         if lacking:
             raise FileNotFoundError(f"no probability map for reference case {lacking[0]} in {prob_dir}")
@@ -176,7 +205,7 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
             lacking = [c for c in refs if c not in softs]
             if lacking:
                 raise FileNotFoundError(f"no soft reference {Path(soft_ref_dir) / (lacking[0] + file_ending)}")
-    jobs = [(c, refs[c], preds.get(c), label, opts, preset, probs.get(c), softs.get(c)) for c in refs]
+    jobs = [(c, refs[c], preds.get(c), label, rule, preset, probs.get(c), softs.get(c)) for c in refs]
     per_case, calibration, calibration05, ap = {}, None, None, None
     calibration_pb = [None]  # counts of ece_probability_bins
 
@@ -199,30 +228,30 @@ def evaluate_folders(ref_dir, pred_dir, output: str | os.PathLike | None = None,
             collect(k, *_evaluate_one(job))
     # check_label=False: the label is the dataset's lesion label by construction (a fold's validation), and
     # folds whose cases and predictions are all lesion-free (e.g. MSSEG-2 patients without new lesions) are valid
-    if check_label and label is not None and not any(m["ref_volume_mm3"] or m["pred_volume_mm3"]
+    if o.check_label and label is not None and not any(m["ref_volume_mm3"] or m["pred_volume_mm3"]
                                                      for m in per_case.values()):
         raise ValueError(f"--label {label}: no reference in {ref_dir} and no prediction in {pred_dir} holds label "
                          f"{label} (every score would be that of two empty masks); check the label value")
     result = {
-        "settings": {"ref_dir": str(ref_dir), "pred_dir": str(pred_dir), "connectivity": opts["connectivity"],
-                     "detection": opts["detection"].text(), "min_overlap": min_overlap,
-                     "bins": [list(b) for b in opts["bins"]], "size_unit": opts["size_unit"],
-                     "symmetric": opts["symmetric"], "counting": opts["counting"], "label": label, "preset": preset,
+        "settings": {"ref_dir": str(ref_dir), "pred_dir": str(pred_dir), "connectivity": rule.connectivity,
+                     "detection": rule.detection.text(), "min_overlap": min_overlap,
+                     "bins": [list(b) for b in rule.bins], "size_unit": rule.size_unit,
+                     "symmetric": rule.symmetric, "counting": rule.counting, "label": label, "preset": preset,
                      "missing_predictions": missing, "predictions_without_reference": extra},
         "per_case": per_case,
-        "aggregate": aggregate(per_case, opts["bins"]),
+        "aggregate": aggregate(per_case, rule.bins),
     }
     result["aggregate"]["volume_pearson"] = volume_pearson([m["ref_volume_mm3"] for m in per_case.values()],
                                                            [m["pred_volume_mm3"] for m in per_case.values()])
-    if preset is not None and PRESETS[preset].get("anima"):
+    if preset is not None and PRESETS[preset].anima:
         from nnunet_ext.metrics.anima import aggregate_msseg2
 
         result["aggregate"]["msseg2"] = aggregate_msseg2(per_case)
-    if preset is not None and PRESETS[preset].get("isbi"):
+    if preset is not None and PRESETS[preset].isbi:
         from nnunet_ext.metrics.isbi import isbi_score
 
         result["aggregate"]["isbi2015"] = isbi_score({"reference": {c: m["isbi2015"] for c, m in per_case.items()}},
-                                                     isbi_rater_score)
+                                                     o.isbi_rater_score)
     if calibration is not None:
         agg = result["aggregate"]
         agg["pooled"]["ece"] = ece_from_counts(calibration)  # the SoftSeg thesis' ECE, cases pooled

@@ -235,6 +235,97 @@ RULE_PRESETS = {
 }
 
 
+RULE_FIELDS = ("connectivity", "detection", "bins", "size_unit", "counting", "symmetric")
+
+
+@dataclass(frozen=True)
+class LesionRule:
+    """What a lesion is and when it counts, in one object passed through evaluation, the threshold sweep,
+    model selection and comparisons: ``connectivity`` of the components, the ``detection`` rule (text or
+    :class:`DetectionRule`), the size ``bins`` (text or tuples), their ``size_unit`` (``voxels`` or
+    ``mm3``), ``counting`` (``reference``, or ``prediction``: the Nichyporuk thesis' pair-by-pair rule) and
+    ``symmetric``. The empty-case convention of the rates follows from ``counting`` (``"wmh"`` for
+    reference counting, ``"bin"`` for prediction counting; :func:`lesion_rates`). A lesion-rule preset is
+    one of these (:meth:`preset`)."""
+    connectivity: int = 26
+    detection: DetectionRule = DetectionRule()
+    bins: tuple = DEFAULT_BINS
+    size_unit: str = "voxels"
+    counting: str = "reference"
+    symmetric: bool = False
+
+    def __post_init__(self):
+        check_connectivity(self.connectivity)
+        object.__setattr__(self, "detection", parse_detection(self.detection))
+        bins = parse_bins(self.bins) if isinstance(self.bins, str) else self.bins
+        object.__setattr__(self, "bins", tuple(tuple(b) for b in bins))
+        if self.size_unit not in SIZE_UNITS:
+            raise ValueError(f"size_unit must be one of {SIZE_UNITS}, got {self.size_unit!r}")
+        check_counting(self.counting, self.symmetric)
+        object.__setattr__(self, "symmetric", bool(self.symmetric))
+
+    @classmethod
+    def preset(cls, name: str, presets: dict | None = None, bins=DEFAULT_BINS, size_unit: str = "voxels",
+               symmetric: bool = False) -> "LesionRule":
+        """The rule of a preset of ``presets`` (default :data:`RULE_PRESETS`): its connectivity, detection rule
+        and counting, its bins when it fixes them (else ``bins``); ``size_unit`` and ``symmetric`` as given."""
+        table = RULE_PRESETS if presets is None else presets
+        if name not in table:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(table)}")
+        p = table[name]
+        p = getattr(p, "rule", p)  # a preset of nnunet_ext.metrics.evaluate.PRESETS: its lesion-rule fields
+        return cls(p["connectivity"], p["detection"], p.get("bins", bins), size_unit, p.get("counting", "reference"),
+                   symmetric)
+
+    @classmethod
+    def resolve(cls, preset: str | None = None, connectivity: int = 26, min_overlap: float = 0.0,
+                bins=DEFAULT_BINS, detection=None, size_unit: str = "voxels", symmetric: bool = False,
+                counting: str = "reference", presets: dict | None = None) -> "LesionRule":
+        """The rule in force for a command's options: a ``preset``'s connectivity / detection (/ bins,
+        counting) override the arguments; ``detection`` overrides the legacy ``min_overlap``."""
+        if preset is not None:
+            return cls.preset(preset, presets, bins, size_unit, symmetric)
+        rule = parse_detection(detection) if detection is not None else rule_from_min_overlap(min_overlap)
+        return cls(connectivity, rule, bins, size_unit, counting, symmetric)
+
+    def options(self) -> dict:
+        """The rule as keyword arguments of :func:`lesion_counts` / :func:`case_metrics`."""
+        return {"connectivity": self.connectivity, "detection": self.detection, "bins": self.bins,
+                "size_unit": self.size_unit, "symmetric": self.symmetric, "counting": self.counting}
+
+    def to_json(self) -> dict:
+        return {"connectivity": self.connectivity, "detection": self.detection.text(),
+                "bins": [list(b) for b in self.bins], "size_unit": self.size_unit, "counting": self.counting,
+                "symmetric": self.symmetric}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LesionRule":
+        return cls(**{k: d[k] for k in RULE_FIELDS if k in d})
+
+    def counts(self, ref: np.ndarray, pred: np.ndarray, spacing=None, ref_labels=None, pred_labels=None) -> dict:
+        """:func:`lesion_counts` of one case under this rule."""
+        return lesion_counts(ref, pred, ref_labels=ref_labels, pred_labels=pred_labels, spacing=spacing,
+                             **self.options())
+
+
+def split_rule_fields(fields: dict) -> tuple[dict, dict]:
+    """(lesion-rule keywords incl. ``preset`` / ``min_overlap``, the rest) of a function's keywords."""
+    keys = set(RULE_FIELDS) | {"preset", "min_overlap"}
+    return {k: v for k, v in fields.items() if k in keys}, {k: v for k, v in fields.items() if k not in keys}
+
+
+def rule_of(rule: "LesionRule | None", fields: dict, what: str) -> "LesionRule":
+    """``rule``, or the rule that ``fields`` (:data:`RULE_FIELDS`, ``preset``, ``min_overlap`` as keywords)
+    describe (:meth:`LesionRule.resolve`); both at once is a ValueError naming ``what``."""
+    if rule is not None:
+        if fields:
+            raise ValueError(f"{what}: give the lesion rule either as rule= or as {sorted(fields)}, not both")
+        if not isinstance(rule, LesionRule):
+            raise TypeError(f"{what}: rule must be a LesionRule, got {type(rule).__name__}")
+        return rule
+    return LesionRule.resolve(**fields)
+
+
 # ----------------------------------------------------------------------------------------------- rates
 def lesion_rates(tp_ref: int, n_ref: int, tp_pred: int, n_pred: int, convention: str = "wmh") -> dict:
     """Lesion TPR (sensitivity), PPV, FDR and F1 from counts: ``tp_ref`` detected of ``n_ref`` reference
@@ -293,15 +384,16 @@ def voxel_volume(spacing: Sequence[float]) -> float:
 
 
 def remove_small_lesions(mask: np.ndarray, spacing: Sequence[float], min_lesion_mm3: float,
-                         connectivity: int = 26) -> np.ndarray:
+                         connectivity: int = 26, labels=None) -> np.ndarray:
     """``mask`` without its connected components smaller than ``min_lesion_mm3`` (volume = voxels x voxel
-    volume; 0 keeps everything). The post-processing stored in the model contract."""
+    volume; 0 keeps everything); ``labels``: its components ``(labels, n)`` when already computed. The
+    post-processing stored in the model contract (nnunet_ext.inference.contract.postprocess)."""
     if not (min_lesion_mm3 >= 0) or math.isinf(min_lesion_mm3):
         raise ValueError(f"min_lesion_mm3 must be a finite number >= 0, got {min_lesion_mm3}")
     mask = np.asarray(mask, bool)
     if min_lesion_mm3 == 0 or not mask.any():
         return mask
-    lab, n = label_components(mask, connectivity)
+    lab, n = label_components(mask, connectivity) if labels is None else labels
     vol = np.bincount(lab.ravel(), minlength=n + 1) * voxel_volume(spacing)
     keep = ~(vol < min_lesion_mm3)  # the same comparison as the predictor's post-processing
     keep[0] = False
@@ -533,6 +625,6 @@ def aggregate(per_case: dict[str, dict], bins: Sequence = DEFAULT_BINS) -> dict:
     return {"mean": mean, "pooled": pooled, "n_cases": len(per_case)}
 
 
-__all__ = ["DEFAULT_BINS", "RULE_PRESETS", "COUNTINGS", "DetectionRule", "parse_detection", "parse_bins", "label_components",
+__all__ = ["DEFAULT_BINS", "RULE_PRESETS", "COUNTINGS", "DetectionRule", "LesionRule", "parse_detection", "parse_bins", "label_components",
            "lesion_counts", "lesion_rates", "remove_small_lesions", "surface_mask", "hd95", "case_metrics",
            "aggregate", "as_binary", "bin_name"]

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from nnunet_ext.metrics.grid import threshold_grid
 from nnunet_ext.metrics.cases import check_same_grid, check_same_header, list_cases, load_mask, load_probabilities, prob_files
-from nnunet_ext.metrics.lesions import (DEFAULT_BINS, RULE_PRESETS, _bin_key, label_components, lesion_counts,
+from nnunet_ext.metrics.lesions import (DEFAULT_BINS, LesionRule, _bin_key, label_components, lesion_counts,  # noqa: F401
+                                        rule_of, split_rule_fields,
                                         lesion_rates)
 from nnunet_ext.metrics.soft import add_ap_counts, ap_counts, average_precision_from_counts
 from nnunet_ext.core.progress import step
@@ -29,29 +32,48 @@ _prob_files = prob_files  # old private name
 
 
 def default_thresholds() -> list[float]:
-    return [round(t, 3) for t in np.concatenate([[0.01, 0.02, 0.05], np.arange(0.1, 0.91, 0.05), [0.95, 0.98]])]
+    """The sweep's thresholds: :func:`nnunet_ext.metrics.grid.threshold_grid` with its extremes."""
+    return threshold_grid(extremes=True)
 
 
-def sweep(ref_dir, prob_dir, thresholds: Sequence[float] | None = None, connectivity: int = 26,
-          min_overlap: float = 0.0, bins=DEFAULT_BINS, class_index: int = 1, label: int | None = None,
-          allow_missing: bool = False, progress: bool = True, detection=None, size_unit: str = "voxels",
-          symmetric: bool = False, counting: str = "reference", preset: str | None = None) -> dict:
+@dataclass(frozen=True)
+class SweepOptions:
+    """What :func:`sweep` reads besides the lesion rule: ``class_index`` (the probability channel),
+    ``label`` (the reference label), ``allow_missing``, ``progress`` and ``file_ending`` (the reference
+    masks' and NIfTI-like probability maps' format, one of nnunet_ext.core.io.FILE_ENDINGS)."""
+    class_index: int = 1
+    label: int | None = None
+    allow_missing: bool = False
+    progress: bool = True
+    file_ending: str = ".nii.gz"
+
+
+def sweep(ref_dir, prob_dir, thresholds: Sequence[float] | None = None, rule: LesionRule | None = None,
+          options: SweepOptions | None = None, **fields) -> dict:
     """Pooled voxel and lesion rates at each threshold (a voxel is foreground when p >= threshold), per-scan
-    means at each threshold, voxel AP; the lesion rule (``connectivity``, ``detection`` / ``min_overlap``,
-    ``bins``, ``size_unit``, ``counting``, or a lesion-rule ``preset``: ``wmh2017``, ``nichyporuk`` / ``lsr``,
-    ``focal_tversky``) as in :func:`nnunet_ext.metrics.evaluate.evaluate_folders`."""
-    from nnunet_ext.metrics.evaluate import resolve_options
+    means at each threshold, voxel AP. ``rule``: the :class:`LesionRule`, or its fields as keywords (with
+    ``min_overlap``, or a lesion-rule ``preset``: ``wmh2017``, ``nichyporuk`` / ``lsr``, ``focal_tversky``)
+    as in :func:`nnunet_ext.metrics.evaluate.evaluate_folders`; ``options``: :class:`SweepOptions`, or its
+    fields as keywords."""
+    from nnunet_ext.core.io import check_file_ending
+    from nnunet_ext.core.validate import options_of
 
-    opts = resolve_options(preset, connectivity, min_overlap, bins, detection, size_unit, symmetric, counting,
-                           presets=RULE_PRESETS)
-    connectivity, bins, detection = opts["connectivity"], opts["bins"], opts["detection"]
-    size_unit, symmetric, counting = opts["size_unit"], opts["symmetric"], opts["counting"]
+    rule_fields, rest = split_rule_fields(fields)
+    preset = rule_fields.get("preset")
+    rule = rule_of(rule, rule_fields, "sweep")
+    o = options_of(SweepOptions, options, rest, "sweep")
+    class_index, label, allow_missing, progress, file_ending = (o.class_index, o.label, o.allow_missing,
+                                                                o.progress, o.file_ending)
+    check_file_ending(file_ending)
+    connectivity, bins, detection = rule.connectivity, rule.bins, rule.detection
+    size_unit, symmetric, counting = rule.size_unit, rule.symmetric, rule.counting
+    min_overlap = 0.0  # (the rule's detection holds it)
     thresholds = sorted(float(t) for t in (thresholds if thresholds is not None else default_thresholds()))
     if not thresholds or thresholds[0] <= 0 or thresholds[-1] > 1:
         raise ValueError("thresholds must be in (0, 1]")
-    refs, probs = list_cases(ref_dir), prob_files(prob_dir)
+    refs, probs = list_cases(ref_dir, file_ending), prob_files(prob_dir, file_ending)
     if not refs:
-        raise ValueError(f"--ref {ref_dir}: no reference masks (<case>.nii.gz) in this folder; give the folder of "
+        raise ValueError(f"--ref {ref_dir}: no reference masks (<case>{file_ending}) in this folder; give the folder of "
                          f"the reference labels")
     missing = [c for c in refs if c not in probs]
     if missing and not allow_missing:

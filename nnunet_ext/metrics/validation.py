@@ -10,11 +10,11 @@ model; our trainers call it at the end of training.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
 from nnunet_ext.metrics.cases import list_cases
+from nnunet_ext.nnunet_adapter import ModelRef
 
 SUMMARY_FILE = "lesion_summary.json"
 
@@ -53,42 +53,11 @@ def write_fold_lesion_metrics(fold_dir, gt_dir, file_ending: str = ".nii.gz", **
     return res
 
 
-def _dataset_name(dataset) -> str:
-    """``Dataset<ID>_<Name>`` of a dataset id or name, looked up in the folders of ``nnUNet_results``,
-    ``nnUNet_preprocessed`` and ``nnUNet_raw`` (read from the environment at call time)."""
-    text = str(dataset)
-    if text.startswith("Dataset"):
-        return text
-    try:
-        did = int(text)
-    except ValueError:
-        raise ValueError(f"dataset must be an id or a Dataset<ID>_<Name> name, got {dataset!r}") from None
-    for var in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
-        root = os.environ.get(var)
-        if root and Path(root).is_dir():
-            hits = sorted(p.name for p in Path(root).glob(f"Dataset{did:03d}_*") if p.is_dir())
-            if hits:
-                return hits[0]
-    raise FileNotFoundError(f"dataset {dataset}: no Dataset{did:03d}_* folder under $nnUNet_results, "
-                            f"$nnUNet_preprocessed or $nnUNet_raw")
-
-
-def model_folder(dataset, configuration: str, trainer: str, plans: str = "nnUNetPlans") -> Path:
-    """``$nnUNet_results/<Dataset>/<trainer>__<plans>__<configuration>`` (must exist)."""
-    if not os.environ.get("nnUNet_results"):
-        raise ValueError("set nnUNet_results (the folder nnUNetv2_train wrote the model to)")
-    d = Path(os.environ["nnUNet_results"]) / _dataset_name(dataset) / f"{trainer}__{plans}__{configuration}"
-    if not d.is_dir():
-        raise FileNotFoundError(f"no trained model {d} (trainer {trainer}, plans {plans}, configuration "
-                                f"{configuration})")
-    return d
-
-
 def gt_folder(dataset) -> Path:
     """nnU-Net's copy of the training labels: ``$nnUNet_preprocessed/<Dataset>/gt_segmentations``."""
-    if not os.environ.get("nnUNet_preprocessed"):
-        raise ValueError("set nnUNet_preprocessed (nnU-Net's gt_segmentations are the references)")
-    d = Path(os.environ["nnUNet_preprocessed"]) / _dataset_name(dataset) / "gt_segmentations"
+    from nnunet_ext.nnunet_adapter import preprocessed_folder
+
+    d = preprocessed_folder(dataset) / "gt_segmentations"
     if not d.is_dir():
         raise FileNotFoundError(f"no reference folder {d}: run nnUNetv2_plan_and_preprocess for this dataset")
     return d
@@ -104,7 +73,7 @@ def file_ending_of(model_dir) -> str:
 def lesion_metrics_for_model(dataset, configuration: str, trainer: str, plans: str = "nnUNetPlans",
                              folds: Sequence = (0, 1, 2, 3, 4), **rule_options) -> dict:
     """:func:`write_fold_lesion_metrics` for each fold of a trained model; ``{fold: pooled summary}``."""
-    md = model_folder(dataset, configuration, trainer, plans)
+    md = ModelRef(str(dataset), configuration, trainer, plans).folder()
     gt, ending = gt_folder(dataset), file_ending_of(md)
     out = {}
     for f in folds:

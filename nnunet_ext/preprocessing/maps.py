@@ -8,7 +8,6 @@ into place, so concurrent or interrupted runs never leave a half-written map tha
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +31,11 @@ def save_map_like_seg(arr: np.ndarray, seg_file, target) -> None:
         arr = arr[None]
     if tuple(arr.shape) != tuple(seg.shape):
         raise ValueError(f"map for {seg_file} has shape {arr.shape[1:]}, the case's segmentation {seg.shape[1:]}")
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp_{os.getpid()}_{uuid.uuid4().hex[:8]}_{target.name}")
-    try:
+    from nnunet_ext.core.safety import atomic_output
+
+    with atomic_output(target) as tmp:
         blosc2.asarray(arr, urlpath=str(tmp), chunks=seg.chunks, blocks=seg.blocks, mode="w",
                        cparams={"codec": blosc2.Codec.LZ4HC, "clevel": 8})
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def open_map(folder, case: str, remedy: str = ""):

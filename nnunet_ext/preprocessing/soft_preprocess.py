@@ -150,8 +150,10 @@ def _write_manifest(path: Path, manifest: dict) -> None:
 
 def _clean(out: Path, cases: list[str], overwrite: bool) -> None:
     """Remove temporary files of killed runs; with ``overwrite`` also maps of cases no longer preprocessed."""
-    for p in out.glob(".tmp_*"):
-        if p.is_file():
+    from nnunet_ext.core.safety import parse_temporary
+
+    for p in out.iterdir():
+        if parse_temporary(p.name) is not None and p.is_file():
             p.unlink()
     if overwrite:
         keep = {map_path(out, c).name for c in cases}

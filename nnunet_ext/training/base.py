@@ -5,7 +5,8 @@ For smoke tests, demos and method studies on CPU, the training length can be sho
 class through environment variables (they never change anything else):
 
 ``NNUNET_EXT_NUM_EPOCHS``, ``NNUNET_EXT_ITERATIONS`` (training iterations per epoch),
-``NNUNET_EXT_VAL_ITERATIONS`` (validation iterations per epoch).
+``NNUNET_EXT_VAL_ITERATIONS`` (validation iterations per epoch). Each variable applied is printed at the
+start of training and written to nnU-Net's training log (``training_log_*.txt``) with the value it replaced.
 
 Every trainer writes its resolved settings to ``nnunet_ext_settings.json`` in its output folder.
 """
@@ -17,8 +18,7 @@ import os
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-BUDGET_VARIABLES = {"NNUNET_EXT_NUM_EPOCHS": "num_epochs", "NNUNET_EXT_ITERATIONS": "num_iterations_per_epoch",
-                    "NNUNET_EXT_VAL_ITERATIONS": "num_val_iterations_per_epoch"}
+from nnunet_ext.core.budget import BUDGET_VARIABLES  # variable -> trainer attribute
 
 
 def apply_budget_overrides(trainer, environ=None) -> dict[str, int]:
@@ -48,6 +48,7 @@ class ExtTrainer(nnUNetTrainer):
 
         check_nnunet_version()
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.budget_defaults = {attr: getattr(self, attr) for attr in BUDGET_VARIABLES.values()}
         self.budget_overrides = apply_budget_overrides(self)
 
     def ext_settings(self) -> dict:
@@ -67,8 +68,16 @@ class ExtTrainer(nnUNetTrainer):
                                       os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
                                       self.dataset_json["file_ending"])
 
+    def budget_lines(self) -> list[str]:
+        """One line per budget variable applied: what it set and what nnU-Net's trainer would have used."""
+        return [f"nnunet-ext budget override: {var}={self.budget_overrides[attr]} sets {attr} = "
+                f"{self.budget_overrides[attr]} (the trainer's own value: {self.budget_defaults.get(attr)})"
+                for var, attr in BUDGET_VARIABLES.items() if attr in self.budget_overrides]
+
     def on_train_start(self):
         super().on_train_start()
+        for line in self.budget_lines():  # on the console and in nnU-Net's training log (rank 0 writes it)
+            self.print_to_log_file(line)
         if self.local_rank == 0 and self.output_folder is not None:
             with open(os.path.join(self.output_folder, "nnunet_ext_settings.json"), "w") as f:
                 json.dump(self.ext_settings(), f, indent=2)

@@ -135,6 +135,12 @@ class SoftSegTrainer_leak(SoftSegTrainer):
     optimizer_part = None
 
 
+class SoftSegTrainer_sgd(SoftSegTrainer):
+    """SoftSeg (no leak) under nnU-Net's SGD instead of the published Adam: its lesion output dies within ~40
+    iterations on small lesions; kept to reproduce that measurement (benchmarks/learning_curves.py)."""
+    optimizer_part = None
+
+
 class ConvDiceTrainer(ComposedTrainer):
     """SoftSeg's conventional baseline ("Conv", Lemay 2022): Dice loss on a sigmoid output, hard labels
     (labelsTr, e.g. a STAPLE or majority fusion); Dice-optimal validation threshold, as the thesis."""

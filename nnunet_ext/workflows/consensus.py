@@ -3,7 +3,7 @@
 Stage 1 models each rater with its own nnU-Net; stage 2 is an nnU-Net that sees the original images plus
 one lesion-probability map per rater model and learns how the consensus is formed.
 
-    nnunet-ext consensus split-raters -d 540 --folds 5      # one raw dataset per rater, shared K-fold split
+    nnunet-ext consensus split-raters -d 540 -nfolds 5      # one raw dataset per rater, shared K-fold split
     nnunet-ext consensus train -d 540 --stage 1 -c 3d_fullres -tr LSRTrainer
     nnunet-ext consensus build-stage2 -d 540                 # out-of-fold rater probabilities as channels
     nnunet-ext consensus train -d 540 --stage 2 -c 3d_fullres
@@ -31,6 +31,8 @@ import numpy as np
 
 from nnunet_ext.core.io import read_image, write_image
 from nnunet_ext.core.paths import NNUNET_FOLDERS, nnunet_command, nnunet_env, run_logged
+from nnunet_ext.core.safety import atomic_copy, atomic_write_text
+from nnunet_ext.nnunet_adapter import ModelRef
 
 STATE = "consensus.json"
 
@@ -102,21 +104,9 @@ def write_splits(dataset_name: str, splits: list[dict]) -> Path:
 def _link(src: Path, dst: Path, copy: bool) -> None:
     """Symlink (or copy) ``src`` to ``dst``; the source must exist (no dangling links). Replacing an existing
     ``dst`` is atomic (temporary name + rename)."""
-    from nnunet_ext.core.safety import unique_name
-
     if not src.is_file():
         raise FileNotFoundError(f"{src} is missing: cannot link it into {dst.parent}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = unique_name(dst)
-    try:
-        if copy:
-            shutil.copy2(src, tmp)
-        else:
-            os.symlink(src.resolve(), tmp)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
+    atomic_copy(src, dst, link=not copy)
 
 
 def _free_ids(n: int, first: int | None, own=()) -> list[int]:
@@ -150,8 +140,7 @@ def split_raters(dataset, first_id: int | None = None, n_folds: int = 5, copy: b
     staging folder, moved into place), so it never creates a second set; the stage-1/2 records are kept
     when the split is unchanged."""
     from nnunet_ext.core import validate
-    from nnunet_ext.core.io import read_mask, read_sitk
-    from nnunet_ext.core.safety import atomic_write_text, output_lock, staged_folder
+    from nnunet_ext.core.safety import output_lock
 
     n_folds = validate.integer(n_folds, "--folds", 2, 100)
     if first_id is not None:
@@ -177,17 +166,7 @@ def split_raters(dataset, first_id: int | None = None, n_folds: int = 5, copy: b
     with output_lock(src.parent / f".{src.name}.split-raters.lock", what=f"split-raters of {src.name}"):
         old = read_json(src / STATE) if (src / STATE).is_file() else {}
         old_raters = old.get("raters", {})
-        # check every input before writing anything
-        masks = {}
-        for c in cases:
-            ref_path = src / "imagesTr" / f"{c}_0000{ending}"
-            for k in range(n_ch):
-                p = src / "imagesTr" / f"{c}_{k:04d}{ending}"
-                if not p.is_file():
-                    raise FileNotFoundError(f"{p} is missing (case {c} needs {n_ch} channels)")
-            ref = read_sitk(ref_path)
-            for r in raters:
-                masks[r.name, c] = read_mask(r / f"{c}{ending}", reference=ref, reference_path=ref_path)
+        masks = _rater_masks(src, cases, raters, ending, n_ch)  # every input checked before anything is written
         test_images = sorted((src / "imagesTs").glob(f"*{ending}")) if (src / "imagesTs").is_dir() else []
         splits = kfold_splits(cases, n_folds)
         base = src.name.split("_", 1)[1]
@@ -205,39 +184,93 @@ def split_raters(dataset, first_id: int | None = None, n_folds: int = 5, copy: b
         if old.get("splits") == splits:
             state.update({k: v for k, v in old.items() if k not in state})
         for r in raters:
-            did = mapped[r.name]
-            name = f"Dataset{did:03d}_{base}_{r.name}"
-            final = _raw() / name
+            name = f"Dataset{mapped[r.name]:03d}_{base}_{r.name}"
             ours = r.name in old_raters and old_raters[r.name].get("name") == name
-            for p in _raw().glob(f"Dataset{did:03d}_*"):
-                if p != final:
-                    raise ValueError(f"dataset id {did} is already used by {p}; pass another --first-id")
-            with staged_folder(final, overwrite=ours, lock_file=_raw() / f".Dataset{did:03d}.lock",
-                               inputs=[src], what="rater dataset") as out:
-                for c in cases:
-                    for k in range(n_ch):
-                        _link(src / "imagesTr" / f"{c}_{k:04d}{ending}", out / "imagesTr" / f"{c}_{k:04d}{ending}", copy)
-                    arr, img = masks[r.name, c]
-                    write_image(arr, (), out / "labelsTr" / f"{c}{ending}", reference=img)
-                for p in test_images:
-                    _link(p, out / "imagesTs" / p.name, copy)
-                atomic_write_text(out / "dataset.json", json.dumps(
-                    {**dj, "name": f"{base}_{r.name}", "numTraining": len(cases),
-                     "description": f"rater {r.name} of {src.name} (nnunet-ext consensus)"}, indent=2))
+            _write_rater_dataset(src, r.name, mapped[r.name], name, ours, cases, masks, test_images, dj, copy)
             split_file = _env_folder("nnUNet_preprocessed") / name / "splits_final.json"
             atomic_write_text(split_file, json.dumps(splits, indent=1))
-            state["raters"][r.name] = {"id": did, "name": name}
+            state["raters"][r.name] = {"id": mapped[r.name], "name": name}
         atomic_write_text(src / STATE, json.dumps(state, indent=1))
     return state
+
+
+def _rater_masks(src: Path, cases: list[str], raters: list[Path], ending: str, n_ch: int) -> dict:
+    """``{(rater, case): (mask, image)}``: every channel of every case present, every rater mask binary and
+    on its case's grid (nnunet_ext.core.io.read_mask)."""
+    from nnunet_ext.core.io import read_mask, read_sitk
+
+    masks = {}
+    for c in cases:
+        ref_path = src / "imagesTr" / f"{c}_0000{ending}"
+        for k in range(n_ch):
+            p = src / "imagesTr" / f"{c}_{k:04d}{ending}"
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} is missing (case {c} needs {n_ch} channels)")
+        ref = read_sitk(ref_path)
+        for r in raters:
+            masks[r.name, c] = read_mask(r / f"{c}{ending}", reference=ref, reference_path=ref_path)
+    return masks
+
+
+def _write_rater_dataset(src: Path, rater: str, did: int, name: str, ours: bool, cases, masks: dict, test_images,
+                         dj: dict, copy: bool) -> None:
+    """One rater's raw dataset ``name`` (the source's images, that rater's labels), built in a staging folder."""
+    from nnunet_ext.core.safety import staged_folder
+
+    ending, n_ch = dj["file_ending"], len(dj["channel_names"])
+    final = _raw() / name
+    for p in _raw().glob(f"Dataset{did:03d}_*"):
+        if p != final:
+            raise ValueError(f"dataset id {did} is already used by {p}; pass another --first-id")
+    with staged_folder(final, overwrite=ours, lock_file=_raw() / f".Dataset{did:03d}.lock",
+                       inputs=[src], what="rater dataset") as out:
+        for c in cases:
+            for k in range(n_ch):
+                _link(src / "imagesTr" / f"{c}_{k:04d}{ending}", out / "imagesTr" / f"{c}_{k:04d}{ending}", copy)
+            arr, img = masks[rater, c]
+            write_image(arr, (), out / "labelsTr" / f"{c}{ending}", reference=img)
+        for p in test_images:
+            _link(p, out / "imagesTs" / p.name, copy)
+        atomic_write_text(out / "dataset.json", json.dumps(
+            {**dj, "name": f"{name.split('_', 1)[1]}", "numTraining": len(cases),
+             "description": f"rater {rater} of {src.name} (nnunet-ext consensus)"}, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------- train
 
 
-def _model_dir(dataset_name: str, trainer: str, plans: str, configuration: str) -> Path:
-    from nnunet_ext.nnunet_adapter import model_folder
+def _ref(dataset_name: str, settings: dict, folds=None) -> ModelRef:
+    """The model of a stage's ``settings`` (``configuration``, ``trainer``, ``plans``) on one dataset."""
+    return ModelRef(dataset_name, settings["configuration"], settings["trainer"], settings["plans"], folds)
 
-    return model_folder(dataset_name, trainer, plans, configuration, must_exist=False)
+
+def rater_models(state: dict) -> dict[str, ModelRef]:
+    """The stage-1 model of each rater (all folds of the shared split), from ``consensus.json``: its
+    ``models`` (ModelRefs), or, in files of earlier versions, its ``stage1`` settings."""
+    stored = state.get("models", {}).get("raters", {})
+    out = {}
+    for r, v in state["raters"].items():
+        if r in stored and stored[r].get("dataset") == v["name"]:
+            out[r] = ModelRef.from_json(stored[r], f"{STATE}: models.raters.{r}")
+        else:
+            out[r] = _ref(v["name"], state["stage1"], range(state["n_folds"]))
+    return out
+
+
+def _store_rater_models(state: dict, s1: dict) -> None:
+    """``consensus.json``'s ``models.raters``: each rater's stage-1 model with every fold of the split."""
+    state.setdefault("models", {})["raters"] = {r: _ref(v["name"], s1, range(state["n_folds"])).to_json()
+                                                for r, v in state["raters"].items()}
+
+
+def consensus_model(state: dict) -> ModelRef:
+    """The stage-2 (consensus) model, from ``consensus.json``'s ``models`` or, in files of earlier versions,
+    its ``stage2`` / ``stage2_training`` records."""
+    stored = state.get("models", {}).get("consensus")
+    if stored:
+        return ModelRef.from_json(stored, f"{STATE}: models.consensus")
+    s2 = state["stage2_training"]
+    return _ref(state["stage2"]["name"], s2, s2["folds"])
 
 
 def _targets(dataset, state: dict, stage: int, raters=None) -> list[dict]:
@@ -317,15 +350,21 @@ def record_training(dataset, stage: int, configuration: str, trainer: str = "nnU
     every fold of every model of the stage must have its ``checkpoint_final.pth``."""
     src, state = load_state(dataset)
     folds = list(range(state["n_folds"])) if folds is None else list(folds)
-    missing = [str(_model_dir(t["name"], trainer, plans, configuration) / f"fold_{f}" / "checkpoint_final.pth")
-               for t in _targets(dataset, state, stage) for f in folds
-               if not (_model_dir(t["name"], trainer, plans, configuration) / f"fold_{f}" / "checkpoint_final.pth").is_file()]
+    settings = {"configuration": configuration, "trainer": trainer, "plans": plans}
+    refs = {t.get("rater", "consensus"): _ref(t["name"], settings) for t in _targets(dataset, state, stage)}
+    missing = [str(r.folder(must_exist=False) / f"fold_{f}" / r.checkpoint) for r in refs.values() for f in folds
+               if not (r.folder(must_exist=False) / f"fold_{f}" / r.checkpoint).is_file()]
     if missing:
         raise FileNotFoundError(f"stage {stage} is not fully trained: {len(missing)} checkpoint(s) missing, e.g. {missing[0]}")
     key = "stage1" if stage == 1 else "stage2_training"
     state[key] = {**({k: v for k, v in state.get(key, {}).items() if k != "folds"}),
                   "configuration": configuration, "trainer": trainer, "plans": plans,
                   "folds": sorted(set(state.get(key, {}).get("folds", [])) | set(folds))}
+    if stage == 1:
+        _store_rater_models(state, state["stage1"])
+    else:
+        state.setdefault("models", {})["consensus"] = _ref(state["stage2"]["name"], state[key],
+                                                           state[key]["folds"]).to_json()
     save_state(src, state)
     return state
 
@@ -354,8 +393,10 @@ def train_stages(dataset, stage, configuration: str, trainer: str = "nnUNetTrain
     if bad or not folds:
         raise ValueError(f"folds must be in 0..{state['n_folds'] - 1} (the shared split), got {folds}")
     # nnU-Net's folders and our trainers (absolute, written into the scripts); thread and process counts
-    # come from the task's CPUs unless nnUNet_def_n_proc/nnUNet_n_proc_DA are set in this shell
-    env = task_env({k: v for k, v in nnunet_env(None, n_proc).items() if k in NNUNET_FOLDERS + ("nnUNet_extTrainer",)})
+    # come from the task's CPUs unless nnUNet_def_n_proc/nnUNet_n_proc_DA are set in this shell; the training
+    # budget is the shell's NNUNET_EXT_* variables (printed when set)
+    env = task_env({k: v for k, v in nnunet_env(None, n_proc).items() if k in NNUNET_FOLDERS + ("nnUNet_extTrainer",)},
+                   budget_from_shell=True)
     ds = str(dataset)
     stages = []
 
@@ -377,8 +418,8 @@ def train_stages(dataset, stage, configuration: str, trainer: str = "nnUNetTrain
                      "--npz", "-device", device, "--c"] + (["-num_gpus", str(num_gpus)] if num_gpus > 1 else []), env,
                     # nnU-Net validates (and writes the --npz probabilities stage 2 reads) after saving
                     # checkpoint_final.pth; summary.json is the last file a fold writes
-                    done=str(_model_dir(t["name"], trainer, plans, configuration) / f"fold_{f}" / "validation" /
-                             "summary.json")))
+                    done=str(ModelRef(t["name"], configuration, trainer, plans).folder(must_exist=False)
+                             / f"fold_{f}" / "validation" / "summary.json")))
         out = [Stage(pre, prep, after), Stage(f"stage{s}_train", fold_tasks, [pre])]
         out.append(Stage(f"stage{s}_record", [Task("record", function_argv(
             record_training, dataset=ds, stage=s, configuration=configuration, trainer=trainer, plans=plans,
@@ -461,7 +502,7 @@ def _stage1_contract(state: dict, s1: dict):
     from nnunet_ext.inference.contract import load_contract
 
     r = next(iter(state["raters"].values()))
-    mdir = _model_dir(r["name"], s1["trainer"], s1["plans"], s1["configuration"])
+    mdir = _ref(r["name"], s1).folder(must_exist=False)
     c = load_contract(mdir, list(range(state["n_folds"])))
     if c.condition == "cohort":
         raise NotImplementedError(f"the consensus cascade with cohort-conditioned stage-1 models ({s1['trainer']}): "
@@ -519,7 +560,7 @@ def build_stage2(dataset, configuration: str | None = None, trainer: str | None 
     activation = _stage1_contract(state, s1).activation
     for r_idx, r in enumerate(raters):
         rds = state["raters"][r]
-        mdir = _model_dir(rds["name"], s1["trainer"], s1["plans"], s1["configuration"])
+        mdir = _ref(rds["name"], s1).folder(must_exist=False)
         for f, split in enumerate(splits):
             ckpt = mdir / f"fold_{f}" / "checkpoint_final.pth"
             if not ckpt.is_file():
@@ -544,18 +585,19 @@ def build_stage2(dataset, configuration: str | None = None, trainer: str | None 
         for k in range(n_ch):
             _link(src / "imagesTr" / f"{c}_{k:04d}{ending}", out / "imagesTr" / f"{c}_{k:04d}{ending}", copy)
         (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / "labelsTr" / f"{c}{ending}", out / "labelsTr" / f"{c}{ending}")
+        atomic_copy(src / "labelsTr" / f"{c}{ending}", out / "labelsTr" / f"{c}{ending}")
     shutil.rmtree(out / ".oof", ignore_errors=True)
     channels = {**{str(k): v for k, v in dj["channel_names"].items()},
                 **{str(n_ch + i): "noNorm" for i in range(len(raters))}}
-    (out / "dataset.json").write_text(json.dumps({
+    atomic_write_text(out / "dataset.json", json.dumps({
         **dj, "channel_names": channels, "numTraining": len(fold), "name": name.split("_", 1)[1],
         "description": f"consensus stage 2 of {src.name}: images + out-of-fold lesion probability of each rater model",
         "nnunet_ext_channels": [dj["channel_names"][str(k)] for k in range(n_ch)] + [f"{r} probability" for r in raters]},
         indent=2))
-    (out / "stage2_provenance.json").write_text(json.dumps(provenance, indent=1))
+    atomic_write_text(out / "stage2_provenance.json", json.dumps(provenance, indent=1))
     write_splits(name, splits)
     state["stage1"] = s1
+    _store_rater_models(state, s1)
     state["stage2"] = {"id": did, "name": name, "rater_order": raters}
     save_state(src, state)
     return out
@@ -638,7 +680,7 @@ def predict_cascade(raters: list[dict], consensus_model: dict, input_dir, output
             for r in raters:
                 for c in cases:
                     (out / "raters" / r["name"]).mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(work / r["name"] / f"{c}{ending}", out / "raters" / r["name"] / f"{c}{ending}")
+                    atomic_copy(work / r["name"] / f"{c}{ending}", out / "raters" / r["name"] / f"{c}{ending}")
     finally:  # the rater outputs and stage-2 inputs are scratch, also when a model fails
         shutil.rmtree(work, ignore_errors=True)
     return {"cases": cases, "raters": [r["name"] for r in raters], "consensus": summary}
@@ -648,14 +690,11 @@ def cascade_models(state: dict) -> tuple[list[dict], dict]:
     """(rater models, consensus model) of a trained cascade, as :func:`predict_cascade` takes them."""
     if "stage2" not in state or "stage2_training" not in state:
         raise RuntimeError("the cascade is not trained: build-stage2 and `consensus train --stage 2` first")
-    s1, s2 = state["stage1"], {**state["stage2"], **state["stage2_training"]}
-    _stage1_contract(state, s1)
-    raters = [{"name": r, "model_dir": _model_dir(state["raters"][r]["name"], s1["trainer"], s1["plans"],
-                                                  s1["configuration"]), "folds": list(range(state["n_folds"]))}
+    refs, cons = rater_models(state), consensus_model(state)
+    _stage1_contract(state, state["stage1"])
+    raters = [{"name": r, "model_dir": refs[r].folder(must_exist=False), "folds": list(refs[r].folds)}
               for r in state["stage2"]["rater_order"]]
-    consensus_model = {"model_dir": _model_dir(s2["name"], s2["trainer"], s2["plans"], s2["configuration"]),
-                       "folds": list(s2["folds"])}
-    return raters, consensus_model
+    return raters, {"model_dir": cons.folder(must_exist=False), "folds": list(cons.folds)}
 
 
 def predict(dataset, input_dir, output_dir, device: str = "cuda", jobs: int = 1, keep_rater_predictions: bool = False,

@@ -26,10 +26,12 @@ import json
 import os
 import re
 import shutil
-import socket
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from nnunet_ext.nnunet_adapter import ModelRef
 
 
 PARAMS = {"alpha": 0.3, "vpt": 0.3, "tst": 100.0}
@@ -83,6 +85,8 @@ def _check_geometry(files: list[Path]) -> None:
 
 
 def _write_dataset_json(root: Path, teacher_ds: dict, ignore: bool) -> None:
+    from nnunet_ext.core.safety import atomic_write_text
+
     labels = dict(teacher_ds["labels"])
     if ignore:
         labels["ignore"] = max(v for v in labels.values() if isinstance(v, int)) + 1
@@ -90,18 +94,17 @@ def _write_dataset_json(root: Path, teacher_ds: dict, ignore: bool) -> None:
     ds = {k: v for k, v in teacher_ds.items() if k not in ("labels", "numTraining")}
     ds.update({"labels": labels, "numTraining": n,
                "description": "nnunet-ext student dataset: teacher's labeled cases + kept pseudo-labeled cases"})
-    tmp = root / f".tmp_dataset.json.{_host_tag()}.{os.getpid()}"  # one per process: shards run at the same time
-    tmp.write_text(json.dumps(ds, indent=2))
-    os.replace(tmp, root / "dataset.json")
+    atomic_write_text(root / "dataset.json", json.dumps(ds, indent=2), host=True)  # shards run at the same time
 
 
-_TMP = re.compile(r"^\.tmp_(?P<pid>\d+)_(?:[0-9a-f]{8}_)?(?P<name>.+)$")
 CASE_FOLDERS = ("imagesTr", "labelsTr", "softlabelsTr", "confidenceTr", "lesionmapTr")
 
 
 def _case_files(root: Path, case: str, ending: str) -> list[Path]:
     """Every file of ``case`` in the student dataset (images, labels, soft label, omega, m), finished or
-    temporary (``.tmp_<pid>_[<uuid8>_]<name>`` of a killed run)."""
+    temporary (a killed run's, nnunet_ext.core.safety.parse_temporary)."""
+    from nnunet_ext.core.safety import parse_temporary
+
     names = {f"{case}{ending}"}
     out = []
     for d in CASE_FOLDERS:
@@ -110,29 +113,27 @@ def _case_files(root: Path, case: str, ending: str) -> list[Path]:
             continue
         for p in folder.iterdir():
             n = p.name
-            m = _TMP.match(n)
-            if m:
-                n = m["name"]
+            t = parse_temporary(n)
+            if t:
+                n = t["name"]
             if n in names or (d == "imagesTr" and n.startswith(case + "_") and n.endswith(ending)
                               and len(n) == len(case) + 5 + len(ending) and n[len(case) + 1:len(case) + 5].isdigit()):
                 out.append(p)
     prog = root / ".nnunet_ext_progress"
     if prog.is_dir():
-        out += [p for p in prog.iterdir() if (m := _TMP.match(p.name)) and m["name"] == f"{case}.json"]
+        out += [p for p in prog.iterdir() if (t := parse_temporary(p.name)) and t["name"] == f"{case}.json"]
     return out
 
 
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
-
-
 def _clean_own_host_tmp(root: Path) -> None:
-    """Remove ``.tmp_<file>.<host>.<pid>`` files of dead processes of this host (dataset.json/provenance
-    writes of a killed run; other hosts' shards may still be writing theirs)."""
-    host = _host_tag()
-    for p in root.glob(".tmp_*"):
-        parts = p.name.rsplit(".", 2)
-        if len(parts) == 3 and parts[1] == host and parts[2].isdigit() and not _alive(int(parts[2])):
+    """Remove host-tagged temporary files of dead processes of this host (dataset.json/provenance writes of a
+    killed run; other hosts' shards may still be writing theirs)."""
+    from nnunet_ext.core.safety import host_tag, parse_temporary
+
+    host = host_tag()
+    for p in root.iterdir():
+        t = parse_temporary(p.name)
+        if t and t["host"] == host and not _alive(t["pid"]):
             p.unlink(missing_ok=True)
 
 
@@ -146,15 +147,49 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _settings(mdir: Path, folds, checkpoint: str, params: dict, include_labeled: bool, unlabeled_dir) -> dict:
-    return {"teacher_model": str(mdir), "folds": [str(f) for f in folds], "checkpoint": checkpoint,
-            "parameters": params, "include_labeled": include_labeled,
+@dataclass(frozen=True)
+class PseudolabelOptions:
+    """The confidence filter (``alpha``, ``vpt``, ``tst``, ``ignore_uncertain``; module docstring), the soft
+    labels (``soft_rim_gamma``, ``soft_rim_mm``), ``include_labeled`` (the teacher's labeled cases join the
+    student dataset), and how the teacher predicts (``device``, ``npp``/``nps`` pre-/post-processing
+    workers) and reports (``progress``)."""
+    alpha: float = 0.3
+    vpt: float = 0.3
+    tst: float = 100.0
+    ignore_uncertain: bool = False
+    include_labeled: bool = True
+    soft_rim_gamma: float | None = None
+    soft_rim_mm: float = 1.0
+    device: str = "cuda"
+    npp: int = 1
+    nps: int = 1
+    progress: bool = True
+
+    def check(self) -> "PseudolabelOptions":
+        confidence_filter(np.full((2, 1), 0.5), self.alpha, self.vpt, self.tst)  # validates the parameters
+        if self.soft_rim_gamma is not None and not 0 < self.soft_rim_gamma <= 1:
+            raise ValueError(f"soft_rim_gamma must be in (0, 1], got {self.soft_rim_gamma}")
+        if not self.soft_rim_mm > 0:
+            raise ValueError(f"soft_rim_mm must be > 0, got {self.soft_rim_mm}")
+        return self
+
+    def params(self) -> dict:
+        """The filter's parameters as provenance and settings record them."""
+        return {"alpha": self.alpha, "vpt": self.vpt, "tst": self.tst, "ignore_uncertain": self.ignore_uncertain,
+                "soft_rim_gamma": self.soft_rim_gamma, "soft_rim_mm": self.soft_rim_mm}
+
+
+def _settings(mdir: Path, teacher: ModelRef, o: PseudolabelOptions, unlabeled_dir) -> dict:
+    return {"teacher_model": str(mdir), "folds": [str(f) for f in teacher.folds], "checkpoint": teacher.checkpoint,
+            "parameters": o.params(), "include_labeled": o.include_labeled,
             "unlabeled": str(Path(unlabeled_dir).resolve())}
 
 
 def _check_settings(root: Path, settings: dict) -> None:
     """The student dataset is made with one set of options: a re-run (resumption, another shard) with other
     options would mix two filters in one dataset, so it is refused naming what differs."""
+    from nnunet_ext.core.safety import atomic_write_text
+
     f = root / ".nnunet_ext_progress" / "settings.json"
     if f.is_file():
         try:
@@ -164,45 +199,49 @@ def _check_settings(root: Path, settings: dict) -> None:
         if old != settings:
             diff = sorted(k for k in settings if not isinstance(old, dict) or old.get(k) != settings[k])
             raise ValueError(f"{root} was started with other options ({', '.join(diff) or 'unreadable settings'}: "
-                             f"see {f}); re-run with the same options to continue it, or write a new -o dataset")
+                             f"see {f}); re-run with the same options to continue it, or write a new --student dataset")
         return
-    tmp = f.with_name(f".tmp_{os.getpid()}_settings.json")
-    tmp.write_text(json.dumps(settings, indent=1))
-    os.replace(tmp, f)
+    atomic_write_text(f, json.dumps(settings, indent=1))
 
 
-def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_dataset: str, trainer: str = "nnUNetTrainer",
-                plans: str = "nnUNetPlans", folds=(0,), checkpoint: str = "checkpoint_final.pth", alpha: float = 0.3,
-                vpt: float = 0.3, tst: float = 100.0, ignore_uncertain: bool = False, num_parts: int = 1,
-                part_id: int = 0, device: str = "cuda", include_labeled: bool = True,
-                progress: bool = True, soft_rim_gamma: float | None = None, soft_rim_mm: float = 1.0,
-                npp: int = 1, nps: int = 1) -> dict:
-    """Write (or continue) the student dataset ``output_dataset`` (``DatasetXXX_Name`` under nnUNet_raw).
-    Returns this part's provenance.
+def _teacher(teacher) -> ModelRef:
+    """The teacher as a ModelRef (also from its JSON, as a launcher task passes it), with its folds."""
+    ref = ModelRef.from_json(teacher, "teacher") if isinstance(teacher, dict) else teacher
+    if not isinstance(ref, ModelRef):
+        raise TypeError(f"teacher must be a ModelRef, got {type(teacher).__name__}")
+    return ref if ref.folds is not None else ref.with_folds((0,))
 
-    Soft labels: the teacher dataset's ``softlabelsTr`` of its labeled cases are copied into the student's
-    ``softlabelsTr``; each kept pseudo-label gets its soft label there too -- the hard pseudo-label, plus,
-    with ``soft_rim_gamma``, an intensity-gated soft rim of ``soft_rim_mm`` around it (nnunet_ext.data.fusion's
-    ``soft_rim``) -- so the student can train with the soft-label trainers (``nnunet-ext preprocess-soft``
-    on the student dataset, then e.g. ``SoftDiceTrainer``). When the teacher dataset has no soft labels,
-    ``softlabelsTr`` is written only with ``soft_rim_gamma``; labeled cases then get their hard labels."""
-    from nnunet_ext.inference.predict import model_folder
+
+@dataclass
+class _Student:
+    """What one pseudolabel part works with (the checks' results)."""
+    root: Path
+    mdir: Path
+    teacher_name: str
+    teacher_raw: Path
+    teacher_ds: dict
+    ending: str
+    unlabeled: dict
+    soft: bool
+
+
+def _student(teacher: ModelRef, unlabeled_dir, output_dataset: str, o: PseudolabelOptions, num_parts: int,
+             part_id: int) -> _Student:
+    """Every check before a part writes anything; the student's folders."""
+    from nnunet_ext.core.checks import check_prediction_inputs
+    from nnunet_ext.core.safety import check_output_not_input
     from nnunet_ext.nnunet_adapter import dataset_name, nnunet_setting
 
     nnUNet_raw = nnunet_setting("nnUNet_raw")
     if not 0 <= part_id < num_parts:
         raise ValueError(f"part_id must be in 0..{num_parts - 1}, got {part_id}")
-    confidence_filter(np.full((2, 1), 0.5), alpha, vpt, tst)  # validates the parameters
-    if soft_rim_gamma is not None and not 0 < soft_rim_gamma <= 1:
-        raise ValueError(f"soft_rim_gamma must be in (0, 1], got {soft_rim_gamma}")
-    if not soft_rim_mm > 0:
-        raise ValueError(f"soft_rim_mm must be > 0, got {soft_rim_mm}")
-    mdir = model_folder(teacher_dataset, configuration, trainer, plans)
-    teacher_name = dataset_name(teacher_dataset)
+    o.check()
+    mdir = teacher.folder()
+    teacher_name = dataset_name(teacher.dataset)
     teacher_ds = json.loads((mdir / "dataset.json").read_text())
     ending, n_ch = teacher_ds["file_ending"], len(teacher_ds["channel_names"])
     if not re.fullmatch(r"Dataset\d{3}_[A-Za-z0-9_-]+", str(output_dataset)) or output_dataset[7:10] == "000":
-        raise ValueError(f"-o: the student dataset must be named DatasetXXX_Name (XXX 001-999, Name of letters, "
+        raise ValueError(f"--student: the student dataset must be named DatasetXXX_Name (XXX 001-999, Name of letters, "
                          f"digits, _ and -), got {output_dataset!r}")
     root = Path(nnUNet_raw) / output_dataset
     if output_dataset[7:10] == teacher_name[7:10]:
@@ -210,89 +249,114 @@ def pseudolabel(teacher_dataset, configuration: str, unlabeled_dir, output_datas
     unl = _cases_of(Path(unlabeled_dir), ending, n_ch)
     if not unl:
         raise ValueError(f"no images ending in {ending} in {unlabeled_dir}")
-    from nnunet_ext.core.checks import check_image, check_prediction_inputs
-
     # every image this part will predict and copy: whole, finite, 3-D, one grid per case -- before any work
     check_prediction_inputs([unl[c] for c in sorted(unl)[part_id::num_parts]
                              if not (root / ".nnunet_ext_progress" / f"{c}.json").exists()], ending, n_ch)
     teacher_raw = Path(nnUNet_raw) / teacher_name
-    from nnunet_ext.core.safety import check_output_not_input
-
-    check_output_not_input(root, [unlabeled_dir, teacher_raw, mdir], what="-o (student dataset)")
-    soft = (teacher_raw / "softlabelsTr").is_dir() or soft_rim_gamma is not None
+    check_output_not_input(root, [unlabeled_dir, teacher_raw, mdir], what="--student (student dataset)")
+    soft = (teacher_raw / "softlabelsTr").is_dir() or o.soft_rim_gamma is not None
     for d in ("imagesTr", "labelsTr", "confidenceTr", "lesionmapTr", ".nnunet_ext_progress") + \
             (("softlabelsTr",) if soft else ()):
         (root / d).mkdir(parents=True, exist_ok=True)
-    params = {"alpha": alpha, "vpt": vpt, "tst": tst, "ignore_uncertain": ignore_uncertain,
-              "soft_rim_gamma": soft_rim_gamma, "soft_rim_mm": soft_rim_mm}
-    from nnunet_ext.core.safety import output_lock
+    return _Student(root, mdir, teacher_name, teacher_raw, teacher_ds, ending, unl, soft)
 
-    with output_lock(root / ".nnunet_ext_progress" / f"part{part_id}of{num_parts}.lock",
+
+def _copy_labeled(st: _Student) -> None:
+    """The labeled cases of the teacher's dataset (copied once; same names), with their soft labels."""
+    from nnunet_ext.core.checks import check_image
+    from nnunet_ext.core.safety import atomic_copy
+
+    root, ending = st.root, st.ending
+    for lab in sorted((st.teacher_raw / "labelsTr").glob(f"*{ending}")):
+        case = lab.name[: -len(ending)]
+        if case in st.unlabeled:
+            raise ValueError(f"unlabeled case {case} has the name of a labeled case of {st.teacher_name}")
+        if (root / "labelsTr" / lab.name).exists():  # the label is copied last: absent = unfinished
+            continue
+        for p in _case_files(root, case, ending):
+            p.unlink(missing_ok=True)
+        copies = [(img, root / "imagesTr" / img.name) for img in
+                  sorted((st.teacher_raw / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}"))]
+        if st.soft:
+            sl = st.teacher_raw / "softlabelsTr" / lab.name
+            copies.append((sl if sl.is_file() else lab, root / "softlabelsTr" / lab.name))
+        for src, dst in copies + [(lab, root / "labelsTr" / lab.name)]:
+            check_image(src)  # never copy a damaged file into the student dataset
+            atomic_copy(src, dst)
+
+
+def _predict_part(st: _Student, teacher: ModelRef, todo: list, o: PseudolabelOptions) -> None:
+    """The teacher on this part's unfinished cases: the one predictor, flips averaged in probability space;
+    each case is finished inside nnU-Net's export worker from its probabilities (:func:`finish_case`; no
+    probability file is written and read back)."""
+    from nnunet_ext.inference.predictor import predict_cases
+
+    root = st.root
+    # a dataset.json says the dataset is complete: not while cases are being (re)done
+    (root / "dataset.json").unlink(missing_ok=True)
+    for c in todo:  # files of unfinished cases (a killed run) are never trusted: redone from scratch
+        for p in _case_files(root, c, st.ending):
+            p.unlink(missing_ok=True)
+    ignore = max(v for v in st.teacher_ds["labels"].values() if isinstance(v, int)) + 1
+    hook_args = {"root": str(root), "ending": st.ending, "alpha": o.alpha, "vpt": o.vpt, "tst": o.tst,
+                 "ignore_label": ignore if o.ignore_uncertain else None,
+                 "files": {c: [str(p) for p in st.unlabeled[c]] for c in todo}, "soft": st.soft,
+                 "soft_rim_gamma": o.soft_rim_gamma, "soft_rim_mm": o.soft_rim_mm}
+    scratch = root / ".nnunet_ext_scratch"
+    predict_cases(st.mdir, list(teacher.folds), [st.unlabeled[c] for c in todo], scratch,
+                  checkpoint=teacher.checkpoint, device=o.device, tta="mean_probabilities", write_soft=False,
+                  write_mask=False, npp=o.npp, nps=o.nps, hook=finish_case, hook_args=hook_args)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def pseudolabel(teacher, unlabeled_dir, output_dataset: str, options: PseudolabelOptions | None = None,
+                num_parts: int = 1, part_id: int = 0, **fields) -> dict:
+    """Write (or continue) part ``part_id`` of ``num_parts`` of the student dataset ``output_dataset``
+    (``DatasetXXX_Name`` under nnUNet_raw) with the ``teacher`` (a :class:`ModelRef`, folds default 0).
+    ``options``: :class:`PseudolabelOptions`, or its fields as keywords. Returns this part's provenance.
+
+    Soft labels: the teacher dataset's ``softlabelsTr`` of its labeled cases are copied into the student's
+    ``softlabelsTr``; each kept pseudo-label gets its soft label there too -- the hard pseudo-label, plus,
+    with ``soft_rim_gamma``, an intensity-gated soft rim of ``soft_rim_mm`` around it (nnunet_ext.data.fusion's
+    ``soft_rim``) -- so the student can train with the soft-label trainers (``nnunet-ext preprocess-soft``
+    on the student dataset, then e.g. ``SoftDiceTrainer``). When the teacher dataset has no soft labels,
+    ``softlabelsTr`` is written only with ``soft_rim_gamma``; labeled cases then get their hard labels."""
+    from nnunet_ext.core.safety import atomic_write_text, output_lock
+    from nnunet_ext.core.validate import options_of
+
+    teacher = _teacher(teacher)
+    o = options_of(PseudolabelOptions, PseudolabelOptions(**options) if isinstance(options, dict) else options,
+                   fields, "pseudolabel")
+    st = _student(teacher, unlabeled_dir, output_dataset, o, num_parts, part_id)
+    root, done_dir = st.root, st.root / ".nnunet_ext_progress"
+    with output_lock(done_dir / f"part{part_id}of{num_parts}.lock",
                      what=f"student dataset {root} (part {part_id} of {num_parts})"):
-        _check_settings(root, _settings(mdir, folds, checkpoint, params, include_labeled, unlabeled_dir))
+        _check_settings(root, _settings(st.mdir, teacher, o, unlabeled_dir))
         _clean_own_host_tmp(root)
-        # the labeled cases of the teacher's dataset (copied once; same names), with their soft labels
-        if include_labeled and part_id == 0:
-            for lab in sorted((teacher_raw / "labelsTr").glob(f"*{ending}")):
-                case = lab.name[: -len(ending)]
-                if case in unl:
-                    raise ValueError(f"unlabeled case {case} has the name of a labeled case of {teacher_name}")
-                if not (root / "labelsTr" / lab.name).exists():  # the label is copied last: absent = unfinished
-                    for p in _case_files(root, case, ending):
-                        p.unlink(missing_ok=True)
-                    copies = [(img, root / "imagesTr" / img.name) for img in
-                              sorted((teacher_raw / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}"))]
-                    if soft:
-                        sl = teacher_raw / "softlabelsTr" / lab.name
-                        copies.append((sl if sl.is_file() else lab, root / "softlabelsTr" / lab.name))
-                    for src, dst in copies + [(lab, root / "labelsTr" / lab.name)]:
-                        check_image(src)  # never copy a damaged file into the student dataset
-                        tmp = dst.with_name(f".tmp_{os.getpid()}_{dst.name}")
-                        shutil.copyfile(src, tmp)
-                        os.replace(tmp, dst)
-        mine = sorted(unl)[part_id::num_parts]
-        done_dir = root / ".nnunet_ext_progress"
+        if o.include_labeled and part_id == 0:
+            _copy_labeled(st)
+        mine = sorted(st.unlabeled)[part_id::num_parts]
         todo = [c for c in mine if not (done_dir / f"{c}.json").exists()]
-        if progress:
+        if o.progress:
             print(f"pseudolabel part {part_id}/{num_parts}: {len(mine)} cases, {len(mine) - len(todo)} already done")
         for c in todo:
-            _check_geometry(unl[c])
+            _check_geometry(st.unlabeled[c])
         if todo:
-            # a dataset.json says the dataset is complete: not while cases are being (re)done
-            (root / "dataset.json").unlink(missing_ok=True)
-            for c in todo:  # files of unfinished cases (a killed run) are never trusted: redone from scratch
-                for p in _case_files(root, c, ending):
-                    p.unlink(missing_ok=True)
-            from nnunet_ext.inference.predictor import predict_cases
-
-            # the one predictor, flips averaged in probability space; each case is finished inside nnU-Net's
-            # export worker from its probabilities (no probability file is written and read back)
-            ignore = max(v for v in teacher_ds["labels"].values() if isinstance(v, int)) + 1
-            hook_args = {"root": str(root), "ending": ending, "alpha": alpha, "vpt": vpt, "tst": tst,
-                         "ignore_label": ignore if ignore_uncertain else None, "files": {c: [str(p) for p in unl[c]] for c in todo},
-                         "soft": soft, "soft_rim_gamma": soft_rim_gamma, "soft_rim_mm": soft_rim_mm}
-            scratch = root / ".nnunet_ext_scratch"
-            predict_cases(mdir, list(folds), [unl[c] for c in todo], scratch, checkpoint=checkpoint, device=device,
-                          tta="mean_probabilities", write_soft=False, write_mask=False, npp=npp, nps=nps,
-                          hook="nnunet_ext.workflows.pseudolabel:finish_case", hook_args=hook_args)
-            shutil.rmtree(scratch, ignore_errors=True)
-            if progress:
+            _predict_part(st, teacher, todo, o)
+            if o.progress:
                 for c in todo:
                     print(f"  {c}: {json.loads((done_dir / f'{c}.json').read_text())['decision']}", flush=True)
-        prov = {"teacher": {"model": str(mdir), "dataset": teacher_name, "configuration": configuration,
-                            "trainer": trainer, "plans": plans, "folds": list(folds), "checkpoint": checkpoint},
-                "parameters": params,
-                "part": [part_id, num_parts],
+        prov = {"teacher": {"model": str(st.mdir), "dataset": st.teacher_name, "configuration": teacher.configuration,
+                            "trainer": teacher.trainer, "plans": teacher.plans, "folds": list(teacher.folds),
+                            "checkpoint": teacher.checkpoint},
+                "parameters": o.params(), "part": [part_id, num_parts],
                 "cases": {c: json.loads((done_dir / f"{c}.json").read_text()) for c in mine}}
-        part_file = root / f"provenance_part{part_id}of{num_parts}.json"
-        tmp = part_file.with_name(f".tmp_{os.getpid()}_{part_file.name}")
-        tmp.write_text(json.dumps(prov, indent=1))
-        os.replace(tmp, part_file)
+        atomic_write_text(root / f"provenance_part{part_id}of{num_parts}.json", json.dumps(prov, indent=1))
         _merge_provenance(root, prov)
-        if all((done_dir / f"{c}.json").exists() for c in unl):  # every shard done: nnU-Net may use the dataset
-            _write_dataset_json(root, teacher_ds, ignore_uncertain)
-            student_split(root, teacher_raw, ending, progress)
-        elif progress:
+        if all((done_dir / f"{c}.json").exists() for c in st.unlabeled):  # every shard done: nnU-Net may use it
+            _write_dataset_json(root, st.teacher_ds, o.ignore_uncertain)
+            student_split(root, st.teacher_raw, st.ending, o.progress)
+        elif o.progress:
             print(f"pseudolabel part {part_id}/{num_parts} done; dataset.json is written when every part has finished")
         return prov
 
@@ -301,6 +365,7 @@ def finish_case(case, probabilities, mask, properties, root, ending, alpha, vpt,
                 soft_rim_gamma, soft_rim_mm):
     """Confidence filter and student files of one case (the predictor's per-case hook; runs in nnU-Net's
     export worker with the teacher's flip-averaged probabilities in the input geometry)."""
+    from nnunet_ext.core.safety import atomic_copy, atomic_write_text
     from nnunet_ext.inference.predictor import _write
 
     root = Path(root)
@@ -322,16 +387,12 @@ def finish_case(case, probabilities, mask, properties, root, ending, alpha, vpt,
         if ignore_label is not None:
             label = np.where(res["uncertain"], ignore_label, label).astype(np.uint8)
         for p in files[case]:
-            tmp = root / "imagesTr" / f".tmp_{os.getpid()}_{Path(p).name}"
-            shutil.copyfile(p, tmp)
-            os.replace(tmp, root / "imagesTr" / Path(p).name)
+            atomic_copy(p, root / "imagesTr" / Path(p).name)
         _write(label, properties, str(root / "labelsTr" / f"{case}{ending}"))
     info = {"decision": reason, "kept": bool(res["keep"]), "sum_m": res["sum_m"],
             "mean_omega": float(res["omega"].mean()), "label_voxels": int(res["label"].sum()),
             "uncertain_voxels": int(res["uncertain"].sum())}
-    tmp = root / ".nnunet_ext_progress" / f".tmp_{os.getpid()}_{case}.json"
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, root / ".nnunet_ext_progress" / f"{case}.json")
+    atomic_write_text(root / ".nnunet_ext_progress" / f"{case}.json", json.dumps(info))
 
 
 def _merge_provenance(root: Path, prov: dict) -> None:
@@ -341,9 +402,9 @@ def _merge_provenance(root: Path, prov: dict) -> None:
         merged["cases"].update(json.loads(f.read_text())["cases"])
     merged["kept"] = sorted(c for c, v in merged["cases"].items() if v["kept"])
     merged["dropped"] = sorted(c for c, v in merged["cases"].items() if not v["kept"])
-    tmp = root / f".tmp_provenance.json.{_host_tag()}.{os.getpid()}"  # one per process: shards run at the same time
-    tmp.write_text(json.dumps(merged, indent=1))
-    os.replace(tmp, root / "provenance.json")
+    from nnunet_ext.core.safety import atomic_write_text
+
+    atomic_write_text(root / "provenance.json", json.dumps(merged, indent=1), host=True)  # shards run at once
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -379,11 +440,11 @@ STUDENT_FOLDS = 5
 
 
 def _write_root_file(root: Path, name: str, text: str) -> None:
-    """A file of the student's root folder, through a per-process temporary name that a later run removes
+    """A file of the student's root folder, through a host-tagged temporary name that a later run removes
     when a kill left it (:func:`_clean_own_host_tmp`); shards may write the same file at the same time."""
-    tmp = root / f".tmp_{name}.{_host_tag()}.{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, root / name)
+    from nnunet_ext.core.safety import atomic_write_text
+
+    atomic_write_text(root / name, text, host=True)
 
 
 def student_split(root, teacher_raw, ending: str = ".nii.gz", progress: bool = True) -> Path | None:
@@ -444,25 +505,28 @@ def student_split(root, teacher_raw, ending: str = ".nii.gz", progress: bool = T
     return target
 
 
-def pseudolabel_stages(argv: list[str], output_dataset: str, num_parts: int):
-    """Launcher stages: ``num_parts`` shards (``nnunet-ext pseudolabel ARGV -num_parts N -part_id K``, one
-    task each), then one merge task. ``argv``: the pseudolabel arguments without -num_parts/-part_id and
-    without launcher options."""
+def pseudolabel_stages(teacher: ModelRef, unlabeled_dir, output_dataset: str, options: PseudolabelOptions,
+                       num_parts: int):
+    """Launcher stages: ``num_parts`` shards (:func:`pseudolabel` with ``part_id`` K, one task each, in a
+    process spawned on the function), then one :func:`merge_parts` task."""
+    from nnunet_ext.cluster.call import function_argv
     from nnunet_ext.cluster.launcher import Stage, Task, task_env
-    from nnunet_ext.core.paths import nnunet_command, nnunet_env
+    from nnunet_ext.core.paths import NNUNET_FOLDERS, nnunet_env
 
     if num_parts < 1:
         raise ValueError(f"num_parts must be >= 1, got {num_parts}")
-    ext = nnunet_command("nnunet-ext")
-    env = task_env({k: v for k, v in nnunet_env(None).items()
-                    if k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")})
-    shards = [Task(f"part{k}of{num_parts}", [ext, "pseudolabel", *argv, "-num_parts", str(num_parts), "-part_id", str(k)],
-                   env) for k in range(num_parts)]
-    merge = Task("merge", [ext, "pseudolabel", *argv, "-num_parts", str(num_parts), "--merge"], env)
+    env = task_env({k: v for k, v in nnunet_env(None).items() if k in NNUNET_FOLDERS + ("nnUNet_extTrainer",)})
+    teacher = _teacher(teacher)
+    common = {"teacher": teacher.to_json(), "unlabeled_dir": str(Path(unlabeled_dir).resolve()),
+              "output_dataset": output_dataset, "options": asdict(options), "num_parts": num_parts}
+    shards = [Task(f"part{k}of{num_parts}", function_argv(pseudolabel, **common, part_id=k), env)
+              for k in range(num_parts)]
+    merge = Task("merge", function_argv(merge_parts, output_dataset=output_dataset, num_parts=num_parts), env)
     return [Stage("pseudolabel_parts", shards), Stage("pseudolabel_merge", [merge], ["pseudolabel_parts"])]
 
 
-def launch(argv: list[str], output_dataset: str, num_parts: int, launcher, workdir=None) -> dict:
+def launch(teacher: ModelRef, unlabeled_dir, output_dataset: str, options: PseudolabelOptions, num_parts: int,
+           launcher, workdir=None) -> dict:
     """Run the shards and the merge through the launcher (``launcher``: LauncherOptions); scripts, markers
     and logs in ``workdir`` (default ``$nnUNet_results/nnunet_ext_jobs/<output_dataset>/pseudolabel``).
     Returns ``{"launcher", "workdir", "stages"}``."""
@@ -474,26 +538,26 @@ def launch(argv: list[str], output_dataset: str, num_parts: int, launcher, workd
     if not nnUNet_results and workdir is None:
         raise ValueError("set nnUNet_results or pass a work folder for the launcher")
     workdir = Path(workdir) if workdir else Path(nnUNet_results) / "nnunet_ext_jobs" / output_dataset / "pseudolabel"
-    res = run_stages(pseudolabel_stages(argv, output_dataset, num_parts), workdir, launcher)
+    stages = pseudolabel_stages(teacher, unlabeled_dir, output_dataset, options, num_parts)
+    res = run_stages(stages, workdir, launcher)
     return {"launcher": launcher.launcher, "workdir": str(workdir), "stages": res}
 
 
-def check_launch(teacher_dataset, configuration: str, unlabeled_dir, trainer: str = "nnUNetTrainer",
-                 plans: str = "nnUNetPlans", folds=(0,), checkpoint: str = "checkpoint_final.pth", workdir=None) -> None:
+def check_launch(teacher: ModelRef, unlabeled_dir, workdir=None) -> None:
     """What ``pseudolabel --launcher ... / -j N / --dry-run`` checks before it writes a script: the teacher
-    model exists with ``configuration`` in its plans and a checkpoint of every fold, every unlabeled image is
+    model exists with its configuration in its plans and a checkpoint of every fold, every unlabeled image is
     sound (:func:`nnunet_ext.core.checks.check_prediction_inputs`), the work folder is writable."""
     from nnunet_ext.core.checks import check_configuration, check_prediction_inputs, check_writable_folder
     from nnunet_ext.core.io import read_json
-    from nnunet_ext.inference.predict import model_folder
 
-    mdir = model_folder(teacher_dataset, configuration, trainer, plans)
-    check_configuration(mdir / "plans.json", configuration)
-    for f in folds:
-        ck = mdir / f"fold_{f}" / checkpoint
+    teacher = _teacher(teacher)
+    mdir = teacher.folder()
+    check_configuration(mdir / "plans.json", teacher.configuration)
+    for f in teacher.folds:
+        ck = mdir / f"fold_{f}" / teacher.checkpoint
         if not ck.is_file():
-            raise FileNotFoundError(f"{ck} not found: the teacher has no fold {f} ({checkpoint}); train it or choose "
-                                    f"the trained folds with -f")
+            raise FileNotFoundError(f"{ck} not found: the teacher has no fold {f} ({teacher.checkpoint}); train it or "
+                                    f"choose the trained folds with -f")
     ds = read_json(mdir / "dataset.json", required=("file_ending", "channel_names"))
     check_prediction_inputs(str(unlabeled_dir), ds["file_ending"], len(ds["channel_names"]))
     if workdir is not None:

@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from nnunet_ext.inference.contract import ModelContract, contract_path, load_contract, update_contract, write_contract
-from nnunet_ext.inference.predictor import remove_small_lesions, resolve_threshold
+from nnunet_ext.inference.contract import postprocess, resolve_threshold
+
+
+def remove_small_lesions(mask, spacing, min_mm3, connectivity=26):
+    return postprocess(mask, spacing, {"min_lesion_mm3": min_mm3, "connectivity": connectivity})
 
 
 def _old_model(tmp_path, kind=None, cohorts=(), activation=None):

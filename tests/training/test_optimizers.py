@@ -58,13 +58,10 @@ def test_softseg_lesion_output_survives_with_adam_and_dies_with_nnunet_sgd(plann
     from nnunet_ext.nnunet_adapter import build_trainer
     from nnunet_ext.training import named
 
-    class SoftSegTrainer_sgd(named.SoftSegTrainer):
-        optimizer_part = None
-
     iterations, out = 60, {}
     work, env, root = planned_phantom
     with nnunet_paths(env):
-        for cls in (named.SoftSegTrainer, SoftSegTrainer_sgd):
+        for cls in (named.SoftSegTrainer, named.SoftSegTrainer_sgd):
             torch.manual_seed(0)
             np.random.seed(0)
             t = build_trainer(cls, PLANNED_ID, "2d", 0)

@@ -39,11 +39,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
+from nnunet_ext.inference.contract import CONTRACT_FILE
 from nnunet_ext.workflows.submission.archive import safe_extract  # noqa: F401 - re-exported
 from nnunet_ext.workflows.submission.layouts import CHALLENGES
 
 CHANNELS_NEEDED = {"wmh2017": 2, "msseg2": 2, "isbi2015": 4}
-CONTRACT_FILE = "nnunet_ext_model.json"  # = nnunet_ext.inference.contract.CONTRACT_FILE (kept import-free for the runner)
 # what the packaged code imports at prediction time; requirements.txt pins these and everything they need
 RUNTIME_PACKAGES = ("nnunetv2", "torch", "SimpleITK", "numpy", "scipy", "connected-components-3d", "acvl-utils",
                     "matplotlib")
@@ -222,9 +222,9 @@ def _package_model(stage: Path, dataset, configuration: str, trainer: str, plans
     """nnU-Net's export of one model into ``stage/zip_name`` and its extras (model contract, every fold's
     ``nnunet_ext_*.json``) into ``stage/extras_name/``."""
     from nnunet_ext.core.paths import nnunet_command, nnunet_env
-    from nnunet_ext.inference.predict import model_folder
+    from nnunet_ext.nnunet_adapter import ModelRef
 
-    mdir = model_folder(dataset, configuration, trainer, plans)
+    mdir = ModelRef(str(dataset), configuration, trainer, plans).folder()
     r = subprocess.run([nnunet_command("nnUNetv2_export_model_to_zip"), "-d", str(dataset), "-o",
                         str(stage / zip_name), "-c", configuration, "-tr", trainer, "-p", plans,
                         "-f", *map(str, folds), "-chk", checkpoint],
@@ -285,45 +285,17 @@ def build(out_dir, dataset, configuration: str | None = None, trainer: str | Non
             raise ValueError(f"--consensus chooses the models and folds; drop {' '.join(given)}")
         return _build_cascade(out_dir, dataset, consensus, challenge, checkpoint, tag)
 
-    from nnunet_ext.inference.predict import model_folder
-
-    ensemble = None
-    if selection is not None and selection is not False:
-        from nnunet_ext.inference.ensemble import read_selection, selection_path
-
-        given = [o for o, v in (("-c", configuration), ("-tr", trainer), ("--cohort", cohort)) if v]
-        if given:
-            raise ValueError(f"--selection chooses the model(s) and folds; drop {' '.join(given)}")
-        spath = selection_path(dataset) if selection in ("", True) else Path(selection)
-        choice = read_selection(spath)
-        members = [tuple(m.split("__")) for m in choice["members"]]  # (trainer, plans, configuration)
-        folds = [f for f in choice["folds"] if f != "all"]
-        if len(members) > 1:
-            ensemble = {"selection": str(spath), "threshold": choice["threshold"],
-                        "min_lesion_mm3": choice["min_lesion_mm3"], "connectivity": choice["connectivity"],
-                        "members": []}
-        trainer, plans, configuration = members[0]
-    else:
-        if configuration is None or trainer is None:
-            raise ValueError("submission build needs -c CONFIGURATION and -tr TRAINER (or --selection)")
-        members = [(trainer, plans, configuration)]
+    models, folds, ensemble = _chosen_models(dataset, selection, configuration, trainer, plans, folds, cohort)
+    members = [(m.trainer, m.plans, m.configuration) for m in models]
+    trainer, plans, configuration = members[0]
     folds = _check_build_args(folds, challenge, checkpoint, tag)
     out = _new_output(out_dir)
-    shapes = set()
-    for tr, pl, cf in members:
-        mdir = model_folder(dataset, cf, tr, pl)
-        n_ch, file_ending, _ = _check_model(mdir, folds, checkpoint, challenge)
-        shapes.add((n_ch, file_ending))
-        ro, rm = _resolved(out), _resolved(mdir)
-        if ro == rm or rm in ro.parents or ro in rm.parents:
-            raise ValueError(f"-o {out} overlaps the model folder {mdir}; choose an output outside it")
-    if len(shapes) != 1:
-        raise ValueError(f"the ensemble's models take different inputs (channels, file ending): {sorted(shapes)}")
-    mdir = model_folder(dataset, configuration, trainer, plans)
+    n_ch, file_ending = _check_models(out, models, folds, checkpoint, challenge)
+    mdir = models[0].folder()
     if ensemble is not None:
         from nnunet_ext.inference.ensemble import _check_members
 
-        _check_members([model_folder(dataset, cf, tr, pl) for tr, pl, cf in members], folds, checkpoint)
+        _check_members([m.folder() for m in models], folds, checkpoint)
     _, condition, cohort = _model_condition(mdir, folds, checkpoint, cohort, trainer)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -349,6 +321,46 @@ def build(out_dir, dataset, configuration: str | None = None, trainer: str | Non
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
     return out
+
+
+def _chosen_models(dataset, selection, configuration, trainer, plans, folds, cohort) -> tuple[list, list, dict | None]:
+    """(models as ModelRefs, folds, the ensemble record or None): the selection file's choice, or the one
+    model of ``-c -tr -p``."""
+    from nnunet_ext.nnunet_adapter import ModelRef
+
+    if selection is None or selection is False:
+        if configuration is None or trainer is None:
+            raise ValueError("submission build needs -c CONFIGURATION and -tr TRAINER (or --selection)")
+        return [ModelRef(str(dataset), configuration, trainer, plans)], folds, None
+    from nnunet_ext.inference.ensemble import read_selection, selection_path
+
+    given = [o for o, v in (("-c", configuration), ("-tr", trainer), ("--cohort", cohort)) if v]
+    if given:
+        raise ValueError(f"--selection chooses the model(s) and folds; drop {' '.join(given)}")
+    spath = selection_path(dataset) if selection in ("", True) else Path(selection)
+    choice = read_selection(spath, dataset)
+    models = [ModelRef(str(dataset), m.configuration, m.trainer, m.plans) for m in choice["models"]]
+    ensemble = None
+    if len(models) > 1:
+        ensemble = {"selection": str(spath), "threshold": choice["threshold"],
+                    "min_lesion_mm3": choice["min_lesion_mm3"], "connectivity": choice["connectivity"],
+                    "members": []}
+    return models, [f for f in choice["folds"] if f != "all"], ensemble
+
+
+def _check_models(out: Path, models: list, folds, checkpoint: str, challenge: str) -> tuple[int, str]:
+    """(channels, file ending) the models share; each model checked and outside ``out``."""
+    shapes = set()
+    for m in models:
+        mdir = m.folder()
+        n_ch, file_ending, _ = _check_model(mdir, folds, checkpoint, challenge)
+        shapes.add((n_ch, file_ending))
+        ro, rm = _resolved(out), _resolved(mdir)
+        if ro == rm or rm in ro.parents or ro in rm.parents:
+            raise ValueError(f"-o {out} overlaps the model folder {mdir}; choose an output outside it")
+    if len(shapes) != 1:
+        raise ValueError(f"the ensemble's models take different inputs (channels, file ending): {sorted(shapes)}")
+    return shapes.pop()
 
 
 def _new_output(out_dir) -> Path:
@@ -547,9 +559,6 @@ def check_submission(sub_dir, input_dir, work_dir=None, device: str = "cpu",
     Each run has a fresh folder: ``work_dir/run_<n>/`` (kept: ``output/``, ``entrypoint.log``) or, without
     ``work_dir``, a temporary one removed afterwards. The input copy and the installed model are always
     removed at the end."""
-    import numpy as np
-    import SimpleITK as sitk
-
     from nnunet_ext.workflows.submission.layouts import cases_for
 
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
@@ -584,30 +593,7 @@ def check_submission(sub_dir, input_dir, work_dir=None, device: str = "cpu",
         _set_tree_writable(ro_input, False)
         out = run_dir / "output"
         out.mkdir()
-        env = dict(os.environ, PYTHONPATH=str(sub.resolve() / "vendor"), nnUNet_results=str(scratch / "results"),
-                   nnUNet_raw=str(scratch / "nnunet_raw"), nnUNet_preprocessed=str(scratch / "nnunet_preprocessed"),
-                   nnUNet_extTrainer=str(sub.resolve() / "vendor" / "nnunet_ext" / "trainers"),
-                   MPLCONFIGDIR=str(scratch / "matplotlib"),
-                   TMPDIR=str(scratch) if len(os.fsencode(str(scratch))) <= 60 else "/tmp")
-        log = run_dir / "entrypoint.log"
-        cmd = [sys.executable, str(sub / "entrypoint.py"), "--input", str(ro_input), "--output", str(out),
-               "--device", device]
-        t0 = time.monotonic()
-        with open(log, "w") as lf:
-            from nnunet_ext.core import guard
-
-            # a process group of its own under the guard: it ends with this command, also on SIGKILL
-            proc = guard.popen(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT)
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                rc = None
-            finally:  # also on Ctrl-C: the entrypoint and any workers it left behind end with the test
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        seconds = time.monotonic() - t0
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        rc, seconds, lines = _run_entrypoint(sub, ro_input, out, run_dir / "entrypoint.log", scratch, device, timeout)
         log_tail = "\n".join(lines[-30:])
         if rc is None:
             rows.append({"case": "-", "check": "entrypoint ran", "ok": False,
@@ -620,26 +606,7 @@ def check_submission(sub_dir, input_dir, work_dir=None, device: str = "cpu",
         rows.append({"case": "-", "check": "input untouched", "ok": not changed,
                      "detail": "the entrypoint changed its (read-only) input" if changed else ""})
         if rc == 0:
-            for c in cases_for(cfg["challenge"], ro_input, out, cfg["n_channels"], cfg["file_ending"]):
-                exists = c.output.is_file()
-                rows.append({"case": c.case_id, "check": f"{c.output.name} written", "ok": exists, "detail": ""})
-                if not exists:
-                    continue
-                try:
-                    o, ref = sitk.ReadImage(str(c.output)), sitk.ReadImage(str(c.reference))
-                except RuntimeError as e:
-                    rows.append({"case": c.case_id, "check": f"{c.output.name} readable", "ok": False,
-                                 "detail": str(e).strip().splitlines()[-1][:200]})
-                    continue
-                for what, a, b in (("size", o.GetSize(), ref.GetSize()), ("spacing", o.GetSpacing(), ref.GetSpacing()),
-                                   ("origin", o.GetOrigin(), ref.GetOrigin()),
-                                   ("direction", o.GetDirection(), ref.GetDirection())):
-                    ok = len(a) == len(b) and bool(np.allclose(a, b, atol=1e-4))
-                    rows.append({"case": c.case_id, "check": f"{what} = reference", "ok": ok,
-                                 "detail": "" if ok else f"{a} vs {b}"})
-                vals = np.unique(sitk.GetArrayViewFromImage(o))
-                ok = bool(np.isin(vals, (0, 1)).all())
-                rows.append({"case": c.case_id, "check": "binary values", "ok": ok, "detail": "" if ok else str(vals[:8])})
+            rows += _output_rows(cases_for(cfg["challenge"], ro_input, out, cfg["n_channels"], cfg["file_ending"]))
     finally:
         if (scratch / "input").exists():
             _set_tree_writable(scratch / "input", True)
@@ -650,6 +617,64 @@ def check_submission(sub_dir, input_dir, work_dir=None, device: str = "cpu",
         rows.append({"case": "-", "check": "original input untouched", "ok": False, "detail": str(inp)})
     ok = all(r["ok"] for r in rows) and any(r["check"].endswith(" written") for r in rows)
     return SubmissionCheck(ok, rows, run_dir if work_dir is not None else None, log_tail)
+
+
+def _run_entrypoint(sub: Path, ro_input: Path, out: Path, log: Path, scratch: Path, device: str,
+                    timeout: float) -> tuple[int | None, float, list[str]]:
+    """(exit code or None when it timed out, seconds, non-empty log lines) of the submission's entrypoint on
+    ``ro_input``, with nnU-Net's folders and TMPDIR in ``scratch``, its output in ``log``."""
+    env = dict(os.environ, PYTHONPATH=str(sub.resolve() / "vendor"), nnUNet_results=str(scratch / "results"),
+               nnUNet_raw=str(scratch / "nnunet_raw"), nnUNet_preprocessed=str(scratch / "nnunet_preprocessed"),
+               nnUNet_extTrainer=str(sub.resolve() / "vendor" / "nnunet_ext" / "trainers"),
+               MPLCONFIGDIR=str(scratch / "matplotlib"),
+               TMPDIR=str(scratch) if len(os.fsencode(str(scratch))) <= 60 else "/tmp")
+    cmd = [sys.executable, str(sub / "entrypoint.py"), "--input", str(ro_input), "--output", str(out),
+           "--device", device]
+    t0 = time.monotonic()
+    with open(log, "w") as lf:
+        from nnunet_ext.core import guard
+
+        # a process group of its own under the guard: it ends with this command, also on SIGKILL
+        proc = guard.popen(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:  # also on Ctrl-C: the entrypoint and any workers it left behind end with the test
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    seconds = time.monotonic() - t0
+    return rc, seconds, [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+
+
+def _output_rows(cases) -> list[dict]:
+    """The checks of each expected output: written, readable, the geometry of its reference input, binary."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    rows = []
+    for c in cases:
+        exists = c.output.is_file()
+        rows.append({"case": c.case_id, "check": f"{c.output.name} written", "ok": exists, "detail": ""})
+        if not exists:
+            continue
+        try:
+            o, ref = sitk.ReadImage(str(c.output)), sitk.ReadImage(str(c.reference))
+        except RuntimeError as e:
+            rows.append({"case": c.case_id, "check": f"{c.output.name} readable", "ok": False,
+                         "detail": str(e).strip().splitlines()[-1][:200]})
+            continue
+        for what, a, b in (("size", o.GetSize(), ref.GetSize()), ("spacing", o.GetSpacing(), ref.GetSpacing()),
+                           ("origin", o.GetOrigin(), ref.GetOrigin()),
+                           ("direction", o.GetDirection(), ref.GetDirection())):
+            ok = len(a) == len(b) and bool(np.allclose(a, b, atol=1e-4))
+            rows.append({"case": c.case_id, "check": f"{what} = reference", "ok": ok,
+                         "detail": "" if ok else f"{a} vs {b}"})
+        vals = np.unique(sitk.GetArrayViewFromImage(o))
+        ok = bool(np.isin(vals, (0, 1)).all())
+        rows.append({"case": c.case_id, "check": "binary values", "ok": ok, "detail": "" if ok else str(vals[:8])})
+    return rows
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -51,9 +51,11 @@ def install(sub: Path, results: Path, cfg: dict, member: dict | None = None) -> 
 
     sub, results = Path(sub), Path(results)
     member = member or _members(cfg)[0]
-    name = f"{member['trainer']}__{member['plans']}__{member['configuration']}"
+    from nnunet_ext.nnunet_adapter import ModelRef
+
     dataset, folds = member.get("dataset", cfg["dataset"]), member.get("folds", cfg["folds"])
-    mdir = results / dataset / name
+    ref = ModelRef(dataset, member["configuration"], member["trainer"], member["plans"])
+    name, mdir = ref.name, ref.folder(must_exist=False, results=results)
     extras = _extras(sub, cfg, member["extras"], folds)
     archive = sub / member["zip"]
     if _installed(mdir, cfg, extras, folds):
@@ -85,17 +87,23 @@ def main(sub_dir) -> int:
     ap.add_argument("--output", default="/output")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--install-only", action="store_true", help="only install the model (Docker build step)")
+    # for running the container yourself (docker run ... IMAGE --uncertainty --lesion-table); challenge platforms
+    # start it without arguments, so their outputs stay the challenge's files only
+    ap.add_argument("--uncertainty", action="store_true",
+                    help="also write <output name>_entropy.nii.gz beside each output (as nnunet-ext predict)")
+    ap.add_argument("--lesion-table", action="store_true",
+                    help="also write lesions.csv and cases.csv into the output folder (as nnunet-ext predict)")
     args = ap.parse_args()
     sub = Path(sub_dir)
     cfg = json.loads((sub / "submission.json").read_text())
+    if cfg.get("cascade") and (args.uncertainty or args.lesion_table):
+        raise NotImplementedError("--uncertainty / --lesion-table with a consensus-cascade submission: the cascade "
+                                  "predicts through `consensus predict`, which writes neither")
     results = Path(os.environ.get("nnUNet_results") or (sub / "results"))
     mdirs = [install(sub, results, cfg, m) for m in _members(cfg)]
     if args.install_only:
         print(f"model installed in {', '.join(map(str, mdirs))}")
         return 0
-
-    import numpy as np
-    import SimpleITK as sitk
 
     from nnunet_ext.inference.predictor import predict_cases
     from nnunet_ext.workflows.submission.layouts import cases_for
@@ -125,23 +133,51 @@ def main(sub_dir) -> int:
 
             res = predict_ensemble(mdirs, cfg["folds"], inputs, tmp, threshold=ens["threshold"],
                                    min_lesion_mm3=ens["min_lesion_mm3"], connectivity=ens["connectivity"],
-                                   checkpoint=cfg["checkpoint"], device=args.device, case_ids=ids, write_soft=False)
+                                   checkpoint=cfg["checkpoint"], device=args.device, case_ids=ids, write_soft=False,
+                                   uncertainty=args.uncertainty, lesion_table=args.lesion_table)
         else:
             res = predict_cases(mdirs[0], cfg["folds"], inputs, tmp, checkpoint=cfg["checkpoint"], device=args.device,
-                                cohort=cfg.get("cohort"), write_soft=False, npp=1, nps=1, case_ids=ids)
-        for c in cases:
-            ref = sitk.ReadImage(str(c.reference))
-            seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / f"{c.case_id}{cfg['file_ending']}")))
-            seg = (np.asarray(seg) == 1).astype(np.uint8)  # lesion label 1; ignore-label models never predict it
-            if seg.shape != sitk.GetArrayViewFromImage(ref).shape:
-                raise RuntimeError(f"{c.case_id}: prediction shape {seg.shape} differs from {c.reference}")
-            out = sitk.GetImageFromArray(seg)
-            out.CopyInformation(ref)
-            c.output.parent.mkdir(parents=True, exist_ok=True)
-            sitk.WriteImage(out, str(c.output), True)
-            print(f"{c.case_id} -> {c.output} (threshold: {res['threshold']}, {res['threshold_source']}; "
-                  f"min lesion {res['postprocessing']['min_lesion_mm3']} mm3)")
+                                cohort=cfg.get("cohort"), write_soft=False, npp=1, nps=1, case_ids=ids,
+                                uncertainty=args.uncertainty, lesion_table=args.lesion_table)
+        _write_outputs(cases, pred, cfg, res, args.uncertainty)
+        if args.lesion_table:
+            from nnunet_ext.core.safety import atomic_write_text
+
+            for name in ("lesions.csv", "cases.csv"):
+                atomic_write_text(Path(args.output) / name, (pred / name).read_text())
     return 0
+
+
+def _write_outputs(cases, pred: Path, cfg: dict, res: dict, uncertainty: bool) -> None:
+    """Each case's mask (lesion label 1) from the prediction folder ``pred`` into the challenge's output file,
+    in its reference image's geometry; with ``uncertainty`` the entropy map beside it."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    for c in cases:
+        ref = sitk.ReadImage(str(c.reference))
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / f"{c.case_id}{cfg['file_ending']}")))
+        seg = (np.asarray(seg) == 1).astype(np.uint8)  # lesion label 1; ignore-label models never predict it
+        if seg.shape != sitk.GetArrayViewFromImage(ref).shape:
+            raise RuntimeError(f"{c.case_id}: prediction shape {seg.shape} differs from {c.reference}")
+        out = sitk.GetImageFromArray(seg)
+        out.CopyInformation(ref)
+        c.output.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(out, str(c.output), True)
+        if uncertainty:  # the entropy map, in the same geometry, named after the challenge's output
+            ent = sitk.ReadImage(str(pred / f"{c.case_id}_entropy{cfg['file_ending']}"))
+            ent.CopyInformation(ref)
+            sitk.WriteImage(ent, str(_beside(c.output, "_entropy")), True)
+        print(f"{c.case_id} -> {c.output} (threshold: {res['threshold']}, {res['threshold_source']}; "
+              f"min lesion {res['postprocessing']['min_lesion_mm3']} mm3)")
+
+
+def _beside(path: Path, suffix: str) -> Path:
+    """``path`` with ``suffix`` before its ending: ``result.nii.gz`` -> ``result<suffix>.nii.gz``."""
+    for ending in (".nii.gz", ".nii", ".mha", ".nrrd"):
+        if path.name.endswith(ending):
+            return path.with_name(path.name[:-len(ending)] + suffix + ending)
+    return path.with_name(path.stem + suffix + path.suffix)
 
 
 def _cuda() -> bool:

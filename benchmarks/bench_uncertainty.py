@@ -1,0 +1,216 @@
+"""Cost of ``nnunet-ext predict --uncertainty`` (and ``--lesion-table``) against plain ``nnunet-ext predict``.
+
+Target: at most 1.05x the wall time of plain prediction with mirroring (nnU-Net's default test-time flips) on
+the same cases. The entropy comes from the probabilities the flipped predictions already give, so the extra
+work is in nnU-Net's export workers: one entropy map per case (and the connected components and their
+statistics for the table), one more float32 NIfTI written per case.
+
+Steps (real nnU-Net, CPU):
+
+1. a phantom (``nnunet-ext phantom``, default 8 training and 6 test cases of 64^3) planned for ``2d``
+   (``nnUNetv2_plan_and_preprocess -c 2d -np 2``); 2d is the configuration with the fewest flips (4), i.e.
+   the least network work to hide the extra export work behind;
+2. a model trained very briefly (the cost of prediction does not depend on how good the weights are):
+   ``NNUNET_EXT_NUM_EPOCHS=1 NNUNET_EXT_ITERATIONS=2 nnUNetv2_train ID 2d 0 -tr ExtBaselineTrainer``;
+3. in this process, one loaded predictor (nnunet_ext.inference.predictor.load_predictor, mirroring on, fold 0),
+   then ``predict_cases`` on the test cases into a fresh folder per run, one preprocessing and one export
+   process (``-npp 1 -nps 1``), arms alternating in a rotating order, after one untimed run of each:
+   ``plain``, ``uncertainty`` (``--uncertainty``), ``both`` (``--uncertainty --lesion-table``).
+
+Reported: wall and CPU seconds per run (CPU: this process and its finished children, i.e. nnU-Net's
+workers), per-arm medians, the ratio of the medians to ``plain``, the median of the per-round ratios and the
+ratio of the summed CPU seconds; the load average around every run (the machine may be shared); the number of predicted
+lesions. Also the export-side work alone, per case, in this process: the entropy map, the lesion table of the
+reference lesions (a realistic lesion count, whatever the brief training predicts) and the entropy map's
+NIfTI write. The JSON is rewritten after every run.
+
+    nice -n 5 python benchmarks/bench_uncertainty.py --workdir /tmp/unc_bench --max-cases 2 --repeats 4 \
+        -o benchmarks/results/uncertainty_overhead.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATASET = 874
+TRAINER = "ExtBaselineTrainer"
+ARMS = {"plain": {}, "uncertainty": {"uncertainty": True}, "both": {"uncertainty": True, "lesion_table": True}}
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (nnU-Net's preprocessing and export
+    workers end with each prediction call)."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def sh(cmd: list[str], env: dict, log: Path) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        sys.exit(f"{cmd[0]} failed (exit {rc}); see {log}")
+
+
+def prepare(work: Path, cases: int, test_cases: int, shape: int) -> tuple[dict, Path, Path]:
+    """(env, raw dataset folder, model folder): phantom, 2d plan, a briefly trained model (reused if there)."""
+    from nnunet_ext.core.paths import nnunet_command, nnunet_env
+
+    env = nnunet_env(work, n_proc=2)
+    env.update({"NNUNET_EXT_NUM_EPOCHS": "1", "NNUNET_EXT_ITERATIONS": "2", "NNUNET_EXT_VAL_ITERATIONS": "1",
+                "nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "2"})
+    log = work / "prepare.log"
+    raw = Path(env["nnUNet_raw"]) / "Dataset874_MSPhantom"
+    if not (raw / "dataset.json").is_file():
+        sh([nnunet_command("nnunet-ext"), "phantom", "-d", str(DATASET), "--cases", str(cases), "--test-cases",
+            str(test_cases), "--shape", str(shape), str(shape), str(shape), "--seed", "0", "--quiet"], env, log)
+    model = Path(env["nnUNet_results"]) / raw.name / f"{TRAINER}__nnUNetPlans__2d"
+    if not (model / "fold_0" / "checkpoint_final.pth").is_file():
+        sh([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET), "-c", "2d", "-np", "2"], env, log)
+        sh([nnunet_command("nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", TRAINER, "-device", "cpu"], env, log)
+    return env, raw, model
+
+
+def export_side_costs(raw: Path, pred: Path, cases: list[str], connectivity: int = 26) -> dict:
+    """Seconds per case of the export-side work alone: entropy, the lesion table of the reference lesions
+    (with the predicted lesion probability), the entropy map's NIfTI write."""
+    import SimpleITK as sitk
+
+    from nnunet_ext.inference.lesion_table import Geometry, case_lesions
+    from nnunet_ext.inference.uncertainty import entropy
+
+    rows = []
+    for case in cases:
+        lab_file = raw / "labelsTs" / f"{case}.nii.gz"
+        ref = sitk.ReadImage(str(lab_file))
+        q = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / "soft" / f"{case}.nii.gz"))).astype(np.float32)
+        prob = np.stack([1 - q, q])
+        t0 = time.perf_counter()
+        ent = entropy(prob)
+        t1 = time.perf_counter()
+        lesions, _ = case_lesions(case, sitk.GetArrayFromImage(ref), q, ent, Geometry.from_image(ref), connectivity)
+        t2 = time.perf_counter()
+        img = sitk.GetImageFromArray(ent)
+        img.CopyInformation(ref)
+        out = pred.parent / f".bench_entropy_{case}.nii.gz"
+        sitk.WriteImage(img, str(out), True, 1)
+        t3 = time.perf_counter()
+        out.unlink()
+        rows.append({"case": case, "voxels": int(q.size), "reference_lesions": len(lesions),
+                     "entropy_s": round(t1 - t0, 4), "lesion_table_s": round(t2 - t1, 4),
+                     "entropy_write_s": round(t3 - t2, 4)})
+    return {"per_case": rows,
+            "median_s": {k: statistics.median(r[k] for r in rows)
+                         for k in ("entropy_s", "lesion_table_s", "entropy_write_s")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", default="/tmp/unc_bench")
+    ap.add_argument("-o", "--output", default="benchmarks/results/uncertainty_overhead.json")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs every arm once)")
+    ap.add_argument("--cases", type=int, default=8)
+    ap.add_argument("--test-cases", type=int, default=6)
+    ap.add_argument("--shape", type=int, default=64)
+    ap.add_argument("--max-cases", type=int, default=None, help="time only the first N test cases")
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
+                    help="arms to time (plain is always timed)")
+    args = ap.parse_args()
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    env, raw, model = prepare(work, args.cases, args.test_cases, args.shape)
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        os.environ[k] = env[k]
+    os.environ.setdefault("nnUNet_def_n_proc", "2")
+
+    import torch
+
+    from nnunet_ext.inference.predictor import load_predictor, predict_cases
+
+    predictor = load_predictor(model, [0], device="cpu")
+    images = raw / "imagesTs"
+    files = sorted(images.glob("*_0000.nii.gz"))[:args.max_cases]
+    inputs = [[str(f)] for f in files]  # one channel per case (the phantom)
+    arms = {a: ARMS[a] for a in ARMS if a == "plain" or a in args.arms}
+    runs_dir = work / "runs"
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    result = {"what": "wall seconds of predict_cases on the test cases, one loaded predictor, mirroring on, "
+                      "-npp 1 -nps 1; arms alternate in a rotating order",
+              "dataset": raw.name, "configuration": "2d", "trainer": TRAINER, "fold": 0,
+              "test_cases": len(inputs), "shape": [args.shape] * 3,
+              "mirroring_passes_per_patch": 4, "torch_threads": torch.get_num_threads(),
+              "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+              "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "runs": []}
+    out = Path(args.output)
+
+    def save():
+        times = {a: [r["wall_s"] for r in result["runs"] if r["arm"] == a and r["timed"]] for a in arms}
+        cpu = {a: [r["cpu_s"] for r in result["runs"] if r["arm"] == a and r["timed"]] for a in arms}
+        if all(cpu.values()):
+            result["median_cpu_s"] = {a: round(statistics.median(v), 3) for a, v in cpu.items()}
+            result["cpu_ratio_of_sums"] = {a: round(sum(cpu[a]) / sum(cpu["plain"]), 4) for a in arms if a != "plain"}
+        if all(times.values()):
+            med = {a: statistics.median(t) for a, t in times.items()}
+            result["median_wall_s"] = {a: round(v, 3) for a, v in med.items()}
+            result["ratio_of_medians"] = {a: round(med[a] / med["plain"], 4) for a in arms if a != "plain"}
+            rounds = sorted({r["round"] for r in result["runs"] if r["timed"]})
+            per_round = {a: [] for a in arms if a != "plain"}
+            for k in rounds:
+                t = {r["arm"]: r["wall_s"] for r in result["runs"] if r["round"] == k and r["timed"]}
+                for a in per_round:
+                    if a in t and "plain" in t:
+                        per_round[a].append(t[a] / t["plain"])
+            result["median_per_round_ratio"] = {a: round(statistics.median(v), 4) for a, v in per_round.items() if v}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
+    names = list(arms)
+    for k in range(-1, args.repeats):  # round -1: one untimed run of each arm (warm caches, first-call costs)
+        order = names[k % len(names):] + names[:k % len(names)] if k >= 0 else names
+        for arm in order:
+            dest = runs_dir / f"{arm}_{k + 1}"
+            la0 = loadavg()
+            c0 = cpu_seconds()
+            t = time.perf_counter()
+            predict_cases(model, [0], inputs, dest, device="cpu", predictor=predictor, npp=1, nps=1, progress=False,
+                          **arms[arm])
+            wall = time.perf_counter() - t
+            cpu = cpu_seconds() - c0
+            n_les = None
+            if (dest / "cases.csv").is_file():
+                import csv
+
+                with open(dest / "cases.csv") as f:
+                    n_les = sum(int(r["lesions"]) for r in csv.DictReader(f))
+            result["runs"].append({"round": k + 1, "arm": arm, "timed": k >= 0, "wall_s": round(wall, 3),
+                                   "cpu_s": round(cpu, 3),
+                                   "loadavg_before": la0, "loadavg_after": loadavg(), "predicted_lesions": n_les})
+            print(f"round {k + 1} {arm}: {wall:.2f} s (load {la0[0]})", flush=True)
+            save()
+            if k >= 0 and not (k == args.repeats - 1 and arm == names[-1]):
+                shutil.rmtree(dest, ignore_errors=True)
+    last = runs_dir / f"{names[-1]}_{args.repeats}"
+    result["export_side_alone"] = export_side_costs(raw, last, [f.name[:-12] for f in files])
+    save()
+    print(json.dumps({k: result.get(k) for k in ("median_wall_s", "ratio_of_medians", "median_per_round_ratio")}))
+
+
+if __name__ == "__main__":
+    main()

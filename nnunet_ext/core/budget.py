@@ -1,0 +1,21 @@
+"""The training-budget environment variables: ``NNUNET_EXT_NUM_EPOCHS``, ``NNUNET_EXT_ITERATIONS`` (training
+iterations per epoch) and ``NNUNET_EXT_VAL_ITERATIONS`` (validation iterations per epoch).
+
+Every nnunet-ext trainer reads them (nnunet_ext.training.base) and prints and logs each one it applies. The
+launcher (nnunet_ext.cluster.launcher) passes them into a job only when the command asked for a budget
+(``compare --epochs``, ``train --epochs``, ...); a budget variable that is merely exported in the submitting
+shell is unset in the job scripts, with a printed warning.
+"""
+from __future__ import annotations
+
+import os
+
+# variable -> the nnU-Net trainer attribute it sets
+BUDGET_VARIABLES = {"NNUNET_EXT_NUM_EPOCHS": "num_epochs", "NNUNET_EXT_ITERATIONS": "num_iterations_per_epoch",
+                    "NNUNET_EXT_VAL_ITERATIONS": "num_val_iterations_per_epoch"}
+
+
+def budget_in(environ=None) -> dict[str, str]:
+    """The budget variables set (non-empty) in ``environ`` (default: this process's environment)."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in BUDGET_VARIABLES if environ.get(k)}
