@@ -24,8 +24,13 @@ lesions. Also the export-side work alone, per case, in this process: the entropy
 reference lesions (a realistic lesion count, whatever the brief training predicts) and the entropy map's
 NIfTI write. The JSON is rewritten after every run.
 
-    nice -n 5 python benchmarks/bench_uncertainty.py --workdir /tmp/unc_bench --max-cases 2 --repeats 4 \
-        -o benchmarks/results/uncertainty_overhead.json
+    nice -n 5 python benchmarks/bench_uncertainty.py --workdir /tmp/unc_bench --width-divisor 4 --max-cases 3 \
+        --repeats 5 -o benchmarks/results/uncertainty_overhead.json
+
+``--width-divisor 4`` divides the planned network's features per stage by 4 (and retrains the brief model):
+both arms run exactly the same network passes, so a narrower network only shrinks the part they share and
+the ratio it gives is an upper bound on the planned network's (whose one 64^3 case costs minutes of CPU on
+two shared cores).
 """
 from __future__ import annotations
 
@@ -69,8 +74,9 @@ def sh(cmd: list[str], env: dict, log: Path) -> None:
         sys.exit(f"{cmd[0]} failed (exit {rc}); see {log}")
 
 
-def prepare(work: Path, cases: int, test_cases: int, shape: int) -> tuple[dict, Path, Path]:
-    """(env, raw dataset folder, model folder): phantom, 2d plan, a briefly trained model (reused if there)."""
+def prepare(work: Path, cases: int, test_cases: int, shape: int, width_divisor: int = 1) -> tuple[dict, Path, Path]:
+    """(env, raw dataset folder, model folder): phantom, 2d plan (its ``features_per_stage`` divided by
+    ``width_divisor``), a briefly trained model (reused if there, with the same width)."""
     from nnunet_ext.core.paths import nnunet_command, nnunet_env
 
     env = nnunet_env(work, n_proc=2)
@@ -82,8 +88,18 @@ def prepare(work: Path, cases: int, test_cases: int, shape: int) -> tuple[dict, 
         sh([nnunet_command("nnunet-ext"), "phantom", "-d", str(DATASET), "--cases", str(cases), "--test-cases",
             str(test_cases), "--shape", str(shape), str(shape), str(shape), "--seed", "0", "--quiet"], env, log)
     model = Path(env["nnUNet_results"]) / raw.name / f"{TRAINER}__nnUNetPlans__2d"
-    if not (model / "fold_0" / "checkpoint_final.pth").is_file():
+    plans_file = Path(env["nnUNet_preprocessed"]) / raw.name / "nnUNetPlans.json"
+    if not plans_file.is_file():
         sh([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET), "-c", "2d", "-np", "2"], env, log)
+    plans = json.loads(plans_file.read_text())
+    arch = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
+    planned = plans.setdefault("nnunet_ext_bench_planned_features", list(arch["features_per_stage"]))
+    want = [max(4, f // width_divisor) for f in planned]
+    if arch["features_per_stage"] != want:
+        arch["features_per_stage"] = want
+        plans_file.write_text(json.dumps(plans, indent=1))
+        shutil.rmtree(model, ignore_errors=True)  # trained with another width
+    if not (model / "fold_0" / "checkpoint_final.pth").is_file():
         sh([nnunet_command("nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", TRAINER, "-device", "cpu"], env, log)
     return env, raw, model
 
@@ -130,12 +146,15 @@ def main() -> None:
     ap.add_argument("--test-cases", type=int, default=6)
     ap.add_argument("--shape", type=int, default=64)
     ap.add_argument("--max-cases", type=int, default=None, help="time only the first N test cases")
+    ap.add_argument("--width-divisor", type=int, default=1,
+                    help="divide the planned network's features per stage by this (less network work per voxel, "
+                         "the same extra work: the ratio is then an upper bound on the planned network's)")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
                     help="arms to time (plain is always timed)")
     args = ap.parse_args()
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    env, raw, model = prepare(work, args.cases, args.test_cases, args.shape)
+    env, raw, model = prepare(work, args.cases, args.test_cases, args.shape, args.width_divisor)
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
         os.environ[k] = env[k]
     os.environ.setdefault("nnUNet_def_n_proc", "2")
@@ -155,7 +174,10 @@ def main() -> None:
                       "-npp 1 -nps 1; arms alternate in a rotating order",
               "dataset": raw.name, "configuration": "2d", "trainer": TRAINER, "fold": 0,
               "test_cases": len(inputs), "shape": [args.shape] * 3,
-              "mirroring_passes_per_patch": 4, "torch_threads": torch.get_num_threads(),
+              "mirroring_passes_per_patch": 4, "width_divisor": args.width_divisor,
+              "features_per_stage": predictor.plans_manager.get_configuration("2d").network_arch_init_kwargs[
+                  "features_per_stage"], "command": " ".join(["python", *sys.argv]),
+              "torch_threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "runs": []}
     out = Path(args.output)

@@ -77,12 +77,6 @@ def dataset_id(name: str) -> int:
     return int(name[7:10])
 
 
-def model_folder(dataset, trainer: str, plans: str, configuration: str, must_exist: bool = True) -> Path:
-    """nnU-Net's model folder ``$nnUNet_results/DatasetXXX/<trainer>__<plans>__<configuration>``
-    (:meth:`ModelRef.folder`)."""
-    return ModelRef(str(dataset), configuration, trainer, plans).folder(must_exist)
-
-
 def _fold(f):
     """A fold as nnU-Net names it: an int, or ``"all"``."""
     if isinstance(f, bool):

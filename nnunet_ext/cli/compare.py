@@ -40,6 +40,9 @@ def register(sub) -> None:
     p.add_argument("--create-split", action="store_true",
                    help="write nnU-Net's default 5-fold split when splits_final.json is missing")
     p.add_argument("--cohort", default=None, help="cohort to predict SCIN arms in")
+    p.add_argument("--soft-reference", default=None, metavar="DIR",
+                   help="folder of <case> rater-average maps of the evaluated cases: adds each arm's Brier score against "
+                        "them and the thesis' pooled ECE, with paired intervals (calibration studies)")
     add_launcher_arguments(p)
     _PARSER[:] = [p]
 
@@ -65,7 +68,8 @@ def run(args) -> int:
             epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations,
             device=args.device, n_proc=args.num_processes, n_bootstrap=args.bootstrap, seed=args.seed,
             thresholds=args.thresholds, connectivity=args.connectivity, bins=parse_bins(args.bins),
-            create_split=args.create_split, cohort=args.cohort, launcher_options=launcher_options(args),
+            create_split=args.create_split, cohort=args.cohort, soft_reference=args.soft_reference,
+            launcher_options=launcher_options(args),
             command_line=command_line))
     except NotImplementedError as e:
         raise ValueError(str(e)) from None

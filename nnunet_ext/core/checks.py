@@ -6,9 +6,9 @@ option or name, and what to do).
   one component, the model's channels ``<case>_0000 ... <case>_<n-1>``, one size and spacing per case.
   SimpleITK alone reads a truncated file's missing part and NaN voxels as zeros, so a damaged image would
   otherwise give a plausible but wrong prediction.
-* :func:`model_name` / :func:`member_folder` -- trainer, plans and configuration names (from the command line
+* :func:`model_name` / :func:`split_member` -- trainer, plans and configuration names (from the command line
   or from a file: a selection file, ``consensus.json``) are names, never paths; a model folder is always
-  ``$nnUNet_results/<Dataset>/<trainer>__<plans>__<configuration>``.
+  ``$nnUNet_results/<Dataset>/<trainer>__<plans>__<configuration>`` (nnunet_ext.nnunet_adapter.ModelRef).
 * :func:`check_contract_identity` -- a model contract (``nnunet_ext_model.json``) belongs to the folder it
   lies in: its ``trainer``, ``plans`` and ``configuration`` match the folder name.
 * :func:`check_configuration`, :func:`check_writable_folder` -- what a command that fans out (launcher
@@ -184,17 +184,6 @@ def split_member(member: str, where: str = "") -> tuple[str, str, str]:
                          f"name; re-create the file (nnunet-ext select)")
     model_name(*parts, where=where)
     return parts[0], parts[1], parts[2]
-
-
-def member_folder(root, member: str, where: str = "") -> Path:
-    """The model folder of ``member`` (a ``Trainer__Plans__configuration`` name) directly inside ``root``
-    (``$nnUNet_results/<Dataset>``); never anything outside it."""
-    split_member(member, where)
-    root = Path(root)
-    d = root / member
-    if d.parent != root:  # cannot happen after split_member; kept as the rule itself
-        raise ValueError(f"{where}: model {member!r} is not a folder name inside {root}")
-    return d
 
 
 def folder_identity(model_dir) -> dict:

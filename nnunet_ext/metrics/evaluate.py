@@ -180,6 +180,9 @@ def _evaluate(ref_dir, pred_dir, output, rule: LesionRule, preset, min_overlap, 
     allow_missing, label, file_ending, num_workers, progress = (o.allow_missing, o.label, o.file_ending,
                                                                 o.num_workers, o.progress)
     prob_dir, soft_ref_dir, reliability_png, cases = o.prob_dir, o.soft_ref_dir, o.reliability_png, o.cases
+    from nnunet_ext.core.io import check_file_ending
+
+    check_file_ending(file_ending)  # .nii.gz, .nii, .mha, .nrrd: read through SimpleITK, same geometry checks
     refs, preds = list_cases(ref_dir, file_ending), list_cases(pred_dir, file_ending)
     if cases is not None:
         unknown = [c for c in cases if c not in refs]

@@ -35,8 +35,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +44,11 @@ import numpy as np
 
 from nnunet_ext.core.io import read_geometry, read_image
 from nnunet_ext.metrics.soft import calibration_on_indices, calibration_record
-from nnunet_ext.metrics.lesions import DEFAULT_BINS, bin_name, label_components, lesion_counts, lesion_rates
-from nnunet_ext.core.paths import nnunet_command, nnunet_env, run_logged
+from nnunet_ext.metrics.lesions import DEFAULT_BINS, LesionRule, bin_name, label_components, lesion_rates
+from nnunet_ext.core.paths import NNUNET_FOLDERS, nnunet_command, nnunet_env, run_logged
 from nnunet_ext.core.progress import step
-from nnunet_ext.nnunet_adapter import crossval_splits, dataset_name, lookup_trainers, preprocessed_identifiers
+from nnunet_ext.nnunet_adapter import (ModelRef, crossval_splits, dataset_name, lookup_trainers,
+                                       preprocessed_identifiers)
 
 OPERATING_POINTS = ("model", "argmax", "segmentation_optimal", "detection_optimal", "fdr_limited")
 FDR_LIMIT = 0.20  # "a convention to select operating points with an fdr of 0.20 or less" (Nichyporuk 2021, 4.2.1)
@@ -69,12 +68,13 @@ _PASSED_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_ex
 # counts and statistics (pure functions, unit-tested against hand-computed values)
 
 def mask_counts(ref: np.ndarray, pred: np.ndarray, ref_labels=None, connectivity: int = 26,
-                bins: Sequence = DEFAULT_BINS) -> dict:
-    """Voxel and lesion counts of one binary prediction against one binary reference (the evaluator's
-    detection rule: any overlap, 26-connected lesions by default)."""
+                bins: Sequence = DEFAULT_BINS, rule: LesionRule | None = None) -> dict:
+    """Voxel and lesion counts of one binary prediction against one binary reference under ``rule`` (default:
+    the evaluator's detection rule, any overlap, ``connectivity``-connected lesions in ``bins``)."""
+    rule = rule if rule is not None else LesionRule(connectivity, "any", bins)
     ref, pred = ref.astype(bool, copy=False), pred.astype(bool, copy=False)
     tp = int(np.count_nonzero(ref & pred))
-    lc = lesion_counts(ref, pred, connectivity, 0.0, bins, ref_labels=ref_labels)
+    lc = rule.counts(ref, pred, ref_labels=ref_labels)
     return {"voxel_tp": tp, "voxel_fp": int(np.count_nonzero(pred)) - tp, "voxel_fn": int(np.count_nonzero(ref)) - tp,
             **{k: int(lc[k]) for k in _LESION_KEYS},
             "bins": {b: {k: int(v[k]) for k in _LESION_KEYS} for b, v in lc["bins"].items()}}
@@ -321,6 +321,11 @@ class CompareConfig:
         return {k: getattr(self, k) for k in BUDGET_ENV if getattr(self, k) is not None}
 
     @property
+    def rule(self) -> LesionRule:
+        """The lesion rule of the comparison: the evaluator's (any overlap) with ``connectivity`` and ``bins``."""
+        return LesionRule(self.connectivity, "any", self.bins)
+
+    @property
     def eval_set(self) -> str:
         return "test" if self.test_images is not None else "validation"
 
@@ -412,8 +417,12 @@ class _Plan:
     notes: list = field(default_factory=list)
 
 
+def _model_ref(p: _Plan, cfg: CompareConfig, trainer: str, folds=None) -> ModelRef:
+    return ModelRef(p.name, cfg.configuration, trainer, cfg.plans, folds)
+
+
 def _model_dir(p: _Plan, cfg: CompareConfig, trainer: str) -> Path:
-    return p.results / p.name / f"{trainer}__{cfg.plans}__{cfg.configuration}"
+    return _model_ref(p, cfg, trainer).folder(must_exist=False, results=p.results)
 
 
 def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
@@ -424,9 +433,18 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
 
         check_writable_folder(cfg.output, "-o/--output")
     env = nnunet_env(None, cfg.n_proc)
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+    for k in NNUNET_FOLDERS:
         if not env.get(k):
             raise ValueError(f"{k} is not set")
+    _check_trainers(cfg, env, lookup)
+    plan = _dataset_plan(cfg, env)
+    _check_trained_arms(cfg, plan)
+    _check_eval_cases(cfg, plan)
+    return plan
+
+
+def _check_trainers(cfg: CompareConfig, env: dict, lookup) -> None:
+    """Every trainer found by nnU-Net's lookup; with a budget, every trainer honours it."""
     found = lookup(cfg.trainers, env)
     unknown = [t for t in cfg.trainers if not found.get(t, {}).get("found")]
     if unknown:
@@ -439,8 +457,13 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
                 f"{deaf} ignore(s) the training budget ({cfg.budget}): nnU-Net's own trainers do not read "
                 f"NNUNET_EXT_NUM_EPOCHS / NNUNET_EXT_ITERATIONS, so the arms would not get the same budget. Use "
                 f"ExtBaselineTrainer (nnU-Net's default trainer + the budget variables), or drop the budget")
+
+
+def _dataset_plan(cfg: CompareConfig, env: dict) -> _Plan:
+    """The dataset's files (dataset.json, plans with the configuration preprocessed, the split holding every
+    fold, written with ``create_split``) and the report folder, as a :class:`_Plan`."""
     name = dataset_name(cfg.dataset)
-    raw, pre, results = (Path(env[k]) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
+    raw, pre, results = (Path(env[k]) for k in NNUNET_FOLDERS)
     ds_json_p = raw / name / "dataset.json"
     if not ds_json_p.is_file():
         raise FileNotFoundError(f"{ds_json_p} not found")
@@ -479,8 +502,13 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
     from nnunet_ext.core.checks import check_writable_folder
 
     check_writable_folder(report, "-o/--output")  # before any training: a file there is one clear line
-    plan = _Plan(name, env, raw, pre, results, report, ending, channels, split, plans_json, notes=notes)
-    # trained arms: same plans, same split, same budget
+    return _Plan(name, env, raw, pre, results, report, ending, channels, split, plans_json, notes=notes)
+
+
+def _check_trained_arms(cfg: CompareConfig, plan: _Plan) -> None:
+    """Arms trained already used the same plans, split and budget; which folds to train (or continue) and
+    which to reuse go into ``plan``."""
+    plans_p, split_p = plan.pre / plan.name / f"{cfg.plans}.json", plan.pre / plan.name / "splits_final.json"
     budgets = {}
     for t in cfg.trainers:
         mdir = _model_dir(plan, cfg, t)
@@ -492,13 +520,13 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
                 plan.to_train.append((t, f, False))
                 continue
             mp = mdir / "plans.json"
-            if mp.is_file() and _read_json(mp) != plans_json:
+            if mp.is_file() and _read_json(mp) != plan.plans_json:
                 raise ValueError(f"arms trained with different plans: {mp} differs from {plans_p} (the dataset was "
                                  f"re-planned after {t} was trained); retrain {t} (delete {mdir}) or restore the plans")
             vd = fd / "validation"
             if final and vd.is_dir():
-                val = sorted(p.name[: -len(ending)] for p in vd.iterdir() if p.name.endswith(ending))
-                if val and val != sorted(split[f]["val"]):
+                val = sorted(p.name[: -len(plan.ending)] for p in vd.iterdir() if p.name.endswith(plan.ending))
+                if val and val != sorted(plan.split[f]["val"]):
                     raise ValueError(f"arms trained with different splits: {t} fold {f} was validated on {len(val)} "
                                      f"cases that are not fold {f}'s validation cases in {split_p}")
             b = trained_budget(fd)
@@ -512,6 +540,11 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
                 plan.reused.setdefault(t, []).append(f)
             else:
                 plan.to_train.append((t, f, True))
+    _check_budgets(cfg, plan, budgets)
+
+
+def _check_budgets(cfg: CompareConfig, plan: _Plan, budgets: dict) -> None:
+    """Without a requested budget, every trained arm used one budget, and arms still to train get it."""
     if not cfg.budget and len({(b["epochs"], b["iterations"]) for b in budgets.values()}) > 1:
         raise ValueError("arms trained with different budgets: " + ", ".join(
             f"{t} fold {f}: {b['epochs']}x{b['iterations']}" for (t, f), b in budgets.items()))
@@ -520,14 +553,20 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
         if (e, i) != (1000, 250):
             raise ValueError(f"trained arms used {e} epochs x {i} iterations; pass --epochs {e} --iterations {i} so "
                              f"the arms still to train ({sorted({t for t, _, _ in plan.to_train})}) get the same budget")
+
+
+def _check_eval_cases(cfg: CompareConfig, plan: _Plan) -> None:
+    """The evaluation cases (test set, or the folds' validation cases) into ``plan``, every file present; the
+    soft references on their labels' grid."""
+    raw, name, ending, split = plan.raw, plan.name, plan.ending, plan.split
     if cfg.test_images is not None:
-        plan.cases = check_test_set(Path(cfg.test_images), Path(cfg.test_labels), channels, ending)
+        plan.cases = check_test_set(Path(cfg.test_images), Path(cfg.test_labels), plan.channels, ending)
     else:
         plan.cases = sorted(c for f in cfg.folds for c in split[f]["val"])
         for f in cfg.folds:
             for c in split[f]["val"]:
                 for p in [raw / name / "labelsTr" / f"{c}{ending}"] + \
-                         [raw / name / "imagesTr" / f"{c}_{ch:04d}{ending}" for ch in range(channels)]:
+                         [raw / name / "imagesTr" / f"{c}_{ch:04d}{ending}" for ch in range(plan.channels)]:
                     if not p.is_file():
                         raise FileNotFoundError(f"validation case {c} of fold {f}: {p} not found")
     if cfg.soft_reference is not None:
@@ -543,7 +582,6 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
             g, gr = read_geometry(p), read_geometry(ref_p)
             if g["size"] != gr["size"] or not np.allclose(g["spacing"], gr["spacing"], rtol=1e-4):
                 raise ValueError(f"--soft-reference: {p} has another geometry than its label {ref_p}")
-    return plan
 
 
 def _whole_checkpoint(path: Path) -> bool:
@@ -650,12 +688,15 @@ def _predict_once(cfg: CompareConfig, plan: _Plan, trainer: str, input_dir: Path
     # one child process per prediction: nnU-Net's predictor forks its pre-/post-processing workers, and a fork
     # from this long-lived process (threads of earlier steps) was seen to deadlock; the child also gets our
     # trainer folder on nnUNet_extTrainer for the predictor's trainer lookup
-    args = dict(input_dir=str(input_dir), output_dir=str(out), dataset=str(cfg.dataset),
-                configuration=cfg.configuration, trainer=trainer, plans=cfg.plans, folds=list(folds), device=cfg.device,
-                keep_probabilities=True, n_proc=cfg.n_proc, **kw)
-    code = "import json, sys; from nnunet_ext.inference.predict import predict; predict(**json.loads(sys.argv[1]))"
+    # (spawned on the function: python -m nnunet_ext.cluster.call nnunet_ext.inference.predict:predict JSON)
+    from nnunet_ext.cluster.call import function_argv
+    from nnunet_ext.inference.predict import predict
+
+    argv = function_argv(predict, input_dir=str(input_dir), output_dir=str(out), dataset=str(cfg.dataset),
+                         configuration=cfg.configuration, trainer=trainer, plans=cfg.plans, folds=list(folds),
+                         device=cfg.device, keep_probabilities=True, n_proc=cfg.n_proc, **kw)
     out.parent.mkdir(parents=True, exist_ok=True)
-    run_logged([sys.executable, "-c", code, json.dumps(args)], plan.env, out.parent / f"{out.name}_predict.log")
+    run_logged(argv, plan.env, out.parent / f"{out.name}_predict.log")
     _write_json(marker, stamp)
     return True
 
@@ -702,17 +743,18 @@ def predict_arm(cfg: CompareConfig, plan: _Plan, trainer: str) -> dict[str, dict
 
 
 def case_record(ref: np.ndarray, soft: np.ndarray, argmax: np.ndarray, model_mask: np.ndarray, thresholds,
-                connectivity: int = 26, bins=DEFAULT_BINS) -> dict:
+                connectivity: int = 26, bins=DEFAULT_BINS, rule: LesionRule | None = None) -> dict:
     """Counts of one case at every sweep threshold (``soft >= t``), at nnU-Net's argmax and at the model's
-    own mask."""
+    own mask, under ``rule`` (default: any overlap, ``connectivity``, ``bins``)."""
     for what, a in (("soft map", soft), ("argmax", argmax), ("model mask", model_mask)):
         if a.shape != ref.shape:
             raise ValueError(f"{what} has shape {a.shape}, the reference {ref.shape}")
+    rule = rule if rule is not None else LesionRule(connectivity, "any", bins)
     ref = ref.astype(bool)
-    rl = label_components(ref, connectivity)
-    return {"sweep": [mask_counts(ref, soft >= t, rl, connectivity, bins) for t in thresholds],
-            "argmax": mask_counts(ref, argmax, rl, connectivity, bins),
-            "model": mask_counts(ref, model_mask, rl, connectivity, bins)}
+    rl = label_components(ref, rule.connectivity)
+    return {"sweep": [mask_counts(ref, soft >= t, rl, rule=rule) for t in thresholds],
+            "argmax": mask_counts(ref, argmax, rl, rule=rule),
+            "model": mask_counts(ref, model_mask, rl, rule=rule)}
 
 
 def evaluate_arm(cfg: CompareConfig, plan: _Plan, trainer: str, where: dict, thresholds) -> dict[str, dict]:
@@ -733,7 +775,7 @@ def evaluate_arm(cfg: CompareConfig, plan: _Plan, trainer: str, where: dict, thr
         mask, _ = read_image(w["dir"] / f"{case}{plan.ending}")
         with np.load(w["dir"] / f"{case}.npz") as z:
             argmax = np.argmax(z["probabilities"], 0) == 1
-        records[case] = case_record(ref == 1, soft, argmax, mask == 1, thresholds, cfg.connectivity, cfg.bins)
+        records[case] = case_record(ref == 1, soft, argmax, mask == 1, thresholds, rule=cfg.rule)
         if cfg.soft_reference is not None:
             sref, _ = read_image(Path(cfg.soft_reference) / f"{case}{plan.ending}")
             records[case]["calibration"] = calibration_record(soft, ref == 1, sref)
@@ -888,47 +930,8 @@ def plot_curves(report: dict, png: Path, records: dict[str, dict] | None = None,
         n = len(next(iter(records.values())))
         idx = bootstrap_indices(n, int(boot.get("resamples", 2000)), int(boot.get("seed", 0)))
 
-    def xy(o, kind, b):
-        src = o if b is None else o["bins"][b]
-        return src[f"{kind}_fdr"], src[f"{kind}_tpr"]
-
     for k, (kind, b, title) in enumerate(panels):
-        ax = axes[k // ncol][k % ncol]
-        xs, ys = [], []
-        for i, (arm, a) in enumerate(report["arms"].items()):
-            c = colors[i % len(colors)]
-            if idx is not None and arm in records:
-                band = curve_bands(records[arm], kind, b, idx)
-                ok = np.isfinite(band["fdr_lo"]) & np.isfinite(band["tpr_hi"]) & np.isfinite(band["fdr_hi"]) & \
-                    np.isfinite(band["tpr_lo"])
-                if ok.any():
-                    # better corner (lower FDR, higher TPR) out along the thresholds, worse corner back
-                    bx = np.concatenate([band["fdr_lo"][ok], band["fdr_hi"][ok][::-1]])
-                    by = np.concatenate([band["tpr_hi"][ok], band["tpr_lo"][ok][::-1]])
-                    ax.fill(bx, by, color=c, alpha=0.15, lw=0)
-                    xs += list(bx)
-                    ys += list(by)
-            pts = [xy(p, kind, b) for p in a["points"]]
-            pts = [(x, y) for x, y in pts if x is not None and y is not None]
-            if pts:
-                ax.plot(*zip(*pts), "-", marker=".", ms=4, color=c, lw=1.8, label=arm)
-                xs += [x for x, _ in pts]
-                ys += [y for _, y in pts]
-            for op, m in (("segmentation_optimal", "o"), ("detection_optimal", "s"), ("model", "^"), ("argmax", "x"),
-                          ("fdr_limited", "D")):
-                if op not in a["operating_points"]:  # a report written before this operating point existed
-                    continue
-                x, y = xy(a["operating_points"][op], kind, b)
-                if x is not None and y is not None:
-                    ax.plot([x], [y], m, ms=10, mfc="none", mew=2, color=c)
-                    xs.append(x)
-                    ys.append(y)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlim(*_zoomed_limits(xs))
-        ax.set_ylim(*_zoomed_limits(ys))
-        ax.set_xlabel(f"{kind} FDR")
-        ax.set_ylabel(f"{kind} TPR")
-        ax.grid(alpha=0.3)
+        _plot_panel(axes[k // ncol][k % ncol], report, kind, b, title, records, idx, colors)
     for k in range(len(panels), nrow * ncol):
         axes[k // ncol][k % ncol].axis("off")
     ax = axes[0][0]
@@ -942,6 +945,51 @@ def plot_curves(report: dict, png: Path, records: dict[str, dict] | None = None,
                  f"operating-point curves (thresholds {report['thresholds'][0]:g}-{report['thresholds'][-1]:g})",
                  fontsize=11)
     return save_figure(fig, png, dpi=dpi)
+
+
+def _xy(o: dict, kind: str, b: str | None):
+    src = o if b is None else o["bins"][b]
+    return src[f"{kind}_fdr"], src[f"{kind}_tpr"]
+
+
+def _plot_panel(ax, report: dict, kind: str, b: str | None, title: str, records, idx, colors) -> None:
+    """One panel of :func:`plot_curves`: every arm's curve (with its band when ``idx``), its operating points
+    marked; the axes zoomed to the data."""
+    xs, ys = [], []
+    for i, (arm, a) in enumerate(report["arms"].items()):
+        c = colors[i % len(colors)]
+        if idx is not None and arm in records:
+            band = curve_bands(records[arm], kind, b, idx)
+            ok = np.isfinite(band["fdr_lo"]) & np.isfinite(band["tpr_hi"]) & np.isfinite(band["fdr_hi"]) & \
+                np.isfinite(band["tpr_lo"])
+            if ok.any():
+                # better corner (lower FDR, higher TPR) out along the thresholds, worse corner back
+                bx = np.concatenate([band["fdr_lo"][ok], band["fdr_hi"][ok][::-1]])
+                by = np.concatenate([band["tpr_hi"][ok], band["tpr_lo"][ok][::-1]])
+                ax.fill(bx, by, color=c, alpha=0.15, lw=0)
+                xs += list(bx)
+                ys += list(by)
+        pts = [_xy(p, kind, b) for p in a["points"]]
+        pts = [(x, y) for x, y in pts if x is not None and y is not None]
+        if pts:
+            ax.plot(*zip(*pts), "-", marker=".", ms=4, color=c, lw=1.8, label=arm)
+            xs += [x for x, _ in pts]
+            ys += [y for _, y in pts]
+        for op, m in (("segmentation_optimal", "o"), ("detection_optimal", "s"), ("model", "^"), ("argmax", "x"),
+                      ("fdr_limited", "D")):
+            if op not in a["operating_points"]:  # a report written before this operating point existed
+                continue
+            x, y = _xy(a["operating_points"][op], kind, b)
+            if x is not None and y is not None:
+                ax.plot([x], [y], m, ms=10, mfc="none", mew=2, color=c)
+                xs.append(x)
+                ys.append(y)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlim(*_zoomed_limits(xs))
+    ax.set_ylim(*_zoomed_limits(ys))
+    ax.set_xlabel(f"{kind} FDR")
+    ax.set_ylabel(f"{kind} TPR")
+    ax.grid(alpha=0.3)
 
 
 def write_markdown(report: dict, path: Path) -> Path:
@@ -1026,20 +1074,36 @@ def write_markdown(report: dict, path: Path) -> Path:
 
 
 def _arm_contract(mdir: Path, folds) -> tuple[float | None, dict | None]:
-    try:
-        from nnunet_ext.inference.contract import load_contract
-        from nnunet_ext.inference.thresholds import combined_threshold
-    except ImportError:
-        return None, None
+    """(the threshold the model's contract applies to ``folds``, or None for argmax; its post-processing)."""
+    from nnunet_ext.inference.contract import load_contract, resolve_threshold
+
     c = load_contract(mdir, folds)
-    th = combined_threshold(mdir, folds)
-    if isinstance(c.threshold, (int, float)) and not isinstance(c.threshold, bool):
-        t = float(c.threshold)
-    elif c.threshold == "stored" and th is not None:
-        t = th["threshold"]
-    else:
-        t = None
-    return t, c.postprocessing
+    return resolve_threshold(mdir, folds, c)[0], c.postprocessing
+
+
+def _train_arms(cfg: CompareConfig, plan: _Plan) -> dict | None:
+    """Step 2: train every fold still to train (trained ones are reused, and said so). None when every fold is
+    trained now; else the status to return (a dry run, or training tasks submitted)."""
+    tasks = training_tasks(cfg, plan)
+    for t in cfg.trainers:
+        folds = plan.reused.get(t, [])
+        if folds:
+            b = trained_budget(_model_dir(plan, cfg, t) / f"fold_{folds[0]}")
+            print(f"   {t}: fold(s) {folds} trained already ({_model_dir(plan, cfg, t)}"
+                  + (f", {b['epochs']} x {b['iterations']} iterations" if b else "") + "), reused", flush=True)
+    print(f"[2/5] training: {len(tasks)} fold(s) to train"
+          + (f" with budget {cfg.budget}" if cfg.budget else " with each trainer's full budget"), flush=True)
+    launched = run_training(tasks, plan.report / "jobs", cfg.launcher_options)
+    if tasks and getattr(cfg.launcher_options, "dry_run", False):
+        print("   dry run: nothing trained; the scripts are above", flush=True)
+        return {"status": "dry run", "tasks": [t["name"] for t in tasks]}
+    left = [t["name"] for t in tasks if not Path(t["done"]).is_file()]
+    if left:
+        _write_json(plan.report / "submitted.json", {"tasks": left, "launcher": launched})
+        print(f"   submitted {len(left)} training task(s) ({launched}); run the same command again when they have "
+              f"finished to predict and write the report", flush=True)
+        return {"status": "training submitted", "tasks": left, "launcher": launched}
+    return None
 
 
 def compare(cfg: CompareConfig, lookup=lookup_trainers) -> dict:
@@ -1050,26 +1114,9 @@ def compare(cfg: CompareConfig, lookup=lookup_trainers) -> dict:
     report_dir = plan.report
     report_dir.mkdir(parents=True, exist_ok=True)
     print(f"   report folder {report_dir}; evaluating on the {cfg.eval_set} set ({len(plan.cases)} cases)", flush=True)
-    tasks = training_tasks(cfg, plan)
-    for t in cfg.trainers:
-        folds = plan.reused.get(t, [])
-        if folds:
-            b = trained_budget(_model_dir(plan, cfg, t) / f"fold_{folds[0]}")
-            print(f"   {t}: fold(s) {folds} trained already ({_model_dir(plan, cfg, t)}"
-                  + (f", {b['epochs']} x {b['iterations']} iterations" if b else "") + "), reused", flush=True)
-    print(f"[2/5] training: {len(tasks)} fold(s) to train"
-          + (f" with budget {cfg.budget}" if cfg.budget else " with each trainer's full budget"), flush=True)
-    launched = run_training(tasks, report_dir / "jobs", cfg.launcher_options)
-    if tasks and getattr(cfg.launcher_options, "dry_run", False):
-        print("   dry run: nothing trained; the scripts are above", flush=True)
-        return {"status": "dry run", "tasks": [t["name"] for t in tasks]}
-    if tasks:
-        left = [t["name"] for t in tasks if not Path(t["done"]).is_file()]
-        if left:
-            _write_json(report_dir / "submitted.json", {"tasks": left, "launcher": launched})
-            print(f"   submitted {len(left)} training task(s) ({launched}); run the same command again when they have "
-                  f"finished to predict and write the report", flush=True)
-            return {"status": "training submitted", "tasks": left, "launcher": launched}
+    pending = _train_arms(cfg, plan)
+    if pending is not None:  # a dry run, or trainings submitted to run elsewhere
+        return pending
     print(f"[3/5] prediction through the model contract ({cfg.eval_set} set, probabilities kept)", flush=True)
     thresholds = [float(t) for t in (cfg.thresholds or _default_thresholds())]
     thresholds = sorted(thresholds)
@@ -1095,6 +1142,7 @@ def compare(cfg: CompareConfig, lookup=lookup_trainers) -> dict:
         b = trained_budget(mdir / f"fold_{cfg.folds[0]}")
         trained_now = [f for (tt, f, _) in plan.to_train if tt == t]
         report["arms"][t] = {
+            "model": _model_ref(plan, cfg, t, cfg.folds).to_json(),
             "model_dir": str(mdir), "stored_threshold": stored, "postprocessing": pp,
             "training": (f"trained now (folds {trained_now})" if trained_now else "reused (trained before)")
                         + (f", {b['epochs']} epochs x {b['iterations']} iterations" if b else ""),
@@ -1125,9 +1173,9 @@ def compare(cfg: CompareConfig, lookup=lookup_trainers) -> dict:
 
 
 def _default_thresholds() -> list[float]:
-    from nnunet_ext.metrics.operating_points import default_thresholds
+    from nnunet_ext.metrics.grid import threshold_grid
 
-    return default_thresholds()
+    return threshold_grid(extremes=True)
 
 
 def _report_header(cfg: CompareConfig, plan: _Plan, thresholds, cases, ref_counts) -> dict:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_ext.cli import run
 from nnunet_ext.data.fusion import fuse_folders
 from nnunet_ext.metrics.evaluate import evaluate_folders
 from nnunet_ext.metrics.operating_points import sweep
@@ -49,8 +50,11 @@ def formats(tmp_path):
 
 
 @pytest.mark.parametrize("ending", ENDINGS)
-def test_evaluate_same_scores_in_every_format(formats, ending):
-    res = evaluate_folders(formats / ending / "ref", formats / ending / "pred", file_ending=ending, progress=False)
+def test_evaluate_same_scores_in_every_format(formats, ending, tmp_path):
+    out = tmp_path / "r.json"
+    assert run(["evaluate", "--ref", str(formats / ending / "ref"), "--pred", str(formats / ending / "pred"),
+                "--file-ending", ending, "-o", str(out)]) == 0
+    res = json.loads(out.read_text())
     m = res["per_case"]["case1"]
     # by hand: TP 4, FP 4 + 1 = 5, FN (8 - 4) + 6 = 10 -> Dice 2*4 / (2*4 + 5 + 10) = 8/23
     assert (m["voxel_tp"], m["voxel_fp"], m["voxel_fn"]) == (4, 5, 10)
@@ -67,7 +71,8 @@ def test_geometry_checks_in_every_format(formats, ending):
     ref, pred, _ = _case()
     _write(pred, formats / ending / "pred" / f"case1{ending}", origin=(11.0, -4.0, 2.5))  # moved 1 mm
     with pytest.raises(ValueError, match=f"origin mismatch: the prediction .*case1\\{ending}"):
-        evaluate_folders(formats / ending / "ref", formats / ending / "pred", file_ending=ending, progress=False)
+        run(["evaluate", "--ref", str(formats / ending / "ref"), "--pred", str(formats / ending / "pred"),
+             "--file-ending", ending, "-o", str(formats / "r.json")])
     # a file of another format in the folder is no case of this one (its wrong origin is never read)
     _write(pred, formats / ending / "pred" / f"case1{ending}")
     _write(pred, formats / ending / "pred" / "case1.nii.gz", origin=(0.0, 0.0, 0.0))
@@ -76,9 +81,11 @@ def test_geometry_checks_in_every_format(formats, ending):
 
 
 @pytest.mark.parametrize("ending", (".mha", ".nrrd"))
-def test_operating_points_same_counts_as_nifti(formats, ending):
-    res = sweep(formats / ending / "ref", formats / ending / "prob", thresholds=[0.2, 0.5], file_ending=ending,
-                progress=False)
+def test_operating_points_same_counts_as_nifti(formats, ending, tmp_path):
+    out = tmp_path / "ops.json"
+    assert run(["operating-points", "--ref", str(formats / ending / "ref"), "--prob", str(formats / ending / "prob"),
+                "--thresholds", "0.2", "0.5", "--file-ending", ending, "-o", str(out)]) == 0
+    res = json.loads(out.read_text())
     base = sweep(formats / ".nii.gz" / "ref", formats / ".nii.gz" / "prob", thresholds=[0.2, 0.5], progress=False)
     at = {p["threshold"]: p for p in res["points"]}
     # threshold 0.5: the predicted mask above -> TP 4, FP 5, FN 10; threshold 0.2 adds the 0.3 voxel of B:
@@ -97,9 +104,9 @@ def test_fuse_in_every_format(tmp_path, ending):
         a[1, 1, : k + 2] = 1  # rater k marks x 0..k+1 on one row
         raters.append(a)
         _write(a, tmp_path / f"r{k}" / f"c{ending}")
-    cases = fuse_folders("majority", [tmp_path / f"r{k}" for k in range(3)], tmp_path / "fused", file_ending=ending,
-                         progress=False)
-    assert cases == ["c"]
+    assert run(["fuse", "--method", "majority", "--raters", *(str(tmp_path / f"r{k}") for k in range(3)), "-o",
+                str(tmp_path / "fused"), "--file-ending", ending]) == 0
+    assert [p.name for p in (tmp_path / "fused").iterdir()] == [f"c{ending}"]
     out = sitk.ReadImage(str(tmp_path / "fused" / f"c{ending}"))
     # majority of 3: x 0-2 marked by at least two raters (x 0,1 by all; x 2 by raters 1 and 2; x 3 by rater 2 only)
     expect = np.zeros((4, 5, 6), np.uint8)

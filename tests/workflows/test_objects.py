@@ -180,3 +180,30 @@ def test_sweep_takes_the_rule_object(tmp_path):
     b = sweep(ref, pred, [0.5], rule=explicit, progress=False)
     assert a["points"] == b["points"]
     assert (b["points"][0]["lesion_tp"], b["points"][0]["lesion_fp"]) == (0, 1)
+
+
+# ------------------------------------------------------------------------------------------ launcher tasks
+
+
+def test_pseudolabel_tasks_call_the_functions_not_the_command_line(tmp_path, monkeypatch):
+    import sys
+
+    from nnunet_ext.workflows.pseudolabel import PseudolabelOptions, merge_parts, pseudolabel, pseudolabel_stages
+
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, str(tmp_path / k))
+    teacher = ModelRef("Dataset501_Phantom", "2d", "LSRTrainer", folds=(0, 1))
+    options = PseudolabelOptions(alpha=0.5, ignore_uncertain=True, device="cpu")
+    parts, merge = pseudolabel_stages(teacher, tmp_path / "unl", "Dataset602_Student", options, 2)
+    assert [t.name for t in parts.tasks] == ["part0of2", "part1of2"] and merge.after == ["pseudolabel_parts"]
+    for k, task in enumerate(parts.tasks):
+        assert task.argv[:4] == [sys.executable, "-m", "nnunet_ext.cluster.call",
+                                 "nnunet_ext.workflows.pseudolabel:pseudolabel"]
+        kwargs = json.loads(task.argv[4])
+        assert kwargs == {"teacher": teacher.to_json(), "unlabeled_dir": str((tmp_path / "unl").resolve()),
+                          "output_dataset": "Dataset602_Student", "options": {**kwargs["options"]},
+                          "num_parts": 2, "part_id": k}
+        assert PseudolabelOptions(**kwargs["options"]) == options  # the task gets the same options back
+    assert merge.tasks[0].argv[3] == "nnunet_ext.workflows.pseudolabel:merge_parts"
+    assert json.loads(merge.tasks[0].argv[4]) == {"output_dataset": "Dataset602_Student", "num_parts": 2}
+    assert callable(pseudolabel) and callable(merge_parts)

@@ -216,6 +216,8 @@ def test_train_on_slurm_resume_and_find_best(slurm_cluster, tmp_path):
                             and s["stages"]["train"]["2d_ExtBaselineTrainer_fold0"]["state"] == "failed" else None)(
         jobs.status(wd)), 900, "fold 1 did not finish / fold 0 not reported cancelled")
     assert st["stages"]["find_best"]["find_best"]["state"] == "blocked"
+    _wait_for(lambda: subs[0]["job_id"] not in slurm_cluster.run("squeue", "-h", "-r", "-o", "%F").stdout.split(),
+              300, "the training array did not leave the queue")
     r = cli("jobs", "resume", wd)
     st = jobs.wait(wd, poll=2, timeout=1200)
     assert {x["state"] for rows in st["stages"].values() for x in rows.values()} == {"done"}, jobs.format_status(st)
