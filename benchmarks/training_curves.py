@@ -57,7 +57,7 @@ def plot(result: dict, png: Path, title: str = "") -> None:
         axes[1].plot(x, r["ema_pseudo_dice"], f"C{i}", label=name)
     axes[0].set(xlabel="epoch", ylabel="training loss (each trainer's own loss)", title="training loss")
     axes[1].set(xlabel="epoch", ylabel="validation pseudo-Dice", ylim=(0, 1),
-                title="validation pseudo-Dice (faint: per epoch; bold: nnU-Net's moving average)")
+                title="validation pseudo-Dice (faint: per epoch; bold: EMA)")
     axes[1].legend(fontsize=7)
     if title:
         fig.suptitle(title)
