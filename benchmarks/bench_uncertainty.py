@@ -149,6 +149,9 @@ def main() -> None:
     ap.add_argument("--width-divisor", type=int, default=1,
                     help="divide the planned network's features per stage by this (less network work per voxel, "
                          "the same extra work: the ratio is then an upper bound on the planned network's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the predicting process (default: the predictor's, one per CPU core); "
+                         "1 avoids threads spinning against each other on a loaded machine")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
                     help="arms to time (plain is always timed)")
     args = ap.parse_args()
@@ -164,6 +167,8 @@ def main() -> None:
     from nnunet_ext.inference.predictor import load_predictor, predict_cases
 
     predictor = load_predictor(model, [0], device="cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     images = raw / "imagesTs"
     files = sorted(images.glob("*_0000.nii.gz"))[:args.max_cases]
     inputs = [[str(f)] for f in files]  # one channel per case (the phantom)

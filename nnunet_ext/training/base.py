@@ -19,6 +19,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.core.budget import BUDGET_VARIABLES  # variable -> trainer attribute
+from nnunet_ext.training.lesion_monitor import LesionMonitor
 
 
 def apply_budget_overrides(trainer, environ=None) -> dict[str, int]:
@@ -38,8 +39,9 @@ def apply_budget_overrides(trainer, environ=None) -> dict[str, int]:
     return applied
 
 
-class ExtTrainer(nnUNetTrainer):
-    """Base of every nnunet-ext trainer: nnU-Net's trainer plus budget overrides and a settings record.
+class ExtTrainer(LesionMonitor, nnUNetTrainer):
+    """Base of every nnunet-ext trainer: nnU-Net's trainer plus budget overrides, a settings record and lesion
+    metrics on the validation patches every few epochs (:mod:`nnunet_ext.training.lesion_monitor`).
     Subclasses add their own settings by extending :meth:`ext_settings`."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -55,7 +57,8 @@ class ExtTrainer(nnUNetTrainer):
         return {"trainer": type(self).__name__, "num_epochs": self.num_epochs,
                 "num_iterations_per_epoch": self.num_iterations_per_epoch,
                 "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch,
-                "initial_lr": self.initial_lr, "budget_overrides_from_environment": self.budget_overrides}
+                "initial_lr": self.initial_lr, "budget_overrides_from_environment": self.budget_overrides,
+                "lesion_metrics_every": getattr(self, "lesion_every", self.lesion_metrics_every)}
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's validation, then lesion-wise metrics beside its summary.json

@@ -203,9 +203,10 @@ def _check_outputs(pred, cases, soft_ref):
         with np.errstate(divide="ignore", invalid="ignore"):
             h = -np.nan_to_num(q * np.log(q)) - np.nan_to_num((1 - q) * np.log(1 - q))
         assert np.allclose(ent, h, atol=1e-5)
-        sure = (q < 1e-3) | (q > 1 - 1e-3)
+        sure = (q < 1e-2) | (q > 1 - 1e-2)
         near_certain += int(sure.sum())
-        assert ent[sure].max() <= H(1e-3) + 1e-5  # zero-ish (< 0.0080 nats) where p is ~0 or ~1
+        if sure.any():  # zero-ish where p is ~0 or ~1: at most H(0.01) = 0.0560 nats (ln 2 = 0.693 at p = 0.5)
+            assert ent[sure].max() <= H(1e-2) + 1e-5
         assert ent.max() <= math.log(2) + 1e-6
         # the table's rows against SimpleITK's components, shape and label statistics
         ours = sorted((int(r["voxels"]), float(r["volume_mm3"]), float(r["x_mm"]), float(r["y_mm"]),
