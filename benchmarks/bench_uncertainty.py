@@ -19,18 +19,22 @@ Steps (real nnU-Net, CPU):
 
 Reported: wall and CPU seconds per run (CPU: this process and its finished children, i.e. nnU-Net's
 workers), per-arm medians, the ratio of the medians to ``plain``, the median of the per-round ratios and the
-ratio of the summed CPU seconds; the load average around every run (the machine may be shared); the number of predicted
-lesions. Also the export-side work alone, per case, in this process: the entropy map, the lesion table of the
-reference lesions (a realistic lesion count, whatever the brief training predicts) and the entropy map's
-NIfTI write. The JSON is rewritten after every run.
+ratio of the summed CPU seconds; the load average around every run (the machine may be shared); the number
+of predicted lesions. Also the export-side work alone, per case, in this process (CPU and wall, median of 5):
+the entropy map, the lesion table of the reference lesions and of the predicted mask (a briefly trained
+model predicts many small noise lesions: a worst case for the table) and the entropy map's NIfTI write. The
+JSON is rewritten after every run.
 
-    nice -n 5 python benchmarks/bench_uncertainty.py --workdir /tmp/unc_bench --width-divisor 4 --max-cases 3 \
-        --repeats 5 -o benchmarks/results/uncertainty_overhead.json
+    nice -n 5 python benchmarks/bench_uncertainty.py --workdir /tmp/unc_bench --width-divisor 4 --max-cases 1 \
+        --repeats 5 --threads 1 -o benchmarks/results/uncertainty_overhead.json
+    nice -n 5 python benchmarks/bench_uncertainty.py --workdir /tmp/unc_bench \
+        --export-side-only /tmp/unc_bench/runs/both_0 -o benchmarks/results/uncertainty_overhead.json
 
 ``--width-divisor 4`` divides the planned network's features per stage by 4 (and retrains the brief model):
 both arms run exactly the same network passes, so a narrower network only shrinks the part they share and
 the ratio it gives is an upper bound on the planned network's (whose one 64^3 case costs minutes of CPU on
-two shared cores).
+two shared cores). ``--threads 1``: on a loaded machine two torch threads spin against each other (about 4x the
+CPU seconds of one thread here); the export workers use one thread either way.
 """
 from __future__ import annotations
 
@@ -104,37 +108,51 @@ def prepare(work: Path, cases: int, test_cases: int, shape: int, width_divisor: 
     return env, raw, model
 
 
-def export_side_costs(raw: Path, pred: Path, cases: list[str], connectivity: int = 26) -> dict:
-    """Seconds per case of the export-side work alone: entropy, the lesion table of the reference lesions
-    (with the predicted lesion probability), the entropy map's NIfTI write."""
+def export_side_costs(raw: Path, pred: Path, cases: list[str], connectivity: int = 26, repeats: int = 5) -> dict:
+    """CPU and wall seconds per case (medians of ``repeats`` after one untimed call) of the export-side work
+    alone, on a prediction folder of the ``both`` arm: the entropy map, the lesion table of the reference lesions
+    and of the predicted mask (both with the predicted lesion probability), the entropy map's NIfTI write."""
     import SimpleITK as sitk
 
     from nnunet_ext.inference.lesion_table import Geometry, case_lesions
     from nnunet_ext.inference.uncertainty import entropy
 
+    def timed(fn):
+        fn()
+        cpu, wall = [], []
+        for _ in range(repeats):
+            c, t = time.process_time(), time.perf_counter()
+            out = fn()
+            cpu.append(time.process_time() - c)
+            wall.append(time.perf_counter() - t)
+        return out, round(statistics.median(cpu), 4), round(statistics.median(wall), 4)
+
     rows = []
     for case in cases:
-        lab_file = raw / "labelsTs" / f"{case}.nii.gz"
-        ref = sitk.ReadImage(str(lab_file))
+        ref = sitk.ReadImage(str(raw / "labelsTs" / f"{case}.nii.gz"))
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / f"{case}.nii.gz")))
         q = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / "soft" / f"{case}.nii.gz"))).astype(np.float32)
         prob = np.stack([1 - q, q])
-        t0 = time.perf_counter()
-        ent = entropy(prob)
-        t1 = time.perf_counter()
-        lesions, _ = case_lesions(case, sitk.GetArrayFromImage(ref), q, ent, Geometry.from_image(ref), connectivity)
-        t2 = time.perf_counter()
-        img = sitk.GetImageFromArray(ent)
-        img.CopyInformation(ref)
+        geo = Geometry.from_image(ref)
+        ent, e_cpu, e_wall = timed(lambda: entropy(prob))
+        ref_rows, r_cpu, r_wall = timed(lambda: case_lesions(case, sitk.GetArrayFromImage(ref), q, ent, geo,
+                                                               connectivity)[0])
+        pred_rows, p_cpu, p_wall = timed(lambda: case_lesions(case, mask, q, ent, geo, connectivity)[0])
         out = pred.parent / f".bench_entropy_{case}.nii.gz"
-        sitk.WriteImage(img, str(out), True, 1)
-        t3 = time.perf_counter()
+
+        def write():
+            img = sitk.GetImageFromArray(ent)
+            img.CopyInformation(ref)
+            sitk.WriteImage(img, str(out), True, 1)
+
+        _, w_cpu, w_wall = timed(write)
         out.unlink()
-        rows.append({"case": case, "voxels": int(q.size), "reference_lesions": len(lesions),
-                     "entropy_s": round(t1 - t0, 4), "lesion_table_s": round(t2 - t1, 4),
-                     "entropy_write_s": round(t3 - t2, 4)})
-    return {"per_case": rows,
-            "median_s": {k: statistics.median(r[k] for r in rows)
-                         for k in ("entropy_s", "lesion_table_s", "entropy_write_s")}}
+        rows.append({"case": case, "voxels": int(q.size), "reference_lesions": len(ref_rows),
+                     "predicted_lesions": len(pred_rows), "entropy_cpu_s": e_cpu, "entropy_wall_s": e_wall,
+                     "table_reference_cpu_s": r_cpu, "table_reference_wall_s": r_wall,
+                     "table_predicted_cpu_s": p_cpu, "table_predicted_wall_s": p_wall,
+                     "entropy_write_cpu_s": w_cpu, "entropy_write_wall_s": w_wall})
+    return {"repeats": repeats, "per_case": rows}
 
 
 def main() -> None:
@@ -154,8 +172,21 @@ def main() -> None:
                          "1 avoids threads spinning against each other on a loaded machine")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
                     help="arms to time (plain is always timed)")
+    ap.add_argument("--export-side-only", metavar="RUN_FOLDER", default=None,
+                    help="only time the export-side work on a finished run folder of the both arm (e.g. "
+                         "WORKDIR/runs/both_0) and add it to -o")
     args = ap.parse_args()
     work = Path(args.workdir).resolve()
+    if args.export_side_only:
+        run = Path(args.export_side_only)
+        out = Path(args.output)
+        result = json.loads(out.read_text()) if out.is_file() else {}
+        cases = sorted(p.name[:-7] for p in (run / "soft").glob("*.nii.gz"))
+        raw = work / "nnUNet_raw" / "Dataset874_MSPhantom"
+        result["export_side_alone"] = {"run": str(run), **export_side_costs(raw, run, cases)}
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result["export_side_alone"], indent=1))
+        return
     work.mkdir(parents=True, exist_ok=True)
     env, raw, model = prepare(work, args.cases, args.test_cases, args.shape, args.width_divisor)
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
