@@ -6,8 +6,8 @@ import. Processes that ``multiprocessing`` spawns from the command re-import thi
 script is their ``__mp_main__``); in them, Ctrl-C is left to the command, which ends its workers itself
 (nnunet_ext.core.errors.run_cli), and they die with it (also when it is SIGKILLed).
 """
+import _signal  # the C module: ``signal`` itself builds enums first, a window in which Ctrl-C would escape
 import os
-import signal
 import sys
 
 
@@ -17,8 +17,10 @@ def _interrupted_early(signum, frame):  # pragma: no cover - timing-dependent, t
     os._exit(130)
 
 
-if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # first, before any slower import
-    signal.signal(signal.SIGINT, _interrupted_early)
+if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:  # first, before any slower import
+    _signal.signal(_signal.SIGINT, _interrupted_early)
+
+import signal  # noqa: E402
 
 import multiprocessing  # noqa: E402
 

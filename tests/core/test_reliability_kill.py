@@ -129,16 +129,25 @@ def _phantom_kill(tmp_path, phantom_reference, sig, delay, workers=1, must_inter
 def test_ctrl_c_while_the_command_starts_is_130_without_traceback(tmp_path):
     """Ctrl-C while the command is still importing (nnunet_ext.cli._console handles it from its first line; before
     that only Python's own start-up runs, about 20 ms here): exit status 130 and one line, or the command had
-    finished."""
-    for delay in (0.12, 0.16, 0.2, 0.25, 0.3, 0.4):
+    finished. On a loaded machine Python's own start-up (its ``site`` module, then finding the package for the
+    console script's import line) can take longer than the first delays; an interrupt there comes before any
+    line of ``_console`` runs, is Python's (its traceback has no ``_console.py`` frame) and is not counted, but
+    at least one delay must reach the package."""
+    reached = 0
+    for delay in (0.12, 0.16, 0.2, 0.25, 0.3, 0.4, 0.6, 0.9):
         p = start(["phantom", "-d", 533, "--cases", 2, "--shape", 24, 24, 24, "--raw", tmp_path / "raw",
                    "--overwrite"])
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=120)
+        if "init_import_site" in err or ("Traceback" in err and "_console.py" not in err):
+            continue  # interrupted inside Python's start-up, before the entry point's first line
+        reached += 1
         assert p.returncode in (0, 130) and "Traceback" not in err, (delay, p.returncode, err[-2000:])
         if p.returncode == 130:
             assert err.strip().splitlines()[-1] == "nnunet-ext: interrupted", err
+    if not reached:
+        pytest.skip("every interrupt landed in Python's own start-up (machine too loaded to reach the package)")
 
 
 def test_phantom_sigint_keeps_the_old_dataset(tmp_path, phantom_reference):
