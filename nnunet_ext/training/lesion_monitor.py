@@ -1,6 +1,6 @@
 """Lesion metrics while training: lesion F1 and small-lesion TPR on nnU-Net's validation patches.
 
-Every ``N`` epochs (``LesionMonitor.lesion_metrics_every``, default 0 = off, or the environment variable
+Every ``N`` epochs (``LesionMonitor.lesion_metrics_every``, default 5, or the environment variable
 ``NNUNET_EXT_LESION_EVERY``; 0 = off) the trainer counts lesions on the validation patches that nnU-Net
 already predicts in ``validation_step`` for its pseudo Dice:
 
@@ -131,7 +131,7 @@ class LesionMonitor:
     :attr:`lesion_metrics_every` epochs, logged, plotted and used to keep ``checkpoint_best_lesion.pth``
     (module docstring)."""
 
-    lesion_metrics_every: int = 0  # opt-in (NNUNET_EXT_LESION_EVERY=N) until measured end to end
+    lesion_metrics_every: int = 5
 
     # ------------------------------------------------------------------------------------------ set-up
     def on_train_start(self):
