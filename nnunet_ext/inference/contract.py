@@ -7,7 +7,8 @@ predictor every command uses, reads it. Fields:
 ``condition``       None, ``"spacing"`` (resolution FiLM) or ``"cohort"`` (SCIN)
 ``cohorts``         the cohort names a SCIN model knows (its slot table, from the checkpoint)
 ``activation``      how the soft lesion map is read from the network output: ``"softmax"`` or SoftSeg's
-                    ``"normalized_relu"``, which the network applies per patch at prediction
+                    ``"normalized_relu"``, which the network applies per patch at prediction, or
+                    ``"normalized_relu_case"`` (the maximum over the whole case)
                     (:mod:`nnunet_ext.networks.activations`, :func:`nnunet_ext.inference.thresholds.soft_output`)
 ``tta``             how the flips of test-time augmentation are aggregated: ``"mean_logits"`` (nnU-Net's)
                     or ``"mean_probabilities"``

@@ -17,7 +17,7 @@ from nnunet_ext.metrics.grid import threshold_grid
 
 THRESHOLDS = tuple(threshold_grid())
 FILE = "nnunet_ext_threshold.json"
-ACTIVATIONS = ("softmax", "normalized_relu")
+ACTIVATIONS = ("softmax", "normalized_relu", "normalized_relu_case")
 
 
 def soft_output(prob: np.ndarray, activation: str = "softmax") -> np.ndarray:
@@ -25,12 +25,18 @@ def soft_output(prob: np.ndarray, activation: str = "softmax") -> np.ndarray:
     probability (``softmax``), or, for ``normalized_relu``, the blended SoftSeg output Q that the network
     produced per patch (:mod:`nnunet_ext.networks.activations`): nnU-Net exports softmax([0, Q]), so
     ``Q = ln p1 - ln p0`` (clipped to [0, 1] against rounding; outside the crop, where nnU-Net writes
-    p0 = 1, it is 0)."""
+    p0 = 1, it is 0). ``normalized_relu_case``: the blended un-normalised ReLU ``R = ln p1 - ln p0`` divided by
+    its maximum over the case (0 where the maximum is 0), SoftSeg's normalisation with the case as the
+    batch."""
     if activation == "softmax":
         return prob[1].astype(np.float32)
-    if activation == "normalized_relu":
+    if activation in ("normalized_relu", "normalized_relu_case"):
         p = np.clip(prob.astype(np.float64), 1e-12, 1.0)
-        return np.clip(np.log(p[1]) - np.log(p[0]), 0.0, 1.0).astype(np.float32)
+        r = np.clip(np.log(p[1]) - np.log(p[0]), 0.0, None)
+        if activation == "normalized_relu":
+            return np.minimum(r, 1.0).astype(np.float32)
+        mx = r.max() if r.size else 0.0
+        return (r / mx if mx > 0 else np.zeros_like(r)).astype(np.float32)
     raise ValueError(f"unknown output activation {activation!r}; known: {ACTIVATIONS}")
 
 

@@ -247,13 +247,18 @@ class AdaptiveWingLoss(nn.Module):
     ``A = omega (a - y) (theta/eps)^(a - y - 1) / (eps (1 + (theta/eps)^(a - y)))`` and
     ``C = theta A - omega ln(1 + (theta/eps)^(a - y))`` (continuous at theta). Defaults epsilon=1, a=2.1,
     theta=0.5, omega=8. The prediction is SoftSeg's normalized ReLU of the lesion logit, per sample
-    (:func:`normalized_relu`); ``leak=0`` (default) is SoftSeg exactly. ``leak > 0`` lets gradient through
+    (:func:`normalized_relu`; ``max_over="batch"``: over the whole batch, as ivadomed); ``leak=0`` (default) is SoftSeg exactly. ``leak > 0`` lets gradient through
     negative logits (forward unchanged): with tiny lesions, plain normalized ReLU drove every logit negative
     within one epoch and never recovered (docs/benchmarks.md)."""
 
     def __init__(self, omega: float = 8.0, theta: float = 0.5, epsilon: float = 1.0, alpha: float = 2.1,
-                 ignore_label: int | None = None, leak: float = 0.0, soft_channel: int = 1):
+                 ignore_label: int | None = None, leak: float = 0.0, soft_channel: int = 1, max_over: str = "sample"):
         super().__init__()
+        from nnunet_ext.networks.activations import MAX_OVER
+
+        if max_over not in MAX_OVER:
+            raise ValueError(f"max_over must be one of {MAX_OVER}, got {max_over!r}")
+        self.max_over = max_over
         if soft_channel < 1:
             raise ValueError(f"soft_channel must be >= 1, got {soft_channel}")
         self.soft_channel = soft_channel
@@ -276,7 +281,7 @@ class AdaptiveWingLoss(nn.Module):
         return torch.where(diff < self.theta, small, a * diff - c)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        p = normalized_relu(_lesion_logit(logits), self.leak)
+        p = normalized_relu(_lesion_logit(logits), self.leak, self.max_over)
         y = _soft_target(target, self.soft_channel)
         _, mask = _labels_and_mask(target, self.ignore_label)
         loss = self.elementwise(p, y)

@@ -120,24 +120,35 @@ class SoftDiceBCETrainer(ComposedTrainer):
 
 
 class SoftSegTrainer(ComposedTrainer):
-    """SoftSeg as published (Gros et al. 2021; Lemay 2022): normalized ReLU (per patch, in training and at
-    prediction) + Adaptive Wing on the soft labels, trained with the published optimizer (Adam, 5e-4, cosine
-    annealing; with nnU-Net's SGD every lesion output dies within ~40 iterations)."""
-    loss_part = SoftSegAW()
+    """SoftSeg as published (Gros et al. 2021; Lemay 2022, ivadomed's code): normalized ReLU with one maximum
+    over the whole training batch (at prediction: over the whole case) + Adaptive Wing on the soft labels,
+    trained with the published optimizer (Adam, 5e-4, cosine annealing)."""
+    loss_part = SoftSegAW(max_over="batch")
     target_parts = (SoftTargets(),)
     optimizer_part = AdamCosine(5e-4)
+
+
+class SoftSegTrainer_perPatch(SoftSegTrainer):
+    """SoftSeg with the normalized ReLU's maximum taken per training patch (and per sliding-window patch at
+    prediction) instead of over the batch; its lesion output learns far more slowly on small lesions."""
+    loss_part = SoftSegAW(max_over="sample")
 
 
 class SoftSegTrainer_leak(SoftSegTrainer):
     """SoftSeg with a 0.01 straight-through gradient through negative lesion logits (forward unchanged) and
     nnU-Net's SGD: the way SoftSeg learns under nnU-Net's own optimizer."""
-    loss_part = SoftSegAW(leak=0.01)
+    loss_part = SoftSegAW(leak=0.01, max_over="batch")
     optimizer_part = None
 
 
 class SoftSegTrainer_sgd(SoftSegTrainer):
-    """SoftSeg (no leak) under nnU-Net's SGD instead of the published Adam: its lesion output dies within ~40
-    iterations on small lesions; kept to reproduce that measurement (benchmarks/learning_curves.py)."""
+    """SoftSeg (no leak) under nnU-Net's SGD instead of the published Adam."""
+    optimizer_part = None
+
+
+class SoftSegTrainer_perPatch_sgd(SoftSegTrainer_perPatch):
+    """SoftSegTrainer_perPatch under nnU-Net's SGD: its lesion output dies within ~40 iterations on small
+    lesions; kept to reproduce that measurement (benchmarks/learning_curves.py)."""
     optimizer_part = None
 
 
@@ -156,14 +167,14 @@ class RandomRaterTrainer(ComposedTrainer):
 
 class SoftSegRandomRaterTrainer(ComposedTrainer):
     """SoftSeg on a rater drawn per sample, its mask kept soft through augmentation (SoftSeg thesis, best Brier)."""
-    loss_part = SoftSegAW()
+    loss_part = SoftSegAW(max_over="batch")
     target_parts = (RandomRater(), SoftTargets())
     optimizer_part = AdamCosine(5e-4)
 
 
 class SoftSegRandomRaterTrainer_leak(SoftSegRandomRaterTrainer):
     """SoftSegRandomRaterTrainer with the 0.01 gradient leak and nnU-Net's SGD of SoftSegTrainer_leak."""
-    loss_part = SoftSegAW(leak=0.01)
+    loss_part = SoftSegAW(leak=0.01, max_over="batch")
     optimizer_part = None
 
 

@@ -248,16 +248,22 @@ class SoftSegAW(LossPart):
     activation = "normalized_relu"
     two_class_only = True
 
-    def __init__(self, leak: float = 0.0):
+    def __init__(self, leak: float = 0.0, max_over: str = "sample"):
+        from nnunet_ext.networks.activations import MAX_OVER
+
         if leak < 0:
             raise ValueError(f"leak must be >= 0, got {leak}")
-        self.leak = leak
+        if max_over not in MAX_OVER:
+            raise ValueError(f"max_over must be one of {MAX_OVER}, got {max_over!r}")
+        self.leak, self.max_over = leak, max_over
+        # prediction normalises what training normalised: one patch, or the whole case as the batch
+        self.activation = "normalized_relu" if max_over == "sample" else "normalized_relu_case"
 
     def build(self, trainer, layout):
         from nnunet_ext.training.losses import AdaptiveWingLoss
 
         return AdaptiveWingLoss(ignore_label=trainer.label_manager.ignore_label, leak=self.leak,
-                                soft_channel=layout["soft"]), False
+                                soft_channel=layout["soft"], max_over=self.max_over), False
 
 
 # ================================================================================================ targets

@@ -104,6 +104,42 @@ def test_normalized_relu_is_per_network_input_in_training_and_prediction():
     np.testing.assert_allclose(raw[1].float().numpy().ravel(), x.numpy().ravel(), atol=1e-2)
 
 
+def test_normalized_relu_over_the_batch_in_training_and_over_the_case_at_prediction():
+    """ivadomed's ``nn.ReLU()(x) / nn.ReLU()(x).max()``: one maximum for the whole batch; at prediction the whole
+    case is the batch (activation ``normalized_relu_case``)."""
+    from nnunet_ext.inference.thresholds import soft_output
+
+    x = torch.tensor([1.0, 2, 3, 4, -1, 2, 6, 3]).reshape(1, 1, 1, 8)
+    # the same two patches as above, one maximum (6) for both: 1/6 2/6 3/6 4/6 | 0 2/6 6/6 3/6
+    want = np.array([1, 2, 3, 4, 0, 2, 6, 3]) / 6
+    patches = torch.stack([x[..., :4], x[..., 4:]])
+    logits = _PointNet()(patches)
+    d = logits[:, 1] - logits[:, 0]
+    np.testing.assert_allclose(normalized_relu(d, max_over="batch").numpy().ravel(), want, atol=1e-6)
+    # per sample (the other reading) the first patch reaches 1 at its own maximum 4
+    assert normalized_relu(d, max_over="sample").numpy().ravel()[3] == pytest.approx(1.0)
+    target = torch.cat([torch.zeros_like(patches), torch.tensor(want, dtype=torch.float32).reshape(2, 1, 1, 1, 4)], 1)
+    assert AdaptiveWingLoss(max_over="batch")(logits, target).item() == pytest.approx(0.0, abs=1e-7)
+    assert AdaptiveWingLoss(max_over="sample")(logits, target).item() > 0.01
+    with pytest.raises(ValueError, match="max_over"):
+        normalized_relu(d, max_over="case")
+    with pytest.raises(ValueError, match="max_over"):
+        SoftSegAW(max_over="volume")
+    # prediction: every pass returns relu(x) / 8 (no per-patch maximum), nnU-Net blends, the case maximum divides
+    for tta in ("mean_logits", "mean_probabilities"):
+        out = _predictor(_PointNet(), "normalized_relu_case", tta).predict_sliding_window_return_logits(x)
+        np.testing.assert_allclose(out[1].float().numpy().ravel(), np.maximum(x.numpy().ravel(), 0) / 8, atol=1e-3)
+        prob = torch.softmax(out.float(), 0).numpy()
+        np.testing.assert_allclose(soft_output(prob, "normalized_relu_case").ravel(), want, atol=1e-3)
+    # a case without any positive output is 0, not 0/0
+    assert soft_output(np.array([[1.0, 0.7], [0.0, 0.3]]), "normalized_relu_case").tolist() == [0.0, 0.0]
+    # the trainer records the activation its prediction needs
+    assert named.SoftSegTrainer.loss_part.activation == "normalized_relu_case"
+    assert named.SoftSegTrainer.loss_part.max_over == named.SoftSegRandomRaterTrainer.loss_part.max_over == "batch"
+    assert named.SoftSegTrainer_leak.loss_part.max_over == named.SoftSegTrainer_sgd.loss_part.max_over == "batch"
+    assert named.SoftSegTrainer_perPatch.loss_part.activation == "normalized_relu"
+
+
 def test_output_activation_only_inside_the_block():
     from nnunet_ext.networks.activations import output_activation
 
