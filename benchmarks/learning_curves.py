@@ -32,10 +32,13 @@ import torch
 
 
 def _soft(logits: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "normalized_relu":
-        from nnunet_ext.training.losses import normalized_relu
+    """The output the loss sees: softmax, or SoftSeg's normalized ReLU per patch (``normalized_relu``) or over
+    the batch (``normalized_relu_case``, trained with the batch maximum)."""
+    if activation in ("normalized_relu", "normalized_relu_case"):
+        from nnunet_ext.networks.activations import normalized_relu
 
-        return normalized_relu(logits[:, 1].float() - logits[:, 0].float())
+        over = "sample" if activation == "normalized_relu" else "batch"
+        return normalized_relu(logits[:, 1].float() - logits[:, 0].float(), max_over=over)
     return torch.softmax(logits.float(), 1)[:, 1]
 
 

@@ -20,8 +20,9 @@ input geometry. What ``P`` is, per model (nnunet_ext.inference.contract, nnunet_
   probabilities inside each sliding-window tile;
 * sigmoid baselines (e.g. ``ConvDiceTrainer``) have nnU-Net's two-class head and ``sigmoid(z_lesion -
   z_background)`` is its softmax lesion probability: the same as softmax models;
-* SoftSeg models (``activation = "normalized_relu"``): the binary entropy of the soft lesion map ``Q`` (the
-  mean of the flips' normalized-ReLU outputs), i.e. of ``(1 - Q, Q)``;
+* SoftSeg models (``activation = "normalized_relu"`` or ``"normalized_relu_case"``): the binary entropy of
+  the soft lesion map ``Q`` (the mean of the flips' normalized-ReLU outputs, or the blended ReLU divided by
+  the case maximum), i.e. of ``(1 - Q, Q)``;
 * several folds: nnU-Net averages what the mirroring step returns over the folds (logits, or the
   log-probabilities of ``mean_probabilities``), so ``P`` is the folds' normalised geometric mean;
 * an ensemble of models (``predict --selection`` with several members): the binary entropy of the members'
