@@ -386,3 +386,25 @@ def build_trainer(trainer_cls, dataset, configuration: str, fold, plans: str = "
     plans_dict["continue_training"] = False  # nnU-Net 2.8 passes this through the plans
     return trainer_cls(plans=plans_dict, configuration=configuration, fold=fold,
                        dataset_json=json.loads(ds_file.read_text()), device=torch.device(device))
+
+
+class single_threaded_augmentation:
+    """Context manager: nnU-Net's data augmentation in the calling process (its ``SingleThreadedAugmenter``)
+    for the data loaders built inside the block, through nnU-Net's own switch: ``nnUNet_n_proc_DA=0``, which
+    ``get_allowed_n_proc_DA`` reads when ``nnUNetTrainer.get_dataloaders`` builds them. Its worker processes
+    (``NonDetMultiThreadedAugmenter``, ``seeds=None``) would draw from unseeded random states, in whatever
+    order they finish. The variable is restored at the end of the block."""
+
+    VARIABLE = "nnUNet_n_proc_DA"
+
+    def __enter__(self):
+        self._saved = os.environ.get(self.VARIABLE)
+        os.environ[self.VARIABLE] = "0"
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is None:
+            os.environ.pop(self.VARIABLE, None)
+        else:
+            os.environ[self.VARIABLE] = self._saved
+        return False

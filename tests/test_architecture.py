@@ -162,3 +162,99 @@ def test_nnunet_only_through_the_adapter():
 def test_tables_name_existing_modules(module):
     sources = _package_sources()
     assert module in sources or any(m.startswith(module + ".") for m in sources), f"{module} does not exist"
+
+
+# ------------------------------------------------------------------------------------- size of functions
+
+MAX_FUNCTION_LINES = 80  # in cli/ and workflows/: a longer function is split into named steps
+MAX_PARAMETERS = 12  # of a public function: more go into a parameter object (core.validate.options_of)
+# public functions allowed more parameters, each with the reason
+PARAMETER_EXCEPTIONS = {
+    "nnunet_ext/workflows/pseudolabel.py:finish_case":
+        "the predictor's per-case hook: called in nnU-Net's export worker with the case's keywords plus the "
+        "picklable hook_args, which a launcher task passes as JSON",
+}
+
+
+def _parameters(fn: ast.FunctionDef) -> int:
+    """Named parameters of a function: self/cls, *args and **kwargs not counted."""
+    a = fn.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    return len(names) - (1 if names and names[0] in ("self", "cls") else 0)
+
+
+def _public_functions(tree: ast.Module):
+    """(name, node) of the module's public functions and the public methods of its public classes."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+            yield node.name, node
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            for m in node.body:
+                if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and not m.name.startswith("_"):
+                    yield f"{node.name}.{m.name}", m
+
+
+def _long_functions(sources: dict[str, str], limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``file:function has N lines`` for every function (methods and nested ones included) longer than ``limit``
+    lines, from its ``def`` to its last line."""
+    out = []
+    for path, source in sorted(sources.items()):
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > limit:
+                    out.append(f"{path}:{node.name} has {n} lines (at most {limit})")
+    return out
+
+
+def _many_parameters(sources: dict[str, str], limit: int = MAX_PARAMETERS, allowed=()) -> list[str]:
+    out = []
+    for path, source in sorted(sources.items()):
+        for name, node in _public_functions(ast.parse(source)):
+            n = _parameters(node)
+            if n > limit and f"{path}:{name}" not in allowed:
+                out.append(f"{path}:{name} takes {n} parameters (at most {limit})")
+    return out
+
+
+def _sources(*folders: str) -> dict[str, str]:
+    return {str(p.relative_to(REPO)): p.read_text() for f in folders for p in sorted((REPO / f).rglob("*.py"))}
+
+
+def test_size_checkers_count_what_they_should():
+    # hand-made sources: f spans lines 1-81 (def + 80 body lines: 81 lines), g lines 82-83 (2 lines); a nested
+    # long function is found too. h has 13 parameters (self not counted, *args/**kwargs not counted), k 12,
+    # _private 20 (not public), C.m 13 (a public method), and the allowed one is skipped
+    body = "".join(f"    x{i} = {i}\n" for i in range(80))
+    long_src = "def f():\n" + body + "def g():\n    pass\n" + "def outer():\n    def inner():\n" + \
+        "".join(f"        y{i} = {i}\n" for i in range(80))
+    assert _long_functions({"a.py": long_src}) == ["a.py:f has 81 lines (at most 80)",
+                                                   "a.py:outer has 82 lines (at most 80)",
+                                                   "a.py:inner has 81 lines (at most 80)"]
+    p13 = ", ".join(f"a{i}" for i in range(13))
+    src = (f"def h(self, {p13}, *args, **kwargs):\n    pass\n"
+           f"def k({', '.join(f'a{i}' for i in range(12))}):\n    pass\n"
+           f"def _private({', '.join(f'a{i}' for i in range(20))}):\n    pass\n"
+           f"class C:\n    def m(self, {p13}):\n        pass\n"
+           f"def allowed(*, {p13}):\n    pass\n")
+    assert _many_parameters({"b.py": src}, allowed={"b.py:allowed"}) == [
+        "b.py:h takes 13 parameters (at most 12)", "b.py:C.m takes 13 parameters (at most 12)"]
+
+
+def test_no_long_functions_in_commands_and_workflows():
+    long = _long_functions(_sources("nnunet_ext/cli", "nnunet_ext/workflows"))
+    assert long == [], "split these functions into named steps:\n" + "\n".join(long)
+
+
+def test_no_public_function_with_many_parameters():
+    many = _many_parameters(_sources("nnunet_ext"), allowed=PARAMETER_EXCEPTIONS)
+    assert many == [], ("group these parameters into a parameter object (a frozen dataclass taken as `options`, "
+                        "its fields also as keywords through core.validate.options_of):\n" + "\n".join(many))
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETER_EXCEPTIONS))
+def test_parameter_exceptions_are_still_needed(name):
+    path, function = name.split(":")
+    source = (REPO / path).read_text()
+    counts = {n: _parameters(f) for n, f in _public_functions(ast.parse(source))}
+    assert counts.get(function, 0) > MAX_PARAMETERS, f"{name} no longer needs its exception: remove it"

@@ -35,6 +35,10 @@ def register(sub) -> None:
     options.add_processes(p, 2, "nnU-Net pre/post-processing processes")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--train-seed", type=int, default=None, metavar="N",
+                   help="seed every training (NNUNET_EXT_SEED=N: random, numpy and torch seeded, data augmentation in "
+                        "the training process, deterministic algorithms): the same seed gives the same weights on the "
+                        "same device; slower data loading. Default: nnU-Net's unseeded training")
     options.add_thresholds(p, "sweep thresholds in (0, 1) (default 0.01 ... 0.98)")
     add_rule_options(p, detailed=False, detection=False)
     p.add_argument("--create-split", action="store_true",
@@ -67,6 +71,7 @@ def run(args) -> int:
             plans=args.plans, test_images=args.test_images, test_labels=args.test_labels, output=args.output,
             epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations,
             device=args.device, n_proc=args.num_processes, n_bootstrap=args.bootstrap, seed=args.seed,
+            train_seed=args.train_seed,
             thresholds=args.thresholds, connectivity=args.connectivity, bins=parse_bins(args.bins),
             create_split=args.create_split, cohort=args.cohort, soft_reference=args.soft_reference,
             launcher_options=launcher_options(args),

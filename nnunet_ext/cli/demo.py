@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--difficulty", default="medium", help="easy, medium (default), hard, or a number in [0, 1]")
     options.add_device(p, "cpu", help="cpu, cuda (or cuda:N) or mps (default cpu: the demo's recipe)", old="--device")
     options.add_processes(p, 2, "nnU-Net pre/post-processing processes")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the phantom, of every training (compare --train-seed) and of the bootstrap: the same "
+                        "seed gives the same report on the same machine (default 0)")
 
 
 def check(args) -> None:
@@ -48,5 +51,5 @@ def run(args) -> int:
                         trainers=tuple(args.trainers), fold=args.folds[0], epochs=args.epochs,
                         iterations=args.iterations, train_cases=args.cases, test_cases=args.test_cases,
                         shape=tuple(args.shape), difficulty=parse_difficulty(args.difficulty), device=args.device,
-                        n_proc=args.num_processes))
+                        n_proc=args.num_processes, seed=args.seed))
     return 0

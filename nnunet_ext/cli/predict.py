@@ -87,33 +87,37 @@ def check(args) -> None:
 
 
 def run(args) -> int:
-    npp, nps = options.prediction_processes(args)
-    if args.selection is not None:
-        return _predict_selection(args, npp, nps)
-    from nnunet_ext.inference.predict import predict
+    from nnunet_ext.inference.options import PredictOptions
 
-    res = predict(input_dir=args.input, output_dir=args.output, dataset=args.dataset,
-                  configuration=args.configuration, trainer=args.trainer or "nnUNetTrainer",
-                  plans=args.plans or "nnUNetPlans", folds=args.folds, checkpoint=args.checkpoint, device=args.device,
-                  disable_tta=args.disable_tta, keep_probabilities=args.save_probabilities, cohort=args.cohort,
-                  npp=npp, nps=nps, min_lesion_mm3=args.min_lesion_mm3, threshold=args.threshold,
-                  uncertainty=args.uncertainty, lesion_table=args.lesion_table, step_size=args.step_size,
-                  continue_prediction=args.continue_prediction, num_parts=args.num_parts, part_id=args.part_id,
-                  prev_stage_predictions=args.prev_stage_predictions, progress=not args.disable_progress_bar)
+    npp, nps = options.prediction_processes(args)
+    common = PredictOptions(device=args.device, disable_tta=args.disable_tta, npp=npp, nps=nps,
+                            threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3,
+                            uncertainty=args.uncertainty, lesion_table=args.lesion_table)
+    if args.selection is not None:
+        return _predict_selection(args, common)
+    from dataclasses import replace
+
+    from nnunet_ext.inference.predict import predict
+    from nnunet_ext.nnunet_adapter import ModelRef
+
+    model = ModelRef(str(args.dataset), args.configuration, args.trainer or "nnUNetTrainer",
+                     args.plans or "nnUNetPlans", args.folds, args.checkpoint)
+    o = replace(common, cohort=args.cohort, save_probabilities=args.save_probabilities, step_size=args.step_size,
+                overwrite=not args.continue_prediction, num_parts=args.num_parts, part_id=args.part_id,
+                prev_stage_predictions=args.prev_stage_predictions, progress=not args.disable_progress_bar)
+    res = predict(args.input, args.output, model, options=o)
     print(f"{len(res['cases'])} cases -> {args.output} (threshold: {res['threshold']}, {res['threshold_source']})")
     return 0
 
 
-def _predict_selection(args, npp: int, nps: int) -> int:
+def _predict_selection(args, o) -> int:
     from nnunet_ext.inference.ensemble import predict_selection
 
-    if npp != nps:
-        raise NotImplementedError(f"-npp {npp} and -nps {nps} with --selection: its prediction uses one process "
+    if o.npp != o.nps:
+        raise NotImplementedError(f"-npp {o.npp} and -nps {o.nps} with --selection: its prediction uses one process "
                                   f"count for both; give -np N")
-    res = predict_selection(input_dir=args.input, output_dir=args.output, dataset=args.dataset,
-                            selection=args.selection or None, checkpoint=args.checkpoint, device=args.device,
-                            disable_tta=args.disable_tta, n_proc=npp, min_lesion_mm3=args.min_lesion_mm3,
-                            threshold=args.threshold, uncertainty=args.uncertainty, lesion_table=args.lesion_table)
+    res = predict_selection(args.input, args.output, args.dataset, args.selection or None, o,
+                            checkpoint=args.checkpoint)
     print(f"{len(res['cases'])} cases -> {args.output} (selection {res['selection']}; threshold "
           f"{res['threshold']}, {res['threshold_source']}; min lesion {res['postprocessing']['min_lesion_mm3']} mm3)")
     return 0

@@ -60,18 +60,19 @@ def run(args) -> int:
 
     if args.action == "test":
         return _test(args, submission)
-    common = dict(out_dir=args.output, dataset=args.dataset, challenge=args.challenge, checkpoint=args.checkpoint,
-                  tag=args.tag)
+    o = submission.BuildOptions(challenge=args.challenge, checkpoint=args.checkpoint, tag=args.tag)
     if args.consensus is not None:
-        out = submission.build(**common, consensus=args.consensus)
+        out = submission.build(args.output, args.dataset, options=o, consensus=args.consensus)
     elif args.selection is not None:
-        out = submission.build(**common, selection=args.selection)
+        out = submission.build(args.output, args.dataset, options=o, selection=args.selection)
     else:
+        from dataclasses import replace
+
         trainer, plans = args.trainer or "nnUNetTrainer", args.plans or "nnUNetPlans"
         folds = args.folds if args.folds is not None else \
             options.trained_folds(args.dataset, args.configuration, trainer, plans, args.checkpoint)
-        out = submission.build(**common, configuration=args.configuration, trainer=trainer, plans=plans, folds=folds,
-                               cohort=args.cohort)
+        out = submission.build(args.output, args.dataset, args.configuration, trainer,
+                               replace(o, plans=plans, folds=folds, cohort=args.cohort))
     print(f"wrote {out} (see {out / 'README.md'})")
     return 0
 

@@ -19,3 +19,25 @@ def budget_in(environ=None) -> dict[str, str]:
     """The budget variables set (non-empty) in ``environ`` (default: this process's environment)."""
     environ = os.environ if environ is None else environ
     return {k: environ[k] for k in BUDGET_VARIABLES if environ.get(k)}
+
+
+# the opt-in training seed (nnunet_ext.training.base): python's random, numpy and torch seeded, data augmentation
+# in the training process, deterministic torch algorithms. Not a budget: it never changes what is trained.
+SEED_VARIABLE = "NNUNET_EXT_SEED"
+MAX_SEED = 2 ** 32 - 1  # numpy's seed range
+
+
+def seed_in(environ=None) -> int | None:
+    """The training seed of ``NNUNET_EXT_SEED`` in ``environ`` (default: this process's environment), None
+    when it is unset or empty; a ValueError naming the variable when it is not a whole number in 0..2**32-1."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(SEED_VARIABLE)
+    if raw is None or str(raw).strip() == "":
+        return None
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{SEED_VARIABLE} must be a whole number in 0..{MAX_SEED}, got {raw!r}")
+    return value

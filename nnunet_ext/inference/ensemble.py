@@ -26,10 +26,13 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from nnunet_ext.inference.options import PredictOptions, predict_options, refuse_unsupported
 
 SELECTION_FILE = "nnunet_ext_selection.json"
 
@@ -140,14 +143,20 @@ def combine_soft_maps(maps: Sequence[np.ndarray], spacing_zyx, threshold: float,
     return mean.astype(np.float32), mask
 
 
-def predict_ensemble(folders: Sequence[Path], folds, inputs, output_dir, *, threshold: float, min_lesion_mm3: float,
-                     connectivity: int = 26, checkpoint: str = "checkpoint_final.pth", device: str = "cuda",
-                     disable_tta: bool = False, npp: int = 1, nps: int = 1, case_ids=None, write_soft: bool = True,
-                     progress: bool = True, uncertainty: bool = False, lesion_table: bool = False) -> dict:
+# the PredictOptions fields an ensemble applies (threshold and min_lesion_mm3 are required)
+ENSEMBLE_FIELDS = ("device", "disable_tta", "npp", "nps", "write_soft", "progress", "uncertainty", "lesion_table",
+                   "threshold", "min_lesion_mm3")
+
+
+def predict_ensemble(folders: Sequence[Path], folds, inputs, output_dir, options: PredictOptions | dict | None = None,
+                     *, connectivity: int = 26, checkpoint: str = "checkpoint_final.pth", case_ids=None,
+                     **fields) -> dict:
     """Predict ``inputs`` (a folder in nnU-Net's naming, or per-case file lists with ``case_ids``) with the
-    mean of the members' soft maps (module docstring). ``uncertainty`` / ``lesion_table`` as in
-    :func:`predict_cases`, from the mean map: the binary entropy of the members' mean lesion probability.
-    Returns a summary like :func:`predict_cases`."""
+    mean of the members' soft maps (module docstring). ``options``: :class:`PredictOptions` (or a dict, or its
+    fields as keywords): ``threshold`` and ``min_lesion_mm3`` are required, the fields of
+    :data:`ENSEMBLE_FIELDS` apply (``npp`` / ``nps`` default to 1), others are refused. ``uncertainty`` /
+    ``lesion_table`` as in :func:`predict_cases`, from the mean map: the binary entropy of the members' mean
+    lesion probability. Returns a summary like :func:`predict_cases`."""
     import SimpleITK as sitk
 
     from nnunet_ext.core.io import read_sitk, write_sitk
@@ -156,6 +165,13 @@ def predict_ensemble(folders: Sequence[Path], folds, inputs, output_dir, *, thre
     from nnunet_ext.inference.lesion_table import ENTROPY_SUFFIX, Geometry, case_lesions, write_lesion_tables
     from nnunet_ext.inference.uncertainty import binary_entropy
 
+    o = predict_options(options, fields, "predict_ensemble")
+    refuse_unsupported(o, ENSEMBLE_FIELDS, "predict_ensemble")
+    if o.threshold is None or o.min_lesion_mm3 is None:
+        raise TypeError("predict_ensemble() needs threshold and min_lesion_mm3")
+    threshold, min_lesion_mm3, uncertainty, lesion_table = o.threshold, o.min_lesion_mm3, o.uncertainty, o.lesion_table
+    npp, nps = o.processes(1)
+    progress = o.progress
     folders = [Path(d) for d in folders]
     lesion_rows, case_rows = [], []
     ending = _check_members(folders, folds, checkpoint)
@@ -168,7 +184,7 @@ def predict_ensemble(folders: Sequence[Path], folds, inputs, output_dir, *, thre
             mo = work / f"member_{i}"
             if progress:
                 print(f"ensemble: member {i + 1}/{len(folders)} {d.name}", flush=True)
-            predict_cases(d, folds, inputs, mo, checkpoint=checkpoint, device=device, disable_tta=disable_tta,
+            predict_cases(d, folds, inputs, mo, checkpoint=checkpoint, device=o.device, disable_tta=o.disable_tta,
                           write_soft=True, write_mask=False, npp=npp, nps=nps, case_ids=case_ids)
             member_out.append(mo)
         cases = sorted(p.name[:-len(ending)] for p in (member_out[0] / "soft").glob(f"*{ending}"))
@@ -185,7 +201,7 @@ def predict_ensemble(folders: Sequence[Path], folds, inputs, output_dir, *, thre
             for arr, path in ((mean, out / "soft" / f"{case}{ending}"),
                               (ent if uncertainty else None, out / f"{case}{ENTROPY_SUFFIX}{ending}"),
                               (mask, out / f"{case}{ending}")):
-                if (path.parent.name == "soft" and not write_soft) or arr is None:
+                if (path.parent.name == "soft" and not o.write_soft) or arr is None:
                     continue
                 img = sitk.GetImageFromArray(arr)
                 img.CopyInformation(imgs[0])
@@ -207,14 +223,23 @@ def predict_ensemble(folders: Sequence[Path], folds, inputs, output_dir, *, thre
     return summary
 
 
-def predict_selection(input_dir, output_dir, dataset, selection=None, checkpoint: str = "checkpoint_final.pth",
-                      device: str = "cuda", disable_tta: bool = False, n_proc: int = 1,
-                      min_lesion_mm3: float | None = None, threshold: float | None = None, uncertainty: bool = False,
-                      lesion_table: bool = False) -> dict:
+# the PredictOptions fields a selection applies
+SELECTION_FIELDS = ("device", "disable_tta", "npp", "nps", "uncertainty", "lesion_table", "threshold",
+                    "min_lesion_mm3")
+
+
+def predict_selection(input_dir, output_dir, dataset, selection=None, options: PredictOptions | dict | None = None, *,
+                      checkpoint: str = "checkpoint_final.pth", n_proc: int = 1, **fields) -> dict:
     """``nnunet-ext predict --selection``: predict with the model or ensemble of a selection file (default
-    :func:`selection_path` of ``dataset``). ``threshold`` / ``min_lesion_mm3`` override the selection's."""
+    :func:`selection_path` of ``dataset``). ``options``: :class:`PredictOptions` (or a dict, or its fields as
+    keywords; those of :data:`SELECTION_FIELDS` apply, ``npp`` / ``nps`` default to ``n_proc``).
+    ``threshold`` / ``min_lesion_mm3`` override the selection's."""
     from nnunet_ext.inference.predictor import predict_cases
 
+    o = predict_options(options, fields, "predict_selection")
+    refuse_unsupported(o, SELECTION_FIELDS, "predict_selection")
+    threshold, min_lesion_mm3 = o.threshold, o.min_lesion_mm3
+    npp, nps = o.processes(n_proc)
     path = Path(selection) if selection is not None else selection_path(dataset)
     if os.environ.get("nnUNet_results"):
         choice = read_selection(path, dataset)
@@ -228,22 +253,15 @@ def predict_selection(input_dir, output_dir, dataset, selection=None, checkpoint
 
     check_output_not_input(output_dir, [input_dir, *folders], allow_containing=True, what="-o (output folder)")
     folds = [f for f in choice["folds"] if f != "all"] or ["all"]
-    if threshold is not None and not 0 < threshold < 1:
-        raise ValueError(f"--threshold must be in (0, 1), got {threshold}")
-    if min_lesion_mm3 is not None and not (min_lesion_mm3 >= 0 and np.isfinite(min_lesion_mm3)):
-        raise ValueError(f"--min-lesion-mm3 must be a finite number >= 0, got {min_lesion_mm3}")
     th = choice["threshold"] if threshold is None else float(threshold)
     mm3 = choice["min_lesion_mm3"] if min_lesion_mm3 is None else float(min_lesion_mm3)
+    chosen = replace(o, threshold=th, min_lesion_mm3=mm3, npp=npp, nps=nps)
     if len(folders) == 1:  # the selection's values, also when `select --no-contract` left the contract alone
-        summary = predict_cases(folders[0], folds, str(input_dir), output_dir, checkpoint=checkpoint, device=device,
-                                disable_tta=disable_tta, threshold=th, min_lesion_mm3=mm3, npp=n_proc, nps=n_proc,
-                                uncertainty=uncertainty, lesion_table=lesion_table)
+        summary = predict_cases(folders[0], folds, str(input_dir), output_dir, chosen, checkpoint=checkpoint)
         summary["threshold_source"] = "selection" if threshold is None else "given"
     else:
-        summary = predict_ensemble(folders, folds, str(input_dir), output_dir, threshold=th, min_lesion_mm3=mm3,
-                                   connectivity=choice["connectivity"], checkpoint=checkpoint, device=device,
-                                   disable_tta=disable_tta, npp=n_proc, nps=n_proc, uncertainty=uncertainty,
-                                   lesion_table=lesion_table)
+        summary = predict_ensemble(folders, folds, str(input_dir), output_dir, chosen,
+                                   connectivity=choice["connectivity"], checkpoint=checkpoint)
         if threshold is not None:
             summary["threshold_source"] = "given"
     summary["selection"] = str(path)

@@ -32,18 +32,44 @@ def nnunet_default_processes(variable: str) -> int:
         raise ValueError(f"{variable} must be a whole number of processes, got {v!r}") from None
 
 
-def predict(input_dir, output_dir, dataset, configuration: str, trainer: str = "nnUNetTrainer",
-            plans: str = "nnUNetPlans", folds=None, checkpoint: str = "checkpoint_final.pth", device: str = "cuda",
-            disable_tta: bool = False, keep_probabilities: bool = False, n_proc: int = 1,
-            cohort: str | None = None, npp: int | None = None, nps: int | None = None,
-            min_lesion_mm3: float | None = None, threshold: float | None = None, uncertainty: bool = False,
-            lesion_table: bool = False, step_size: float = 0.5, continue_prediction: bool = False,
-            num_parts: int = 1, part_id: int = 0, prev_stage_predictions=None, progress: bool = True) -> dict:
-    from nnunet_ext.inference.predictor import predict_cases
+# the keywords of earlier versions of predict, and the PredictOptions fields they set
+_ALIASES = {"keep_probabilities": lambda v: {"save_probabilities": bool(v)},
+            "continue_prediction": lambda v: {"overwrite": not v}}
+_MODEL_FIELDS = ("dataset", "configuration", "trainer", "plans", "folds", "checkpoint")
 
+
+def predict(input_dir, output_dir, model=None, *positional, options=None, n_proc: int = 1, **fields) -> dict:
+    """``nnunet-ext predict``: predict ``input_dir`` into ``output_dir`` with ``model`` (a
+    :class:`nnunet_ext.nnunet_adapter.ModelRef`, or its ``to_json()`` dict; or its fields ``dataset``,
+    ``configuration``, ``trainer``, ``plans``, ``folds``, ``checkpoint`` as keywords) and
+    ``options`` (:class:`nnunet_ext.inference.options.PredictOptions`, a dict of its fields, or its fields as
+    keywords; ``keep_probabilities`` / ``continue_prediction`` are ``save_probabilities`` / ``not overwrite``).
+    ``npp`` / ``nps`` default to ``n_proc``. The positional form of earlier versions,
+    ``predict(input_dir, output_dir, dataset, configuration[, trainer, plans, folds, checkpoint])``, still works.
+    Writes ``nnunet_ext_predict.json`` (one file per part) and
+    returns the summary of :func:`nnunet_ext.inference.predictor.predict_cases`."""
+    from nnunet_ext.inference.options import predict_options
+    from nnunet_ext.inference.predictor import predict_cases
     from nnunet_ext.nnunet_adapter import ModelRef
 
-    ref = ModelRef(str(dataset), configuration, trainer, plans, folds, checkpoint).with_folds(folds)
+    if positional or not (model is None or isinstance(model, (ModelRef, dict))):  # the earlier positional form
+        if len(positional) > len(_MODEL_FIELDS) - 1:
+            raise TypeError(f"predict() takes at most {len(_MODEL_FIELDS) + 2} positional arguments")
+        clash = sorted(set(_MODEL_FIELDS[:len(positional) + 1]) & set(fields))
+        if clash:
+            raise TypeError(f"predict() got multiple values for {clash}")
+        fields.update(zip(_MODEL_FIELDS, (model,) + positional))
+        model = None
+    given = {k: fields.pop(k) for k in _MODEL_FIELDS if k in fields}
+    if model is None:
+        if "dataset" not in given or "configuration" not in given:
+            raise TypeError("predict() needs model (a ModelRef) or dataset and configuration")
+        model = ModelRef(str(given.pop("dataset")), given.pop("configuration"), **given)
+    elif given:
+        raise TypeError(f"predict() got model and its fields {sorted(given)}: give one of them")
+    ref = ModelRef.from_json(model, "model") if isinstance(model, dict) else model
+    o = predict_options(options, fields, "predict", _ALIASES)
+    ref = ref.with_folds(ref.folds)
     mdir, folds = ref.folder(), list(ref.folds)
     if not Path(input_dir).is_dir():
         raise FileNotFoundError(f"input folder {input_dir} not found")
@@ -51,15 +77,12 @@ def predict(input_dir, output_dir, dataset, configuration: str, trainer: str = "
 
     # predict only adds its files to -o: an input below -o (the consensus cascade's own scratch) is fine
     check_output_not_input(output_dir, [input_dir, mdir], allow_containing=True, what="-o (output folder)")
-    summary = predict_cases(mdir, folds, str(input_dir), output_dir, checkpoint=checkpoint, device=device,
-                            cohort=cohort, disable_tta=disable_tta, save_probabilities=keep_probabilities,
-                            threshold=threshold, min_lesion_mm3=min_lesion_mm3, npp=npp or n_proc, nps=nps or n_proc,
-                            uncertainty=uncertainty, lesion_table=lesion_table, step_size=step_size,
-                            overwrite=not continue_prediction, num_parts=num_parts, part_id=part_id,
-                            prev_stage_predictions=prev_stage_predictions, progress=progress)
+    npp, nps = o.processes(n_proc)
+    summary = predict_cases(mdir, folds, str(input_dir), output_dir, o, checkpoint=ref.checkpoint, npp=npp, nps=nps)
     out = Path(output_dir)
     from nnunet_ext.core.safety import atomic_write_text
 
-    name = "nnunet_ext_predict.json" if int(num_parts) == 1 else f"nnunet_ext_predict_part{part_id}of{num_parts}.json"
+    name = ("nnunet_ext_predict.json" if o.num_parts == 1
+            else f"nnunet_ext_predict_part{o.part_id}of{o.num_parts}.json")
     atomic_write_text(out / name, json.dumps(summary, indent=1))
     return summary

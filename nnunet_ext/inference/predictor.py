@@ -39,6 +39,7 @@ import torch
 
 from nnunet_ext.inference.contract import (TTA_MODES, ModelContract, load_contract, postprocess,  # noqa: F401
                                            resolve_threshold)
+from nnunet_ext.inference.options import PredictOptions, predict_options
 from nnunet_ext.inference.thresholds import soft_output
 
 
@@ -283,16 +284,13 @@ def load_predictor(model_dir, folds, checkpoint: str = "checkpoint_final.pth", d
     return p
 
 
-def predict_cases(model_dir, folds, inputs, output_dir, *, checkpoint: str = "checkpoint_final.pth",
-                  device: str = "cuda", cohort: str | None = None, disable_tta: bool = False, tta: str | None = None,
-                  save_probabilities: bool = False, write_soft: bool = True, write_mask: bool = True,
-                  threshold: float | None = None, min_lesion_mm3: float | None = None, npp: int = 2, nps: int = 2,
-                  overwrite: bool = True, hook=None, hook_args: dict | None = None,
-                  predictor=None, case_ids: list[str] | None = None, uncertainty: bool = False,
-                  lesion_table: bool = False, step_size: float = 0.5, num_parts: int = 1, part_id: int = 0,
-                  prev_stage_predictions=None, progress: bool = True) -> dict:
+def predict_cases(model_dir, folds, inputs, output_dir, options: PredictOptions | dict | None = None, *,
+                  checkpoint: str = "checkpoint_final.pth", hook=None, hook_args: dict | None = None,
+                  predictor=None, case_ids: list[str] | None = None, **fields) -> dict:
     """Predict ``inputs`` (an input folder in nnU-Net's naming, or a list of per-case file lists) into
-    ``output_dir`` with the model in ``model_dir`` and its contract. ``threshold`` / ``min_lesion_mm3``
+    ``output_dir`` with the model in ``model_dir`` (its ``folds`` and ``checkpoint``) and its contract.
+    ``options``: :class:`nnunet_ext.inference.options.PredictOptions` (or a dict of its fields), or its fields as
+    keywords (``npp`` / ``nps`` default to 2 here). ``threshold`` / ``min_lesion_mm3``
     override the contract's. With ``overwrite=False`` cases whose mask exists are skipped (resumption).
     ``case_ids`` names the outputs of a list of per-case file lists (default: nnU-Net's naming of the first
     file, ``<case>_0000<ending>`` -> ``<case>``; challenge layouts name their files otherwise).
@@ -308,38 +306,33 @@ def predict_cases(model_dir, folds, inputs, output_dir, *, checkpoint: str = "ch
     Returns a summary (cases, threshold and its source, post-processing)."""
     from nnunet_ext.nnunet_adapter import export_function
 
+    o = predict_options(options, fields, "predict_cases")  # the fields are checked here (ValueError naming one)
+    npp, nps = o.processes(2)
     model_dir, out = Path(model_dir), Path(output_dir)
-    if int(num_parts) < 1 or not 0 <= int(part_id) < int(num_parts):
-        raise ValueError(f"-part_id must be in 0..num_parts-1 and -num_parts >= 1, got -part_id {part_id} "
-                         f"-num_parts {num_parts}")
-    if npp < 1 or nps < 1:
-        raise ValueError(f"-npp and -nps must be >= 1 (processes), got -npp {npp} -nps {nps}")
     from nnunet_ext.core.checks import check_model_inputs
 
     check_model_inputs(model_dir, inputs)  # every input image whole, finite, 3-D, the model's channels: before any work
     if predictor is None:
-        predictor = load_predictor(model_dir, folds, checkpoint, device, cohort, disable_tta, tta, step_size)
+        predictor = load_predictor(model_dir, folds, checkpoint, o.device, o.cohort, o.disable_tta, o.tta,
+                                   o.step_size)
     contract = predictor.contract
-    predictor.show_progress = bool(progress)
-    prev_files = _check_prev_stage(predictor, inputs, prev_stage_predictions)
-    if (uncertainty or lesion_table) and predictor.label_manager.has_regions:
+    predictor.show_progress = bool(o.progress)
+    prev_files = _check_prev_stage(predictor, inputs, o.prev_stage_predictions)
+    if (o.uncertainty or o.lesion_table) and predictor.label_manager.has_regions:
         raise NotImplementedError("--uncertainty / --lesion-table with a region-based (sigmoid per region) model: "
                                   "they need a class distribution per voxel")
-    if lesion_table and not overwrite:
-        raise ValueError("lesion_table needs overwrite=True: skipped cases would have no rows")
     if hook is not None and not callable(hook):
         raise TypeError(f"hook must be a callable (a module-level function or a functools.partial of one), "
                         f"got {hook!r}")
-    th, th_source = resolve_threshold(model_dir, folds, contract, threshold)
+    th, th_source = resolve_threshold(model_dir, folds, contract, o.threshold)
     pp = dict(contract.postprocessing)
-    if min_lesion_mm3 is not None:
-        if not min_lesion_mm3 >= 0 or min_lesion_mm3 == float("inf"):
-            raise ValueError(f"min_lesion_mm3 must be a finite number >= 0, got {min_lesion_mm3}")
-        pp["min_lesion_mm3"] = float(min_lesion_mm3)
-    options = {"activation": contract.activation, "threshold": th, "min_lesion_mm3": pp["min_lesion_mm3"],
-               "connectivity": pp["connectivity"], "save_probabilities": save_probabilities,
-               "write_soft": write_soft, "write_mask": write_mask, "hook": hook, "hook_args": hook_args or {},
-               "uncertainty": bool(uncertainty), "lesion_table": bool(lesion_table)}
+    if o.min_lesion_mm3 is not None:
+        pp["min_lesion_mm3"] = float(o.min_lesion_mm3)
+    export = {"activation": contract.activation, "threshold": th, "min_lesion_mm3": pp["min_lesion_mm3"],
+              "connectivity": pp["connectivity"], "save_probabilities": o.save_probabilities,
+              "write_soft": o.write_soft, "write_mask": o.write_mask, "hook": hook, "hook_args": hook_args or {},
+              "uncertainty": bool(o.uncertainty), "lesion_table": bool(o.lesion_table)}
+    num_parts, part_id = int(o.num_parts), int(o.part_id)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(inputs, (list, tuple)):
         ids = _case_ids(inputs, predictor.dataset_json["file_ending"]) if case_ids is None else list(case_ids)
@@ -349,11 +342,11 @@ def predict_cases(model_dir, folds, inputs, output_dir, *, checkpoint: str = "ch
         source = [[str(f) for f in files] for files in inputs]
     else:
         source, truncated = str(inputs), str(out)
-    with export_function(functools.partial(export_with_contract, options)):
-        exported = predictor.predict_from_files(source, truncated, save_probabilities=False, overwrite=overwrite,
+    with export_function(functools.partial(export_with_contract, export)):
+        exported = predictor.predict_from_files(source, truncated, save_probabilities=False, overwrite=o.overwrite,
                                                 num_processes_preprocessing=npp, num_processes_segmentation_export=nps,
-                                                folder_with_segs_from_prev_stage=prev_files, num_parts=int(num_parts),
-                                                part_id=int(part_id))
+                                                folder_with_segs_from_prev_stage=prev_files, num_parts=num_parts,
+                                                part_id=part_id)
     ending = predictor.dataset_json["file_ending"]
     from nnunet_ext.inference.lesion_table import ENTROPY_SUFFIX, tables_from_export, write_lesion_tables
 
@@ -363,14 +356,14 @@ def predict_cases(model_dir, folds, inputs, output_dir, *, checkpoint: str = "ch
     cases = sorted(c for c in names  # entropy maps beside their masks are no cases
                    if not (c.endswith(ENTROPY_SUFFIX) and c[:-len(ENTROPY_SUFFIX)] in names))
     summary = {"model": str(model_dir), "folds": list(folds), "cases": cases, "condition": contract.condition,
-               "cohort": cohort, "activation": contract.activation, "tta": contract.tta, "threshold": th,
+               "cohort": o.cohort, "activation": contract.activation, "tta": contract.tta, "threshold": th,
                "threshold_source": th_source, "postprocessing": {**pp}, "contract": contract.source}
-    if uncertainty:
+    if o.uncertainty:
         from nnunet_ext.inference.uncertainty import DEFINITION
 
         summary["uncertainty"] = {"files": f"<case>{ENTROPY_SUFFIX}{ending}", "definition": DEFINITION}
-    if lesion_table:
-        part = "" if int(num_parts) == 1 else f"_part{int(part_id)}of{int(num_parts)}"  # parts: one table each
+    if o.lesion_table:
+        part = "" if num_parts == 1 else f"_part{part_id}of{num_parts}"  # parts: one table each
         lesions_csv, cases_csv = write_lesion_tables(out, *tables_from_export(exported), part=part)
         summary["lesion_table"] = {"lesions": str(lesions_csv), "cases": str(cases_csv)}
     return summary

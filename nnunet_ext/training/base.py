@@ -8,17 +8,27 @@ class through environment variables (they never change anything else):
 ``NNUNET_EXT_VAL_ITERATIONS`` (validation iterations per epoch). Each variable applied is printed at the
 start of training and written to nnU-Net's training log (``training_log_*.txt``) with the value it replaced.
 
+``NNUNET_EXT_SEED`` (opt-in, a whole number in 0..2**32-1) makes a training reproducible: python's ``random``,
+numpy and torch are seeded when the trainer is created (before nnU-Net builds the network and its data
+loaders), data augmentation runs in the training process (nnU-Net's ``SingleThreadedAugmenter``: its worker
+processes are unseeded) and torch uses deterministic algorithms (on CUDA also cuDNN's deterministic
+convolutions, without benchmarking; an operation without a deterministic CUDA implementation only warns). On
+CPU the same seed, data, trainer, budget and thread count give the same weights. It is printed and logged like the budget variables. A run continued with ``--c`` is not
+reproduced (the random state is not stored in the checkpoint).
+
 Every trainer writes its resolved settings to ``nnunet_ext_settings.json`` in its output folder.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.core.budget import BUDGET_VARIABLES  # variable -> trainer attribute
+from nnunet_ext.core.budget import BUDGET_VARIABLES, SEED_VARIABLE, seed_in  # variable -> trainer attribute
 from nnunet_ext.training.lesion_monitor import LesionMonitor
 
 
@@ -39,6 +49,24 @@ def apply_budget_overrides(trainer, environ=None) -> dict[str, int]:
     return applied
 
 
+def apply_training_seed(environ=None, device_type: str = "cpu") -> int | None:
+    """Seed python's ``random``, numpy and torch with ``NNUNET_EXT_SEED`` (when set) and switch torch to
+    deterministic algorithms; returns the seed, or None (nothing changed) when the variable is unset. On CPU an
+    operation without a deterministic implementation is an error; on other devices (``device_type``) a
+    warning, since some that nnU-Net's training uses have none on CUDA (torch lists ``NLLLoss``, which its
+    cross-entropy calls), so a CUDA run is as deterministic as torch makes it, not guaranteed bit-identical."""
+    seed = seed_in(environ)
+    if seed is None:
+        return None
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device's generator
+    # cuBLAS is deterministic only with a fixed workspace (read when CUDA creates its handle)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=device_type != "cpu")
+    return seed
+
+
 class ExtTrainer(LesionMonitor, nnUNetTrainer):
     """Base of every nnunet-ext trainer: nnU-Net's trainer plus budget overrides, a settings record and lesion
     metrics on the validation patches every few epochs (:mod:`nnunet_ext.training.lesion_monitor`).
@@ -52,13 +80,32 @@ class ExtTrainer(LesionMonitor, nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.budget_defaults = {attr: getattr(self, attr) for attr in BUDGET_VARIABLES.values()}
         self.budget_overrides = apply_budget_overrides(self)
+        self.training_seed = apply_training_seed(device_type=self.device.type)
 
     def ext_settings(self) -> dict:
         return {"trainer": type(self).__name__, "num_epochs": self.num_epochs,
                 "num_iterations_per_epoch": self.num_iterations_per_epoch,
                 "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch,
                 "initial_lr": self.initial_lr, "budget_overrides_from_environment": self.budget_overrides,
-                "lesion_metrics_every": getattr(self, "lesion_every", self.lesion_metrics_every)}
+                "lesion_metrics_every": getattr(self, "lesion_every", self.lesion_metrics_every),
+                "seed": self.training_seed}
+
+    def get_dataloaders(self):
+        """nnU-Net's data loaders; with a training seed its single-threaded ones (augmentation in this process,
+        from the seeded random state)."""
+        if getattr(self, "training_seed", None) is None:
+            return super().get_dataloaders()
+        from nnunet_ext.nnunet_adapter import single_threaded_augmentation
+
+        with single_threaded_augmentation():
+            return super().get_dataloaders()
+
+    def seed_lines(self) -> list[str]:
+        """The line saying the training is seeded (none without a seed)."""
+        if self.training_seed is None:
+            return []
+        return [f"nnunet-ext seed: {SEED_VARIABLE}={self.training_seed} seeds random, numpy and torch; data "
+                f"augmentation in the training process (nnUNet_n_proc_DA=0), deterministic torch algorithms"]
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's validation, then lesion-wise metrics beside its summary.json
@@ -79,7 +126,11 @@ class ExtTrainer(LesionMonitor, nnUNetTrainer):
 
     def on_train_start(self):
         super().on_train_start()
-        for line in self.budget_lines():  # on the console and in nnU-Net's training log (rank 0 writes it)
+        if self.training_seed is not None and self.device.type == "cuda":
+            # nnU-Net's run_training switches cuDNN to benchmarking after creating the trainer
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        for line in self.budget_lines() + self.seed_lines():  # on the console and in nnU-Net's training log (rank 0 writes it)
             self.print_to_log_file(line)
         if self.local_rank == 0 and self.output_folder is not None:
             with open(os.path.join(self.output_folder, "nnunet_ext_settings.json"), "w") as f:

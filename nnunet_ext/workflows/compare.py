@@ -268,7 +268,8 @@ class CompareConfig:
     device: str = "cuda"
     n_proc: int = 2
     n_bootstrap: int = 2000
-    seed: int = 0
+    seed: int = 0  # the bootstrap's
+    train_seed: int | None = None  # NNUNET_EXT_SEED of every training: reproducible weights (nnunet_ext.training.base)
     connectivity: int = 26
     bins: Sequence = DEFAULT_BINS
     thresholds: Sequence[float] | None = None
@@ -301,6 +302,12 @@ class CompareConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.train_seed is not None:
+            from nnunet_ext.core.budget import MAX_SEED
+
+            if not isinstance(self.train_seed, int) or isinstance(self.train_seed, bool) \
+                    or not 0 <= self.train_seed <= MAX_SEED:
+                raise ValueError(f"train_seed must be a whole number in 0..{MAX_SEED}, got {self.train_seed!r}")
         if self.n_bootstrap < 100:
             raise ValueError(f"n_bootstrap must be at least 100, got {self.n_bootstrap}")
         if self.connectivity not in (6, 18, 26):
@@ -319,6 +326,16 @@ class CompareConfig:
     @property
     def budget(self) -> dict:
         return {k: getattr(self, k) for k in BUDGET_ENV if getattr(self, k) is not None}
+
+    @property
+    def training_env(self) -> dict:
+        """The variables every training gets: the budget and the training seed."""
+        from nnunet_ext.core.budget import SEED_VARIABLE
+
+        env = {BUDGET_ENV[k]: str(v) for k, v in self.budget.items()}
+        if self.train_seed is not None:
+            env[SEED_VARIABLE] = str(self.train_seed)
+        return env
 
     @property
     def rule(self) -> LesionRule:
@@ -360,6 +377,18 @@ def trained_budget(fold_dir: Path) -> dict | None:
         return {"epochs": int(d["num_epochs"]), "iterations": int(d["num_iterations_per_epoch"])}
     except (KeyError, ValueError):
         return None
+
+
+def trained_seed(fold_dir: Path) -> int | None:
+    """The training seed a fold was trained with (``nnunet_ext_settings.json``), None when it was not seeded."""
+    p = fold_dir / "nnunet_ext_settings.json"
+    if not p.is_file():
+        return None
+    try:
+        seed = _read_json(p).get("seed")
+    except (ValueError, AttributeError):
+        return None
+    return seed if isinstance(seed, int) else None
 
 
 def check_test_set(images: Path, labels: Path, channels: int, ending: str) -> list[str]:
@@ -450,6 +479,13 @@ def _check_trainers(cfg: CompareConfig, env: dict, lookup) -> None:
     if unknown:
         raise ValueError(f"unknown trainer(s) {unknown}: nnU-Net's lookup (its own trainers, then nnUNet_extTrainer="
                          f"{env['nnUNet_extTrainer']}) finds no class of that name")
+    if cfg.train_seed is not None:
+        deaf = [t for t in cfg.trainers if not found[t]["honours_budget"]]
+        if deaf:
+            raise NotImplementedError(
+                f"{deaf} ignore(s) the training seed (--train-seed {cfg.train_seed}): nnU-Net's own trainers do not "
+                f"read NNUNET_EXT_SEED. Use ExtBaselineTrainer (nnU-Net's default trainer + the nnunet-ext "
+                f"variables), or drop --train-seed")
     if cfg.budget:
         deaf = [t for t in cfg.trainers if not found[t]["honours_budget"]]
         if deaf:
@@ -529,6 +565,11 @@ def _check_trained_arms(cfg: CompareConfig, plan: _Plan) -> None:
                 if val and val != sorted(plan.split[f]["val"]):
                     raise ValueError(f"arms trained with different splits: {t} fold {f} was validated on {len(val)} "
                                      f"cases that are not fold {f}'s validation cases in {split_p}")
+            seeded = trained_seed(fd)
+            if cfg.train_seed is not None and seeded != cfg.train_seed:
+                raise ValueError(f"{t} fold {f} was trained " + ("without a training seed" if seeded is None else
+                                 f"with training seed {seeded}") + f", requested --train-seed {cfg.train_seed}: "
+                                 f"retrain it (delete {fd}) or drop --train-seed")
             b = trained_budget(fd)
             if b is not None:
                 budgets[(t, f)] = b
@@ -616,7 +657,7 @@ def _launcher():
 def training_tasks(cfg: CompareConfig, plan: _Plan) -> list[dict]:
     """One nnUNetv2_train task per fold of each arm still to train (``--c`` continues an interrupted run)."""
     extra = {k: plan.env[k] for k in _PASSED_ENV if plan.env.get(k)}
-    extra.update({BUDGET_ENV[k]: str(v) for k, v in cfg.budget.items()})
+    extra.update(cfg.training_env)
     tasks = []
     for t, f, resume in plan.to_train:
         broken = _model_dir(plan, cfg, t) / f"fold_{f}" / "checkpoint_final.pth"
@@ -679,12 +720,14 @@ def _predict_once(cfg: CompareConfig, plan: _Plan, trainer: str, input_dir: Path
         return False
     if out.exists():
         shutil.rmtree(out)
-    kw = {}
+    from nnunet_ext.inference.options import PredictOptions
+
+    o = PredictOptions(device=cfg.device, save_probabilities=True)
     if cfg.cohort is not None:
         from nnunet_ext.inference.contract import load_contract
 
         if load_contract(mdir, folds).condition == "cohort":
-            kw["cohort"] = cfg.cohort
+            o = PredictOptions(device=cfg.device, save_probabilities=True, cohort=cfg.cohort)
     # one child process per prediction: nnU-Net's predictor forks its pre-/post-processing workers, and a fork
     # from this long-lived process (threads of earlier steps) was seen to deadlock; the child also gets our
     # trainer folder on nnUNet_extTrainer for the predictor's trainer lookup
@@ -692,9 +735,9 @@ def _predict_once(cfg: CompareConfig, plan: _Plan, trainer: str, input_dir: Path
     from nnunet_ext.cluster.call import function_argv
     from nnunet_ext.inference.predict import predict
 
-    argv = function_argv(predict, input_dir=str(input_dir), output_dir=str(out), dataset=str(cfg.dataset),
-                         configuration=cfg.configuration, trainer=trainer, plans=cfg.plans, folds=list(folds),
-                         device=cfg.device, keep_probabilities=True, n_proc=cfg.n_proc, **kw)
+    argv = function_argv(predict, input_dir=str(input_dir), output_dir=str(out),
+                         model=_model_ref(plan, cfg, trainer, list(folds)).to_json(), options=o.to_json(),
+                         n_proc=cfg.n_proc)
     out.parent.mkdir(parents=True, exist_ok=True)
     run_logged(argv, plan.env, out.parent / f"{out.name}_predict.log")
     _write_json(marker, stamp)
@@ -1002,7 +1045,7 @@ def write_markdown(report: dict, path: Path) -> Path:
           f"* evaluated on: {report['eval_set_description']}; {report['n_cases']} cases; reference lesions "
           + ", ".join(f"{b}: {report['reference_lesions'][b]}" for b in bins),
           f"* budget: {report['budget_description']}",
-          f"* device: {report['device']}",
+          f"* device: {report['device']}; training seed: {_seed_text(report.get('train_seed'))}",
           f"* split: `{report['split_file']}`; " + "; ".join(
               f"fold {f}: {len(s['train'])} train / {len(s['val'])} validation" for f, s in report["split"].items()),
           f"* thresholds swept: {', '.join(f'{t:g}' for t in report['thresholds'])}",
@@ -1180,7 +1223,7 @@ def _default_thresholds() -> list[float]:
 
 def _report_header(cfg: CompareConfig, plan: _Plan, thresholds, cases, ref_counts) -> dict:
     small_bins = [bin_name(*b) for b in cfg.bins]
-    budget_env = " ".join(f"{BUDGET_ENV[k]}={v}" for k, v in cfg.budget.items())
+    budget_env = " ".join(f"{k}={v}" for k, v in cfg.training_env.items())
     cmds = [cfg.command_line or ("nnunet-ext compare " + " ".join(shlex.quote(x) for x in _compare_argv(cfg)))]
     for t in cfg.trainers:
         for f in cfg.folds:
@@ -1197,7 +1240,8 @@ def _report_header(cfg: CompareConfig, plan: _Plan, thresholds, cases, ref_count
                             f"{plan.report / 'arms' / t / 'validation' / f'fold_{f}'} -d {cfg.dataset} -c "
                             f"{cfg.configuration} -tr {t} -p {cfg.plans} -f {f} -device {cfg.device} --save_probabilities")
     if cfg.budget:
-        bd = ", ".join(f"{k} {v}" for k, v in cfg.budget.items()) + f" ({budget_env}) for every arm"
+        bd = ", ".join(f"{k} {v}" for k, v in cfg.budget.items()) + \
+            f" ({' '.join(f'{BUDGET_ENV[k]}={v}' for k, v in cfg.budget.items())}) for every arm"
     else:
         bd = "each trainer's own (nnU-Net default: 1000 epochs x 250 iterations)"
     return {
@@ -1208,7 +1252,7 @@ def _report_header(cfg: CompareConfig, plan: _Plan, thresholds, cases, ref_count
                                  f"the validation cases of folds {list(cfg.folds)}, each predicted by its fold's model"),
         "n_cases": len(cases), "cases": cases, "bins": small_bins,
         "reference_lesions": {b: ref_counts["bins"][b]["ref_lesions"] for b in small_bins},
-        "budget": cfg.budget, "budget_description": bd, "device": cfg.device,
+        "budget": cfg.budget, "budget_description": bd, "device": cfg.device, "train_seed": cfg.train_seed,
         "split_file": str(plan.pre / plan.name / "splits_final.json"),
         "split": {str(f): plan.split[f] for f in cfg.folds}, "thresholds": list(thresholds),
         "connectivity": cfg.connectivity,
@@ -1217,12 +1261,18 @@ def _report_header(cfg: CompareConfig, plan: _Plan, thresholds, cases, ref_count
     }
 
 
+def _seed_text(seed) -> str:
+    if seed is None:
+        return "none (nnU-Net's unseeded training)"
+    return f"{seed} (NNUNET_EXT_SEED: the same seed gives the same weights on the same device)"
+
+
 def _compare_argv(cfg: CompareConfig) -> list[str]:
     a = ["-d", str(cfg.dataset), "-c", cfg.configuration, "-tr", *cfg.trainers, "-f", *map(str, cfg.folds),
          "-p", cfg.plans, "-device", cfg.device]
     if cfg.test_images is not None:
         a += ["--test-images", str(cfg.test_images), "--test-labels", str(cfg.test_labels)]
-    for k in ("epochs", "iterations", "val_iterations"):
+    for k in ("epochs", "iterations", "val_iterations", "train_seed"):
         if getattr(cfg, k) is not None:
             a += [f"--{k.replace('_', '-')}", str(getattr(cfg, k))]
     if cfg.soft_reference:

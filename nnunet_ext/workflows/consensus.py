@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ import numpy as np
 from nnunet_ext.core.io import read_image, write_image
 from nnunet_ext.core.paths import NNUNET_FOLDERS, nnunet_command, nnunet_env, run_logged
 from nnunet_ext.core.safety import atomic_copy, atomic_write_text
+from nnunet_ext.inference.options import PredictOptions
 from nnunet_ext.nnunet_adapter import ModelRef
 
 STATE = "consensus.json"
@@ -450,22 +452,48 @@ def default_workdir(dataset, name: str) -> Path:
     return _env_folder("nnUNet_results") / "nnunet_ext_jobs" / dataset_folder(dataset).name / name
 
 
-def train(dataset, stage, configuration: str, trainer: str = "nnUNetTrainer", plans: str = "nnUNetPlans",
-          folds=None, device: str = "cuda", n_proc: int = 2, launcher=None, workdir=None,
-          stage2_id: int | None = None, num_gpus: int = 1) -> dict:
+@dataclass(frozen=True)
+class TrainOptions:
+    """How ``consensus train`` trains beside its configuration and trainer: nnU-Net's ``plans``, the
+    ``folds`` (None: every fold of the shared split), ``device``, ``n_proc`` (processes of the preparation),
+    ``stage2_id`` (the stage-2 dataset's id for ``stage="all"``; default the next free one) and ``num_gpus``
+    (nnU-Net's DDP training of one fold)."""
+    plans: str = "nnUNetPlans"
+    folds: tuple | None = None
+    device: str = "cuda"
+    n_proc: int = 2
+    stage2_id: int | None = None
+    num_gpus: int = 1
+
+    def __post_init__(self):
+        if self.folds is not None:
+            object.__setattr__(self, "folds", tuple(self.folds))
+        if not isinstance(self.n_proc, int) or isinstance(self.n_proc, bool) or self.n_proc < 1:
+            raise ValueError(f"n_proc must be >= 1, got {self.n_proc!r}")
+        if not isinstance(self.num_gpus, int) or isinstance(self.num_gpus, bool) or self.num_gpus < 1:
+            raise ValueError(f"num_gpus must be >= 1, got {self.num_gpus!r}")
+
+
+def train(dataset, stage, configuration: str, trainer: str = "nnUNetTrainer", options: TrainOptions | None = None,
+          *, launcher=None, workdir=None, **fields) -> dict:
     """Plan/preprocess (if needed) and train every fold of the stage-1 rater datasets, the stage-2 dataset,
     or (``stage="all"``) stage 1, build-stage2 and stage 2, with nnU-Net's own commands (``--npz``:
     validation probabilities feed stage 2), through the launcher (``launcher``: LauncherOptions; default
     local, one task at a time). Finished folds are skipped; an interrupted fold resumes (``--c``).
+    ``options``: :class:`TrainOptions`, or its fields as keywords.
 
     Per-task logs: ``WORKDIR/<stage>/logs/<task>.log``. Returns ``{"launcher", "workdir", "stages"}``
     (run_stages' result) and, after a local run, ``"state"``."""
     from nnunet_ext.cluster.launcher import LauncherOptions, run_stages
+    from nnunet_ext.core.validate import options_of
 
+    o = options_of(TrainOptions, options, fields, "train")
+    plans, num_gpus = o.plans, o.num_gpus
     options = launcher or LauncherOptions()
     if num_gpus > 1 and options.gpus_per_task is not None and options.gpus_per_task < num_gpus:
         raise ValueError(f"-num_gpus {num_gpus} needs --gpus-per-task >= {num_gpus} (one task runs nnU-Net's DDP)")
-    stages = train_stages(dataset, stage, configuration, trainer, plans, folds, device, n_proc, stage2_id, num_gpus)
+    stages = train_stages(dataset, stage, configuration, trainer, plans, o.folds, o.device, o.n_proc, o.stage2_id,
+                          num_gpus)
     workdir = Path(workdir) if workdir else default_workdir(dataset, f"consensus_train_stage{stage}")
     from nnunet_ext.nnunet_adapter import check_fan_out
 
@@ -529,10 +557,10 @@ def _predict(model: dict, input_dir: Path, output_dir: Path, folds, env, log, de
     from nnunet_ext.inference.predict import predict as predict_model
 
     n = int(env["nnUNet_def_n_proc"])
+    ref = ModelRef(str(model["id"]), model["configuration"], model["trainer"], model["plans"], list(folds), checkpoint)
+    o = PredictOptions(device=device, save_probabilities=probabilities, npp=n, nps=n)
     run_logged(function_argv(predict_model, input_dir=str(input_dir), output_dir=str(output_dir),
-                             dataset=str(model["id"]), configuration=model["configuration"], trainer=model["trainer"],
-                             plans=model["plans"], folds=list(folds), checkpoint=checkpoint, device=device,
-                             keep_probabilities=probabilities, npp=n, nps=n), env, log)
+                             model=ref.to_json(), options=o.to_json()), env, log)
 
 
 def build_stage2(dataset, configuration: str | None = None, trainer: str | None = None, plans: str | None = None,
@@ -606,26 +634,9 @@ def build_stage2(dataset, configuration: str | None = None, trainer: str | None 
 # ---------------------------------------------------------------------------------------------- predict
 
 
-def predict_cascade(raters: list[dict], consensus_model: dict, input_dir, output_dir, *, device: str = "cuda",
-                    jobs: int = 1, n_proc: int = 2, checkpoint: str = "checkpoint_final.pth",
-                    save_probabilities: bool = False, keep_rater_predictions: bool = False,
-                    write_soft: bool = True) -> dict:
-    """The cascade on every case of ``input_dir`` (nnU-Net naming, the source dataset's channels): each rater
-    model (``raters``: ``[{"name", "model_dir", "folds"}]`` in the consensus model's channel order) as the
-    ensemble of its folds, its soft lesion map (its contract's activation) appended as one more channel, then
-    the consensus model (``{"model_dir", "folds"}``), every model through the one predictor and its contract.
-    ``consensus predict`` and a cascade submission's entrypoint both run this.
-
-    Writes ``<out>/<case><ending>`` (the consensus model's mask; ``soft/`` maps with ``write_soft``, ``.npz``
-    with ``save_probabilities``) and, with ``keep_rater_predictions``, ``<out>/raters/<rater>/<case><ending>``.
-    ``jobs`` > 1: that many rater models at once, each in its own process (spawned on
-    :func:`nnunet_ext.inference.predictor.predict_cases`, output in ``<out>/consensus_predict.log``); otherwise one after
-    the other in this process."""
-    from nnunet_ext.cluster.call import function_argv
-    from nnunet_ext.inference.predictor import predict_cases
-
-    input_dir, out = Path(input_dir), Path(output_dir)
-    c_dir = Path(consensus_model["model_dir"])
+def _cascade_inputs(raters: list[dict], c_dir: Path, input_dir: Path) -> tuple[str, int, list[str]]:
+    """(file ending, image channels, cases) of the cascade's input folder, after checking that the consensus
+    model takes the rater models' channels plus one per rater and that every case has them."""
     dj = json.loads((c_dir / "dataset.json").read_text())
     ending, n_ch = dj["file_ending"], len(dj["channel_names"]) - len(raters)
     rater_ch = [len(json.loads((Path(r["model_dir"]) / "dataset.json").read_text())["channel_names"]) for r in raters]
@@ -639,18 +650,53 @@ def predict_cascade(raters: list[dict], consensus_model: dict, input_dir, output
         for k in range(n_ch):
             if not (input_dir / f"{c}_{k:04d}{ending}").is_file():
                 raise FileNotFoundError(f"{input_dir / f'{c}_{k:04d}{ending}'} missing: the model needs {n_ch} channels")
+    return ending, n_ch, cases
+
+
+# the PredictOptions fields the cascade applies: device and processes to every model, the outputs to the
+# consensus model's
+CASCADE_FIELDS = ("device", "npp", "nps", "save_probabilities", "write_soft")
+
+
+def predict_cascade(raters: list[dict], consensus_model: dict, input_dir, output_dir,
+                    options: PredictOptions | dict | None = None, *, jobs: int = 1,
+                    checkpoint: str = "checkpoint_final.pth", keep_rater_predictions: bool = False,
+                    n_proc: int = 2, **fields) -> dict:
+    """The cascade on every case of ``input_dir`` (nnU-Net naming, the source dataset's channels): each rater
+    model (``raters``: ``[{"name", "model_dir", "folds"}]`` in the consensus model's channel order) as the
+    ensemble of its folds, its soft lesion map (its contract's activation) appended as one more channel, then
+    the consensus model (``{"model_dir", "folds"}``), every model through the one predictor and its contract.
+    ``consensus predict`` and a cascade submission's entrypoint both run this. ``options``:
+    :class:`nnunet_ext.inference.options.PredictOptions` (or a dict, or its fields as keywords; those of
+    :data:`CASCADE_FIELDS` apply, ``npp`` / ``nps`` default to ``n_proc``).
+
+    Writes ``<out>/<case><ending>`` (the consensus model's mask; ``soft/`` maps with ``write_soft``, ``.npz``
+    with ``save_probabilities``) and, with ``keep_rater_predictions``, ``<out>/raters/<rater>/<case><ending>``.
+    ``jobs`` > 1: that many rater models at once, each in its own process (spawned on
+    :func:`nnunet_ext.inference.predictor.predict_cases`, output in ``<out>/consensus_predict.log``); otherwise one after
+    the other in this process."""
+    from nnunet_ext.cluster.call import function_argv
+    from nnunet_ext.inference.options import predict_options, refuse_unsupported
+    from nnunet_ext.inference.predictor import predict_cases
+
+    o = predict_options(options, fields, "predict_cascade")
+    refuse_unsupported(o, CASCADE_FIELDS, "predict_cascade")
+    npp, nps = o.processes(n_proc)
+    input_dir, out = Path(input_dir), Path(output_dir)
+    c_dir = Path(consensus_model["model_dir"])
+    ending, n_ch, cases = _cascade_inputs(raters, c_dir, input_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".cascade"
     env = nnunet_env(None, n_proc)
     log = out / "consensus_predict.log"
-    common = dict(checkpoint=checkpoint, device=device, write_mask=keep_rater_predictions, npp=n_proc, nps=n_proc)
+    rater_options = PredictOptions(device=o.device, write_mask=keep_rater_predictions, npp=npp, nps=nps).to_json()
 
     def run_rater(i_r):
         i, r = i_r
         print(f"[{i + 1}/{len(raters) + 1}] rater model {r['name']} (folds {list(r['folds'])}) on {len(cases)} "
               f"case(s)", flush=True)
         kw = dict(model_dir=str(r["model_dir"]), folds=list(r["folds"]), inputs=str(input_dir),
-                  output_dir=str(work / r["name"]), **common)
+                  output_dir=str(work / r["name"]), options=rater_options, checkpoint=checkpoint)
         if jobs > 1:
             run_logged(function_argv(predict_cases, **kw), env, log)
         else:
@@ -673,9 +719,8 @@ def predict_cascade(raters: list[dict], consensus_model: dict, input_dir, output
                 _write_prob(soft.astype(np.float32), input_dir / f"{c}_0000{ending}",
                             s2_in / f"{c}_{n_ch + i:04d}{ending}")
         print(f"[{len(raters) + 1}/{len(raters) + 1}] consensus model on {len(cases)} case(s)", flush=True)
-        summary = predict_cases(c_dir, list(consensus_model["folds"]), str(s2_in), out, checkpoint=checkpoint,
-                                device=device, save_probabilities=save_probabilities, write_soft=write_soft,
-                                npp=n_proc, nps=n_proc)
+        summary = predict_cases(c_dir, list(consensus_model["folds"]), str(s2_in), out,
+                                replace(o, npp=npp, nps=nps), checkpoint=checkpoint)
         if keep_rater_predictions:
             for r in raters:
                 for c in cases:
@@ -707,9 +752,9 @@ def predict(dataset, input_dir, output_dir, device: str = "cuda", jobs: int = 1,
     src, state = load_state(dataset)
     raters, consensus_model = cascade_models(state)
     check_output_not_input(output_dir, [input_dir], allow_containing=True, what="-o (output folder)")
-    res = predict_cascade(raters, consensus_model, input_dir, output_dir, device=device, jobs=max(1, int(jobs)),
-                          n_proc=n_proc, checkpoint=checkpoint, save_probabilities=save_probabilities,
-                          keep_rater_predictions=keep_rater_predictions)
+    o = PredictOptions(device=device, save_probabilities=save_probabilities, npp=n_proc, nps=n_proc)
+    res = predict_cascade(raters, consensus_model, input_dir, output_dir, o, jobs=max(1, int(jobs)),
+                          checkpoint=checkpoint, keep_rater_predictions=keep_rater_predictions)
     summary = {"cases": res["cases"], "raters": res["raters"], "stage1": state["stage1"],
                "stage2": {**state["stage2"], **state["stage2_training"]}}
     from nnunet_ext.core.safety import atomic_write_text

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
@@ -262,11 +263,24 @@ def _check_model(mdir: Path, folds, checkpoint: str, challenge: str) -> tuple[in
     return n_ch, file_ending, ds
 
 
-def build(out_dir, dataset, configuration: str | None = None, trainer: str | None = None, plans: str = "nnUNetPlans",
-          folds=(0,), challenge: str = "generic", checkpoint: str = "checkpoint_final.pth",
-          tag: str = "nnunet-ext-submission", cohort: str | None = None, selection=None, consensus=None) -> Path:
+@dataclass(frozen=True)
+class BuildOptions:
+    """How ``submission build`` packages beside the model's configuration and trainer: nnU-Net's ``plans`` and
+    ``folds`` of the model, the ``challenge`` layout, the ``checkpoint``, the image ``tag`` and the ``cohort``
+    of a cohort-conditioned (SCIN) model. Checked by :func:`build`."""
+    plans: str = "nnUNetPlans"
+    folds: tuple | list | None = (0,)
+    challenge: str = "generic"
+    checkpoint: str = "checkpoint_final.pth"
+    tag: str = "nnunet-ext-submission"
+    cohort: str | None = None
+
+
+def build(out_dir, dataset, configuration: str | None = None, trainer: str | None = None,
+          options: BuildOptions | None = None, *, selection=None, consensus=None, **fields) -> Path:
     """Write the submission folder ``out_dir`` (refused when it exists and is not empty, or overlaps a
-    model folder); see the module docstring for its content.
+    model folder); see the module docstring for its content. ``options``: :class:`BuildOptions`, or its
+    fields as keywords.
 
     ``selection``: a selection file of ``nnunet-ext select`` ("" or True: the dataset's default one) instead
     of ``configuration/trainer/plans/folds``. A single selected model is packaged as usual (its contract holds
@@ -276,8 +290,11 @@ def build(out_dir, dataset, configuration: str | None = None, trainer: str | Non
 
     ``consensus``: a trained consensus cascade (``consensus.json``, its folder, or "" / True: the one of
     ``dataset``) instead of one model: :func:`_build_cascade`."""
+    from nnunet_ext.core.validate import options_of
     from nnunet_ext.nnunet_adapter import dataset_name
 
+    o = options_of(BuildOptions, options, fields, "build")
+    plans, folds, challenge, checkpoint, tag, cohort = o.plans, o.folds, o.challenge, o.checkpoint, o.tag, o.cohort
     if consensus is not None and consensus is not False:
         given = [o for o, v in (("-c", configuration), ("-tr", trainer), ("--cohort", cohort),
                                 ("--selection", selection)) if v not in (None, False)]

@@ -105,6 +105,9 @@ def main(sub_dir) -> int:
         print(f"model installed in {', '.join(map(str, mdirs))}")
         return 0
 
+    from dataclasses import replace
+
+    from nnunet_ext.inference.options import PredictOptions
     from nnunet_ext.inference.predictor import predict_cases
     from nnunet_ext.workflows.submission.layouts import cases_for
 
@@ -114,6 +117,8 @@ def main(sub_dir) -> int:
         # the one predictor: the model's contract (condition, cohort, TTA, threshold, post-processing)
         inputs, ids = [[str(p) for p in c.channels] for c in cases], [c.case_id for c in cases]
         ens, pred = cfg.get("ensemble"), Path(tmp)
+        o = PredictOptions(device=args.device, write_soft=False, npp=1, nps=1, uncertainty=args.uncertainty,
+                           lesion_table=args.lesion_table)
         if cfg.get("cascade"):  # rater models, their soft maps as channels, the consensus model: as consensus predict
             from nnunet_ext.workflows.consensus import predict_cascade
 
@@ -125,20 +130,17 @@ def main(sub_dir) -> int:
             members = _members(cfg)
             raters = [{"name": m["name"], "model_dir": d, "folds": m["folds"]}
                       for m, d in zip(members[1:], mdirs[1:])]
-            res = predict_cascade(raters, {"model_dir": mdirs[0], "folds": members[0]["folds"]}, folder, pred,
-                                  device=args.device, jobs=1, n_proc=1, checkpoint=cfg["checkpoint"],
-                                  write_soft=False)["consensus"]
+            res = predict_cascade(raters, {"model_dir": mdirs[0], "folds": members[0]["folds"]}, folder, pred, o,
+                                  checkpoint=cfg["checkpoint"])["consensus"]
         elif ens:  # the mean of the members' soft maps at the selection's threshold and minimum size
             from nnunet_ext.inference.ensemble import predict_ensemble
 
-            res = predict_ensemble(mdirs, cfg["folds"], inputs, tmp, threshold=ens["threshold"],
-                                   min_lesion_mm3=ens["min_lesion_mm3"], connectivity=ens["connectivity"],
-                                   checkpoint=cfg["checkpoint"], device=args.device, case_ids=ids, write_soft=False,
-                                   uncertainty=args.uncertainty, lesion_table=args.lesion_table)
+            res = predict_ensemble(mdirs, cfg["folds"], inputs, tmp,
+                                   replace(o, threshold=ens["threshold"], min_lesion_mm3=ens["min_lesion_mm3"]),
+                                   connectivity=ens["connectivity"], checkpoint=cfg["checkpoint"], case_ids=ids)
         else:
-            res = predict_cases(mdirs[0], cfg["folds"], inputs, tmp, checkpoint=cfg["checkpoint"], device=args.device,
-                                cohort=cfg.get("cohort"), write_soft=False, npp=1, nps=1, case_ids=ids,
-                                uncertainty=args.uncertainty, lesion_table=args.lesion_table)
+            res = predict_cases(mdirs[0], cfg["folds"], inputs, tmp, replace(o, cohort=cfg.get("cohort")),
+                                checkpoint=cfg["checkpoint"], case_ids=ids)
         _write_outputs(cases, pred, cfg, res, args.uncertainty)
         if args.lesion_table:
             from nnunet_ext.core.safety import atomic_write_text
