@@ -63,11 +63,14 @@ def test_softseg_random_rater_end_to_end(planned_phantom, tmp_path):
        env)
     mdir = next((work / "nnUNet_results").glob(f"Dataset{PLANNED_ID}_*")) / "SoftSegRandomRaterTrainer__nnUNetPlans__2d"
     contract = json.loads((mdir / "nnunet_ext_model.json").read_text())
-    assert contract["activation"] == "normalized_relu" and contract["condition"] is None
+    assert contract["activation"] == "normalized_relu_case" and contract["condition"] is None
     th = json.loads((mdir / "fold_0" / "nnunet_ext_threshold.json").read_text())
-    assert th["activation"] == "normalized_relu"
-    # nnU-Net's end-of-training validation ran the network with its normalized ReLU per patch, as training
-    # does: the exported softmax is that of [0, Q] with Q in [0, 1] (raw logits would be unbounded)
+    assert th["activation"] == "normalized_relu_case"
+    # nnU-Net's end-of-training validation ran the network with its un-normalised ReLU output (divided by the
+    # constant CASE_SCALE), as the predictor does: the exported softmax is that of [0, R] with R >= 0, and the
+    # soft map is R over the case's maximum, in [0, 1] with maximum 1 (or 0 everywhere)
+    from nnunet_ext.inference.thresholds import soft_output
+
     vals = sorted((mdir / "fold_0" / "validation").glob("*.npz"))
     assert vals
     for npz in vals:
@@ -75,20 +78,21 @@ def test_softseg_random_rater_end_to_end(planned_phantom, tmp_path):
             p = f["probabilities"].astype(np.float64)
         inside = p[1] > 0  # (outside nnU-Net's crop it writes p = (1, 0))
         q = np.log(p[1][inside]) - np.log(p[0][inside])
-        assert q.min() >= -2e-3 and q.max() <= 1 + 2e-3
+        assert q.min() >= -2e-3 and np.isfinite(q).all()
+        m = soft_output(p, "normalized_relu_case")
+        assert m.min() >= 0 and (m.max() == pytest.approx(1.0) or m.max() == 0)
     settings = json.loads((mdir / "fold_0" / "nnunet_ext_settings.json").read_text())
     assert settings["target_layout"] == {"soft": 1} and "RandomRater()" in settings["targets"]
     pred = tmp_path / "pred"
     sh([nnunet_command("nnunet-ext"), "predict", "-i", root / "imagesTs", "-o", pred, "-d", PLANNED_ID, "-c", "2d",
         "-tr", "SoftSegRandomRaterTrainer", "-f", "0", "-device", "cpu", "--save_probabilities"], env)
     summary = json.loads((pred / "nnunet_ext_predict.json").read_text())
-    assert summary["activation"] == "normalized_relu" and summary["threshold"] == th["best_threshold"]
-    from nnunet_ext.inference.thresholds import soft_output
+    assert summary["activation"] == "normalized_relu_case" and summary["threshold"] == th["best_threshold"]
 
     for npz in sorted(pred.glob("*.npz")):
         case = npz.name[:-4]
         with np.load(npz) as f:
-            want = soft_output(f["probabilities"], "normalized_relu")
+            want = soft_output(f["probabilities"], "normalized_relu_case")
         soft, _ = read_image(pred / "soft" / f"{case}.nii.gz")
         np.testing.assert_allclose(soft, want, atol=1e-6)
         mask, _ = read_image(pred / f"{case}.nii.gz")

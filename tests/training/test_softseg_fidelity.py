@@ -323,9 +323,13 @@ def _np_loss(name, out, g, batch_dice, soft_channel):
             return -(p * s).sum() / (0.5 * p.sum() + 0.5 * s.sum() + 1e-5)
         ax = tuple(range(1, p.ndim))
         return float(np.mean(-(p * s).sum(ax) / (0.5 * p.sum(ax) + 0.5 * s.sum(ax) + 1e-5)))
-    # SoftSegTrainer: normalized ReLU per sample, Adaptive Wing (omega 8, theta 0.5, epsilon 1, alpha 2.1)
+    # SoftSegTrainer: normalized ReLU with one maximum over the whole batch (SoftSegTrainer_perPatch: one per
+    # sample), Adaptive Wing (omega 8, theta 0.5, epsilon 1, alpha 2.1)
     d = np.maximum(out[:, 1].astype(np.float64) - out[:, 0], 0)
-    mx = d.reshape(len(d), -1).max(1).reshape(-1, *([1] * (d.ndim - 1)))
+    if name == "SoftSegTrainer":
+        mx = np.full([1] * d.ndim, d.max())
+    else:
+        mx = d.reshape(len(d), -1).max(1).reshape(-1, *([1] * (d.ndim - 1)))
     q = np.where(mx > 0, d / np.where(mx > 0, mx, 1), 0)
     diff, e = np.abs(s - q), 2.1 - s
     a = 8 * e * 0.5 ** (e - 1) / (1 + 0.5 ** e)
@@ -334,7 +338,7 @@ def _np_loss(name, out, g, batch_dice, soft_channel):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["SoftDiceTrainer", "ConvDiceTrainer", "SoftSegTrainer"])
+@pytest.mark.parametrize("name", ["SoftDiceTrainer", "ConvDiceTrainer", "SoftSegTrainer", "SoftSegTrainer_perPatch"])
 def test_fixed_batch_loss_through_nnunet(planned_phantom, name):
     """The loss each trainer builds inside nnU-Net (deep supervision, its batch Dice setting, soft maps in
     1/255 steps) against the numpy formulas of the papers."""
