@@ -479,15 +479,14 @@ def _check_trainers(cfg: CompareConfig, env: dict, lookup) -> None:
     if unknown:
         raise ValueError(f"unknown trainer(s) {unknown}: nnU-Net's lookup (its own trainers, then nnUNet_extTrainer="
                          f"{env['nnUNet_extTrainer']}) finds no class of that name")
+    deaf = [t for t in cfg.trainers if not found[t]["honours_budget"]]  # nnU-Net's own trainers: no NNUNET_EXT_*
     if cfg.train_seed is not None:
-        deaf = [t for t in cfg.trainers if not found[t]["honours_budget"]]
         if deaf:
             raise NotImplementedError(
                 f"{deaf} ignore(s) the training seed (--train-seed {cfg.train_seed}): nnU-Net's own trainers do not "
                 f"read NNUNET_EXT_SEED. Use ExtBaselineTrainer (nnU-Net's default trainer + the nnunet-ext "
                 f"variables), or drop --train-seed")
     if cfg.budget:
-        deaf = [t for t in cfg.trainers if not found[t]["honours_budget"]]
         if deaf:
             raise NotImplementedError(
                 f"{deaf} ignore(s) the training budget ({cfg.budget}): nnU-Net's own trainers do not read "
