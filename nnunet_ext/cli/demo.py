@@ -23,7 +23,11 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, default=20, help="training epochs per arm (default 20)")
     p.add_argument("--iterations", type=int, default=20, help="training iterations per epoch (default 20)")
     p.add_argument("--cases", type=int, default=20, help="phantom training cases (default 20)")
-    p.add_argument("--test-cases", type=int, default=10, help="phantom held-out cases (default 10)")
+    p.add_argument("--test-cases", type=int, default=64,
+                   help="phantom held-out cases (default 64: about 150 lesions of 3-10 voxels)")
+    p.add_argument("--tta", action="store_true",
+                   help="predict the held-out cases with nnU-Net's mirroring (4x the prediction time in 2d); "
+                        "default: without, as nnUNetv2_predict --disable_tta, for both arms")
     p.add_argument("--shape", type=int, nargs=3, default=(48, 48, 48), metavar=("X", "Y", "Z"),
                    help="phantom image size (default 48 48 48)")
     p.add_argument("--difficulty", default="medium", help="easy, medium (default), hard, or a number in [0, 1]")
@@ -51,5 +55,5 @@ def run(args) -> int:
                         trainers=tuple(args.trainers), fold=args.folds[0], epochs=args.epochs,
                         iterations=args.iterations, train_cases=args.cases, test_cases=args.test_cases,
                         shape=tuple(args.shape), difficulty=parse_difficulty(args.difficulty), device=args.device,
-                        n_proc=args.num_processes, seed=args.seed))
+                        n_proc=args.num_processes, seed=args.seed, disable_tta=not args.tta))
     return 0

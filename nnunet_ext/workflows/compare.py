@@ -276,6 +276,7 @@ class CompareConfig:
     create_split: bool = False
     cohort: str | None = None
     soft_reference: str | None = None  # folder of <case> rater-average maps: adds Brier and ECE (calibration)
+    disable_tta: bool = False  # predict without mirroring (nnUNetv2_predict --disable_tta), every arm alike
     launcher_options: object = None
     command_line: str | None = None
     extra: dict = field(default_factory=dict)
@@ -714,6 +715,8 @@ def _predict_once(cfg: CompareConfig, plan: _Plan, trainer: str, input_dir: Path
     mdir = _model_dir(plan, cfg, trainer)
     stamp = {"folds": list(folds), "cases": sorted(cases), "checkpoints": _checkpoint_stamp(mdir, folds),
              "device": cfg.device, "cohort": cfg.cohort}
+    if cfg.disable_tta:
+        stamp["disable_tta"] = True  # predictions made with mirroring (no key: earlier runs) are not reused
     marker = out / "compare_prediction.json"
     if marker.is_file() and _read_json(marker) == stamp:
         return False
@@ -721,12 +724,13 @@ def _predict_once(cfg: CompareConfig, plan: _Plan, trainer: str, input_dir: Path
         shutil.rmtree(out)
     from nnunet_ext.inference.options import PredictOptions
 
-    o = PredictOptions(device=cfg.device, save_probabilities=True)
+    o = PredictOptions(device=cfg.device, save_probabilities=True, disable_tta=cfg.disable_tta)
     if cfg.cohort is not None:
         from nnunet_ext.inference.contract import load_contract
 
         if load_contract(mdir, folds).condition == "cohort":
-            o = PredictOptions(device=cfg.device, save_probabilities=True, cohort=cfg.cohort)
+            o = PredictOptions(device=cfg.device, save_probabilities=True, disable_tta=cfg.disable_tta,
+                               cohort=cfg.cohort)
     # one child process per prediction: nnU-Net's predictor forks its pre-/post-processing workers, and a fork
     # from this long-lived process (threads of earlier steps) was seen to deadlock; the child also gets our
     # trainer folder on nnUNet_extTrainer for the predictor's trainer lookup
@@ -1044,7 +1048,8 @@ def write_markdown(report: dict, path: Path) -> Path:
           f"* evaluated on: {report['eval_set_description']}; {report['n_cases']} cases; reference lesions "
           + ", ".join(f"{b}: {report['reference_lesions'][b]}" for b in bins),
           f"* budget: {report['budget_description']}",
-          f"* device: {report['device']}; training seed: {_seed_text(report.get('train_seed'))}",
+          f"* device: {report['device']}; training seed: {_seed_text(report.get('train_seed'))}; prediction: "
+          + ("nnU-Net's mirroring" if report.get("mirroring", True) else "without mirroring (--disable_tta)"),
           f"* split: `{report['split_file']}`; " + "; ".join(
               f"fold {f}: {len(s['train'])} train / {len(s['val'])} validation" for f, s in report["split"].items()),
           f"* thresholds swept: {', '.join(f'{t:g}' for t in report['thresholds'])}",
@@ -1252,6 +1257,7 @@ def _report_header(cfg: CompareConfig, plan: _Plan, thresholds, cases, ref_count
         "n_cases": len(cases), "cases": cases, "bins": small_bins,
         "reference_lesions": {b: ref_counts["bins"][b]["ref_lesions"] for b in small_bins},
         "budget": cfg.budget, "budget_description": bd, "device": cfg.device, "train_seed": cfg.train_seed,
+        "mirroring": not cfg.disable_tta,
         "split_file": str(plan.pre / plan.name / "splits_final.json"),
         "split": {str(f): plan.split[f] for f in cfg.folds}, "thresholds": list(thresholds),
         "connectivity": cfg.connectivity,

@@ -327,6 +327,17 @@ def test_compare_end_to_end_interrupted_and_resumed(nnunet_environ, tmp_path, mo
     finally:
         os.rename(val / "phantom_999.nii.gz", moved)
 
+    # --disable_tta: the mirrored predictions are not reused; both arms are predicted again without mirroring
+    soft = out / "arms" / ARMS[0] / "test" / "soft" / f"{case}.nii.gz"
+    mirrored = read_image(soft)[0]
+    capsys.readouterr()
+    report = cmp.compare(_cfg(root, out, disable_tta=True))
+    printed = capsys.readouterr().out
+    assert printed.count("predicted (2 test cases") == len(ARMS) and "prediction exists" not in printed
+    assert report["mirroring"] is False and "without mirroring (--disable_tta)" in (out / "report.md").read_text()
+    plain = read_image(soft)[0]
+    assert plain.shape == mirrored.shape and np.abs(plain - mirrored).max() > 1e-4  # mirroring averages 4 passes
+
 
 @pytest.mark.slow
 @pytest.mark.heavy

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import zipfile
@@ -59,10 +58,10 @@ def _digest(root):
 
 
 def _cli(monkeypatch, capsys, *argv):
-    """(exit code, stdout, stderr) of `nnunet-ext ARGV` run in-process through main()."""
-    monkeypatch.setattr(sys, "argv", ["nnunet-ext", *map(str, argv)])
+    """(exit code, stdout, stderr) of `nnunet-ext ARGV` run in-process through main(), called as from Python
+    (argv given): the console path would leave SIGINT/SIGTERM ignored in this test process."""
     with pytest.raises(SystemExit) as e:
-        main()
+        main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return e.value.code, out, err
 
