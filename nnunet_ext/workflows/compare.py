@@ -724,13 +724,13 @@ def _predict_once(cfg: CompareConfig, plan: _Plan, trainer: str, input_dir: Path
         shutil.rmtree(out)
     from nnunet_ext.inference.options import PredictOptions
 
-    o = PredictOptions(device=cfg.device, save_probabilities=True, disable_tta=cfg.disable_tta)
+    cohort = None  # passed to cohort-conditioned (SCIN) models only
     if cfg.cohort is not None:
         from nnunet_ext.inference.contract import load_contract
 
         if load_contract(mdir, folds).condition == "cohort":
-            o = PredictOptions(device=cfg.device, save_probabilities=True, disable_tta=cfg.disable_tta,
-                               cohort=cfg.cohort)
+            cohort = cfg.cohort
+    o = PredictOptions(device=cfg.device, save_probabilities=True, disable_tta=cfg.disable_tta, cohort=cohort)
     # one child process per prediction: nnU-Net's predictor forks its pre-/post-processing workers, and a fork
     # from this long-lived process (threads of earlier steps) was seen to deadlock; the child also gets our
     # trainer folder on nnUNet_extTrainer for the predictor's trainer lookup
