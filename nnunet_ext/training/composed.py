@@ -53,6 +53,16 @@ def check_composition(loss: LossPart, targets, network) -> list:
         seen.add(key)
         if t.spec() is not None:
             specs.append(t.spec())
+    raters = [t for t in targets if isinstance(t, RandomRater)]
+    if len(raters) > 1:
+        raise NotImplementedError(f"{part_name(raters[0])} with {part_name(raters[1])}: the labels come from one "
+                                  f"rater part")
+    if raters and raters[0].fuse is not None:
+        for t in targets:
+            if t.spec() is not None:
+                raise NotImplementedError(f"{part_name(raters[0])} with {part_name(t)}: its maps follow one rater, "
+                                          f"not a fusion (use RandomRater(), or fuse the raters into the "
+                                          f"dataset's labels with nnunet-ext fuse)")
     names = {s.name for s in specs}
     for need in loss.needs:
         if need not in names:
@@ -184,7 +194,8 @@ class ComposedTrainer(ExtTrainer):
                                        f"{Path(pre) / PACKED_FOLDER}")
             packed = (lambda case, r: packed_folder(pre, first(case, r), packing)) if callable(first) \
                 else packed_folder(pre, first, packing)
-        return WithTargetMaps(dataset_tr, folders, raters, remedy, packed_folders=packed), dataset_val
+        fuse = next((t.fuse for t in self.target_parts if isinstance(t, RandomRater)), None)
+        return WithTargetMaps(dataset_tr, folders, raters, remedy, packed_folders=packed, fuse=fuse), dataset_val
 
     def map_packing(self) -> Packing | None:
         """How the first map shares the label channel on its way through nnU-Net's data path (see

@@ -7,7 +7,7 @@ from __future__ import annotations
 from nnunet_ext.training.composed import ComposedTrainer
 from nnunet_ext.training.optimizers import AdamCosine
 from nnunet_ext.training.parts import (BCEIW, LSRBCE, WBCE, CohortNorm, CohortNormFineTune, DiceCE, FiLM, FocalBCE,
-                                       FocalTversky, LesionSizes, LSRDice, RandomRater, SigmoidDice, SoftDice,
+                                       FocalTversky, FusedRaters, LesionSizes, LSRDice, RandomRater, SigmoidDice, SoftDice,
                                        SoftDiceBCE, SoftSegAW, SoftTargets)
 
 # ---------------------------------------------------------------- lesion size reweighting (Nichyporuk et al. 2021)
@@ -163,6 +163,18 @@ class ConvDiceTrainer(ComposedTrainer):
 class RandomRaterTrainer(ComposedTrainer):
     """nnU-Net's loss on one rater's mask drawn per sample (Lemay et al. 2022, "no fusion")."""
     target_parts = (RandomRater(),)
+
+
+class RaterUnionTrainer(ComposedTrainer):
+    """nnU-Net's Dice+CE on the union of the raters' masks, fused on loading (the Bar-Ilan thesis' "Union"
+    baseline, Table 2); needs ``nnunet-ext preprocess-soft --raters``."""
+    target_parts = (FusedRaters("union"),)
+
+
+class RaterIntersectionTrainer(ComposedTrainer):
+    """nnU-Net's Dice+CE on the intersection of the raters' masks, fused on loading (the Bar-Ilan thesis'
+    "Intersection" baseline, Table 2); needs ``nnunet-ext preprocess-soft --raters``."""
+    target_parts = (FusedRaters("intersection"),)
 
 
 class SoftSegRandomRaterTrainer(ComposedTrainer):

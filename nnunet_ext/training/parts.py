@@ -11,7 +11,8 @@
   :class:`SigmoidDice`, and the LSR thesis' baselines :class:`WBCE`, :class:`FocalBCE`, :class:`BCEIW`.
 * **Target parts** add maps that travel beside the labels (``nnunet_ext.training.targets``):
   :class:`LesionSizes` (exact, nearest), :class:`SoftTargets` (linear), :class:`RandomRater` (replaces the
-  labels, and the sources of the other maps, by one rater drawn per sample).
+  labels, and the sources of the other maps, by one rater drawn per sample), :class:`FusedRaters` (the
+  labels are the raters' union, intersection or majority, fused on loading).
 * **Network parts** condition nnU-Net's planned network: :class:`FiLM` (voxel spacing), :class:`CohortNorm`
   (SCIN), :class:`CohortNormFineTune`.
 
@@ -365,6 +366,8 @@ class RandomRater(TargetPart):
     """Each sample takes the mask of one rater drawn at random every time its case is loaded (Lemay et al.'s
     "no fusion"); needs ``nnunet-ext preprocess-soft --raters``. Validation keeps the dataset's labelsTr."""
 
+    fuse: str | None = None  # None: one rater drawn per load; see FusedRaters
+
     def prepare(self, trainer, dataset, raters):
         if not raters:
             raise FileNotFoundError(f"no preprocessed rater masks in {Path(trainer.preprocessed_dataset_folder) / RATER_FOLDER}: "
@@ -374,6 +377,22 @@ class RandomRater(TargetPart):
             missing = [k for k in dataset.identifiers if not map_path(r, k).is_file()]
             if missing:
                 raise FileNotFoundError(f"rater {r.name} has no mask for case {missing[0]} ({map_path(r, missing[0])})")
+
+
+class FusedRaters(RandomRater):
+    """The labels are the raters' masks fused when a case is loaded: ``"union"`` (any rater),
+    ``"intersection"`` (every rater) or ``"majority"`` (more than half; a tie is background), the rules of
+    ``nnunet-ext fuse``. One preprocessing (``nnunet-ext preprocess-soft --raters``) then serves trainers
+    of every fusion, so they can be compared on one dataset (the Bar-Ilan thesis' Table 2 trains nnU-Net on
+    the raters' intersection and on their union). Validation keeps the dataset's labelsTr. Maps that follow
+    a rater (lesion sizes, soft targets) are not defined for a fusion."""
+
+    METHODS = ("union", "intersection", "majority")
+
+    def __init__(self, method: str):
+        if method not in self.METHODS:
+            raise ValueError(f"method must be one of {', '.join(self.METHODS)}, got {method!r}")
+        self.fuse = method
 
 
 # ================================================================================================ networks

@@ -120,6 +120,30 @@ def rater_labels(seg: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.bitwise_or(lab, np.right_shift(seg.astype(np.int16, copy=False), 15), out=lab)
 
 
+class FusedMasks:
+    """Lazy fusion of several raters' masks (blosc2 arrays ``(1, *spatial)`` of 0..255, foreground at >= 128)
+    as one such mask: ``"union"`` (any rater), ``"intersection"`` (every rater) or ``"majority"`` (more than
+    half of them; a tie is background), the rules of :func:`nnunet_ext.data.fusion.fuse`. Indexing reads only
+    the requested region of every rater."""
+
+    def __init__(self, masks, method: str):
+        if method not in ("union", "intersection", "majority"):
+            raise ValueError(f"method must be union, intersection or majority, got {method!r}")
+        self.masks, self.method = list(masks), method
+        if not self.masks:
+            raise ValueError("no rater masks to fuse")
+        self.shape = tuple(self.masks[0].shape)
+        for m in self.masks[1:]:
+            if tuple(m.shape) != self.shape:
+                raise RuntimeError(f"rater masks of shapes {self.shape} and {tuple(m.shape)}; rerun nnunet-ext "
+                                   f"preprocess-soft --raters --overwrite")
+
+    def __getitem__(self, key):
+        votes = sum((np.asarray(m[key]) >= 128).astype(np.int16) for m in self.masks)
+        need = {"union": 1, "intersection": len(self.masks), "majority": len(self.masks) // 2 + 1}[self.method]
+        return np.where(votes >= need, 255, 0).astype(np.uint8)
+
+
 PACKED_FOLDER = "nnunet_ext_packed"
 
 
@@ -205,11 +229,16 @@ class WithTargetMaps(DatasetWrapper):
     draws one rater per load (uniformly) whose mask becomes the labels; ``packing`` (the transport's,
     :attr:`MapTransport.packing`) packs the first map into the label channel while reading, or
     ``packed_folders`` (a folder, or a callable ``(case, rater_index) -> folder``; from
-    :func:`write_packed_maps`) gives it already packed (one array read instead of two)."""
+    :func:`write_packed_maps`) gives it already packed (one array read instead of two). ``fuse`` (``"union"``,
+    ``"intersection"`` or ``"majority"``, with ``rater_folders`` and no maps) makes the labels the raters'
+    fusion (:class:`FusedMasks`) instead of one drawn rater."""
 
     def __init__(self, base, map_folders, rater_folders=None, remedy: str = "", packing: Packing | None = None,
-                 packed_folders=None):
+                 packed_folders=None, fuse: str | None = None):
         super().__init__(base)
+        if fuse is not None and (not rater_folders or map_folders or packed_folders is not None):
+            raise ValueError("fuse needs rater folders and no maps")
+        self.fuse = fuse
         self.packing, self.packed_folders = packing, packed_folders
         self.map_folders = list(map_folders)
         self.rater_folders = [Path(f) for f in rater_folders] if rater_folders else None
@@ -219,6 +248,9 @@ class WithTargetMaps(DatasetWrapper):
 
     def load_case(self, identifier):
         data, seg, seg_prev, properties = self.base.load_case(identifier)
+        if self.fuse is not None:
+            fused = FusedMasks([open_map(f, identifier, self.remedy) for f in self.rater_folders], self.fuse)
+            return data, CaseChannels(seg, [], fused), seg_prev, properties
         rater = None if self.rater_folders is None else int(np.random.randint(len(self.rater_folders)))
 
         def opened(folder):  # a folder, or a callable (case, rater_index) -> folder

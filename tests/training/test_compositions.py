@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import PLANNED_ID, nnunet_paths
+from nnunet_ext.preprocessing.maps import read_map
 from nnunet_ext.training import named
 from nnunet_ext.training.composed import ComposedTrainer, check_composition
 from nnunet_ext.training.parts import (LSRBCE, CohortNorm, DiceCE, FiLM, FocalTversky, LesionSizes, RandomRater,
@@ -71,6 +72,14 @@ def test_two_training_steps_through_nnunets_data_path(planned_phantom, name):
         if "sizes" in t.layout:
             sizes, lab = batch["target"][0][:, t.layout["sizes"]], batch["target"][0][:, 0]
             assert float(sizes[lab == 1].max()) >= 1  # lesion voxels carry whole-case sizes
+        if name.startswith("Rater"):  # the fused raters are the labels of every load, whatever the draw
+            tr = t.get_tr_and_val_datasets()[0]
+            assert tr.fuse == name[len("Rater"):-len("Trainer")].lower()
+            key = tr.identifiers[0]
+            lab = np.asarray(tr.load_case(key)[1])[0]
+            votes = sum((read_map(r, key) >= 128).astype(int) for r in tr.rater_folders)
+            want = votes >= (1 if tr.fuse == "union" else len(tr.rater_folders))
+            np.testing.assert_array_equal(lab[lab != -1], want[lab != -1])
         c = t.contract()
         assert c.activation == t.loss_part.activation
         assert c.condition == (None if t.network_part is None else t.network_part.kind)

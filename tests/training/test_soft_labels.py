@@ -142,6 +142,59 @@ def test_random_rater_draws_each_rater(tmp_path):
         WithTargetMaps(base, [], [])
 
 
+def test_fused_raters_union_intersection_majority_by_hand(tmp_path):
+    """Three raters on five voxels (voxel 0 outside nnU-Net's crop): votes 2, 1, 2, 3, 3 -> union
+    0 1 1 1 (crop marker kept), intersection 0 0 0 1, majority (more than half: 2 of 3) 0 0 1 1."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    from nnunet_ext.preprocessing.maps import map_path, save_map_like_seg
+    from nnunet_ext.training.targets import FusedMasks, WithTargetMaps
+
+    seg = np.zeros((1, 1, 1, 5), np.int16)
+    seg[0, 0, 0, 0] = -1
+    nnUNetDatasetBlosc2.save_case(np.zeros((1, 1, 1, 5), np.float32), seg, {}, str(tmp_path / "c"))
+    base = nnUNetDatasetBlosc2(str(tmp_path))
+    masks = ([1, 1, 0, 1, 1], [1, 0, 1, 1, 1], [0, 0, 1, 1, 1])  # voxel 1: one vote, 2: two, 3-4: three
+    masks = [[255 if v else 0 for v in m] for m in masks]
+    masks[1][2] = 127  # below the 128 of a preprocessed (0..255) rater mask: not a vote
+    masks[0][2] = 200  # at/above 128: a vote -> voxel 2 keeps two votes (raters 1 and 3)
+    folders = []
+    for k, mask in enumerate(masks):
+        save_map_like_seg(np.array(mask, np.uint8).reshape(1, 1, 5), tmp_path / "c_seg.b2nd",
+                          map_path(tmp_path / f"r{k}", "c"))
+        folders.append(tmp_path / f"r{k}")
+    want = {"union": [-1, 1, 1, 1, 1], "intersection": [-1, 0, 0, 1, 1], "majority": [-1, 0, 1, 1, 1]}
+    for method, labels in want.items():
+        ds = WithTargetMaps(base, [], folders, fuse=method)
+        for _ in range(3):  # no draw: the same labels on every load
+            assert np.asarray(ds.load_case("c")[1])[0, 0, 0].tolist() == labels, method
+    # two raters: the majority needs both (a tie is background), as nnunet-ext fuse
+    ds = WithTargetMaps(base, [], folders[1:], fuse="majority")
+    assert np.asarray(ds.load_case("c")[1])[0, 0, 0].tolist() == [-1, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match="union, intersection or majority"):
+        FusedMasks([np.zeros((1, 2), np.uint8)], "mean")
+    with pytest.raises(ValueError, match="rater folders and no maps"):
+        WithTargetMaps(base, [tmp_path / "r0"], folders, fuse="union")
+
+
+def test_fused_raters_compositions():
+    from nnunet_ext.training.composed import check_composition
+    from nnunet_ext.training.named import RaterIntersectionTrainer, RaterUnionTrainer
+    from nnunet_ext.training.parts import DiceCE, FusedRaters, LesionSizes, LSRBCE, RandomRater, SoftDice, SoftTargets
+
+    assert RaterUnionTrainer.target_parts[0].fuse == "union"
+    assert RaterIntersectionTrainer.target_parts[0].fuse == "intersection"
+    assert check_composition(DiceCE(), (FusedRaters("union"),), None) == []
+    with pytest.raises(ValueError, match="union, intersection, majority"):
+        FusedRaters("staple")
+    with pytest.raises(NotImplementedError, match=r"FusedRaters\(fuse='union'\) with SoftTargets"):
+        check_composition(SoftDice(), (FusedRaters("union"), SoftTargets()), None)
+    with pytest.raises(NotImplementedError, match=r"FusedRaters\(fuse='majority'\) with LesionSizes"):
+        check_composition(LSRBCE(4, 4), (FusedRaters("majority"), LesionSizes()), None)
+    with pytest.raises(NotImplementedError, match="one rater part"):
+        check_composition(DiceCE(), (RandomRater(), FusedRaters("union")), None)
+
+
 def test_threshold_search_by_hand(tmp_path):
     from nnunet_ext.inference.thresholds import THRESHOLDS, best_threshold, combined_threshold, threshold_counts
 
