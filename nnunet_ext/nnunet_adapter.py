@@ -388,6 +388,64 @@ def build_trainer(trainer_cls, dataset, configuration: str, fold, plans: str = "
                        dataset_json=json.loads(ds_file.read_text()), device=torch.device(device))
 
 
+class _SeedWorkerOnThreadId:
+    """Wraps a data loader's ``set_thread_id``, which batchgenerators' worker calls once at its start right
+    after seeding numpy: also seeds torch and python's ``random`` there (forked workers would otherwise share
+    the parent's torch state and draw the same torch noise). Picklable (no closure)."""
+
+    def __init__(self, original, seeds):
+        self.original, self.seeds = original, list(seeds)
+
+    def __call__(self, thread_id):
+        import random
+
+        import torch
+
+        self.original(thread_id)
+        random.seed(int(self.seeds[thread_id]))
+        torch.manual_seed(int(self.seeds[thread_id]))
+
+
+def worker_seeds(seed: int, augmenter: int, n: int) -> list[int]:
+    """One seed per worker of the ``augmenter``-th data loader (0: training, 1: validation), from ``seed``."""
+    return [int(v) for v in np.random.SeedSequence([int(seed), int(augmenter)]).generate_state(n)]
+
+
+class seeded_worker_augmentation:
+    """Context manager: the data loaders ``nnUNetTrainer.get_dataloaders`` builds inside the block run in
+    batchgenerators' ``MultiThreadedAugmenter`` instead of nnU-Net's ``NonDetMultiThreadedAugmenter``: the same
+    worker processes (``nnUNet_n_proc_DA``), but batches are taken from the workers in a fixed round-robin
+    order and worker ``i`` of loader ``k`` (0 training, 1 validation) seeds numpy, torch and ``random`` with
+    :func:`worker_seeds` ``(seed, k, n)[i]``. The batches then depend on ``seed`` and the number of workers
+    only. With ``nnUNet_n_proc_DA=0`` nnU-Net builds its ``SingleThreadedAugmenter`` as usual (augmentation
+    in the training process, from its seeded random state). The module attribute is restored at the end."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def _augmenter(self, data_loader, transform, num_processes, num_cached=2, seeds=None, pin_memory=False,
+                   wait_time=0.02):
+        from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+
+        ws = worker_seeds(self.seed, self._made, num_processes)
+        self._made += 1
+        data_loader.set_thread_id = _SeedWorkerOnThreadId(data_loader.set_thread_id, ws)
+        return MultiThreadedAugmenter(data_loader, transform, num_processes, num_cached_per_queue=num_cached,
+                                      seeds=ws, pin_memory=pin_memory, wait_time=wait_time)
+
+    def __enter__(self):
+        import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
+        self._module, self._made = trainer_module, 0
+        self._saved = trainer_module.NonDetMultiThreadedAugmenter
+        trainer_module.NonDetMultiThreadedAugmenter = self._augmenter
+        return self
+
+    def __exit__(self, *exc):
+        self._module.NonDetMultiThreadedAugmenter = self._saved
+        return False
+
+
 class single_threaded_augmentation:
     """Context manager: nnU-Net's data augmentation in the calling process (its ``SingleThreadedAugmenter``)
     for the data loaders built inside the block, through nnU-Net's own switch: ``nnUNet_n_proc_DA=0``, which

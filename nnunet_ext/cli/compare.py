@@ -37,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--train-seed", type=int, default=None, metavar="N",
                    help="seed every training (NNUNET_EXT_SEED=N: random, numpy and torch seeded, data augmentation in "
-                        "the training process, deterministic algorithms): the same seed gives the same weights on the "
+                        "seeded workers in a fixed order, deterministic algorithms): the same seed gives the same weights on the "
                         "same device; slower data loading. Default: nnU-Net's unseeded training")
     options.add_thresholds(p, "sweep thresholds in (0, 1) (default 0.01 ... 0.98)")
     add_rule_options(p, detailed=False, detection=False)

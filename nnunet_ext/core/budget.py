@@ -21,8 +21,8 @@ def budget_in(environ=None) -> dict[str, str]:
     return {k: environ[k] for k in BUDGET_VARIABLES if environ.get(k)}
 
 
-# the opt-in training seed (nnunet_ext.training.base): python's random, numpy and torch seeded, data augmentation
-# in the training process, deterministic torch algorithms. Not a budget: it never changes what is trained.
+# the opt-in training seed (nnunet_ext.training.base): python's random, numpy and torch seeded, seeded data
+# augmentation workers handing over batches in a fixed order, deterministic torch algorithms. Not a budget: it never changes what is trained.
 SEED_VARIABLE = "NNUNET_EXT_SEED"
 MAX_SEED = 2 ** 32 - 1  # numpy's seed range
 

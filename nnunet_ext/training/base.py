@@ -10,10 +10,12 @@ start of training and written to nnU-Net's training log (``training_log_*.txt``)
 
 ``NNUNET_EXT_SEED`` (opt-in, a whole number in 0..2**32-1) makes a training reproducible: python's ``random``,
 numpy and torch are seeded when the trainer is created (before nnU-Net builds the network and its data
-loaders), data augmentation runs in the training process (nnU-Net's ``SingleThreadedAugmenter``: its worker
-processes are unseeded) and torch uses deterministic algorithms (on CUDA also cuDNN's deterministic
-convolutions, without benchmarking; an operation without a deterministic CUDA implementation only warns). On
-CPU the same seed, data, trainer, budget and thread count give the same weights. It is printed and logged like the budget variables. A run continued with ``--c`` is not
+loaders), nnU-Net's data augmentation workers (``nnUNet_n_proc_DA``) are seeded from it and hand over their
+batches in a fixed order (:class:`nnunet_ext.nnunet_adapter.seeded_worker_augmentation`; nnU-Net's own workers
+are unseeded and deliver in whatever order they finish), and torch uses deterministic algorithms (on CUDA also
+cuDNN's deterministic convolutions, without benchmarking; an operation without a deterministic CUDA
+implementation only warns). On CPU the same seed, data, trainer, budget, thread count and number of
+augmentation workers give the same weights. It is printed and logged like the budget variables. A run continued with ``--c`` is not
 reproduced (the random state is not stored in the checkpoint).
 
 Every trainer writes its resolved settings to ``nnunet_ext_settings.json`` in its output folder.
@@ -91,21 +93,26 @@ class ExtTrainer(LesionMonitor, nnUNetTrainer):
                 "seed": self.training_seed}
 
     def get_dataloaders(self):
-        """nnU-Net's data loaders; with a training seed its single-threaded ones (augmentation in this process,
-        from the seeded random state)."""
+        """nnU-Net's data loaders; with a training seed its worker processes take seeds from it and hand over
+        their batches in a fixed order (:class:`nnunet_ext.nnunet_adapter.seeded_worker_augmentation`)."""
         if getattr(self, "training_seed", None) is None:
             return super().get_dataloaders()
-        from nnunet_ext.nnunet_adapter import single_threaded_augmentation
+        from nnunet_ext.nnunet_adapter import seeded_worker_augmentation
 
-        with single_threaded_augmentation():
+        with seeded_worker_augmentation(self.training_seed):
             return super().get_dataloaders()
 
     def seed_lines(self) -> list[str]:
         """The line saying the training is seeded (none without a seed)."""
         if self.training_seed is None:
             return []
-        return [f"nnunet-ext seed: {SEED_VARIABLE}={self.training_seed} seeds random, numpy and torch; data "
-                f"augmentation in the training process (nnUNet_n_proc_DA=0), deterministic torch algorithms"]
+        from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+        n = get_allowed_n_proc_DA()
+        where = (f"{n} seeded augmentation workers, batches in a fixed order" if n else
+                 "data augmentation in the training process")
+        return [f"nnunet-ext seed: {SEED_VARIABLE}={self.training_seed} seeds random, numpy and torch; {where} "
+                f"(nnUNet_n_proc_DA={n}); deterministic torch algorithms"]
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's validation, then lesion-wise metrics beside its summary.json

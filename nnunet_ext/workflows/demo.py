@@ -12,7 +12,7 @@ pace; plain LSR (``LSRTrainer``, BCE only, output bias at the class prior) is no
 (docs/results.md).
 
 ``seed`` seeds everything random in the demo: the phantom, every training (compare's ``train_seed``,
-``NNUNET_EXT_SEED``: seeded, single-threaded data augmentation, deterministic algorithms) and the bootstrap, so
+``NNUNET_EXT_SEED``: seeded data augmentation workers, deterministic algorithms) and the bootstrap, so
 the same seed gives the same report on the same machine.
 """
 from __future__ import annotations

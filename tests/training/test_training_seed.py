@@ -16,18 +16,53 @@ def test_seed_variable_is_read_and_checked():
             seed_in({SEED_VARIABLE: bad})
 
 
-def test_single_threaded_augmentation_sets_and_restores_nnunets_switch(monkeypatch):
-    from nnunet_ext.nnunet_adapter import single_threaded_augmentation
-    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+class _Draws:
+    """A batchgenerators data loader whose batches are one numpy, one torch and one python random draw."""
 
-    monkeypatch.setenv("nnUNet_n_proc_DA", "6")
-    with single_threaded_augmentation():
-        assert get_allowed_n_proc_DA() == 0  # nnU-Net's trainer then builds SingleThreadedAugmenters
-    assert os.environ["nnUNet_n_proc_DA"] == "6"
-    monkeypatch.delenv("nnUNet_n_proc_DA")
-    with single_threaded_augmentation():
-        assert os.environ["nnUNet_n_proc_DA"] == "0"
-    assert "nnUNet_n_proc_DA" not in os.environ
+    def __init__(self):
+        from batchgenerators.dataloading.data_loader import DataLoader
+
+        class Loader(DataLoader):
+            def generate_train_batch(self):
+                import random
+
+                import numpy as np
+                import torch
+                return {"draws": (float(np.random.rand()), float(torch.rand(1)), random.random())}
+
+        self.loader = Loader(None, 1, num_threads_in_multithreaded=2)
+
+
+def _batches(seed, n=6):
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
+    from nnunet_ext.nnunet_adapter import seeded_worker_augmentation
+
+    with seeded_worker_augmentation(seed):
+        # built as nnUNetTrainer.get_dataloaders builds its training loader
+        aug = trainer_module.NonDetMultiThreadedAugmenter(data_loader=_Draws().loader, transform=None, num_processes=2,
+                                                          num_cached=2, seeds=None, pin_memory=False, wait_time=0.002)
+    try:
+        return [next(aug)["draws"] for _ in range(n)]
+    finally:
+        aug._finish()
+
+
+def test_seeded_worker_augmentation_fixes_the_batches_of_nnunets_workers():
+    """Two workers, as nnU-Net builds them: the same seed gives the same batches in the same order, another
+    seed other batches; the two workers draw different torch and python numbers (forked workers would share the
+    parent's torch state); nnU-Net's augmenter class is restored after the block."""
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
+    from nnunet_ext.nnunet_adapter import worker_seeds
+
+    before = trainer_module.NonDetMultiThreadedAugmenter
+    a, b, c = _batches(7), _batches(7), _batches(8)
+    assert trainer_module.NonDetMultiThreadedAugmenter is before
+    assert a == b and a != c
+    for k in range(3):  # batches alternate between worker 0 and worker 1
+        assert a[0][k] != a[1][k] and a[0][k] != a[2][k]
+    assert len(set(worker_seeds(7, 0, 4) + worker_seeds(7, 1, 4) + worker_seeds(8, 0, 4))) == 12
 
 
 def test_compare_passes_the_training_seed_to_every_training():
@@ -52,8 +87,8 @@ def _final_weights(results):
 @pytest.mark.slow
 def test_same_seed_same_weights_other_seed_other_weights(planned_phantom, tmp_path):
     """ExtBaselineTrainer, 2 epochs x 3 iterations, trained three times in fresh processes with nnU-Net's
-    multi-process data augmentation asked for (nnUNet_n_proc_DA=2): seeds 7, 7 and 8. The two seed-7 runs end
-    with bit-identical weights, the seed-8 run with other weights; the settings record and the training log
+    multi-process data augmentation (nnUNet_n_proc_DA=2, seeded workers): seeds 7, 7 and 8. The two seed-7 runs
+    end with bit-identical weights, the seed-8 run with other weights; the settings record and the training log
     name the seed."""
     from conftest import PLANNED_ID
     from nnunet_ext.core.paths import nnunet_command
@@ -72,7 +107,8 @@ def test_same_seed_same_weights_other_seed_other_weights(planned_phantom, tmp_pa
         fold = next(results.rglob("fold_0"))
         assert json.loads((fold / "nnunet_ext_settings.json").read_text())["seed"] == int(seed)
         logs.append(next(fold.glob("training_log_*.txt")).read_text())
-    assert "nnunet-ext seed: NNUNET_EXT_SEED=7 seeds random, numpy and torch" in logs[0]
+    assert ("nnunet-ext seed: NNUNET_EXT_SEED=7 seeds random, numpy and torch; 2 seeded augmentation workers, "
+            "batches in a fixed order (nnUNet_n_proc_DA=2)") in logs[0]
     same = [n for n in weights[0] if (weights[0][n] == weights[1][n]).all()]
     assert same == list(weights[0]), f"seed 7 twice: {len(weights[0]) - len(same)} tensors differ"
     differ = [n for n in weights[0] if weights[0][n].dtype.is_floating_point
