@@ -391,7 +391,9 @@ def build_trainer(trainer_cls, dataset, configuration: str, fold, plans: str = "
 class _SeedWorkerOnThreadId:
     """Wraps a data loader's ``set_thread_id``, which batchgenerators' worker calls once at its start right
     after seeding numpy: also seeds torch and python's ``random`` there (forked workers would otherwise share
-    the parent's torch state and draw the same torch noise). Picklable (no closure)."""
+    the parent's torch state and draw the same torch noise), and limits the worker to one thread as nnU-Net's
+    own workers do (a forked worker's torch thread pool hangs in its first multi-threaded operation, e.g. the
+    ``matmul`` of the spatial transform). Picklable (no closure)."""
 
     def __init__(self, original, seeds):
         self.original, self.seeds = original, list(seeds)
@@ -400,7 +402,10 @@ class _SeedWorkerOnThreadId:
         import random
 
         import torch
+        from threadpoolctl import threadpool_limits
 
+        torch.set_num_threads(1)
+        threadpool_limits(1, None)  # for the rest of the worker process, as NonDetMultiThreadedAugmenter
         self.original(thread_id)
         random.seed(int(self.seeds[thread_id]))
         torch.manual_seed(int(self.seeds[thread_id]))

@@ -28,7 +28,8 @@ class _Draws:
 
                 import numpy as np
                 import torch
-                return {"draws": (float(np.random.rand()), float(torch.rand(1)), random.random())}
+                return {"draws": (float(np.random.rand()), float(torch.rand(1)), random.random()),
+                        "threads": torch.get_num_threads()}
 
         self.loader = Loader(None, 1, num_threads_in_multithreaded=2)
 
@@ -43,7 +44,9 @@ def _batches(seed, n=6):
         aug = trainer_module.NonDetMultiThreadedAugmenter(data_loader=_Draws().loader, transform=None, num_processes=2,
                                                           num_cached=2, seeds=None, pin_memory=False, wait_time=0.002)
     try:
-        return [next(aug)["draws"] for _ in range(n)]
+        batches = [next(aug) for _ in range(n)]
+        assert {b["threads"] for b in batches} == {1}  # one torch thread per worker, as nnU-Net's workers
+        return [b["draws"] for b in batches]
     finally:
         aug._finish()
 
@@ -51,7 +54,7 @@ def _batches(seed, n=6):
 def test_seeded_worker_augmentation_fixes_the_batches_of_nnunets_workers():
     """Two workers, as nnU-Net builds them: the same seed gives the same batches in the same order, another
     seed other batches; the two workers draw different torch and python numbers (forked workers would share the
-    parent's torch state); nnU-Net's augmenter class is restored after the block."""
+    parent's torch state) and run one torch thread each; nnU-Net's augmenter class is restored after the block."""
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
 
     from nnunet_ext.nnunet_adapter import worker_seeds
