@@ -57,7 +57,7 @@ def _digest(root):
             for p in sorted(root.rglob("*"))}
 
 
-def _cli(monkeypatch, capsys, *argv):
+def _cli(capsys, *argv):
     """(exit code, stdout, stderr) of `nnunet-ext ARGV` run in-process through main(), called as from Python
     (argv given): the console path would leave SIGINT/SIGTERM ignored in this test process."""
     with pytest.raises(SystemExit) as e:
@@ -106,7 +106,7 @@ def private_tmp(tmp_path, monkeypatch):
 def test_fake_entrypoint_passes_and_cleans_up(tmp_path, wmh_input, private_tmp, monkeypatch, capsys):
     sub = _fake_submission(tmp_path / "sub", WRITE_RESULT)
     before = _digest(wmh_input)
-    code, out, err = _cli(monkeypatch, capsys, "submission", "test", sub, "--input", wmh_input)
+    code, out, err = _cli(capsys, "submission", "test", sub, "--input", wmh_input)
     assert code == 0, out + err
     assert out.strip().splitlines()[-1] == "PASS" and "input untouched" in out
     assert list(private_tmp.iterdir()) == []  # input copy, model install, output: all removed
@@ -116,12 +116,12 @@ def test_fake_entrypoint_passes_and_cleans_up(tmp_path, wmh_input, private_tmp, 
 def test_entrypoint_writing_nothing_fails_even_over_old_outputs(tmp_path, wmh_input, monkeypatch, capsys):
     good = _fake_submission(tmp_path / "good", WRITE_RESULT)
     work = tmp_path / "w"
-    assert _cli(monkeypatch, capsys, "submission", "test", good, "--input", wmh_input, "--work", work)[0] == 0
+    assert _cli(capsys, "submission", "test", good, "--input", wmh_input, "--work", work)[0] == 0
     assert (work / "run_001" / "output" / "result.nii.gz").is_file()
     (work / "output").mkdir()  # outputs an older version of the command left at the old place
     shutil.copyfile(work / "run_001" / "output" / "result.nii.gz", work / "output" / "result.nii.gz")
     lazy = _fake_submission(tmp_path / "lazy", "print('did nothing')\n")
-    code, out, _ = _cli(monkeypatch, capsys, "submission", "test", lazy, "--input", wmh_input, "--work", work)
+    code, out, _ = _cli(capsys, "submission", "test", lazy, "--input", wmh_input, "--work", work)
     assert code == 1 and "result.nii.gz written" in out and out.strip().splitlines()[-1] == "FAIL"
     assert "run_002" in out and not any((work / "run_002" / "output").iterdir())
     res = check_submission(lazy, wmh_input, work)
@@ -137,7 +137,7 @@ def test_timeout_kills_the_entrypoint_and_its_children(tmp_path, wmh_input, priv
         f"subprocess.Popen([sys.executable, {str(child)!r}])\n"
         "time.sleep(60)\n"))
     t = time.monotonic()
-    code, out, _ = _cli(monkeypatch, capsys, "submission", "test", sub, "--input", wmh_input, "--timeout", "1")
+    code, out, _ = _cli(capsys, "submission", "test", sub, "--input", wmh_input, "--timeout", "1")
     assert code == 1 and "timed out after 1 s (killed)" in out
     assert time.monotonic() - t < 30
     time.sleep(4)
@@ -159,7 +159,7 @@ def test_entrypoint_gets_a_read_only_copy_of_the_input(tmp_path, wmh_input, priv
         "        (o / 'denied').write_text('x')\n"))
     before = _digest(wmh_input)
     work = tmp_path / "w"
-    code, out, _ = _cli(monkeypatch, capsys, "submission", "test", sub, "--input", wmh_input, "--work", work)
+    code, out, _ = _cli(capsys, "submission", "test", sub, "--input", wmh_input, "--work", work)
     log = (work / "run_001" / "entrypoint.log").read_text()
     assert "0o444" in log
     if os.getuid() == 0:
@@ -177,13 +177,13 @@ def test_deep_work_folder_and_multiprocessing(tmp_path, wmh_input, monkeypatch, 
                                             "    multiprocessing.Manager().shutdown()\n" + WRITE_RESULT.replace("\n", "\n    ")
                            .replace("import sys", "    import sys", 1).rstrip() + "\n")
     work = tmp_path / ("w" * 60) / ("x" * 60)
-    code, out, err = _cli(monkeypatch, capsys, "submission", "test", sub, "--input", wmh_input, "--work", work)
+    code, out, err = _cli(capsys, "submission", "test", sub, "--input", wmh_input, "--work", work)
     assert code == 0, out + err
 
 
 def test_failing_entrypoint_shows_its_last_lines(tmp_path, wmh_input, monkeypatch, capsys):
     sub = _fake_submission(tmp_path / "sub", "raise SystemExit('model.zip: something is wrong')\n")
-    code, out, _ = _cli(monkeypatch, capsys, "submission", "test", sub, "--input", wmh_input)
+    code, out, _ = _cli(capsys, "submission", "test", sub, "--input", wmh_input)
     assert code == 1 and "exit code 1: model.zip: something is wrong" in out
 
 
@@ -218,7 +218,7 @@ def test_submission_test_argument_errors(tmp_path, wmh_input, monkeypatch, capsy
         args += ["--work", wmh_input / "w"]
         expect = "overlaps the input"
     before = _digest(wmh_input)
-    code, out, err = _cli(monkeypatch, capsys, *args)
+    code, out, err = _cli(capsys, *args)
     assert code == 2 and expect in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert _digest(wmh_input) == before and not (wmh_input / "w").exists()
