@@ -15,13 +15,7 @@ set -euo pipefail
 W=$(realpath -m "${1:-/tmp/lsr_compare}")
 EPOCHS=${2:-40}
 ITERS=${3:-20}
-DEVICE=${DEVICE:-cpu}
-NPROC=${NPROC:-2}
-BIN=$(dirname "$(realpath "$0")")/../.venv/bin
-[ -x "$BIN/nnunet-ext" ] || BIN=$(dirname "$(command -v nnunet-ext)")
-export nnUNet_raw=$W/raw nnUNet_preprocessed=$W/pre nnUNet_results=$W/res
-export nnUNet_def_n_proc=$NPROC nnUNet_n_proc_DA=$NPROC
-mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
+source "$(dirname "$(realpath "$0")")/study_env.sh"
 DS=$nnUNet_raw/Dataset520_MSPhantom
 [ -f "$DS/phantom.json" ] || "$BIN/nnunet-ext" phantom -d 520 --cases 20 --test-cases 64 --shape 48 48 48 --seed 0 \
     --difficulty medium -np "$NPROC"

@@ -23,13 +23,7 @@ set -euo pipefail
 W=$(realpath -m "${1:-/tmp/soft_labels_compare}")
 EPOCHS=${2:-40}
 ITERS=${3:-20}
-DEVICE=${DEVICE:-cpu}
-NPROC=${NPROC:-2}
-BIN=$(dirname "$(realpath "$0")")/../.venv/bin
-[ -x "$BIN/nnunet-ext" ] || BIN=$(dirname "$(command -v nnunet-ext)")
-export nnUNet_raw=$W/raw nnUNet_preprocessed=$W/pre nnUNet_results=$W/res
-export nnUNet_def_n_proc=$NPROC nnUNet_n_proc_DA=$NPROC
-mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
+source "$(dirname "$(realpath "$0")")/study_env.sh"
 D=580; NAME=RaterPairPhantom
 DS=$nnUNet_raw/Dataset${D}_$NAME
 PRE=$nnUNet_preprocessed/Dataset${D}_$NAME

@@ -14,13 +14,7 @@ W=$(realpath -m "${1:-/tmp/softseg_calibration}")
 EPOCHS=${2:-30}
 ITERS=${3:-20}
 NTEST=${4:-24}
-DEVICE=${DEVICE:-cpu}
-NPROC=${NPROC:-2}
-BIN=$(dirname "$(realpath "$0")")/../.venv/bin
-[ -x "$BIN/nnunet-ext" ] || BIN=$(dirname "$(command -v nnunet-ext)")
-export nnUNet_raw=$W/raw nnUNet_preprocessed=$W/pre nnUNet_results=$W/res
-export nnUNet_def_n_proc=$NPROC nnUNet_n_proc_DA=$NPROC
-mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
+source "$(dirname "$(realpath "$0")")/study_env.sh"
 DS=$nnUNet_raw/Dataset542_RaterPhantom
 if [ ! -f "$DS/phantom.json" ]; then
     "$BIN/nnunet-ext" phantom -d 542 --name RaterPhantom --cases 20 --test-cases 64 --shape 48 48 48 --raters 3 \

@@ -22,14 +22,8 @@ STUDY=${1:?usage: compare_studies.sh soft|scin|film|film_native [WORKDIR] [EPOCH
 W=$(realpath -m "${2:-/tmp/compare_$STUDY}")
 EPOCHS=${3:-25}
 ITERS=${4:-20}
-DEVICE=${DEVICE:-cpu}
-NPROC=${NPROC:-2}
 TEST=${TEST_CASES:-30}
-BIN=$(dirname "$(realpath "$0")")/../.venv/bin
-[ -x "$BIN/nnunet-ext" ] || BIN=$(dirname "$(command -v nnunet-ext)")
-export nnUNet_raw=$W/raw nnUNet_preprocessed=$W/pre nnUNet_results=$W/res
-export nnUNet_def_n_proc=$NPROC nnUNet_n_proc_DA=$NPROC
-mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
+source "$(dirname "$(realpath "$0")")/study_env.sh"
 PLANS=nnUNetPlans; EXTRA=()
 case "$STUDY" in
   soft) D=540; NAME=SoftPhantom; PH=(--cases 20 --seed 1 --soft); ARMS=(ExtBaselineTrainer SoftDiceTrainer SoftSegTrainer) ;;
