@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--train-seed", type=int, default=None, metavar="N",
                    help="seed every training (NNUNET_EXT_SEED=N: random, numpy and torch seeded, data augmentation in "
                         "seeded workers in a fixed order, deterministic algorithms): the same seed gives the same weights on the "
-                        "same device; slower data loading. Default: nnU-Net's unseeded training")
+                        "same device; slower than unseeded training on CPU. Default: nnU-Net's unseeded training")
     options.add_thresholds(p, "sweep thresholds in (0, 1) (default 0.01 ... 0.98)")
     add_rule_options(p, detailed=False, detection=False)
     p.add_argument("--create-split", action="store_true",
