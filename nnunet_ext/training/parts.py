@@ -32,7 +32,7 @@ from nnunet_ext.training.lsr import check_alpha_beta, lesion_size_map
 from nnunet_ext.preprocessing.maps import map_path, read_map, save_map_like_seg
 from nnunet_ext.preprocessing.soft_preprocess import RATER_FOLDER, soft_folder
 from nnunet_ext.preprocessing.maps import SOFT_SCALE
-from nnunet_ext.training.targets import MapSpec
+from nnunet_ext.training.targets import FUSIONS, MapSpec
 
 
 def part_name(part) -> str:
@@ -387,11 +387,9 @@ class FusedRaters(RandomRater):
     the raters' intersection and on their union). Validation keeps the dataset's labelsTr. Maps that follow
     a rater (lesion sizes, soft targets) are not defined for a fusion."""
 
-    METHODS = ("union", "intersection", "majority")
-
     def __init__(self, method: str):
-        if method not in self.METHODS:
-            raise ValueError(f"method must be one of {', '.join(self.METHODS)}, got {method!r}")
+        if method not in FUSIONS:
+            raise ValueError(f"method must be one of {', '.join(FUSIONS)}, got {method!r}")
         self.fuse = method
 
 

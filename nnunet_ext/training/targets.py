@@ -120,14 +120,17 @@ def rater_labels(seg: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.bitwise_or(lab, np.right_shift(seg.astype(np.int16, copy=False), 15), out=lab)
 
 
+FUSIONS = ("union", "intersection", "majority")  # the voxel-wise rules of nnunet_ext.data.fusion.fuse
+
+
 class FusedMasks:
     """Lazy fusion of several raters' masks (blosc2 arrays ``(1, *spatial)`` of 0..255, foreground at >= 128)
     as one such mask: ``"union"`` (any rater), ``"intersection"`` (every rater) or ``"majority"`` (more than
-    half of them; a tie is background), the rules of :func:`nnunet_ext.data.fusion.fuse`. Indexing reads only
+    half of them; a tie is background), computed by :func:`nnunet_ext.data.fusion.fuse`. Indexing reads only
     the requested region of every rater."""
 
     def __init__(self, masks, method: str):
-        if method not in ("union", "intersection", "majority"):
+        if method not in FUSIONS:
             raise ValueError(f"method must be union, intersection or majority, got {method!r}")
         self.masks, self.method = list(masks), method
         if not self.masks:
@@ -139,9 +142,9 @@ class FusedMasks:
                                    f"preprocess-soft --raters --overwrite")
 
     def __getitem__(self, key):
-        votes = sum((np.asarray(m[key]) >= 128).astype(np.int16) for m in self.masks)
-        need = {"union": 1, "intersection": len(self.masks), "majority": len(self.masks) // 2 + 1}[self.method]
-        return np.where(votes >= need, 255, 0).astype(np.uint8)
+        from nnunet_ext.data.fusion import fuse
+
+        return fuse(self.method, [(np.asarray(m[key]) >= 128).astype(np.uint8) for m in self.masks]) * np.uint8(255)
 
 
 PACKED_FOLDER = "nnunet_ext_packed"

@@ -143,8 +143,8 @@ def test_random_rater_draws_each_rater(tmp_path):
 
 
 def test_fused_raters_union_intersection_majority_by_hand(tmp_path):
-    """Three raters on five voxels (voxel 0 outside nnU-Net's crop): votes 2, 1, 2, 3, 3 -> union
-    0 1 1 1 (crop marker kept), intersection 0 0 0 1, majority (more than half: 2 of 3) 0 0 1 1."""
+    """Three raters on five voxels (voxel 0 outside nnU-Net's crop, its marker -1 kept): votes 2, 1, 2, 3, 3
+    -> union -1 1 1 1 1, intersection -1 0 0 1 1, majority (more than half: 2 of 3) -1 0 1 1 1."""
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
     from nnunet_ext.preprocessing.maps import map_path, save_map_like_seg
