@@ -285,7 +285,7 @@ def _copy_labeled(st: _Student) -> None:
             atomic_copy(src, dst)
 
 
-def _predict_part(st: _Student, teacher: ModelRef, todo: list, o: PseudolabelOptions) -> None:
+def _predict_part(st: _Student, teacher: ModelRef, todo: list, o: PseudolabelOptions, part: tuple[int, int]) -> None:
     """The teacher on this part's unfinished cases: the one predictor, flips averaged in probability space;
     each case is finished inside nnU-Net's export worker from its probabilities (:func:`finish_case`; no
     probability file is written and read back)."""
@@ -302,11 +302,17 @@ def _predict_part(st: _Student, teacher: ModelRef, todo: list, o: PseudolabelOpt
                  "ignore_label": ignore if o.ignore_uncertain else None,
                  "files": {c: [str(p) for p in st.unlabeled[c]] for c in todo}, "soft": st.soft,
                  "soft_rim_gamma": o.soft_rim_gamma, "soft_rim_mm": o.soft_rim_mm}
-    scratch = root / ".nnunet_ext_scratch"
+    # each part predicts into its own scratch folder: parts run at the same time, and one that finishes
+    # removes only its own
+    scratch = root / ".nnunet_ext_scratch" / f"part{part[0]}of{part[1]}"
     predict_cases(st.mdir, list(teacher.folds), [st.unlabeled[c] for c in todo], scratch,
                   checkpoint=teacher.checkpoint, device=o.device, tta="mean_probabilities", write_soft=False,
                   write_mask=False, npp=o.npp, nps=o.nps, hook=finish_case, hook_args=hook_args)
     shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        scratch.parent.rmdir()  # the last part to finish removes the empty parent
+    except OSError:
+        pass
 
 
 def pseudolabel(teacher, unlabeled_dir, output_dataset: str, options: PseudolabelOptions | None = None,
@@ -342,7 +348,7 @@ def pseudolabel(teacher, unlabeled_dir, output_dataset: str, options: Pseudolabe
         for c in todo:
             _check_geometry(st.unlabeled[c])
         if todo:
-            _predict_part(st, teacher, todo, o)
+            _predict_part(st, teacher, todo, o, (part_id, num_parts))
             if o.progress:
                 for c in todo:
                     print(f"  {c}: {json.loads((done_dir / f'{c}.json').read_text())['decision']}", flush=True)

@@ -256,11 +256,18 @@ def test_pseudolabel_student_shards_and_resume(planned, tmp_path):
     split = json.loads((student / "splits_final.json").read_text())
     assert split == [{"train": sorted(f["train"] + list(TEST_CASES)), "val": f["val"]}
                      for f in crossval_splits([f"phantom_{k:03d}" for k in range(8)], 5)]
-    # two shards give the same dataset as one run
+    # two shards give the same dataset as one run; a part that finishes leaves the other part's scratch
+    # folder alone (shards run at the same time: part 1 may still be predicting into it)
+    shards = work / "nnUNet_raw" / "Dataset514_Shards"
+    busy = shards / ".nnunet_ext_scratch" / "part1of2" / "in_use.npz"
+    busy.parent.mkdir(parents=True)
+    busy.write_bytes(b"part 1 is writing")
     for part in ("0", "1"):
         r = _pseudo(env, root, "Dataset514_Shards", "-num_parts", "2", "-part_id", part)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    shards = work / "nnUNet_raw" / "Dataset514_Shards"
+        if part == "0":
+            assert busy.read_bytes() == b"part 1 is writing"
+    assert not (shards / ".nnunet_ext_scratch").exists()  # the last part removes the empty scratch parent
     assert json.loads((shards / "provenance.json").read_text())["cases"].keys() == prov["cases"].keys()
     for case in TEST_CASES:
         assert np.array_equal(read_image(shards / "labelsTr" / f"{case}.nii.gz")[0],
