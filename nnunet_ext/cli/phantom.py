@@ -28,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--soft", action="store_true", help="also write partial-volume soft labels in [0, 1]")
     p.add_argument("--timepoints", type=int, default=1, choices=(1, 2),
                    help="2: two FLAIR channels, label = new lesions at time point 2")
+    p.add_argument("--new-lesions", type=int, nargs=2, default=(1, 4), metavar=("MIN", "MAX"),
+                   help="with --timepoints 2: new lesions in a case that has any (75 %% of cases; default 1 4)")
     p.add_argument("--site-spacing", type=float, nargs=3, action="append", default=None, metavar=("X", "Y", "Z"),
                    help="add a site with this spacing (repeat); cases are assigned to sites in turn")
     p.add_argument("--cohort", action="append", default=None, choices=("all", "no_small"),
@@ -52,6 +54,11 @@ def check(args) -> None:
     for s in args.site_spacing or ():
         validate.spacing(s, "--site-spacing")
     validate.integer(args.raters, "--raters", 0, validate.MAX_RATERS)
+    lo, hi = args.new_lesions
+    if not 0 < lo <= hi <= 1000:
+        raise ValueError(f"--new-lesions must be 0 < MIN <= MAX <= 1000, got {lo} {hi}")
+    if tuple(args.new_lesions) != (1, 4) and args.timepoints != 2:
+        raise ValueError("--new-lesions needs --timepoints 2")
     validate.integer(args.seed, "--seed", 0, 2 ** 32 - 1)
 
 
@@ -62,7 +69,7 @@ def run(args) -> int:
     dataset_id, name = options.new_dataset(args, args.name)
     raw = raw_folder(args)
     cfg = PhantomConfig(shape=args.shape, spacing=args.spacing, difficulty=parse_difficulty(args.difficulty),
-                        raters=args.raters, soft=args.soft, timepoints=args.timepoints,
+                        raters=args.raters, soft=args.soft, timepoints=args.timepoints, new_lesions=tuple(args.new_lesions),
                         sites=tuple(args.site_spacing or ()), cohorts=tuple(args.cohort or ()), seed=args.seed)
     root = write_phantom_dataset(raw_root=raw, dataset_id=dataset_id, n_train=args.cases, cfg=cfg,
                                  n_test=args.test_cases, name=name or "MSPhantom", num_workers=args.num_processes,

@@ -64,6 +64,7 @@ class PhantomConfig:
     raters: int = 0
     soft: bool = False
     timepoints: int = 1
+    new_lesions: tuple[int, int] = (1, 4)  # timepoints=2: inclusive range of new lesions in a case that has any
     sites: tuple[tuple[float, float, float], ...] = ()  # spacings (x, y, z); empty = one site at `spacing`
     cohorts: tuple[str, ...] = ()  # labelling protocol per cohort: "all" or "no_small"; empty = no cohorts
     seed: int = 0
@@ -91,6 +92,9 @@ class PhantomConfig:
         self.raters = validate.integer(self.raters, "raters", 0, validate.MAX_RATERS)
         if self.timepoints not in (1, 2):
             raise ValueError(f"timepoints must be 1 or 2, got {self.timepoints}")
+        self.new_lesions = tuple(self.new_lesions)
+        if len(self.new_lesions) != 2 or not 0 < self.new_lesions[0] <= self.new_lesions[1] <= 1000:
+            raise ValueError(f"new_lesions must be 0 < min <= max <= 1000, got {self.new_lesions}")
         self.seed = validate.integer(self.seed, "seed", 0, 2 ** 32 - 1)
 
 
@@ -392,7 +396,7 @@ def generate_case(cfg: PhantomConfig, index: int) -> PhantomCase:
     images = [img1]
     rater_src = inst
     if cfg.timepoints == 2:
-        n_new = 0 if rng.random() < 0.25 else int(rng.integers(1, 5))
+        n_new = 0 if rng.random() < 0.25 else int(rng.integers(cfg.new_lesions[0], cfg.new_lesions[1] + 1))
         new = _place_lesions(rng, wm_core, _sample_sizes(rng, n_new, cfg), inst > 0)
         both = inst.copy()
         both[new > 0] = new[new > 0] + inst.max()

@@ -78,7 +78,7 @@ def test_parse_difficulty_rejects(value):
 
 @pytest.mark.parametrize("kwargs", [dict(shape=(8, 64, 64)), dict(spacing=(1, 0, 1)), dict(difficulty=2.0),
                                     dict(lesions_per_case=(5, 2)), dict(timepoints=3), dict(raters=-1),
-                                    dict(sites=((1.0, 1.0),))])
+                                    dict(sites=((1.0, 1.0),)), dict(new_lesions=(0, 3)), dict(new_lesions=(5, 4))])
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
         PhantomConfig(**kwargs)
@@ -105,6 +105,23 @@ def test_two_timepoints_label_new_lesions():
     c = with_new[0]
     diff = c.images[1] - c.images[0]
     assert diff[c.label > 0].mean() > diff[c.label == 0].mean() + 0.05  # new lesions brighter at time point 2
+
+
+def test_new_lesion_count_and_default_unchanged(tmp_path):
+    import hashlib
+
+    # --new-lesions 6 6: every case has 0 (25 % of cases) or exactly 6 new lesions (lesions.json, label components)
+    r = write_phantom_dataset(tmp_path, 590, 8, PhantomConfig(shape=(48, 48, 48), timepoints=2, new_lesions=(6, 6),
+                                                              seed=1), name="N")
+    counts = {k: len(v) for k, v in json.loads((r / "lesions.json").read_text()).items()}
+    assert set(counts.values()) == {0, 6} and list(counts.values()).count(6) == 6
+    assert json.loads((r / "phantom.json").read_text())["new_lesions"] == [6, 6]
+    # the default (1-4 new lesions) draws exactly what the phantom drew before the option existed
+    r = write_phantom_dataset(tmp_path, 591, 3, PhantomConfig(shape=(32, 32, 32), timepoints=2, seed=5), name="H")
+    h = hashlib.sha256()
+    for f in sorted((r / "labelsTr").glob("*.nii.gz")):
+        h.update(read_image(f)[0].tobytes())
+    assert h.hexdigest() == "952de6dba42dc12c3d1e366b7147592828b33294e2e619b771f137b952eacd8b"
 
 
 def test_sites_resample_to_their_spacing():
@@ -142,3 +159,6 @@ def test_cli_phantom(tmp_path):
     img, sp = read_image(root / "imagesTr" / "phantom_000_0001.nii.gz")
     assert img.shape == (24, 32, 32) and sp == (2.0, 1.0, 1.0)
     assert json.loads((root / "phantom.json").read_text())["difficulty"] == 1.0
+    with pytest.raises(ValueError, match="--new-lesions needs --timepoints 2"):
+        run(["phantom", "-d", "13", "--new-lesions", "2", "5", "--raw", str(tmp_path)])
+    assert not (tmp_path / "Dataset013_MSPhantom").exists()
