@@ -106,6 +106,8 @@ def _register_predict(csub) -> None:
     options.add_checkpoint(c)
     options.add_device(c)
     c.add_argument("--save_probabilities", action="store_true", help="also write the consensus model's <case>.npz")
+    c.add_argument("--disable_tta", action="store_true",
+                   help="every model without mirroring, as nnUNetv2_predict --disable_tta")
     c.add_argument("--keep-rater-predictions", action="store_true", help="also write <out>/raters/<rater>/ masks")
     options.add_processes(c, 2, "prediction and export processes")
     c.add_argument("--workdir", default=None,
@@ -182,7 +184,7 @@ def _predict(args, consensus) -> None:
     launcher = launcher_options(args)
     kw = dict(dataset=args.dataset, input_dir=args.input, output_dir=args.output, device=args.device, jobs=args.jobs,
               keep_rater_predictions=args.keep_rater_predictions, save_probabilities=args.save_probabilities,
-              n_proc=args.num_processes, checkpoint=args.checkpoint)
+              n_proc=args.num_processes, checkpoint=args.checkpoint, disable_tta=args.disable_tta)
     if launcher.launcher == "slurm" or launcher.dry_run:
         print_launched(consensus.launch_predict(launcher=launcher, workdir=args.workdir, **kw))
     else:

@@ -8,7 +8,9 @@ shell is unset in the job scripts, with a printed warning.
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 # variable -> the nnU-Net trainer attribute it sets
 BUDGET_VARIABLES = {"NNUNET_EXT_NUM_EPOCHS": "num_epochs", "NNUNET_EXT_ITERATIONS": "num_iterations_per_epoch",
@@ -41,3 +43,27 @@ def seed_in(environ=None) -> int | None:
     if not 0 <= value <= MAX_SEED:
         raise ValueError(f"{SEED_VARIABLE} must be a whole number in 0..{MAX_SEED}, got {raw!r}")
     return value
+
+
+def trained_budget(fold_dir: Path) -> dict | None:
+    """(epochs, iterations per epoch) a fold was trained with, from nnU-Net's ``debug.json``."""
+    p = fold_dir / "debug.json"
+    if not p.is_file():
+        return None
+    d = json.loads(p.read_text())
+    try:
+        return {"epochs": int(d["num_epochs"]), "iterations": int(d["num_iterations_per_epoch"])}
+    except (KeyError, ValueError):
+        return None
+
+
+def trained_seed(fold_dir: Path) -> int | None:
+    """The training seed a fold was trained with (``nnunet_ext_settings.json``), None when it was not seeded."""
+    p = fold_dir / "nnunet_ext_settings.json"
+    if not p.is_file():
+        return None
+    try:
+        seed = json.loads(p.read_text()).get("seed")
+    except (ValueError, AttributeError):
+        return None
+    return seed if isinstance(seed, int) else None

@@ -287,7 +287,8 @@ def _render(rng, anat, inst: np.ndarray, contrasts: np.ndarray, settings: dict, 
 
 def _rater_masks(rng, inst: np.ndarray, n_raters: int) -> list[np.ndarray]:
     """Per-rater masks: each lesion drawn wider (half of its outer shell added) or narrower (half of its
-    boundary removed) at random; small lesions omitted with a rater-specific probability (rater k misses 3-10-voxel lesions with probability 0.1 + 0.1 k)."""
+    boundary removed) at random; small lesions omitted with a rater-specific probability (the k-th rater,
+    1-based, misses a 3-10-voxel lesion with probability 0.1 k)."""
     out = []
     objs = ndimage.find_objects(inst)
     for k in range(n_raters):

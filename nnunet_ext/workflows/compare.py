@@ -42,6 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
+from nnunet_ext.core.budget import trained_budget, trained_seed  # noqa: F401 (part of this module's interface)
 from nnunet_ext.core.io import read_geometry, read_image
 from nnunet_ext.metrics.soft import calibration_on_indices, calibration_record
 from nnunet_ext.metrics.lesions import DEFAULT_BINS, LesionRule, bin_name, label_components, lesion_rates
@@ -49,6 +50,7 @@ from nnunet_ext.core.paths import NNUNET_FOLDERS, nnunet_command, nnunet_env, ru
 from nnunet_ext.core.progress import step
 from nnunet_ext.nnunet_adapter import (ModelRef, crossval_splits, dataset_name, lookup_trainers,
                                        preprocessed_identifiers)
+from nnunet_ext.workflows import cascade_arm
 
 OPERATING_POINTS = ("model", "argmax", "segmentation_optimal", "detection_optimal", "fdr_limited")
 FDR_LIMIT = 0.20  # "a convention to select operating points with an fdr of 0.20 or less" (Nichyporuk 2021, 4.2.1)
@@ -368,30 +370,6 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def trained_budget(fold_dir: Path) -> dict | None:
-    """(epochs, iterations per epoch) a fold was trained with, from nnU-Net's ``debug.json``."""
-    p = fold_dir / "debug.json"
-    if not p.is_file():
-        return None
-    d = _read_json(p)
-    try:
-        return {"epochs": int(d["num_epochs"]), "iterations": int(d["num_iterations_per_epoch"])}
-    except (KeyError, ValueError):
-        return None
-
-
-def trained_seed(fold_dir: Path) -> int | None:
-    """The training seed a fold was trained with (``nnunet_ext_settings.json``), None when it was not seeded."""
-    p = fold_dir / "nnunet_ext_settings.json"
-    if not p.is_file():
-        return None
-    try:
-        seed = _read_json(p).get("seed")
-    except (ValueError, AttributeError):
-        return None
-    return seed if isinstance(seed, int) else None
-
-
 def check_test_set(images: Path, labels: Path, channels: int, ending: str) -> list[str]:
     """Cases of a test set; ValueError unless every label has all image channels and the same geometry."""
     images, labels = Path(images), Path(labels)
@@ -443,6 +421,7 @@ class _Plan:
     plans_json: dict
     to_train: list = field(default_factory=list)  # (trainer, fold, resume)
     reused: dict = field(default_factory=dict)  # trainer -> folds reused
+    cascades: dict = field(default_factory=dict)  # cascade arm -> cascade_arm.CascadeArm
     cases: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
@@ -452,7 +431,19 @@ def _model_ref(p: _Plan, cfg: CompareConfig, trainer: str, folds=None) -> ModelR
 
 
 def _model_dir(p: _Plan, cfg: CompareConfig, trainer: str) -> Path:
+    """The arm's model folder; for a cascade arm its consensus model's."""
+    if cascade_arm.is_cascade(trainer):
+        return cascade_arm.consensus_dir(cfg.dataset, cfg.configuration, cascade_arm.stage_trainer(trainer), cfg.plans)
     return _model_ref(p, cfg, trainer).folder(must_exist=False, results=p.results)
+
+
+def _single_arms(cfg: CompareConfig) -> list[str]:
+    """The arms that are one nnU-Net trainer each (not a cascade)."""
+    return [t for t in cfg.trainers if not cascade_arm.is_cascade(t)]
+
+
+def _arm_folder(plan: _Plan, arm: str) -> Path:
+    return plan.report / "arms" / cascade_arm.folder_name(arm)
 
 
 def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
@@ -467,7 +458,13 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
         if not env.get(k):
             raise ValueError(f"{k} is not set")
     _check_trainers(cfg, env, lookup)
+    name = dataset_name(cfg.dataset)
+    split_file = Path(env["nnUNet_preprocessed"]) / name / "splits_final.json"
+    cascades = {t: cascade_arm.check(t, cfg.dataset, cfg.configuration, cfg.plans, cfg.folds, cfg.budget,
+                                     cfg.train_seed, cfg.test_images is not None, split_file)
+                for t in cfg.trainers if cascade_arm.is_cascade(t)}
     plan = _dataset_plan(cfg, env)
+    plan.cascades = cascades
     _check_trained_arms(cfg, plan)
     _check_eval_cases(cfg, plan)
     return plan
@@ -475,12 +472,14 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
 
 def _check_trainers(cfg: CompareConfig, env: dict, lookup) -> None:
     """Every trainer found by nnU-Net's lookup; with a budget, every trainer honours it."""
-    found = lookup(cfg.trainers, env)
-    unknown = [t for t in cfg.trainers if not found.get(t, {}).get("found")]
+    names = list(dict.fromkeys(cascade_arm.stage_trainer(t) if cascade_arm.is_cascade(t) else t
+                               for t in cfg.trainers))
+    found = lookup(names, env)
+    unknown = [t for t in names if not found.get(t, {}).get("found")]
     if unknown:
         raise ValueError(f"unknown trainer(s) {unknown}: nnU-Net's lookup (its own trainers, then nnUNet_extTrainer="
                          f"{env['nnUNet_extTrainer']}) finds no class of that name")
-    deaf = [t for t in cfg.trainers if not found[t]["honours_budget"]]  # nnU-Net's own trainers: no NNUNET_EXT_*
+    deaf = [t for t in names if not found[t]["honours_budget"]]  # nnU-Net's own trainers: no NNUNET_EXT_*
     if cfg.train_seed is not None:
         if deaf:
             raise NotImplementedError(
@@ -546,7 +545,7 @@ def _check_trained_arms(cfg: CompareConfig, plan: _Plan) -> None:
     which to reuse go into ``plan``."""
     plans_p, split_p = plan.pre / plan.name / f"{cfg.plans}.json", plan.pre / plan.name / "splits_final.json"
     budgets = {}
-    for t in cfg.trainers:
+    for t in _single_arms(cfg):
         mdir = _model_dir(plan, cfg, t)
         for f in cfg.folds:
             fd = mdir / f"fold_{f}"
@@ -672,17 +671,21 @@ def training_tasks(cfg: CompareConfig, plan: _Plan) -> list[dict]:
     return tasks
 
 
-def run_training(tasks: list[dict], workdir: Path, options=None) -> dict:
-    """Run the tasks with the launcher (nnunet_ext.cluster.launcher) when it is installed, else one after the other
-    here. Returns the launcher's result (job ids under Slurm)."""
-    if not tasks:
+def run_training(tasks: list[dict], workdir: Path, options=None, stages=()) -> dict:
+    """Run the tasks (and the launcher ``stages`` of cascade arms) with the launcher (nnunet_ext.cluster.launcher)
+    when it is installed, else the tasks one after the other here. Returns the launcher's result (job ids under
+    Slurm)."""
+    if not tasks and not stages:
         return {}
     L = _launcher()
     if L is not None:
-        stage = L.Stage("train", [L.Task(t["name"], t["argv"], env=t["env"], done=t["done"]) for t in tasks])
+        todo = ([L.Stage("train", [L.Task(t["name"], t["argv"], env=t["env"], done=t["done"]) for t in tasks])]
+                if tasks else []) + list(stages)
         if options is None:
             options = L.launcher_options(_default_launcher_args(L))
-        return L.run_stages([stage], workdir, options)
+        return L.run_stages(todo, workdir, options)
+    if stages:
+        raise NotImplementedError("a cascade arm without nnunet_ext.cluster.launcher: it trains as chained stages")
     logs = Path(workdir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     for k, t in enumerate(tasks, 1):
@@ -747,6 +750,32 @@ def _predict_once(cfg: CompareConfig, plan: _Plan, trainer: str, input_dir: Path
     return True
 
 
+def _predict_cascade_once(cfg: CompareConfig, plan: _Plan, input_dir: Path, out: Path) -> bool:
+    """A cascade arm's prediction of the test cases (:func:`nnunet_ext.workflows.consensus.predict_cascade`, in a
+    child process as :func:`_predict_once`) unless ``out`` holds this exact prediction; True when it ran."""
+    raters, cons = cascade_arm.models(cfg.dataset, cfg.folds)
+    stamp = {"cascade": {"raters": raters, "consensus": cons}, "cases": sorted(plan.cases),
+             "checkpoints": cascade_arm.checkpoints(raters, cons), "device": cfg.device}
+    if cfg.disable_tta:
+        stamp["disable_tta"] = True
+    marker = out / "compare_prediction.json"
+    if marker.is_file() and _read_json(marker) == stamp:
+        return False
+    if out.exists():
+        shutil.rmtree(out)
+    from nnunet_ext.cluster.call import function_argv
+    from nnunet_ext.inference.options import PredictOptions
+    from nnunet_ext.workflows.consensus import predict_cascade
+
+    o = PredictOptions(device=cfg.device, save_probabilities=True, disable_tta=cfg.disable_tta)
+    argv = function_argv(predict_cascade, raters=raters, consensus_model=cons, input_dir=str(input_dir),
+                         output_dir=str(out), options=o.to_json(), n_proc=cfg.n_proc)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_logged(argv, plan.env, out.parent / f"{out.name}_predict.log")
+    _write_json(marker, stamp)
+    return True
+
+
 def _validation_inputs(plan: _Plan, fold: int, report: Path) -> Path:
     """A folder of links to fold ``fold``'s validation images (nnU-Net's predict reads a folder)."""
     d = report / "inputs" / f"fold_{fold}"
@@ -769,7 +798,13 @@ def _validation_inputs(plan: _Plan, fold: int, report: Path) -> Path:
 def predict_arm(cfg: CompareConfig, plan: _Plan, trainer: str) -> dict[str, dict]:
     """Predict the arm's evaluation cases; returns case -> {"dir": prediction folder, "ref": label file}."""
     where = {}
-    base = plan.report / "arms" / trainer
+    base = _arm_folder(plan, trainer)
+    if cascade_arm.is_cascade(trainer):
+        out = base / "test"
+        ran = _predict_cascade_once(cfg, plan, Path(cfg.test_images).resolve(), out)
+        print(f"   {trainer}: {'predicted' if ran else 'prediction exists, reused'} ({len(plan.cases)} test cases: "
+              f"the rater models' fold ensembles, then the consensus model's folds {cfg.folds})", flush=True)
+        return {c: {"dir": out, "ref": Path(cfg.test_labels).resolve() / f"{c}{plan.ending}"} for c in plan.cases}
     if cfg.test_images is not None:
         out = base / "test"
         ran = _predict_once(cfg, plan, trainer, Path(cfg.test_images).resolve(), out, cfg.folds, plan.cases)
@@ -805,7 +840,7 @@ def case_record(ref: np.ndarray, soft: np.ndarray, argmax: np.ndarray, model_mas
 
 def evaluate_arm(cfg: CompareConfig, plan: _Plan, trainer: str, where: dict, thresholds) -> dict[str, dict]:
     """Per-case records of one arm (cached beside its predictions)."""
-    cache = plan.report / "arms" / trainer / f"{cfg.eval_set}_counts.json"
+    cache = _arm_folder(plan, trainer) / f"{cfg.eval_set}_counts.json"
     stamps = sorted({str(v["dir"]) for v in where.values()})
     key = {"thresholds": list(thresholds), "bins": [list(b) for b in cfg.bins], "connectivity": cfg.connectivity,
            "predictions": {d: _read_json(Path(d) / "compare_prediction.json") for d in stamps},
@@ -1132,19 +1167,32 @@ def _train_arms(cfg: CompareConfig, plan: _Plan) -> dict | None:
     """Step 2: train every fold still to train (trained ones are reused, and said so). None when every fold is
     trained now; else the status to return (a dry run, or training tasks submitted)."""
     tasks = training_tasks(cfg, plan)
-    for t in cfg.trainers:
+    stages = [st for c in plan.cascades.values() for st in cascade_arm.training_stages(
+        c, cfg.dataset, cfg.configuration, cfg.plans, cfg.folds, cfg.device, cfg.n_proc, cfg.training_env)]
+    for t, c in plan.cascades.items():
+        print(f"   {t}: " + ("trained already, reused" if c.trained else
+                             f"the cascade trains (stage 1: every rater x {len(c.state['splits'])} folds, stage 2: "
+                             f"folds {list(cfg.folds)})"), flush=True)
+    for t in _single_arms(cfg):
         folds = plan.reused.get(t, [])
         if folds:
             b = trained_budget(_model_dir(plan, cfg, t) / f"fold_{folds[0]}")
             print(f"   {t}: fold(s) {folds} trained already ({_model_dir(plan, cfg, t)}"
                   + (f", {b['epochs']} x {b['iterations']} iterations" if b else "") + "), reused", flush=True)
-    print(f"[2/5] training: {len(tasks)} fold(s) to train"
+    print(f"[2/5] training: {len(tasks)} fold(s) to train" + (f" and {len(stages)} cascade stage(s)" if stages else "")
           + (f" with budget {cfg.budget}" if cfg.budget else " with each trainer's full budget"), flush=True)
-    launched = run_training(tasks, plan.report / "jobs", cfg.launcher_options)
-    if tasks and getattr(cfg.launcher_options, "dry_run", False):
+    launched = run_training(tasks, plan.report / "jobs", cfg.launcher_options, stages)
+    if (tasks or stages) and getattr(cfg.launcher_options, "dry_run", False):
         print("   dry run: nothing trained; the scripts are above", flush=True)
-        return {"status": "dry run", "tasks": [t["name"] for t in tasks]}
+        return {"status": "dry run", "tasks": [t["name"] for t in tasks] + [st.name for st in stages]}
     left = [t["name"] for t in tasks if not Path(t["done"]).is_file()]
+    if stages:
+        from nnunet_ext.workflows.consensus import load_state
+
+        for t in plan.cascades:
+            s2 = load_state(cfg.dataset)[1].get("stage2_training", {})
+            if not set(cfg.folds) <= set(s2.get("folds", [])):
+                left.append(t)
     if left:
         _write_json(plan.report / "submitted.json", {"tasks": left, "launcher": launched})
         print(f"   submitted {len(left)} training task(s) ({launched}); run the same command again when they have "
@@ -1188,8 +1236,15 @@ def compare(cfg: CompareConfig, lookup=lookup_trainers) -> dict:
         stored, pp = _arm_contract(mdir, cfg.folds)
         b = trained_budget(mdir / f"fold_{cfg.folds[0]}")
         trained_now = [f for (tt, f, _) in plan.to_train if tt == t]
+        if t in plan.cascades and not plan.cascades[t].trained:
+            trained_now = list(cfg.folds)
+        if t in plan.cascades:
+            raters, cons = cascade_arm.models(cfg.dataset, cfg.folds)
+            model = {"cascade": {"raters": raters, "consensus": cons}}
+        else:
+            model = _model_ref(plan, cfg, t, cfg.folds).to_json()
         report["arms"][t] = {
-            "model": _model_ref(plan, cfg, t, cfg.folds).to_json(),
+            "model": model,
             "model_dir": str(mdir), "stored_threshold": stored, "postprocessing": pp,
             "training": (f"trained now (folds {trained_now})" if trained_now else "reused (trained before)")
                         + (f", {b['epochs']} epochs x {b['iterations']} iterations" if b else ""),
@@ -1230,19 +1285,30 @@ def _report_header(cfg: CompareConfig, plan: _Plan, thresholds, cases, ref_count
     budget_env = " ".join(f"{k}={v}" for k, v in cfg.training_env.items())
     cmds = [cfg.command_line or ("nnunet-ext compare " + " ".join(shlex.quote(x) for x in _compare_argv(cfg)))]
     for t in cfg.trainers:
+        if cascade_arm.is_cascade(t):
+            cmds.append((budget_env + " " if budget_env else "") + f"nnunet-ext consensus train -d {cfg.dataset} --stage "
+                        f"all -c {cfg.configuration} -tr {cascade_arm.stage_trainer(t)} -p {cfg.plans} -f "
+                        f"{' '.join(map(str, cfg.folds))} -device {cfg.device}")
+            continue
         for f in cfg.folds:
             cmds.append((budget_env + " " if budget_env else "") + " ".join(
                 [f"nnUNetv2_train {cfg.dataset} {cfg.configuration} {f} -tr {t} -p {cfg.plans} -device {cfg.device}"]))
     for t in cfg.trainers:
+        if cascade_arm.is_cascade(t):
+            cmds.append(f"nnunet-ext consensus predict -d {cfg.dataset} -i {cfg.test_images} -o "
+                        f"{_arm_folder(plan, t) / 'test'} -device {cfg.device} --save_probabilities"
+                        + (" --disable_tta" if cfg.disable_tta else "") + f" (consensus folds {list(cfg.folds)})")
+            continue
         if cfg.test_images is not None:
             cmds.append(f"nnunet-ext predict -i {cfg.test_images} -o {plan.report / 'arms' / t / 'test'} -d {cfg.dataset} "
                         f"-c {cfg.configuration} -tr {t} -p {cfg.plans} -f {' '.join(map(str, cfg.folds))} "
-                        f"-device {cfg.device} --save_probabilities")
+                        f"-device {cfg.device} --save_probabilities" + (" --disable_tta" if cfg.disable_tta else ""))
         else:
             for f in cfg.folds:
                 cmds.append(f"nnunet-ext predict -i {plan.report / 'inputs' / f'fold_{f}'} -o "
                             f"{plan.report / 'arms' / t / 'validation' / f'fold_{f}'} -d {cfg.dataset} -c "
-                            f"{cfg.configuration} -tr {t} -p {cfg.plans} -f {f} -device {cfg.device} --save_probabilities")
+                            f"{cfg.configuration} -tr {t} -p {cfg.plans} -f {f} -device {cfg.device} --save_probabilities"
+                            + (" --disable_tta" if cfg.disable_tta else ""))
     if cfg.budget:
         bd = ", ".join(f"{k} {v}" for k, v in cfg.budget.items()) + \
             f" ({' '.join(f'{BUDGET_ENV[k]}={v}' for k, v in cfg.budget.items())}) for every arm"

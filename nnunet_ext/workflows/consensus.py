@@ -653,9 +653,9 @@ def _cascade_inputs(raters: list[dict], c_dir: Path, input_dir: Path) -> tuple[s
     return ending, n_ch, cases
 
 
-# the PredictOptions fields the cascade applies: device and processes to every model, the outputs to the
-# consensus model's
-CASCADE_FIELDS = ("device", "npp", "nps", "save_probabilities", "write_soft")
+# the PredictOptions fields the cascade applies: device, mirroring and processes to every model, the outputs
+# to the consensus model's
+CASCADE_FIELDS = ("device", "disable_tta", "npp", "nps", "save_probabilities", "write_soft")
 
 
 def predict_cascade(raters: list[dict], consensus_model: dict, input_dir, output_dir,
@@ -689,7 +689,8 @@ def predict_cascade(raters: list[dict], consensus_model: dict, input_dir, output
     work = out / ".cascade"
     env = nnunet_env(None, n_proc)
     log = out / "consensus_predict.log"
-    rater_options = PredictOptions(device=o.device, write_mask=keep_rater_predictions, npp=npp, nps=nps).to_json()
+    rater_options = PredictOptions(device=o.device, disable_tta=o.disable_tta, write_mask=keep_rater_predictions,
+                                   npp=npp, nps=nps).to_json()
 
     def run_rater(i_r):
         i, r = i_r
@@ -743,16 +744,19 @@ def cascade_models(state: dict) -> tuple[list[dict], dict]:
 
 
 def predict(dataset, input_dir, output_dir, device: str = "cuda", jobs: int = 1, keep_rater_predictions: bool = False,
-            save_probabilities: bool = False, n_proc: int = 2, checkpoint: str = "checkpoint_final.pth") -> dict:
+            save_probabilities: bool = False, n_proc: int = 2, checkpoint: str = "checkpoint_final.pth",
+            disable_tta: bool = False) -> dict:
     """Rater models (fold ensembles, ``jobs`` in parallel) -> stage-2 inputs -> consensus model
     (:func:`predict_cascade`). Writes ``<out>/<case><ending>`` (and ``.npz`` probabilities on request); rater
-    masks in ``<out>/raters/<rater>/`` with ``keep_rater_predictions``."""
+    masks in ``<out>/raters/<rater>/`` with ``keep_rater_predictions``; ``disable_tta``: every model without
+    mirroring."""
     from nnunet_ext.core.safety import check_output_not_input
 
     src, state = load_state(dataset)
     raters, consensus_model = cascade_models(state)
     check_output_not_input(output_dir, [input_dir], allow_containing=True, what="-o (output folder)")
-    o = PredictOptions(device=device, save_probabilities=save_probabilities, npp=n_proc, nps=n_proc)
+    o = PredictOptions(device=device, save_probabilities=save_probabilities, npp=n_proc, nps=n_proc,
+                       disable_tta=disable_tta)
     res = predict_cascade(raters, consensus_model, input_dir, output_dir, o, jobs=max(1, int(jobs)),
                           checkpoint=checkpoint, keep_rater_predictions=keep_rater_predictions)
     summary = {"cases": res["cases"], "raters": res["raters"], "stage1": state["stage1"],

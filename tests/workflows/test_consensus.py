@@ -175,6 +175,79 @@ def test_cascade_end_to_end(cascade, tmp_path):
     assert r.returncode != 0 and "x_0001.nii.gz" in r.stderr and "needs 2 channels" in r.stderr
 
 
+@pytest.mark.slow
+def test_cascade_as_a_compare_arm(cascade, tmp_path):
+    """``compare -tr LSRFiLMTrainer cascade:LSRFiLMTrainer``: the trained cascade is reused (same budget), the
+    single model trains on the consensus split, the cascade arm's masks are what ``consensus predict`` writes
+    and its lesion counts match an independent count (scipy's 26-connected components)."""
+    from scipy import ndimage
+
+    work, env, src = cascade
+    cli(env, "plan-native", "-d", SRC, "-c", "2d")
+    arms = ["LSRFiLMTrainer", "cascade:LSRFiLMTrainer"]
+    cmp = tmp_path / "cmp"
+    r = cli(env, "compare", "-d", SRC, "-c", "2d", "-p", "nnUNetPlans_native", "-tr", *arms, "-f", 0, "--epochs", 1,
+            "--iterations", 2, "--val-iterations", 1, "-device", "cpu", "-np", 1, "--test-images", src / "imagesTs",
+            "--test-labels", src / "labelsTs", "--disable_tta", "--bootstrap", 200, "-o", cmp)
+    assert "cascade:LSRFiLMTrainer: trained already, reused" in r.stdout and "wrote the consensus split" in r.stdout
+    state = json.loads((src / "consensus.json").read_text())
+    split = json.loads((work / "nnUNet_preprocessed" / src.name / "splits_final.json").read_text())
+    assert split == state["splits"]
+    rep = json.loads((cmp / "report.json").read_text())
+    model = rep["arms"]["cascade:LSRFiLMTrainer"]["model"]["cascade"]
+    assert [m["name"] for m in model["raters"]] == ["rater1", "rater2"] and model["consensus"]["folds"] == [0]
+    assert [m["folds"] for m in model["raters"]] == [[0, 1], [0, 1]]
+    assert rep["arms"]["LSRFiLMTrainer"]["training"].startswith("trained now (folds [0])")
+    ref = tmp_path / "consensus_predict"
+    cli(env, "consensus", "predict", "-d", SRC, "-i", src / "imagesTs", "-o", ref, "-device", "cpu", "--disable_tta")
+    counts = json.loads((cmp / "arms" / "cascade_LSRFiLMTrainer" / "test_counts.json").read_text())["cases"]
+    assert sorted(counts) == ["phantom_004", "phantom_005"]
+    t = rep["thresholds"][0]
+    for case, rec in counts.items():
+        pred = cmp / "arms" / "cascade_LSRFiLMTrainer" / "test"
+        mask = read_image(pred / f"{case}.nii.gz")[0]
+        assert np.array_equal(mask, read_image(ref / f"{case}.nii.gz")[0])
+        lab, n = ndimage.label(read_image(src / "labelsTs" / f"{case}.nii.gz")[0] == 1, np.ones((3, 3, 3)))
+        hit = len(set(np.unique(lab[(mask == 1) & (lab > 0)])))
+        assert (rec["model"]["ref_lesions"], rec["model"]["lesion_tp"]) == (n, hit)
+        # the sweep reads the consensus model's soft map: its components at the lowest threshold
+        soft = read_image(pred / "soft" / f"{case}.nii.gz")[0]
+        assert rec["sweep"][0]["pred_lesions"] == ndimage.label(soft >= t, np.ones((3, 3, 3)))[1]
+
+
+def test_cascade_arm_refusals(tmp_path, monkeypatch):
+    """A cascade arm needs the consensus split, a test set, one split for every arm and one stage trainer."""
+    from nnunet_ext.workflows.cascade_arm import check
+
+    env = nnunet_env(tmp_path, n_proc=1)
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, env[k])
+    cfg = PhantomConfig(shape=(24, 24, 24), timepoints=2, raters=2, seed=1)
+    write_phantom_dataset(env["nnUNet_raw"], 575, 4, cfg, progress=False)
+    split_file = tmp_path / "nnUNet_preprocessed" / "Dataset575_MSPhantom" / "splits_final.json"
+    with pytest.raises(ValueError, match="split-raters"):
+        check("cascade:ExtBaselineTrainer", 575, "2d", "nnUNetPlans", [0], {}, None, True, split_file)
+    cli(env, "consensus", "split-raters", "-d", 575, "-nfolds", 2)
+    with pytest.raises(NotImplementedError, match="validation-fold evaluation with the arm cascade:ExtBaselineTrainer"):
+        check("cascade:ExtBaselineTrainer", 575, "2d", "nnUNetPlans", [0], {}, None, False, split_file)
+    with pytest.raises(ValueError, match="name the trainer"):
+        check("cascade:", 575, "2d", "nnUNetPlans", [0], {}, None, True, split_file)
+    c = check("cascade:ExtBaselineTrainer", 575, "2d", "nnUNetPlans", [0, 1], {}, None, True, split_file)
+    assert not c.trained and json.loads(split_file.read_text()) == c.state["splits"]  # written for every arm
+    with pytest.raises(ValueError, match="fold"):
+        check("cascade:ExtBaselineTrainer", 575, "2d", "nnUNetPlans", [2], {}, None, True, split_file)
+    split_file.write_text(json.dumps(list(reversed(c.state["splits"]))))
+    with pytest.raises(ValueError, match="arms with different splits"):
+        check("cascade:ExtBaselineTrainer", 575, "2d", "nnUNetPlans", [0], {}, None, True, split_file)
+    split_file.write_text(json.dumps(c.state["splits"]))
+    state_file = tmp_path / "nnUNet_raw" / "Dataset575_MSPhantom" / "consensus.json"
+    state = json.loads(state_file.read_text())
+    state["stage1"] = {"configuration": "2d", "trainer": "LSRTrainer", "plans": "nnUNetPlans"}
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="a dataset holds one cascade"):
+        check("cascade:ExtBaselineTrainer", 575, "2d", "nnUNetPlans", [0], {}, None, True, split_file)
+
+
 def test_errors_before_training(tmp_path):
     env = nnunet_env(tmp_path, n_proc=1)
     write_phantom_dataset(env["nnUNet_raw"], 570, 3, PhantomConfig(shape=(24, 24, 24), seed=1), progress=False)
@@ -251,7 +324,7 @@ def test_stage_all_tasks_call_functions_and_train_every_stage1_fold(tmp_path):
     env = nnunet_env(tmp_path, n_proc=1)
     write_phantom_dataset(env["nnUNet_raw"], 575, 4, PhantomConfig(shape=(16, 16, 16), raters=2, seed=2),
                           progress=False)
-    cli(env, "consensus", "split-raters", "-d", 575, "--folds", 2)  # raters -> datasets 576, 577
+    cli(env, "consensus", "split-raters", "-d", 575, "-nfolds", 2)  # raters -> datasets 576, 577
     with nnunet_paths(env):
         stages = train_stages("575", "all", "2d", "LSRFiLMTrainer", "nnUNetPlans_native", folds=[0], device="cpu",
                               n_proc=1)
