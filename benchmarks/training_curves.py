@@ -6,6 +6,11 @@ and its moving average), for the arms of a study (docs/results.md).
         -tr ExtBaselineTrainer LSRTrainer BCETrainer -o benchmarks/results/curves_lsr_study.json \\
         --png docs/img/curves_lsr_study.png --title "LSR study, 40 x 20 iterations"
 
+Models of other datasets (a cascade's rater and consensus models) with ``--model LABEL=DATASET/TRAINER[:FOLD]``:
+
+    nnUNet_results=/work/studies/cascade/res python benchmarks/training_curves.py -d Dataset585_NewLesionRaters \
+        -tr ExtBaselineTrainer --model "rater 1 fold 0=Dataset586_NewLesionRaters_rater1/ExtBaselineTrainer:0" ...
+
 The JSON holds, per trainer, one list per quantity and ``plateau``: the gain of the moving-average
 pseudo-Dice over the last quarter of the epochs (a model that has stopped improving gains about 0).
 """
@@ -72,15 +77,27 @@ def main(argv=None) -> int:
     ap.add_argument("-c", default="2d")
     ap.add_argument("-p", default="nnUNetPlans")
     ap.add_argument("-f", type=int, default=0)
-    ap.add_argument("-tr", nargs="+", required=True)
+    ap.add_argument("-tr", nargs="+", default=[])
+    ap.add_argument("--model", action="append", default=[], metavar="LABEL=DATASET/TRAINER[:FOLD]",
+                    help="a model of another dataset (same configuration and plans), shown as LABEL")
     ap.add_argument("-o", required=True, help="output JSON")
     ap.add_argument("--png")
     ap.add_argument("--title", default="")
     a = ap.parse_args(argv)
     results = Path(os.environ["nnUNet_results"]) / a.d
     out = {"dataset": a.d, "configuration": a.c, "fold": a.f, "trainers": {}}
-    for t in a.tr:
-        r = read_log(results / f"{t}__{a.p}__{a.c}", a.f)
+    models = [(t, results / f"{t}__{a.p}__{a.c}", a.f) for t in a.tr]
+    for m in a.model:
+        label, _, spec = m.partition("=")
+        spec, _, fold = spec.partition(":")
+        ds, _, t = spec.partition("/")
+        if not (label and ds and t):
+            raise SystemExit(f"--model {m!r}: expected LABEL=DATASET/TRAINER[:FOLD]")
+        models.append((label, Path(os.environ["nnUNet_results"]) / ds / f"{t}__{a.p}__{a.c}", int(fold or a.f)))
+    if not models:
+        raise SystemExit("give -tr TRAINER ... and/or --model LABEL=DATASET/TRAINER[:FOLD]")
+    for t, mdir, fold in models:
+        r = read_log(mdir, fold)
         r["plateau"] = plateau_gain(r["ema_pseudo_dice"])
         out["trainers"][t] = r
         print(f"{t}: {r['epochs']} epochs, final EMA pseudo-Dice {r['ema_pseudo_dice'][-1]:.3f}, "

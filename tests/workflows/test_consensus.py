@@ -176,6 +176,7 @@ def test_cascade_end_to_end(cascade, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # compare trains a fold, predicts both arms and consensus predict runs once more
 def test_cascade_as_a_compare_arm(cascade, tmp_path):
     """``compare -tr LSRFiLMTrainer cascade:LSRFiLMTrainer``: the trained cascade is reused (same budget), the
     single model trains on the consensus split, the cascade arm's masks are what ``consensus predict`` writes
@@ -207,11 +208,12 @@ def test_cascade_as_a_compare_arm(cascade, tmp_path):
         pred = cmp / "arms" / "cascade_LSRFiLMTrainer" / "test"
         mask = read_image(pred / f"{case}.nii.gz")[0]
         assert np.array_equal(mask, read_image(ref / f"{case}.nii.gz")[0])
+        soft = read_image(pred / "soft" / f"{case}.nii.gz")[0]
+        assert soft.max() > 0 and np.array_equal(soft, read_image(ref / "soft" / f"{case}.nii.gz")[0])
         lab, n = ndimage.label(read_image(src / "labelsTs" / f"{case}.nii.gz")[0] == 1, np.ones((3, 3, 3)))
         hit = len(set(np.unique(lab[(mask == 1) & (lab > 0)])))
         assert (rec["model"]["ref_lesions"], rec["model"]["lesion_tp"]) == (n, hit)
         # the sweep reads the consensus model's soft map: its components at the lowest threshold
-        soft = read_image(pred / "soft" / f"{case}.nii.gz")[0]
         assert rec["sweep"][0]["pred_lesions"] == ndimage.label(soft >= t, np.ones((3, 3, 3)))[1]
 
 
