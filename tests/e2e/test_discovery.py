@@ -25,6 +25,7 @@ def test_trainers_path_cli(capsys):
     assert printed == trainers_path() and (printed / "ext_baseline.py").is_file()
 
 
+@pytest.mark.slow  # two child processes importing nnU-Net
 def test_nnunet_finds_our_trainer(tmp_path):
     env = nnunet_env(tmp_path)
     r = _lookup("ExtBaselineTrainer", env, tmp_path)
@@ -43,6 +44,7 @@ def test_nnunet_env_keeps_user_settings(tmp_path, monkeypatch):
     assert env["nnUNet_extTrainer"].split(os.pathsep) == [str(trainers_path()), "/my/trainers"]
 
 
+@pytest.mark.slow  # builds and installs a wheel
 def test_wheel_install_trainers_path(tmp_path):
     """Build a real wheel, install it into an empty target folder, and let nnU-Net find the trainer there."""
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
