@@ -139,16 +139,6 @@ def models(dataset, folds) -> tuple[list[dict], dict]:
     return raters, {"model_dir": str(cons["model_dir"]), "folds": list(folds)}
 
 
-def checkpoints(raters: list[dict], consensus: dict) -> dict:
-    """Modification times of every checkpoint the cascade predicts with (a prediction's stamp)."""
-    out = {}
-    for m in raters + [consensus]:
-        for f in m["folds"]:
-            p = Path(m["model_dir"]) / f"fold_{f}" / "checkpoint_final.pth"
-            out[str(p)] = p.stat().st_mtime_ns
-    return out
-
-
 def consensus_dir(dataset, configuration: str, trainer: str, plans: str) -> Path | None:
     """The consensus model's folder (its contract gives the arm's stored threshold), None before build-stage2."""
     from nnunet_ext.nnunet_adapter import ModelRef

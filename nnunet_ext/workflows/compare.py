@@ -755,7 +755,8 @@ def _predict_cascade_once(cfg: CompareConfig, plan: _Plan, input_dir: Path, out:
     child process as :func:`_predict_once`) unless ``out`` holds this exact prediction; True when it ran."""
     raters, cons = cascade_arm.models(cfg.dataset, cfg.folds)
     stamp = {"cascade": {"raters": raters, "consensus": cons}, "cases": sorted(plan.cases),
-             "checkpoints": cascade_arm.checkpoints(raters, cons), "device": cfg.device}
+             "checkpoints": {m["model_dir"]: _checkpoint_stamp(Path(m["model_dir"]), m["folds"])
+                             for m in raters + [cons]}, "device": cfg.device}
     if cfg.disable_tta:
         stamp["disable_tta"] = True
     marker = out / "compare_prediction.json"
@@ -1236,9 +1237,9 @@ def compare(cfg: CompareConfig, lookup=lookup_trainers) -> dict:
         stored, pp = _arm_contract(mdir, cfg.folds)
         b = trained_budget(mdir / f"fold_{cfg.folds[0]}")
         trained_now = [f for (tt, f, _) in plan.to_train if tt == t]
-        if t in plan.cascades and not plan.cascades[t].trained:
-            trained_now = list(cfg.folds)
         if t in plan.cascades:
+            if not plan.cascades[t].trained:
+                trained_now = list(cfg.folds)
             raters, cons = cascade_arm.models(cfg.dataset, cfg.folds)
             model = {"cascade": {"raters": raters, "consensus": cons}}
         else:
