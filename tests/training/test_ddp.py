@@ -58,6 +58,9 @@ def _worker(rank, kind, init_file, out_file):
     loss.backward()
     if rank == 0:
         torch.save(_grads(net), out_file)
+    # both ranks leave together: a rank that tears gloo down while the other still holds the connection
+    # can abort ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
