@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The Bar-Ilan thesis' semi-supervised step (section 3.3, Tables 5-6) through `nnunet-ext compare`: does a
+# student trained on the labelled cases' soft labels plus a teacher's filtered pseudo-labels of unlabeled scans
+# beat its teacher (docs/results.md)?
+#
+#   bash benchmarks/compare_ssl_study.sh [WORKDIR] [EPOCHS] [ITERATIONS]     # CPU, 2d (default 40 x 20)
+#
+# Phantom Dataset583 (48^3, medium difficulty, seed 4, 2 raters: the cases of the soft-label study's
+# Dataset580), 20 labelled training cases, 72 held-out cases, and 60 more cases of the same phantom whose
+# images are the unlabeled scans (their labels are deleted).
+#   labelsTr      the raters' intersection (nnunet-ext fuse --method intersection)
+#   softlabelsTr  intersection + soft union, soft label value 0.5, 1 mm ball (the thesis' teacher of section 3.3)
+# Arms, same budget, fold 0 of nnU-Net's default split of the 20 labelled cases:
+#   SoftDiceTrainer                 the teacher: Kats et al.'s soft Dice on softlabelsTr
+#   ExtBaselineTrainer              nnU-Net's default on the intersection (Table 2's baseline)
+#   584:SoftDiceTrainer             the student: the same trainer on Dataset584, written by
+#                                   `nnunet-ext pseudolabel` from the teacher (8-flip TTA in 3d, 4 in 2d;
+#                                   alpha 0.3, voxel threshold 0.3, case threshold 100, pseudo-labels m >= 0.5
+#                                   with a 0.5 soft rim of 1 mm: Table 6's "pseudo-labels + soft labels"), the
+#                                   labelled cases keeping their soft labels; pseudo-labelled cases are in
+#                                   training only
+# Scored against each rater of the held-out cases (ratersTs/rater1, ratersTs/rater2) and the phantom's truth;
+# predictions without mirroring, made once and reused by the later reports. Resumable: run it again after an
+# interruption.
+set -euo pipefail
+W=$(realpath -m "${1:-/tmp/ssl_compare}")
+EPOCHS=${2:-40}
+ITERS=${3:-20}
+source "$(dirname "$(realpath "$0")")/study_env.sh"
+D=583; NAME=RaterPairSSL; S=584; SNAME=RaterPairSSLStudent
+DS=$nnUNet_raw/Dataset${D}_$NAME
+PRE=$nnUNet_preprocessed/Dataset${D}_$NAME
+UNL=$W/unlabeled
+if [ ! -f "$DS/phantom.json" ]; then
+  "$BIN/nnunet-ext" phantom -d "$D" --name "$NAME" --cases 20 --test-cases 132 --raters 2 \
+      --seed 4 --shape 48 48 48 --difficulty medium -np "$NPROC"
+fi
+if [ ! -d "$UNL" ]; then  # held-out cases 92-151 become the unlabeled scans: images only
+  mkdir -p "$UNL.tmp"
+  for k in $(seq 92 151); do
+    c=$(printf 'phantom_%03d' "$k")
+    mv "$DS/imagesTs/${c}_0000.nii.gz" "$UNL.tmp/"
+    rm -f "$DS/labelsTs/$c.nii.gz" "$DS"/ratersTs/rater*/"$c.nii.gz" "$DS/softlabelsTs/$c.nii.gz"
+  done
+  mv "$UNL.tmp" "$UNL"
+fi
+if [ ! -d "$DS/labelsTr_truth" ]; then  # labelsTr becomes the raters' intersection
+  rm -rf "$W/intersection"
+  "$BIN/nnunet-ext" fuse --method intersection --raters "$DS/ratersTr/rater1" "$DS/ratersTr/rater2" -o "$W/intersection"
+  mv "$DS/labelsTr" "$DS/labelsTr_truth"
+  mv "$W/intersection" "$DS/labelsTr"
+fi
+[ -d "$DS/softlabelsTr" ] || "$BIN/nnunet-ext" fuse --method inter_soft_union_rim --gamma 0.5 --radius-mm 1 \
+    --images "$DS/imagesTr" --raters "$DS/ratersTr/rater1" "$DS/ratersTr/rater2" -o "$DS/softlabelsTr"
+[ -d "$PRE/nnUNetPlans_2d" ] || "$BIN/nnUNetv2_plan_and_preprocess" -d "$D" -c 2d -np "$NPROC" > "$W/plan.log" 2>&1
+[ -d "$PRE/nnUNetPlans_2d/nnunet_ext_soft" ] || "$BIN/nnunet-ext" preprocess-soft -d "$D" -c 2d
+run_compare() {  # $1 report name, $2 reference labels of the held-out cases, $3... arms
+  local out=$W/report_${EPOCHS}x${ITERS}_${DEVICE}_$1 ref=$2
+  shift 2
+  if [ ! -d "$out" ] && [ -n "${FIRST:-}" ] && [ -d "$FIRST" ]; then
+    cp -r "$FIRST" "$out"  # the predictions of the first report are reused (same checkpoints, same images)
+    rm -f "$out"/report.*
+  fi
+  "$BIN/nnunet-ext" compare -d "$D" -c 2d -tr "$@" -f 0 --epochs "$EPOCHS" --iterations "$ITERS" \
+      --val-iterations 4 -device "$DEVICE" -np "$NPROC" --test-images "$DS/imagesTs" --test-labels "$ref" \
+      --create-split --disable_tta -o "$out"
+  FIRST=$out  # the next report starts from this one's predictions
+}
+# 1. the teacher (and the intersection baseline), trained through compare
+[ -f "$W/report_${EPOCHS}x${ITERS}_${DEVICE}_teacher/report.json" ] || \
+  run_compare teacher "$DS/ratersTs/rater1" SoftDiceTrainer ExtBaselineTrainer
+FIRST=$W/report_${EPOCHS}x${ITERS}_${DEVICE}_teacher
+# 2. the student dataset: pseudo-labels of the unlabeled scans, soft rim 0.5, labelled cases with their soft labels
+SDS=$nnUNet_raw/Dataset${S}_$SNAME
+[ -f "$SDS/dataset.json" ] && [ -f "$SDS/splits_final.json" ] || \
+  "$BIN/nnunet-ext" pseudolabel -d "$D" -c 2d -tr SoftDiceTrainer -f 0 -i "$UNL" --student "Dataset${S}_$SNAME" \
+      --alpha 0.3 --vpt 0.3 --tst 100 --soft-rim 0.5 --soft-rim-mm 1 -device "$DEVICE" -npp "$NPROC" -nps "$NPROC"
+SPRE=$nnUNet_preprocessed/Dataset${S}_$SNAME
+[ -d "$SPRE/nnUNetPlans_2d" ] || "$BIN/nnUNetv2_plan_and_preprocess" -d "$S" -c 2d -np "$NPROC" > "$W/plan_student.log" 2>&1
+[ -d "$SPRE/nnUNetPlans_2d/nnunet_ext_soft" ] || "$BIN/nnunet-ext" preprocess-soft -d "$S" -c 2d
+# 3. teacher, student and baseline on the held-out cases, against each rater and the truth
+ARMS=(SoftDiceTrainer "$S:SoftDiceTrainer" ExtBaselineTrainer)
+run_compare rater1 "$DS/ratersTs/rater1" "${ARMS[@]}"
+run_compare rater2 "$DS/ratersTs/rater2" "${ARMS[@]}"
+run_compare truth "$DS/labelsTs" "${ARMS[@]}"
