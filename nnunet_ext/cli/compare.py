@@ -23,7 +23,9 @@ def register(sub) -> None:
     options.add_configuration(p)
     options.add_trainer(p, many=True, default=None, required=True,
                         help="trainers (arms); the first is the reference. cascade:TRAINER is the dataset's consensus "
-                             "cascade (nnunet-ext consensus; both stages with TRAINER), against a test set")
+                             "cascade (nnunet-ext consensus; both stages with TRAINER), against a test set; DATASET:TRAINER is TRAINER "
+                             "trained on another dataset (id or name: a pseudo-labelled student, other labels), against a "
+                             "test set")
     options.add_folds(p, options.FOLDS_SPLIT, help="folds trained per arm")
     options.add_plans(p)
     p.add_argument("--test-images", default=None, help="held-out images (<case>_0000.nii.gz); default: validation folds")

@@ -50,7 +50,7 @@ from nnunet_ext.core.paths import NNUNET_FOLDERS, nnunet_command, nnunet_env, ru
 from nnunet_ext.core.progress import step
 from nnunet_ext.nnunet_adapter import (ModelRef, crossval_splits, dataset_name, lookup_trainers,
                                        preprocessed_identifiers)
-from nnunet_ext.workflows import cascade_arm
+from nnunet_ext.workflows import cascade_arm, dataset_arm
 
 OPERATING_POINTS = ("model", "argmax", "segmentation_optimal", "detection_optimal", "fdr_limited")
 FDR_LIMIT = 0.20  # "a convention to select operating points with an fdr of 0.20 or less" (Nichyporuk 2021, 4.2.1)
@@ -422,12 +422,20 @@ class _Plan:
     to_train: list = field(default_factory=list)  # (trainer, fold, resume)
     reused: dict = field(default_factory=dict)  # trainer -> folds reused
     cascades: dict = field(default_factory=dict)  # cascade arm -> cascade_arm.CascadeArm
+    others: dict = field(default_factory=dict)  # DATASET:TRAINER arm -> dataset_arm.DatasetArm
     cases: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
 
-def _model_ref(p: _Plan, cfg: CompareConfig, trainer: str, folds=None) -> ModelRef:
-    return ModelRef(p.name, cfg.configuration, trainer, cfg.plans, folds)
+def _arm_trainer(arm: str) -> str:
+    """The nnU-Net trainer class of a single-model arm (``TRAINER`` or ``DATASET:TRAINER``)."""
+    parsed = dataset_arm.parse(arm)
+    return parsed[1] if parsed else arm
+
+
+def _model_ref(p: _Plan, cfg: CompareConfig, arm: str, folds=None) -> ModelRef:
+    name = p.others[arm].dataset if arm in p.others else p.name
+    return ModelRef(name, cfg.configuration, _arm_trainer(arm), cfg.plans, folds)
 
 
 def _model_dir(p: _Plan, cfg: CompareConfig, trainer: str) -> Path:
@@ -438,7 +446,7 @@ def _model_dir(p: _Plan, cfg: CompareConfig, trainer: str) -> Path:
 
 
 def _single_arms(cfg: CompareConfig) -> list[str]:
-    """The arms that are one nnU-Net trainer each (not a cascade)."""
+    """The arms that are one nnU-Net model each (not a cascade), on the compared dataset or another one."""
     return [t for t in cfg.trainers if not cascade_arm.is_cascade(t)]
 
 
@@ -465,6 +473,7 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
                 for t in cfg.trainers if cascade_arm.is_cascade(t)}
     plan = _dataset_plan(cfg, env)
     plan.cascades = cascades
+    plan.others = _other_dataset_arms(cfg, plan)
     _check_trained_arms(cfg, plan)
     _check_eval_cases(cfg, plan)
     return plan
@@ -472,7 +481,7 @@ def check_inputs(cfg: CompareConfig, lookup=lookup_trainers) -> _Plan:
 
 def _check_trainers(cfg: CompareConfig, env: dict, lookup) -> None:
     """Every trainer found by nnU-Net's lookup; with a budget, every trainer honours it."""
-    names = list(dict.fromkeys(cascade_arm.stage_trainer(t) if cascade_arm.is_cascade(t) else t
+    names = list(dict.fromkeys(cascade_arm.stage_trainer(t) if cascade_arm.is_cascade(t) else _arm_trainer(t)
                                for t in cfg.trainers))
     found = lookup(names, env)
     unknown = [t for t in names if not found.get(t, {}).get("found")]
@@ -494,11 +503,11 @@ def _check_trainers(cfg: CompareConfig, env: dict, lookup) -> None:
                 f"ExtBaselineTrainer (nnU-Net's default trainer + the budget variables), or drop the budget")
 
 
-def _dataset_plan(cfg: CompareConfig, env: dict) -> _Plan:
-    """The dataset's files (dataset.json, plans with the configuration preprocessed, the split holding every
-    fold, written with ``create_split``) and the report folder, as a :class:`_Plan`."""
-    name = dataset_name(cfg.dataset)
-    raw, pre, results = (Path(env[k]) for k in NNUNET_FOLDERS)
+def _dataset_files(cfg: CompareConfig, env: dict, dataset) -> tuple:
+    """A dataset's files: (name, file ending, channels, plans, split, notes), every one checked (dataset.json,
+    plans with the configuration preprocessed, the split holding every fold, written with ``create_split``)."""
+    name = dataset_name(dataset)
+    raw, pre = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"])
     ds_json_p = raw / name / "dataset.json"
     if not ds_json_p.is_file():
         raise FileNotFoundError(f"{ds_json_p} not found")
@@ -506,7 +515,7 @@ def _dataset_plan(cfg: CompareConfig, env: dict) -> _Plan:
     ending, channels = ds_json["file_ending"], len(ds_json["channel_names"])
     plans_p = pre / name / f"{cfg.plans}.json"
     if not plans_p.is_file():
-        raise FileNotFoundError(f"{plans_p} not found: run nnUNetv2_plan_and_preprocess -d {cfg.dataset} -c "
+        raise FileNotFoundError(f"{plans_p} not found: run nnUNetv2_plan_and_preprocess -d {dataset} -c "
                                 f"{cfg.configuration} first")
     plans_json = _read_json(plans_p)
     if cfg.configuration not in plans_json.get("configurations", {}):
@@ -515,7 +524,7 @@ def _dataset_plan(cfg: CompareConfig, env: dict) -> _Plan:
     ident = plans_json["configurations"][cfg.configuration].get("data_identifier",
                                                                   f"{cfg.plans}_{cfg.configuration}")
     if not (pre / name / ident).is_dir():
-        raise FileNotFoundError(f"{pre / name / ident} not found: run nnUNetv2_plan_and_preprocess -d {cfg.dataset} "
+        raise FileNotFoundError(f"{pre / name / ident} not found: run nnUNetv2_plan_and_preprocess -d {dataset} "
                                 f"-c {cfg.configuration} first")
     split_p = pre / name / "splits_final.json"
     if not split_p.is_file():
@@ -533,6 +542,13 @@ def _dataset_plan(cfg: CompareConfig, env: dict) -> _Plan:
     if missing:
         raise ValueError(f"missing split: fold(s) {missing} are not in {split_p} ({len(split)} fold(s)); nnU-Net "
                          f"would silently train them on a random 80:20 split")
+    return name, ending, channels, plans_json, split, notes
+
+
+def _dataset_plan(cfg: CompareConfig, env: dict) -> _Plan:
+    """The compared dataset's files (:func:`_dataset_files`) and the report folder, as a :class:`_Plan`."""
+    raw, pre, results = (Path(env[k]) for k in NNUNET_FOLDERS)
+    name, ending, channels, plans_json, split, notes = _dataset_files(cfg, env, cfg.dataset)
     report = Path(cfg.output or f"compare_{name}_{cfg.configuration}").resolve()
     from nnunet_ext.core.checks import check_writable_folder
 
@@ -540,12 +556,29 @@ def _dataset_plan(cfg: CompareConfig, env: dict) -> _Plan:
     return _Plan(name, env, raw, pre, results, report, ending, channels, split, plans_json, notes=notes)
 
 
+def _other_dataset_arms(cfg: CompareConfig, plan: _Plan) -> dict:
+    """The ``DATASET:TRAINER`` arms (:mod:`nnunet_ext.workflows.dataset_arm`), each dataset's files checked."""
+    others = {}
+    for t in cfg.trainers:
+        if not dataset_arm.is_other_dataset(t):
+            continue
+        dataset, trainer = dataset_arm.check_arm(t, plan.name, cfg.test_images is not None)
+        name, ending, channels, plans_json, split, notes = _dataset_files(cfg, plan.env, dataset)
+        dataset_arm.check_same_files(t, name, plan.name, plan.channels, plan.ending, channels, ending)
+        plan.notes += notes
+        others[t] = dataset_arm.DatasetArm(t, name, trainer, plans_json, split)
+    return others
+
+
 def _check_trained_arms(cfg: CompareConfig, plan: _Plan) -> None:
     """Arms trained already used the same plans, split and budget; which folds to train (or continue) and
     which to reuse go into ``plan``."""
-    plans_p, split_p = plan.pre / plan.name / f"{cfg.plans}.json", plan.pre / plan.name / "splits_final.json"
     budgets = {}
     for t in _single_arms(cfg):
+        other = plan.others.get(t)
+        name = other.dataset if other else plan.name
+        plans_p, split_p = plan.pre / name / f"{cfg.plans}.json", plan.pre / name / "splits_final.json"
+        plans_json, split = (other.plans_json, other.split) if other else (plan.plans_json, plan.split)
         mdir = _model_dir(plan, cfg, t)
         for f in cfg.folds:
             fd = mdir / f"fold_{f}"
@@ -555,13 +588,13 @@ def _check_trained_arms(cfg: CompareConfig, plan: _Plan) -> None:
                 plan.to_train.append((t, f, False))
                 continue
             mp = mdir / "plans.json"
-            if mp.is_file() and _read_json(mp) != plan.plans_json:
+            if mp.is_file() and _read_json(mp) != plans_json:
                 raise ValueError(f"arms trained with different plans: {mp} differs from {plans_p} (the dataset was "
                                  f"re-planned after {t} was trained); retrain {t} (delete {mdir}) or restore the plans")
             vd = fd / "validation"
             if final and vd.is_dir():
                 val = sorted(p.name[: -len(plan.ending)] for p in vd.iterdir() if p.name.endswith(plan.ending))
-                if val and val != sorted(plan.split[f]["val"]):
+                if val and val != sorted(split[f]["val"]):
                     raise ValueError(f"arms trained with different splits: {t} fold {f} was validated on {len(val)} "
                                      f"cases that are not fold {f}'s validation cases in {split_p}")
             seeded = trained_seed(fd)
@@ -662,11 +695,12 @@ def training_tasks(cfg: CompareConfig, plan: _Plan) -> list[dict]:
         broken = _model_dir(plan, cfg, t) / f"fold_{f}" / "checkpoint_final.pth"
         if broken.is_file() and not _whole_checkpoint(broken):  # cut off by a kill: nnU-Net would try to load it
             broken.unlink()
-        argv = [nnunet_command("nnUNetv2_train"), str(cfg.dataset), cfg.configuration, str(f), "-tr", t, "-p",
+        dataset = plan.others[t].dataset if t in plan.others else str(cfg.dataset)
+        argv = [nnunet_command("nnUNetv2_train"), dataset, cfg.configuration, str(f), "-tr", _arm_trainer(t), "-p",
                 cfg.plans, "-device", cfg.device]
         if resume:
             argv.append("--c")
-        tasks.append({"name": f"train_{t}_fold{f}", "argv": argv, "env": extra,
+        tasks.append({"name": f"train_{cascade_arm.folder_name(t)}_fold{f}", "argv": argv, "env": extra,
                       "done": str(_model_dir(plan, cfg, t) / f"fold_{f}" / "checkpoint_final.pth")})
     return tasks
 
@@ -1291,9 +1325,10 @@ def _report_header(cfg: CompareConfig, plan: _Plan, thresholds, cases, ref_count
                         f"all -c {cfg.configuration} -tr {cascade_arm.stage_trainer(t)} -p {cfg.plans} -f "
                         f"{' '.join(map(str, cfg.folds))} -device {cfg.device}")
             continue
+        dataset = plan.others[t].dataset if t in plan.others else cfg.dataset
         for f in cfg.folds:
-            cmds.append((budget_env + " " if budget_env else "") + " ".join(
-                [f"nnUNetv2_train {cfg.dataset} {cfg.configuration} {f} -tr {t} -p {cfg.plans} -device {cfg.device}"]))
+            cmds.append((budget_env + " " if budget_env else "") + f"nnUNetv2_train {dataset} {cfg.configuration} {f} "
+                        f"-tr {_arm_trainer(t)} -p {cfg.plans} -device {cfg.device}")
     for t in cfg.trainers:
         if cascade_arm.is_cascade(t):
             cmds.append(f"nnunet-ext consensus predict -d {cfg.dataset} -i {cfg.test_images} -o "
@@ -1301,8 +1336,9 @@ def _report_header(cfg: CompareConfig, plan: _Plan, thresholds, cases, ref_count
                         + (" --disable_tta" if cfg.disable_tta else "") + f" (consensus folds {list(cfg.folds)})")
             continue
         if cfg.test_images is not None:
-            cmds.append(f"nnunet-ext predict -i {cfg.test_images} -o {plan.report / 'arms' / t / 'test'} -d {cfg.dataset} "
-                        f"-c {cfg.configuration} -tr {t} -p {cfg.plans} -f {' '.join(map(str, cfg.folds))} "
+            dataset = plan.others[t].dataset if t in plan.others else cfg.dataset
+            cmds.append(f"nnunet-ext predict -i {cfg.test_images} -o {_arm_folder(plan, t) / 'test'} -d {dataset} "
+                        f"-c {cfg.configuration} -tr {_arm_trainer(t)} -p {cfg.plans} -f {' '.join(map(str, cfg.folds))} "
                         f"-device {cfg.device} --save_probabilities" + (" --disable_tta" if cfg.disable_tta else ""))
         else:
             for f in cfg.folds:

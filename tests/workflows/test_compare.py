@@ -412,3 +412,110 @@ def test_calibration_record_matches_the_thesis_ece_and_brier():
     out = calibration_on_indices(recs, np.array([[0, 1]]))
     assert out["ece"][0] == pytest.approx(ece(np.concatenate(p), np.concatenate(ref)))
     assert out["brier"][0] == pytest.approx(np.mean([np.mean((a - c) ** 2) for a, c in zip(p, soft)]))
+
+
+# ------------------------------------------------------------------------------- an arm on another dataset
+
+OTHER = 514  # a student-like dataset: other cases of the same phantom, same channel and file ending
+
+
+def test_dataset_arm_names():
+    from nnunet_ext.workflows import dataset_arm
+
+    assert dataset_arm.parse("584:SoftDiceTrainer") == ("584", "SoftDiceTrainer")
+    assert dataset_arm.parse("Dataset584_Student:SoftDiceTrainer") == ("Dataset584_Student", "SoftDiceTrainer")
+    assert dataset_arm.parse("cascade:ExtBaselineTrainer") is None and dataset_arm.parse("LSRTrainer") is None
+    with pytest.raises(ValueError, match="name the trainer after the dataset"):
+        dataset_arm.parse("584:")
+    assert cmp._arm_trainer("584:SoftDiceTrainer") == "SoftDiceTrainer" and cmp._arm_trainer("LSRTrainer") == "LSRTrainer"
+
+
+@pytest.fixture(scope="module")
+def other_dataset(phantom):
+    from nnunet_ext.core.paths import nnunet_command
+    from nnunet_ext.data.phantom import PhantomConfig, write_phantom_dataset
+
+    work, env, root = phantom
+    other = write_phantom_dataset(env["nnUNet_raw"], OTHER, 7, PhantomConfig(shape=(32, 32, 32), empty_fraction=0.0,
+                                                                             seed=9), progress=False)
+    subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(OTHER), "-c", "2d", "-np", "2"],
+                   env=env, check=True, capture_output=True)
+    return other
+
+
+@pytest.mark.slow
+def test_dataset_arm_refusals(nnunet_environ, other_dataset, tmp_path):
+    work, env, root = nnunet_environ
+    arm = f"{OTHER}:ExtBaselineTrainer"
+    split = work / "nnUNet_preprocessed" / other_dataset.name / "splits_final.json"
+    if split.exists():
+        split.unlink()
+    # validation folds of two datasets are not the same cases
+    with pytest.raises(NotImplementedError, match=f"validation-fold evaluation with the arm {arm}"):
+        cmp.compare(_cfg(root, tmp_path / "r", trainers=["ExtBaselineTrainer", arm], test_images=None,
+                         test_labels=None, create_split=True))
+    # the compared dataset itself, and a dataset that does not exist
+    with pytest.raises(ValueError, match="is the compared dataset"):
+        cmp.compare(_cfg(root, tmp_path / "r", trainers=["ExtBaselineTrainer", f"{DATASET}:ExtBaselineTrainer"],
+                         create_split=True))
+    with pytest.raises(FileNotFoundError, match="dataset 515"):
+        cmp.compare(_cfg(root, tmp_path / "r", trainers=["ExtBaselineTrainer", "515:ExtBaselineTrainer"],
+                         create_split=True))
+    # the other dataset needs a split too (written only with --create-split)
+    with pytest.raises(FileNotFoundError, match=f"missing split: .*{other_dataset.name}"):
+        cmp.compare(_cfg(root, tmp_path / "r", trainers=["ExtBaselineTrainer", arm]))
+    assert not split.exists()
+    # another channel count: the test images fit one dataset only
+    ds_json = other_dataset / "dataset.json"
+    saved = ds_json.read_text()
+    d = json.loads(saved)
+    d["channel_names"] = {"0": "FLAIR", "1": "T1"}
+    ds_json.write_text(json.dumps(d))
+    try:
+        with pytest.raises(ValueError, match="has 2 channel\\(s\\).*1"):
+            cmp.compare(_cfg(root, tmp_path / "r", trainers=["ExtBaselineTrainer", arm], create_split=True))
+    finally:
+        ds_json.write_text(saved)
+    assert not any(work.glob(f"nnUNet_results/Dataset{OTHER}_*/*/fold_0/checkpoint_*.pth")), "nothing may train"
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_dataset_arm_end_to_end(nnunet_environ, other_dataset, tmp_path, capsys):
+    """An arm trained on another dataset: trained there on that dataset's split with the same budget, predicted on
+    the compared dataset's test cases through the model contract, reused on a re-run."""
+    from scipy import ndimage
+
+    from nnunet_ext.core.io import read_image
+    from nnunet_ext.inference.predict import predict
+
+    work, env, root = nnunet_environ
+    arm = f"{OTHER}:ExtBaselineTrainer"
+    out = tmp_path / "report"
+    report = cmp.compare(_cfg(root, out, trainers=["ExtBaselineTrainer", arm], create_split=True))
+    mdir = work / "nnUNet_results" / other_dataset.name / "ExtBaselineTrainer__nnUNetPlans__2d"
+    assert (mdir / "fold_0" / "checkpoint_final.pth").is_file()
+    split = json.loads((work / "nnUNet_preprocessed" / other_dataset.name / "splits_final.json").read_text())
+    val = sorted(p.name[:-7] for p in (mdir / "fold_0" / "validation").glob("*.nii.gz"))
+    assert val == sorted(split[0]["val"])  # trained on its own dataset's fold 0
+    assert cmp.trained_budget(mdir / "fold_0")["iterations"] == 2
+    assert report["arms"][arm]["model"]["dataset"] == other_dataset.name
+    assert any(c.startswith(f"NNUNET_EXT_NUM_EPOCHS=1 NNUNET_EXT_ITERATIONS=2 NNUNET_EXT_VAL_ITERATIONS=1 "
+                            f"nnUNetv2_train {other_dataset.name} 2d 0 -tr ExtBaselineTrainer")
+               for c in report["commands"]), report["commands"]
+    # the arm's masks are what the other dataset's model predicts, and its counts are scipy's
+    direct = tmp_path / "direct"
+    predict(str(root / "imagesTs"), str(direct), dataset=str(OTHER), configuration="2d", trainer="ExtBaselineTrainer",
+            folds=[0], options={"device": "cpu", "save_probabilities": True})
+    counts = json.loads((out / "arms" / f"{OTHER}_ExtBaselineTrainer" / "test_counts.json").read_text())["cases"]
+    for case in report["cases"]:
+        mine = read_image(out / "arms" / f"{OTHER}_ExtBaselineTrainer" / "test" / f"{case}.nii.gz")[0]
+        assert np.array_equal(mine, read_image(direct / f"{case}.nii.gz")[0])
+        ref = read_image(root / "labelsTs" / f"{case}.nii.gz")[0] == 1
+        lab, n = ndimage.label(ref, np.ones((3, 3, 3)))
+        hit = {int(v) for v in np.unique(lab[mine == 1]) if v}
+        assert counts[case]["model"]["ref_lesions"] == n and counts[case]["model"]["lesion_tp"] == len(hit)
+    capsys.readouterr()
+    cmp.compare(_cfg(root, out, trainers=["ExtBaselineTrainer", arm]))
+    printed = capsys.readouterr().out
+    assert f"{arm}: fold(s) [0] trained already" in printed and printed.count("prediction exists, reused") == 2
