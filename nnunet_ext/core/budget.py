@@ -67,3 +67,19 @@ def trained_seed(fold_dir: Path) -> int | None:
     except (ValueError, AttributeError):
         return None
     return seed if isinstance(seed, int) else None
+
+
+def training_mismatch(fold_dir: Path, budget: dict, train_seed: int | None) -> str | None:
+    """How the fold in ``fold_dir`` was trained against what is requested -- ``budget`` (its ``epochs`` and
+    ``iterations``) and ``train_seed`` (checked when not None) --, as a phrase ("has 40 epochs x 20 iterations,
+    requested ..."); None when it matches or nothing is recorded."""
+    if train_seed is not None:
+        seeded = trained_seed(fold_dir)
+        if seeded != train_seed:
+            return ("was trained without a training seed" if seeded is None else
+                    f"was trained with training seed {seeded}") + f", requested training seed {train_seed}"
+    b = trained_budget(fold_dir)
+    want = {k: v for k, v in budget.items() if k in ("epochs", "iterations")}
+    if b is not None and any(b[k] != v for k, v in want.items()):
+        return f"has {b['epochs']} epochs x {b['iterations']} iterations, requested {want}"
+    return None

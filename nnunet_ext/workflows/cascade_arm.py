@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunet_ext.core.budget import BUDGET_VARIABLES, SEED_VARIABLE, trained_budget, trained_seed
+from nnunet_ext.core.budget import BUDGET_VARIABLES, SEED_VARIABLE, training_mismatch
 
 PREFIX = "cascade:"
 
@@ -97,14 +97,10 @@ def check(arm: str, dataset, configuration: str, plans: str, folds, budget: dict
         if trained:
             c = ModelRef(state["stage2"]["name"], configuration, trainer, plans)
             dirs += [c.folder(must_exist=False) / f"fold_{f}" for f in folds]
-        want = {k: v for k, v in budget.items() if k in ("epochs", "iterations")}
         for d in dirs:
-            b = trained_budget(d)
-            if b is not None and any(b[k] != v for k, v in want.items()):
-                raise ValueError(f"arms trained with a different budget: {d} (cascade arm {arm}) has {b['epochs']} "
-                                 f"epochs x {b['iterations']} iterations, requested {want}")
-            if train_seed is not None and trained_seed(d) != train_seed:
-                raise ValueError(f"{d} (cascade arm {arm}) was not trained with training seed {train_seed}")
+            why = training_mismatch(d, budget, train_seed)
+            if why:
+                raise ValueError(f"arms trained with a different budget or seed: {d} (cascade arm {arm}) {why}")
     return CascadeArm(arm, trainer, state, trained)
 
 

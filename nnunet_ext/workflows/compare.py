@@ -42,7 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
-from nnunet_ext.core.budget import trained_budget, trained_seed  # noqa: F401 (part of this module's interface)
+from nnunet_ext.core.budget import training_mismatch, trained_budget, trained_seed  # noqa: F401 (part of this module's interface)
 from nnunet_ext.core.io import read_geometry, read_image
 from nnunet_ext.metrics.soft import calibration_on_indices, calibration_record
 from nnunet_ext.metrics.lesions import DEFAULT_BINS, LesionRule, bin_name, label_components, lesion_rates
@@ -597,18 +597,13 @@ def _check_trained_arms(cfg: CompareConfig, plan: _Plan) -> None:
                 if val and val != sorted(split[f]["val"]):
                     raise ValueError(f"arms trained with different splits: {t} fold {f} was validated on {len(val)} "
                                      f"cases that are not fold {f}'s validation cases in {split_p}")
-            seeded = trained_seed(fd)
-            if cfg.train_seed is not None and seeded != cfg.train_seed:
-                raise ValueError(f"{t} fold {f} was trained " + ("without a training seed" if seeded is None else
-                                 f"with training seed {seeded}") + f", requested --train-seed {cfg.train_seed}: "
-                                 f"retrain it (delete {fd}) or drop --train-seed")
+            why = training_mismatch(fd, cfg.budget, cfg.train_seed)
+            if why:
+                raise ValueError(f"arms trained with a different budget or seed: {t} fold {f} {why}; retrain it "
+                                 f"(delete {fd}) or ask for what it was trained with")
             b = trained_budget(fd)
             if b is not None:
                 budgets[(t, f)] = b
-                want = {k: v for k, v in cfg.budget.items() if k in ("epochs", "iterations")}
-                if any(b[k] != v for k, v in want.items()):
-                    raise ValueError(f"arms trained with a different budget: {t} fold {f} has {b['epochs']} epochs x "
-                                     f"{b['iterations']} iterations, requested {want}")
             if final:
                 plan.reused.setdefault(t, []).append(f)
             else:

@@ -51,6 +51,23 @@ def _batches(seed, n=6):
         aug._finish()
 
 
+def test_training_mismatch_reads_what_the_fold_recorded(tmp_path):
+    from nnunet_ext.core.budget import training_mismatch
+
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    assert training_mismatch(fold, {"epochs": 3}, 7) is not None  # nothing recorded: not seeded
+    assert training_mismatch(fold, {"epochs": 3}, None) is None  # no budget recorded, no seed asked
+    (fold / "debug.json").write_text(json.dumps({"num_epochs": "40", "num_iterations_per_epoch": "20"}))
+    (fold / "nnunet_ext_settings.json").write_text(json.dumps({"seed": 5}))
+    assert training_mismatch(fold, {"epochs": 40, "iterations": 20, "val_iterations": 9}, 5) is None
+    assert training_mismatch(fold, {"epochs": 40, "iterations": 10}, None) == \
+        "has 40 epochs x 20 iterations, requested {'epochs': 40, 'iterations': 10}"
+    assert training_mismatch(fold, {}, 6) == "was trained with training seed 5, requested training seed 6"
+    (fold / "nnunet_ext_settings.json").write_text(json.dumps({}))
+    assert training_mismatch(fold, {}, 6) == "was trained without a training seed, requested training seed 6"
+
+
 def test_seeded_worker_augmentation_fixes_the_batches_of_nnunets_workers():
     """Two workers, as nnU-Net builds them: the same seed gives the same batches in the same order, another
     seed other batches; the two workers draw different torch and python numbers (forked workers would share the
