@@ -18,7 +18,7 @@
 #                                   alpha 0.3, voxel threshold 0.3, case threshold 100, pseudo-labels m >= 0.5
 #                                   with a 0.5 soft rim of 1 mm: Table 6's "pseudo-labels + soft labels"), the
 #                                   labelled cases keeping their soft labels; pseudo-labelled cases are in
-#                                   training only
+#                                   training only; planned with the teacher's plans (same network and batch)
 # Scored against each rater of the held-out cases (ratersTs/rater1, ratersTs/rater2) and the phantom's truth;
 # predictions without mirroring, made once and reused by the later reports. Resumable: run it again after an
 # interruption.
@@ -75,8 +75,18 @@ SDS=$nnUNet_raw/Dataset${S}_$SNAME
 [ -f "$SDS/dataset.json" ] && [ -f "$SDS/splits_final.json" ] || \
   "$BIN/nnunet-ext" pseudolabel -d "$D" -c 2d -tr SoftDiceTrainer -f 0 -i "$UNL" --student "Dataset${S}_$SNAME" \
       --alpha 0.3 --vpt 0.3 --tst 100 --soft-rim 0.5 --soft-rim-mm 1 -device "$DEVICE" -npp "$NPROC" -nps "$NPROC"
+# the student gets the teacher's plans: nnU-Net would plan the larger dataset with a 3.4x larger 2d batch
+# (its batch is capped at 5 % of the dataset's voxels, which binds on these small phantoms, not on real scans),
+# so the arms would differ in more than their training data
 SPRE=$nnUNet_preprocessed/Dataset${S}_$SNAME
-[ -d "$SPRE/nnUNetPlans_2d" ] || "$BIN/nnUNetv2_plan_and_preprocess" -d "$S" -c 2d -np "$NPROC" > "$W/plan_student.log" 2>&1
+if [ ! -f "$SPRE/teacher_plans.done" ]; then
+  rm -rf "$SPRE"
+  "$BIN/nnUNetv2_extract_fingerprint" -d "$S" -np "$NPROC" > "$W/plan_student.log" 2>&1
+  "$BIN/nnUNetv2_move_plans_between_datasets" -s "$D" -t "$S" -sp nnUNetPlans -tp nnUNetPlans >> "$W/plan_student.log" 2>&1
+  "$BIN/nnUNetv2_preprocess" -d "$S" -plans_name nnUNetPlans -c 2d -np "$NPROC" >> "$W/plan_student.log" 2>&1
+  cp "$SDS/splits_final.json" "$SPRE/splits_final.json"  # the pseudo-labelled cases in training only
+  touch "$SPRE/teacher_plans.done"
+fi
 [ -d "$SPRE/nnUNetPlans_2d/nnunet_ext_soft" ] || "$BIN/nnunet-ext" preprocess-soft -d "$S" -c 2d
 # 3. teacher, student and baseline on the held-out cases, against each rater and the truth
 ARMS=(SoftDiceTrainer "$S:SoftDiceTrainer" ExtBaselineTrainer)
