@@ -83,6 +83,7 @@ if [ ! -f "$SPRE/teacher_plans.done" ]; then
   rm -rf "$SPRE"
   "$BIN/nnUNetv2_extract_fingerprint" -d "$S" -np "$NPROC" > "$W/plan_student.log" 2>&1
   "$BIN/nnUNetv2_move_plans_between_datasets" -s "$D" -t "$S" -sp nnUNetPlans -tp nnUNetPlans >> "$W/plan_student.log" 2>&1
+  cp "$SDS/dataset.json" "$SPRE/dataset.json"  # what the planner would have copied
   "$BIN/nnUNetv2_preprocess" -d "$S" -plans_name nnUNetPlans -c 2d -np "$NPROC" >> "$W/plan_student.log" 2>&1
   cp "$SDS/splits_final.json" "$SPRE/splits_final.json"  # the pseudo-labelled cases in training only
   touch "$SPRE/teacher_plans.done"
