@@ -197,6 +197,7 @@ def _tiny(text):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # every runnable example of the docs on the phantom (about 140 s): CI's heavy part
 def test_runnable_examples_run(tmp_path):
     """Each block marked as run, as a bash script in a fresh folder (the package's console commands on PATH),
     with the phantom and budget made tiny; every JSON it writes with ``-o`` exists and holds results."""

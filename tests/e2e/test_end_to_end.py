@@ -218,6 +218,7 @@ def _pseudo(env, root, out_name, *extra):
                            "-device", "cpu", *extra], env, ok=False)
 
 
+@pytest.mark.heavy  # pseudo-labelling run, killed, resumed and sharded (about 50 s): CI's heavy part
 def test_pseudolabel_student_shards_and_resume(planned, tmp_path):
     work, env, root = planned
     if not (work / "nnUNet_results" / root.name / "ExtBaselineTrainer__nnUNetPlans__2d" / "fold_0" /

@@ -222,6 +222,7 @@ def _check_outputs(pred, cases, soft_ref):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a training and two predictions (about 25 s): CI's heavy part
 def test_predict_uncertainty_and_lesion_table_end_to_end(planned_phantom, tmp_path):
     from conftest import PLANNED_ID, run_nnunet
     from nnunet_ext.core.paths import nnunet_command

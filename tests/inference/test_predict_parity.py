@@ -22,6 +22,7 @@ def _same_image(a, b) -> None:
     assert np.array_equal(sitk.GetArrayFromImage(ia), sitk.GetArrayFromImage(ib)), (a, b)
 
 
+@pytest.mark.heavy  # a training, nnUNetv2_predict and four predictions (about 30 s): CI's heavy part
 def test_predict_matches_nnunetv2_predict_and_parts_cover_every_case(planned_phantom, tmp_path):
     from conftest import PLANNED_ID, run_nnunet
     from nnunet_ext.core.paths import nnunet_command

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 sh = run_nnunet  # real nnU-Net commands, in this process
 
 
+@pytest.mark.heavy  # native-resolution planning, a training and a prediction (about 20 s): CI's heavy part
 def test_lsr_film_at_native_resolution(planned_phantom, tmp_path):
     work, env, root = planned_phantom
     sh([nnunet_command("nnunet-ext"), "plan-native", "-d", PLANNED_ID, "-c", "3d_fullres", "-np", "2"], env)

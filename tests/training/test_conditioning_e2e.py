@@ -123,6 +123,7 @@ def test_missing_cohort_fails_training(planned, tmp_path):
     assert r.returncode != 0 and "have no cohort in" in r.stdout + r.stderr and "phantom_003" in r.stdout + r.stderr
 
 
+@pytest.mark.heavy  # two trainings and predictions (about 35 s): CI's heavy part
 def test_norm_only_fine_tuning_of_a_new_cohort(planned, tmp_path):
     work, env, root = planned
     pre = train(planned, "SCINTrainer") if not (

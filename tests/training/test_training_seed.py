@@ -105,6 +105,7 @@ def _final_weights(results):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # three trainings (about 55 s): CI's heavy part
 def test_same_seed_same_weights_other_seed_other_weights(planned_phantom, tmp_path):
     """ExtBaselineTrainer, 2 epochs x 3 iterations, trained three times in fresh processes with nnU-Net's
     multi-process data augmentation (nnUNet_n_proc_DA=2, seeded workers): seeds 7, 7 and 8. The two seed-7 runs

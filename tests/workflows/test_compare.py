@@ -444,6 +444,7 @@ def other_dataset(phantom):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a second planned dataset and five checked compare runs (about 55 s): CI's heavy part
 def test_dataset_arm_refusals(nnunet_environ, other_dataset, tmp_path):
     work, env, root = nnunet_environ
     arm = f"{OTHER}:ExtBaselineTrainer"

@@ -59,6 +59,7 @@ def cascade(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the McGill cascade of the module fixture (about 125 s to train), shared with the other heavy tests here: CI's heavy part
 def test_split_raters_datasets(cascade):
     work, env, src = cascade
     state = json.loads((src / "consensus.json").read_text())
@@ -74,6 +75,7 @@ def test_split_raters_datasets(cascade):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the McGill cascade of the module fixture (about 125 s to train), shared with the other heavy tests here: CI's heavy part
 def test_stage_all_plans_every_dataset_at_native_resolution_and_trains_it(cascade):
     """`consensus train --stage all -p nnUNetPlans_native`: both rater datasets and the stage-2 dataset have
     native plans (2d marked native) and native preprocessed cases, and every model was trained on them."""
@@ -110,6 +112,7 @@ def test_stage_all_plans_every_dataset_at_native_resolution_and_trains_it(cascad
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the McGill cascade of the module fixture (about 125 s to train), shared with the other heavy tests here: CI's heavy part
 def test_stage2_inputs_are_out_of_fold(cascade):
     """Leakage test: the stage-2 rater channels of each training case come from the fold model that held
     it out (by construction: provenance, the split nnU-Net used, and the values themselves)."""
@@ -148,6 +151,7 @@ def test_stage2_inputs_are_out_of_fold(cascade):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the McGill cascade of the module fixture (about 125 s to train), shared with the other heavy tests here: CI's heavy part
 def test_cascade_end_to_end(cascade, tmp_path):
     work, env, src = cascade
     out = tmp_path / "pred"

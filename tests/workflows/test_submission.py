@@ -344,6 +344,7 @@ def _challenge_input(models, challenge, dest):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the trained models of the module fixture (about 95 s to build), shared with the other heavy tests here: CI's heavy part
 @pytest.mark.parametrize("challenge,dataset,output", [("generic", "521", "phantom_005.nii.gz"),
                                                       ("wmh2017", "521", "result.nii.gz"),
                                                       ("msseg2", "521", "new_lesions.nii.gz"),
@@ -383,6 +384,7 @@ def test_challenge_layouts_build_and_pass(models, tmp_path, capsys, challenge, d
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the trained models of the module fixture (about 95 s to build), shared with the other heavy tests here: CI's heavy part
 def test_geometry_mismatch_is_caught(models, tmp_path, capsys):
     sub = _build(models, "521", "wmh2017", tmp_path / "sub")
     # an entrypoint that writes the right names but loses the origin
@@ -399,6 +401,7 @@ def test_geometry_mismatch_is_caught(models, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the trained models of the module fixture (about 95 s to build), shared with the other heavy tests here: CI's heavy part
 def test_build_refusals(models, tmp_path):
     mdir = _model_dir(models, "522")
     before = _digest(mdir)
@@ -422,6 +425,7 @@ def test_build_refusals(models, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the trained models of the module fixture (about 95 s to build), shared with the other heavy tests here: CI's heavy part
 def test_scin_model_is_packaged_with_its_cohort(models, tmp_path):
     mdir = _model_dir(models, "521", "SCINTrainer")
     r = _build(models, "521", "wmh2017", tmp_path / "s", trainer="SCINTrainer", ok=False)
@@ -440,6 +444,7 @@ def test_scin_model_is_packaged_with_its_cohort(models, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the trained models of the module fixture (about 95 s to build), shared with the other heavy tests here: CI's heavy part
 @pytest.mark.parametrize("trainer,cohort", [("SCINTrainer", "cohort1_no_small"), ("ResolutionFiLMTrainer", None)])
 def test_conditioned_submission_predicts_like_nnunet_ext_predict(models, tmp_path, trainer, cohort):
     extra = ("--cohort", cohort) if cohort else ()
