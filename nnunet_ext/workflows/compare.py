@@ -565,7 +565,8 @@ def _other_dataset_arms(cfg: CompareConfig, plan: _Plan) -> dict:
         dataset, trainer = dataset_arm.check_arm(t, plan.name, cfg.test_images is not None)
         name, ending, channels, plans_json, split, notes = _dataset_files(cfg, plan.env, dataset)
         dataset_arm.check_same_files(t, name, plan.name, plan.channels, plan.ending, channels, ending)
-        plan.notes += notes
+        plan.notes += notes + [f"{t} trains on fold(s) {list(cfg.folds)} of its own dataset's split, "
+                               f"{Path(plan.env['nnUNet_preprocessed']) / name / 'splits_final.json'}"]
         others[t] = dataset_arm.DatasetArm(t, name, trainer, plans_json, split)
     return others
 

@@ -501,6 +501,8 @@ def test_dataset_arm_end_to_end(nnunet_environ, other_dataset, tmp_path, capsys)
     assert val == sorted(split[0]["val"])  # trained on its own dataset's fold 0
     assert cmp.trained_budget(mdir / "fold_0")["iterations"] == 2
     assert report["arms"][arm]["model"]["dataset"] == other_dataset.name
+    split_file = work / "nnUNet_preprocessed" / other_dataset.name / "splits_final.json"
+    assert f"{arm} trains on fold(s) [0] of its own dataset's split, {split_file}" in report["notes"]
     assert any(c.startswith(f"NNUNET_EXT_NUM_EPOCHS=1 NNUNET_EXT_ITERATIONS=2 NNUNET_EXT_VAL_ITERATIONS=1 "
                             f"nnUNetv2_train {other_dataset.name} 2d 0 -tr ExtBaselineTrainer")
                for c in report["commands"]), report["commands"]
