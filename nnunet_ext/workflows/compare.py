@@ -433,6 +433,11 @@ def _arm_trainer(arm: str) -> str:
     return parsed[1] if parsed else arm
 
 
+def _arm_dataset(p: _Plan, cfg: CompareConfig, arm: str) -> str:
+    """The dataset an arm trains on, as its commands name it: another dataset's name, else ``-d`` as given."""
+    return p.others[arm].dataset if arm in p.others else str(cfg.dataset)
+
+
 def _model_ref(p: _Plan, cfg: CompareConfig, arm: str, folds=None) -> ModelRef:
     name = p.others[arm].dataset if arm in p.others else p.name
     return ModelRef(name, cfg.configuration, _arm_trainer(arm), cfg.plans, folds)
@@ -566,7 +571,7 @@ def _other_dataset_arms(cfg: CompareConfig, plan: _Plan) -> dict:
         name, ending, channels, plans_json, split, notes = _dataset_files(cfg, plan.env, dataset)
         dataset_arm.check_same_files(t, name, plan.name, plan.channels, plan.ending, channels, ending)
         plan.notes += notes + [f"{t} trains on fold(s) {list(cfg.folds)} of its own dataset's split, "
-                               f"{Path(plan.env['nnUNet_preprocessed']) / name / 'splits_final.json'}"]
+                               f"{plan.pre / name / 'splits_final.json'}"]
         others[t] = dataset_arm.DatasetArm(t, name, trainer, plans_json, split)
     return others
 
@@ -691,8 +696,7 @@ def training_tasks(cfg: CompareConfig, plan: _Plan) -> list[dict]:
         broken = _model_dir(plan, cfg, t) / f"fold_{f}" / "checkpoint_final.pth"
         if broken.is_file() and not _whole_checkpoint(broken):  # cut off by a kill: nnU-Net would try to load it
             broken.unlink()
-        dataset = plan.others[t].dataset if t in plan.others else str(cfg.dataset)
-        argv = [nnunet_command("nnUNetv2_train"), dataset, cfg.configuration, str(f), "-tr", _arm_trainer(t), "-p",
+        argv = [nnunet_command("nnUNetv2_train"), _arm_dataset(plan, cfg, t), cfg.configuration, str(f), "-tr", _arm_trainer(t), "-p",
                 cfg.plans, "-device", cfg.device]
         if resume:
             argv.append("--c")
@@ -1321,9 +1325,8 @@ def _report_header(cfg: CompareConfig, plan: _Plan, thresholds, cases, ref_count
                         f"all -c {cfg.configuration} -tr {cascade_arm.stage_trainer(t)} -p {cfg.plans} -f "
                         f"{' '.join(map(str, cfg.folds))} -device {cfg.device}")
             continue
-        dataset = plan.others[t].dataset if t in plan.others else cfg.dataset
         for f in cfg.folds:
-            cmds.append((budget_env + " " if budget_env else "") + f"nnUNetv2_train {dataset} {cfg.configuration} {f} "
+            cmds.append((budget_env + " " if budget_env else "") + f"nnUNetv2_train {_arm_dataset(plan, cfg, t)} {cfg.configuration} {f} "
                         f"-tr {_arm_trainer(t)} -p {cfg.plans} -device {cfg.device}")
     for t in cfg.trainers:
         if cascade_arm.is_cascade(t):
@@ -1332,8 +1335,8 @@ def _report_header(cfg: CompareConfig, plan: _Plan, thresholds, cases, ref_count
                         + (" --disable_tta" if cfg.disable_tta else "") + f" (consensus folds {list(cfg.folds)})")
             continue
         if cfg.test_images is not None:
-            dataset = plan.others[t].dataset if t in plan.others else cfg.dataset
-            cmds.append(f"nnunet-ext predict -i {cfg.test_images} -o {_arm_folder(plan, t) / 'test'} -d {dataset} "
+            cmds.append(f"nnunet-ext predict -i {cfg.test_images} -o {_arm_folder(plan, t) / 'test'} "
+                        f"-d {_arm_dataset(plan, cfg, t)} "
                         f"-c {cfg.configuration} -tr {_arm_trainer(t)} -p {cfg.plans} -f {' '.join(map(str, cfg.folds))} "
                         f"-device {cfg.device} --save_probabilities" + (" --disable_tta" if cfg.disable_tta else ""))
         else:
