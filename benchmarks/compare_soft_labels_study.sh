@@ -41,17 +41,6 @@ fi
 [ -d "$PRE/nnUNetPlans_2d/nnunet_ext_soft" ] || "$BIN/nnunet-ext" preprocess-soft -d "$D" -c 2d
 [ -d "$PRE/nnUNetPlans_2d/nnunet_ext_raters" ] || "$BIN/nnunet-ext" preprocess-soft -d "$D" -c 2d --raters
 read -r -a ARMS <<< "${ARMS:-ExtBaselineTrainer RaterUnionTrainer SoftDiceTrainer}"
-run_compare() {  # $1 report name, $2 reference labels of the held-out cases
-  local out=$W/report_${EPOCHS}x${ITERS}_${DEVICE}_$1
-  if [ ! -d "$out" ] && [ -n "${FIRST:-}" ] && [ -d "$FIRST" ]; then
-    cp -r "$FIRST" "$out"  # the predictions of the first report are reused (same checkpoints, same images)
-    rm -f "$out"/report.*
-  fi
-  "$BIN/nnunet-ext" compare -d "$D" -c 2d -tr "${ARMS[@]}" -f 0 --epochs "$EPOCHS" --iterations "$ITERS" \
-      --val-iterations 4 -device "$DEVICE" -np "$NPROC" --test-images "$DS/imagesTs" --test-labels "$2" \
-      --create-split --disable_tta -o "$out"
-  FIRST=${FIRST:-$out}
-}
-run_compare rater1 "$DS/ratersTs/rater1"
-run_compare rater2 "$DS/ratersTs/rater2"
-run_compare truth "$DS/labelsTs"
+run_compare rater1 "$DS/ratersTs/rater1" "${ARMS[@]}"
+run_compare rater2 "$DS/ratersTs/rater2" "${ARMS[@]}"
+run_compare truth "$DS/labelsTs" "${ARMS[@]}"

@@ -54,18 +54,6 @@ fi
     --images "$DS/imagesTr" --raters "$DS/ratersTr/rater1" "$DS/ratersTr/rater2" -o "$DS/softlabelsTr"
 [ -d "$PRE/nnUNetPlans_2d" ] || "$BIN/nnUNetv2_plan_and_preprocess" -d "$D" -c 2d -np "$NPROC" > "$W/plan.log" 2>&1
 [ -d "$PRE/nnUNetPlans_2d/nnunet_ext_soft" ] || "$BIN/nnunet-ext" preprocess-soft -d "$D" -c 2d
-run_compare() {  # $1 report name, $2 reference labels of the held-out cases, $3... arms
-  local out=$W/report_${EPOCHS}x${ITERS}_${DEVICE}_$1 ref=$2
-  shift 2
-  if [ ! -d "$out" ] && [ -n "${FIRST:-}" ] && [ -d "$FIRST" ]; then
-    cp -r "$FIRST" "$out"  # the predictions of the first report are reused (same checkpoints, same images)
-    rm -f "$out"/report.*
-  fi
-  "$BIN/nnunet-ext" compare -d "$D" -c 2d -tr "$@" -f 0 --epochs "$EPOCHS" --iterations "$ITERS" \
-      --val-iterations 4 -device "$DEVICE" -np "$NPROC" --test-images "$DS/imagesTs" --test-labels "$ref" \
-      --create-split --disable_tta -o "$out"
-  FIRST=$out  # the next report starts from this one's predictions
-}
 # 1. the teacher (and the intersection baseline), trained through compare
 [ -f "$W/report_${EPOCHS}x${ITERS}_${DEVICE}_teacher/report.json" ] || \
   run_compare teacher "$DS/ratersTs/rater1" SoftDiceTrainer ExtBaselineTrainer

@@ -8,3 +8,20 @@ BIN=$(dirname "$(realpath "${BASH_SOURCE[0]}")")/../.venv/bin
 export nnUNet_raw=$W/raw nnUNet_preprocessed=$W/pre nnUNet_results=$W/res
 export nnUNet_def_n_proc=$NPROC nnUNet_n_proc_DA=$NPROC
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
+
+# run_compare NAME REF ARM...: `nnunet-ext compare` of dataset D's arms on the held-out cases DS/imagesTs
+# against the labels in REF, EPOCHS x ITERS iterations on fold 0, report in W/report_<EPOCHS>x<ITERS>_<DEVICE>_NAME.
+# A new report starts from the previous report's predictions (same checkpoints, same images), so only the
+# arms it adds are predicted and only the scores are computed again.
+run_compare() {
+  local out=$W/report_${EPOCHS}x${ITERS}_${DEVICE}_$1 ref=$2
+  shift 2
+  if [ ! -d "$out" ] && [ -n "${FIRST:-}" ] && [ -d "$FIRST" ]; then
+    cp -r "$FIRST" "$out"
+    rm -f "$out"/report.*
+  fi
+  "$BIN/nnunet-ext" compare -d "$D" -c 2d -tr "$@" -f 0 --epochs "$EPOCHS" --iterations "$ITERS" \
+      --val-iterations 4 -device "$DEVICE" -np "$NPROC" --test-images "$DS/imagesTs" --test-labels "$ref" \
+      --create-split --disable_tta -o "$out"
+  FIRST=$out
+}

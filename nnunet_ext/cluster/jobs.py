@@ -81,7 +81,22 @@ def format_status(st: dict) -> str:
             job = f"  job {r['job']}" if r.get("job") else ""
             log = f"  log {r['log']}" if r["state"] in ("failed", "running") else ""
             lines.append(f"  {name:<28} {r['state']:<8}{job}{extra}{log}")
+            if r["state"] == "failed" and r.get("log") and (last := _last_line(r["log"])):
+                lines.append(f"  {'':<28} {last}")
     return "\n".join(lines)
+
+
+def _last_line(log, width: int = 300) -> str:
+    """The last line a failed task printed (its one-line error; the launcher's own ``=== TASK: ...`` lines
+    are skipped), shortened to ``width``."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 8192))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip() and not ln.startswith("=== ")]
+    return lines[-1][:width] if lines else ""
 
 
 def resume(workdir, dry_run: bool = False) -> dict:

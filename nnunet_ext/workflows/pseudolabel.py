@@ -359,10 +359,11 @@ def pseudolabel(teacher, unlabeled_dir, output_dataset: str, options: Pseudolabe
                 "cases": {c: json.loads((done_dir / f"{c}.json").read_text()) for c in mine}}
         atomic_write_text(root / f"provenance_part{part_id}of{num_parts}.json", json.dumps(prov, indent=1))
         _merge_provenance(root, prov)
-        if all((done_dir / f"{c}.json").exists() for c in st.unlabeled):  # every shard done: nnU-Net may use it
-            _write_dataset_json(root, st.teacher_ds, o.ignore_uncertain)
-            student_split(root, st.teacher_raw, st.ending, o.progress)
-        elif o.progress:
+        # the last part to finish writes dataset.json and the split; a shard whose cases are all done but whose
+        # provenance is not yet written counts as unfinished (its pseudo-labels are not yet known as such)
+        finished = all((done_dir / f"{c}.json").exists() for c in st.unlabeled) and \
+            _finish(root, num_parts, st.teacher_ds, st.teacher_raw, o.progress) is not None
+        if not finished and o.progress:
             print(f"pseudolabel part {part_id}/{num_parts} done; dataset.json is written when every part has finished")
         return prov
 
@@ -417,28 +418,47 @@ def _merge_provenance(root: Path, prov: dict) -> None:
 
 
 def merge_parts(output_dataset: str, num_parts: int) -> dict:
-    """After all ``num_parts`` shards finished: ``provenance.json`` and ``dataset.json`` of the student
-    dataset from every part's ``provenance_part<K>of<N>.json`` (the launcher's last step; each shard also
-    updates them, but concurrent shards only see what had finished). Returns the merged provenance."""
+    """After all ``num_parts`` shards finished: ``provenance.json``, ``dataset.json`` and the split of the
+    student dataset from every part's ``provenance_part<K>of<N>.json`` (the launcher's last step; the last
+    shard to finish does the same). Returns the merged provenance."""
     from nnunet_ext.nnunet_adapter import nnunet_setting
 
-    nnUNet_raw = nnunet_setting("nnUNet_raw")
     if num_parts < 1:
         raise ValueError(f"num_parts must be >= 1, got {num_parts}")
-    root = Path(nnUNet_raw) / output_dataset
-    parts = [root / f"provenance_part{k}of{num_parts}.json" for k in range(num_parts)]
-    missing = [p for p in parts if not p.is_file()]
-    if missing:
+    root = Path(nnunet_setting("nnUNet_raw")) / output_dataset
+    merged = _finish(root, num_parts)
+    if merged is None:
+        missing = [p for p in _part_files(root, num_parts) if not p.is_file()]
         raise FileNotFoundError(f"{len(missing)} of {num_parts} part(s) have not finished, e.g. {missing[0]}")
+    return merged
+
+
+def _part_files(root: Path, num_parts: int) -> list[Path]:
+    return [root / f"provenance_part{k}of{num_parts}.json" for k in range(num_parts)]
+
+
+def _finish(root: Path, num_parts: int, teacher_ds: dict | None = None, teacher_raw: Path | None = None,
+            progress: bool = True) -> dict | None:
+    """``provenance.json``, ``dataset.json`` and the split of the student dataset ``root`` once every one of
+    the ``num_parts`` parts has written its provenance (``None`` before: nothing is written). Parts that
+    finish at the same time both get here and write the same files (atomically, from the same parts)."""
+    from nnunet_ext.nnunet_adapter import nnunet_setting
+
+    parts = _part_files(root, num_parts)
+    if not all(p.is_file() for p in parts):
+        return None
     provs = [json.loads(p.read_text()) for p in parts]
     first = provs[0]
     for p, prov in zip(parts[1:], provs[1:]):
         if prov["teacher"] != first["teacher"] or prov["parameters"] != first["parameters"]:
             raise ValueError(f"{p} was written with another teacher or other parameters than {parts[0]}")
     _merge_provenance(root, first)
-    teacher_ds = json.loads((Path(first["teacher"]["model"]) / "dataset.json").read_text())
+    if teacher_ds is None:
+        teacher_ds = json.loads((Path(first["teacher"]["model"]) / "dataset.json").read_text())
+    if teacher_raw is None:
+        teacher_raw = Path(nnunet_setting("nnUNet_raw")) / first["teacher"]["dataset"]
     _write_dataset_json(root, teacher_ds, first["parameters"]["ignore_uncertain"])
-    student_split(root, Path(nnUNet_raw) / first["teacher"]["dataset"], teacher_ds["file_ending"])
+    student_split(root, teacher_raw, teacher_ds["file_ending"], progress)
     return json.loads((root / "provenance.json").read_text())
 
 

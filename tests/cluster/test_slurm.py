@@ -89,6 +89,9 @@ def test_local_launcher_failures_skips_and_resume(tmp_path, capsys, monkeypatch)
     assert st["stages"]["a"]["flaky"]["state"] == "failed" and st["stages"]["a"]["t1"]["state"] == "done"
     assert st["stages"]["b"]["merge"]["state"] == "not run"
     assert [x[1] for x in jobs.failed_tasks(st)] == ["flaky"]
+    shown = jobs.format_status(st).splitlines()  # a failed task's row is followed by its log's last line
+    row = next(k for k, ln in enumerate(shown) if ln.split()[:2] == ["flaky", "failed"])
+    assert shown[row + 1].strip() == "broken"
     stamp = (out / "a0").stat().st_mtime_ns
     res = jobs.resume(wd)
     assert res["stages"]["a"] == {"ran": ["flaky"], "skipped": ["t0", "t1", "t2"]}

@@ -248,6 +248,38 @@ def test_student_split_pseudo_labels_train_only(nnunet_dirs, capsys):
         student_split(student, teacher, ".nii.gz", progress=False)
 
 
+def test_sharded_student_is_finished_only_when_every_part_has_written(nnunet_dirs):
+    """Two shards run at once: part 1's cases are all predicted (their progress files exist) but its
+    provenance is not yet written when part 0 ends. Part 0 must not write the split then -- it would not know
+    part 1's pseudo-labels and put them in validation lists -- and part 1's end writes it from both parts."""
+    from nnunet_ext.workflows.pseudolabel import _finish, merge_parts
+
+    raw = nnunet_dirs["nnUNet_raw"]
+    labelled = ["t01", "t02", "t03"]
+    teacher = _raw_dataset(raw, "Dataset564_Teacher", labelled)
+    student = _raw_dataset(raw, "Dataset565_Student", labelled + ["u_a", "u_b", "u_c", "u_d"])
+    (student / "dataset.json").unlink()
+    ds = json.loads((teacher / "dataset.json").read_text())
+    head = {"teacher": {"model": "m", "dataset": teacher.name}, "parameters": {"ignore_uncertain": False}}
+    kept = lambda c: {"kept": True, "decision": "kept"}
+    (student / "provenance_part0of2.json").write_text(json.dumps({**head, "cases": {"u_a": kept(0), "u_c": kept(0)}}))
+    assert _finish(student, 2, ds, teacher, progress=False) is None
+    assert not (student / "dataset.json").exists() and not (student / "splits_final.json").exists()
+    with pytest.raises(FileNotFoundError, match="1 of 2 part"):
+        merge_parts(student.name, 2)
+    (student / "provenance_part1of2.json").write_text(json.dumps({**head, "cases": {"u_b": kept(0), "u_d": kept(0)}}))
+    merged = _finish(student, 2, ds, teacher, progress=False)
+    assert merged["kept"] == ["u_a", "u_b", "u_c", "u_d"]
+    assert json.loads((student / "dataset.json").read_text())["numTraining"] == 7
+    split = json.loads((student / "splits_final.json").read_text())
+    assert sorted(v for f in split for v in f["val"]) == labelled  # 3 subjects: 3 folds of one case each
+    for f in split:
+        assert {"u_a", "u_b", "u_c", "u_d"} <= set(f["train"])
+    # the other part finishing at the same moment writes the same files again, and agrees with them
+    assert _finish(student, 2, ds, teacher, progress=False) == merged
+    assert json.loads((student / "splits_final.json").read_text()) == split
+
+
 def test_student_without_labelled_subjects_gets_no_split(nnunet_dirs):
     from nnunet_ext.workflows.pseudolabel import student_split
 
