@@ -2,11 +2,13 @@
 # SoftSeg calibration study (Lemay 2022, ch. 5) through `nnunet-ext compare --soft-reference` (docs/results.md).
 #
 #   bash benchmarks/compare_softseg_calibration.sh [WORKDIR] [EPOCHS] [ITERATIONS] [TEST_CASES]  # CPU, defaults 30 x 20, 24
+#   ARMS="ExtBaselineTrainer SoftSegTrainer" TAG=baseline bash benchmarks/compare_softseg_calibration.sh ...
+#   # other arms; TAG names their report (report_<EPOCHS>x<ITERS>_<DEVICE>_<TEST_CASES>_<TAG>)
 #
 # Phantom Dataset542_RaterPhantom (48^3, 3 raters, seed 2): 20 training and 64 held-out cases.
 # Hard labels (labelsTr, labelsTs) are the STAPLE of the raters, the soft labels the rater average
 # (averageTr for training, averageTs as the calibration reference), put on nnU-Net's grid by preprocess-soft.
-# Arms: ConvDiceTrainer (sigmoid Dice on the hard labels, the thesis' "Conv" baseline) and SoftSegTrainer
+# Arms (default): ConvDiceTrainer (sigmoid Dice on the hard labels, the thesis' "Conv" baseline) and SoftSegTrainer
 # (normalized ReLU + Adaptive Wing on the soft labels), both with SoftSeg's optimizer (Adam 5e-4, cosine).
 # The first TEST_CASES held-out cases are evaluated (a folder of links). Every step is resumable.
 set -euo pipefail
@@ -39,7 +41,8 @@ for f in $(ls "$DS/labelsTs" | grep '\.nii\.gz$' | head -n "$NTEST"); do
     ln -sf "$DS/labelsTs/$f" "$SUB/labels/"
     ln -sf "$DS/averageTs/$f" "$SUB/average/"
 done
-"$BIN/nnunet-ext" compare -d 542 -c 2d -tr ConvDiceTrainer SoftSegTrainer -f 0 \
+read -r -a ARMS <<< "${ARMS:-ConvDiceTrainer SoftSegTrainer}"
+"$BIN/nnunet-ext" compare -d 542 -c 2d -tr "${ARMS[@]}" -f 0 \
     --epochs "$EPOCHS" --iterations "$ITERS" --val-iterations 4 -device "$DEVICE" -np "$NPROC" \
     --test-images "$SUB/images" --test-labels "$SUB/labels" --soft-reference "$SUB/average" --create-split \
-    -o "$W/report_${EPOCHS}x${ITERS}_${DEVICE}_$NTEST"
+    -o "$W/report_${EPOCHS}x${ITERS}_${DEVICE}_$NTEST${TAG:+_$TAG}"
