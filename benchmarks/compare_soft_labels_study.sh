@@ -29,14 +29,7 @@ DS=$nnUNet_raw/Dataset${D}_$NAME
 PRE=$nnUNet_preprocessed/Dataset${D}_$NAME
 [ -f "$DS/phantom.json" ] || "$BIN/nnunet-ext" phantom -d "$D" --name "$NAME" --cases 20 --test-cases 72 --raters 2 \
     --seed 4 --shape 48 48 48 --difficulty medium -np "$NPROC"
-if [ ! -d "$DS/labelsTr_truth" ]; then  # labelsTr becomes the raters' intersection
-  rm -rf "$W/intersection"
-  "$BIN/nnunet-ext" fuse --method intersection --raters "$DS/ratersTr/rater1" "$DS/ratersTr/rater2" -o "$W/intersection"
-  mv "$DS/labelsTr" "$DS/labelsTr_truth"
-  mv "$W/intersection" "$DS/labelsTr"
-fi
-[ -d "$DS/softlabelsTr" ] || "$BIN/nnunet-ext" fuse --method inter_soft_union_rim --gamma 0.3 --radius-mm 1 \
-    --images "$DS/imagesTr" --raters "$DS/ratersTr/rater1" "$DS/ratersTr/rater2" -o "$DS/softlabelsTr"
+two_rater_labels 0.3  # labelsTr: the raters' intersection; softlabelsTr: + soft union 0.3
 [ -d "$PRE/nnUNetPlans_2d" ] || "$BIN/nnUNetv2_plan_and_preprocess" -d "$D" -c 2d -np "$NPROC" > "$W/plan.log" 2>&1
 [ -d "$PRE/nnUNetPlans_2d/nnunet_ext_soft" ] || "$BIN/nnunet-ext" preprocess-soft -d "$D" -c 2d
 [ -d "$PRE/nnUNetPlans_2d/nnunet_ext_raters" ] || "$BIN/nnunet-ext" preprocess-soft -d "$D" -c 2d --raters

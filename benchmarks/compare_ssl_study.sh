@@ -44,14 +44,7 @@ if [ ! -d "$UNL" ]; then  # held-out cases 92-151 become the unlabeled scans: im
   done
   mv "$UNL.tmp" "$UNL"
 fi
-if [ ! -d "$DS/labelsTr_truth" ]; then  # labelsTr becomes the raters' intersection
-  rm -rf "$W/intersection"
-  "$BIN/nnunet-ext" fuse --method intersection --raters "$DS/ratersTr/rater1" "$DS/ratersTr/rater2" -o "$W/intersection"
-  mv "$DS/labelsTr" "$DS/labelsTr_truth"
-  mv "$W/intersection" "$DS/labelsTr"
-fi
-[ -d "$DS/softlabelsTr" ] || "$BIN/nnunet-ext" fuse --method inter_soft_union_rim --gamma 0.5 --radius-mm 1 \
-    --images "$DS/imagesTr" --raters "$DS/ratersTr/rater1" "$DS/ratersTr/rater2" -o "$DS/softlabelsTr"
+two_rater_labels 0.5  # labelsTr: the raters' intersection; softlabelsTr: + soft union 0.5
 [ -d "$PRE/nnUNetPlans_2d" ] || "$BIN/nnUNetv2_plan_and_preprocess" -d "$D" -c 2d -np "$NPROC" > "$W/plan.log" 2>&1
 [ -d "$PRE/nnUNetPlans_2d/nnunet_ext_soft" ] || "$BIN/nnunet-ext" preprocess-soft -d "$D" -c 2d
 # 1. the teacher (and the intersection baseline), trained through compare

@@ -25,3 +25,17 @@ run_compare() {
       --create-split --disable_tta -o "$out"
   FIRST=$out
 }
+
+# two_rater_labels GAMMA: the two-rater phantom DS as the Bar-Ilan studies train on it -- labelsTr becomes the
+# raters' intersection (the phantom's truth moves to labelsTr_truth) and softlabelsTr the intersection plus the
+# soft union with value GAMMA within 1 mm (fuse --method inter_soft_union_rim). Each step skipped once done.
+two_rater_labels() {
+  if [ ! -d "$DS/labelsTr_truth" ]; then
+    rm -rf "$W/intersection"
+    "$BIN/nnunet-ext" fuse --method intersection --raters "$DS/ratersTr/rater1" "$DS/ratersTr/rater2" -o "$W/intersection"
+    mv "$DS/labelsTr" "$DS/labelsTr_truth"
+    mv "$W/intersection" "$DS/labelsTr"
+  fi
+  [ -d "$DS/softlabelsTr" ] || "$BIN/nnunet-ext" fuse --method inter_soft_union_rim --gamma "$1" --radius-mm 1 \
+      --images "$DS/imagesTr" --raters "$DS/ratersTr/rater1" "$DS/ratersTr/rater2" -o "$DS/softlabelsTr"
+}
