@@ -46,14 +46,21 @@ def check(args) -> None:
         raise ValueError(f"-f/--folds: the demo trains one fold per arm, got {' '.join(map(str, args.folds))}")
 
 
-def run(args) -> int:
+def config(args):
+    """The :class:`DemoConfig` of parsed arguments."""
     from nnunet_ext.data.phantom import parse_difficulty
-    from nnunet_ext.workflows.demo import DemoConfig, run_demo
+    from nnunet_ext.workflows.demo import DemoConfig
 
     dataset_id, _ = options.new_dataset(args)
-    run_demo(DemoConfig(workdir=args.workdir, dataset_id=dataset_id, configuration=args.configuration,
-                        trainers=tuple(args.trainers), fold=args.folds[0], epochs=args.epochs,
-                        iterations=args.iterations, train_cases=args.cases, test_cases=args.test_cases,
-                        shape=tuple(args.shape), difficulty=parse_difficulty(args.difficulty), device=args.device,
-                        n_proc=args.num_processes, seed=args.seed, disable_tta=not args.tta))
+    return DemoConfig(workdir=args.workdir, dataset_id=dataset_id, configuration=args.configuration,
+                      trainers=tuple(args.trainers), fold=args.folds[0], epochs=args.epochs,
+                      iterations=args.iterations, train_cases=args.cases, test_cases=args.test_cases,
+                      shape=tuple(args.shape), difficulty=parse_difficulty(args.difficulty), device=args.device,
+                      n_proc=args.num_processes, seed=args.seed, disable_tta=not args.tta)
+
+
+def run(args) -> int:
+    from nnunet_ext.workflows.demo import run_demo
+
+    run_demo(config(args))
     return 0

@@ -47,6 +47,27 @@ class DemoConfig:
     disable_tta: bool = True  # the held-out cases without mirroring: 4x cheaper in 2d, the same for both arms
 
 
+def demo_command(cfg: DemoConfig) -> str:
+    """The ``nnunet-ext demo`` command line that runs ``cfg``: the work folder and every setting that differs
+    from the defaults (the report records it, so a run with ``--seed 2`` or ``--cases 12`` says so)."""
+    import shlex
+
+    d = DemoConfig()
+    parts = ["nnunet-ext", "demo", "--workdir", cfg.workdir]
+    flags = [("-d", "dataset_id"), ("-c", "configuration"), ("-f", "fold"), ("--epochs", "epochs"),
+             ("--iterations", "iterations"), ("--cases", "train_cases"), ("--test-cases", "test_cases"),
+             ("--difficulty", "difficulty"), ("-device", "device"), ("-np", "n_proc"), ("--seed", "seed")]
+    if tuple(cfg.trainers) != tuple(d.trainers):
+        parts += ["-tr", *cfg.trainers]
+    if tuple(cfg.shape) != tuple(d.shape):
+        parts += ["--shape", *map(str, cfg.shape)]
+    parts += [x for flag, k in flags if getattr(cfg, k) != getattr(d, k) for x in (flag, f"{getattr(cfg, k):g}"
+              if isinstance(getattr(cfg, k), float) else str(getattr(cfg, k)))]
+    if not cfg.disable_tta:
+        parts.append("--tta")
+    return shlex.join(parts)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     from nnunet_ext.workflows.compare import CompareConfig, compare
 
@@ -87,7 +108,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             output=str(work / "report"), epochs=cfg.epochs, iterations=cfg.iterations,
             val_iterations=cfg.val_iterations, device=cfg.device, n_proc=cfg.n_proc, n_bootstrap=cfg.n_bootstrap,
             seed=cfg.seed, train_seed=cfg.seed, create_split=True, disable_tta=cfg.disable_tta,
-            command_line=f"nnunet-ext demo --workdir {cfg.workdir}  # = nnunet-ext compare -d {cfg.dataset_id} -c "
+            command_line=f"{demo_command(cfg)}  # = nnunet-ext compare -d {cfg.dataset_id} -c "
                          f"{cfg.configuration} -tr {' '.join(cfg.trainers)} -f {cfg.fold} --test-images {ds / 'imagesTs'} "
                          f"--test-labels {ds / 'labelsTs'} --epochs {cfg.epochs} --iterations {cfg.iterations} "
                          f"--val-iterations {cfg.val_iterations} -device {cfg.device} --seed {cfg.seed} --train-seed {cfg.seed} "
