@@ -32,7 +32,8 @@ for S in Tr Ts; do
 done
 [ -d "$nnUNet_preprocessed/Dataset542_RaterPhantom/nnUNetPlans_2d" ] || \
     "$BIN/nnUNetv2_plan_and_preprocess" -d 542 -c 2d -np "$NPROC" > "$W/plan.log" 2>&1
-"$BIN/nnunet-ext" preprocess-soft -d 542 -c 2d --soft-dir "$DS/averageTr" > "$W/soft.log" 2>&1
+[ -d "$nnUNet_preprocessed/Dataset542_RaterPhantom/nnUNetPlans_2d/nnunet_ext_soft" ] || \
+    "$BIN/nnunet-ext" preprocess-soft -d 542 -c 2d --soft-dir averageTr > "$W/soft.log" 2>&1
 SUB=$W/test$NTEST
 mkdir -p "$SUB/images" "$SUB/labels" "$SUB/average"
 for f in $(ls "$DS/labelsTs" | grep '\.nii\.gz$' | head -n "$NTEST"); do

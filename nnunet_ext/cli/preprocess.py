@@ -15,7 +15,7 @@ def register(sub) -> None:
     options.add_configuration(p)
     options.add_plans(p)
     p.add_argument("--soft-dir", default="softlabelsTr",
-                   help="folder of the raw dataset with <case>.nii.gz soft labels (default softlabelsTr)")
+                   help="name of the raw dataset's folder with <case>.nii.gz soft labels (default softlabelsTr)")
     p.add_argument("--raters", action="store_true",
                    help="instead: every ratersTr/<rater>/ folder (for RandomRaterTrainer)")
     options.add_overwrite(p, "existing preprocessed soft labels")
@@ -39,7 +39,7 @@ def check(args) -> None:
     if args.raters and args.soft_dir != "softlabelsTr":
         raise NotImplementedError("--soft-dir and --raters exclude each other (--raters reads ratersTr/<rater>/)")
     if ".." in args.soft_dir.split("/") or args.soft_dir.startswith("/"):
-        raise ValueError(f"--soft-dir must be a folder inside the raw dataset, got {args.soft_dir!r}")
+        raise ValueError(f"--soft-dir: the name of a folder of the raw dataset (e.g. averageTr), got {args.soft_dir!r}")
 
 
 def run(args) -> int:
