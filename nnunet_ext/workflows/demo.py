@@ -53,7 +53,7 @@ def demo_command(cfg: DemoConfig) -> str:
     import shlex
 
     d = DemoConfig()
-    parts = ["nnunet-ext", "demo", "--workdir", cfg.workdir]
+    parts = ["--workdir", cfg.workdir]
     flags = [("-d", "dataset_id"), ("-c", "configuration"), ("-f", "fold"), ("--epochs", "epochs"),
              ("--iterations", "iterations"), ("--cases", "train_cases"), ("--test-cases", "test_cases"),
              ("--difficulty", "difficulty"), ("-device", "device"), ("-np", "n_proc"), ("--seed", "seed")]
@@ -65,7 +65,7 @@ def demo_command(cfg: DemoConfig) -> str:
               if isinstance(getattr(cfg, k), float) else str(getattr(cfg, k)))]
     if not cfg.disable_tta:
         parts.append("--tta")
-    return shlex.join(parts)
+    return "nnunet-ext demo " + shlex.join(parts)  # text for the report; never run from here
 
 
 def run_demo(cfg: DemoConfig) -> dict:
