@@ -61,8 +61,10 @@ def demo_command(cfg: DemoConfig) -> str:
         parts += ["-tr", *cfg.trainers]
     if tuple(cfg.shape) != tuple(d.shape):
         parts += ["--shape", *map(str, cfg.shape)]
-    parts += [x for flag, k in flags if getattr(cfg, k) != getattr(d, k) for x in (flag, f"{getattr(cfg, k):g}"
-              if isinstance(getattr(cfg, k), float) else str(getattr(cfg, k)))]
+    for flag, k in flags:
+        value = getattr(cfg, k)
+        if value != getattr(d, k):
+            parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     if not cfg.disable_tta:
         parts.append("--tta")
     return "nnunet-ext demo " + shlex.join(parts)  # text for the report; never run from here

@@ -362,7 +362,7 @@ def pseudolabel(teacher, unlabeled_dir, output_dataset: str, options: Pseudolabe
         # the last part to finish writes dataset.json and the split; a shard whose cases are all done but whose
         # provenance is not yet written counts as unfinished (its pseudo-labels are not yet known as such)
         finished = all((done_dir / f"{c}.json").exists() for c in st.unlabeled) and \
-            _finish(root, num_parts, st.teacher_ds, st.teacher_raw, o.progress) is not None
+            _finish(root, num_parts, o.progress) is not None
         if not finished and o.progress:
             print(f"pseudolabel part {part_id}/{num_parts} done; dataset.json is written when every part has finished")
         return prov
@@ -437,8 +437,7 @@ def _part_files(root: Path, num_parts: int) -> list[Path]:
     return [root / f"provenance_part{k}of{num_parts}.json" for k in range(num_parts)]
 
 
-def _finish(root: Path, num_parts: int, teacher_ds: dict | None = None, teacher_raw: Path | None = None,
-            progress: bool = True) -> dict | None:
+def _finish(root: Path, num_parts: int, progress: bool = True) -> dict | None:
     """``provenance.json``, ``dataset.json`` and the split of the student dataset ``root`` once every one of
     the ``num_parts`` parts has written its provenance (``None`` before: nothing is written). Parts that
     finish at the same time both get here and write the same files (atomically, from the same parts)."""
@@ -453,12 +452,10 @@ def _finish(root: Path, num_parts: int, teacher_ds: dict | None = None, teacher_
         if prov["teacher"] != first["teacher"] or prov["parameters"] != first["parameters"]:
             raise ValueError(f"{p} was written with another teacher or other parameters than {parts[0]}")
     _merge_provenance(root, first)
-    if teacher_ds is None:
-        teacher_ds = json.loads((Path(first["teacher"]["model"]) / "dataset.json").read_text())
-    if teacher_raw is None:
-        teacher_raw = Path(nnunet_setting("nnUNet_raw")) / first["teacher"]["dataset"]
+    teacher_ds = json.loads((Path(first["teacher"]["model"]) / "dataset.json").read_text())
     _write_dataset_json(root, teacher_ds, first["parameters"]["ignore_uncertain"])
-    student_split(root, teacher_raw, teacher_ds["file_ending"], progress)
+    student_split(root, Path(nnunet_setting("nnUNet_raw")) / first["teacher"]["dataset"], teacher_ds["file_ending"],
+                  progress)
     return json.loads((root / "provenance.json").read_text())
 
 

@@ -259,16 +259,16 @@ def test_sharded_student_is_finished_only_when_every_part_has_written(nnunet_dir
     teacher = _raw_dataset(raw, "Dataset564_Teacher", labelled)
     student = _raw_dataset(raw, "Dataset565_Student", labelled + ["u_a", "u_b", "u_c", "u_d"])
     (student / "dataset.json").unlink()
-    ds = json.loads((teacher / "dataset.json").read_text())
-    head = {"teacher": {"model": "m", "dataset": teacher.name}, "parameters": {"ignore_uncertain": False}}
+    # the teacher's model folder holds its dataset.json: here the teacher's raw folder stands in for it
+    head = {"teacher": {"model": str(teacher), "dataset": teacher.name}, "parameters": {"ignore_uncertain": False}}
     kept = lambda c: {"kept": True, "decision": "kept"}
     (student / "provenance_part0of2.json").write_text(json.dumps({**head, "cases": {"u_a": kept(0), "u_c": kept(0)}}))
-    assert _finish(student, 2, ds, teacher, progress=False) is None
+    assert _finish(student, 2, progress=False) is None
     assert not (student / "dataset.json").exists() and not (student / "splits_final.json").exists()
     with pytest.raises(FileNotFoundError, match="1 of 2 part"):
         merge_parts(student.name, 2)
     (student / "provenance_part1of2.json").write_text(json.dumps({**head, "cases": {"u_b": kept(0), "u_d": kept(0)}}))
-    merged = _finish(student, 2, ds, teacher, progress=False)
+    merged = _finish(student, 2, progress=False)
     assert merged["kept"] == ["u_a", "u_b", "u_c", "u_d"]
     assert json.loads((student / "dataset.json").read_text())["numTraining"] == 7
     split = json.loads((student / "splits_final.json").read_text())
@@ -276,7 +276,7 @@ def test_sharded_student_is_finished_only_when_every_part_has_written(nnunet_dir
     for f in split:
         assert {"u_a", "u_b", "u_c", "u_d"} <= set(f["train"])
     # the other part finishing at the same moment writes the same files again, and agrees with them
-    assert _finish(student, 2, ds, teacher, progress=False) == merged
+    assert _finish(student, 2, progress=False) == merged
     assert json.loads((student / "splits_final.json").read_text()) == split
 
 
