@@ -261,13 +261,13 @@ def test_sharded_student_is_finished_only_when_every_part_has_written(nnunet_dir
     (student / "dataset.json").unlink()
     # the teacher's model folder holds its dataset.json: here the teacher's raw folder stands in for it
     head = {"teacher": {"model": str(teacher), "dataset": teacher.name}, "parameters": {"ignore_uncertain": False}}
-    kept = lambda c: {"kept": True, "decision": "kept"}
-    (student / "provenance_part0of2.json").write_text(json.dumps({**head, "cases": {"u_a": kept(0), "u_c": kept(0)}}))
+    kept = {"kept": True, "decision": "kept"}
+    (student / "provenance_part0of2.json").write_text(json.dumps({**head, "cases": {"u_a": kept, "u_c": kept}}))
     assert _finish(student, 2, progress=False) is None
     assert not (student / "dataset.json").exists() and not (student / "splits_final.json").exists()
     with pytest.raises(FileNotFoundError, match="1 of 2 part"):
         merge_parts(student.name, 2)
-    (student / "provenance_part1of2.json").write_text(json.dumps({**head, "cases": {"u_b": kept(0), "u_d": kept(0)}}))
+    (student / "provenance_part1of2.json").write_text(json.dumps({**head, "cases": {"u_b": kept, "u_d": kept}}))
     merged = _finish(student, 2, progress=False)
     assert merged["kept"] == ["u_a", "u_b", "u_c", "u_d"]
     assert json.loads((student / "dataset.json").read_text())["numTraining"] == 7
